@@ -1,0 +1,39 @@
+# specfleet: `make demo` and `make test` are the two commands a fresh clone needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.specfleet-installed
+TORCH_VERSION := 2.13.0
+
+.PHONY: setup demo test lint models acceptance card clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+# Re-runs only when pyproject.toml changes (or the venv is missing).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install specfleet with its dev tools
+
+demo: setup  ## generate text with the bundled models
+	$(VENV)/bin/specfleet demo
+
+test: setup  ## lint and run the test suite
+	$(PY) -m ruff check services operator kernels tests
+	$(PY) -m pytest -q
+
+lint: setup  ## ruff only
+	$(PY) -m ruff check services operator kernels tests
+
+models: setup  ## rebuild the model family from scratch or resume it (long: hours on a CPU)
+	$(VENV)/bin/specfleet train all
+
+acceptance: setup  ## re-measure the drafter x domain acceptance matrix and rewrite models/README.md
+	$(VENV)/bin/specfleet models acceptance
+
+clean:  ## remove the venv and caches (keeps data/ checkpoints)
+	rm -rf $(VENV) .pytest_cache .ruff_cache

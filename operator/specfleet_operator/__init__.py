@@ -1,0 +1,1 @@
+"""The specfleet Kubernetes operator (kopf): thin handlers over a pure scaling policy."""

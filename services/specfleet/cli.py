@@ -1,0 +1,247 @@
+"""The `specfleet` command: generation, the demo, training the bundled models, and measuring them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Defaults point into the checkout (an editable install); SPECFLEET_MODELS / SPECFLEET_DATA override them.
+DEFAULT_MODELS = Path(os.environ.get("SPECFLEET_MODELS", REPO_ROOT / "models"))
+DEFAULT_DATA = Path(os.environ.get("SPECFLEET_DATA", REPO_ROOT / "data"))
+DEFAULT_BENCH = REPO_ROOT / "bench"
+
+DEMO_PROMPTS = (
+    "def read_config(path):\n    \"\"\"Read a configuration file and return a dict.\"\"\"\n",
+    "The request handler validates its input before",
+    "#include <stdint.h>\n\nstatic inline uint32_t",
+)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _model_dir(path: Path) -> Path:
+    if not (path / "config.json").exists():
+        sys.exit(f"error: no model at {path} (expected a Hugging Face folder with config.json); "
+                 "the bundled ones are in models/, or rebuild them with `make models`")
+    return path
+
+
+# ---------------------------------------------------------------- generate / demo
+
+def _generate(model_path: Path, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+              top_k: int, seed: int, stream: bool) -> tuple[str, int, float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    if ids.shape[1] == 0:
+        sys.exit("error: the prompt is empty; give some text to continue")
+    limit = model.config.max_position_embeddings
+    if ids.shape[1] + max_new_tokens > limit:
+        sys.exit(f"error: prompt ({ids.shape[1]} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the "
+                 f"model's context of {limit} tokens; shorten the prompt or ask for fewer tokens")
+    torch.manual_seed(seed)
+    sampling = temperature > 0
+    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None) if sampling else \
+        dict(do_sample=False)
+    streamer = TextStreamer(tok, skip_prompt=True) if stream else None
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, streamer=streamer,
+                             pad_token_id=tok.pad_token_id, **kwargs)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    return tok.decode(new), len(new), seconds
+
+
+def cmd_generate(args) -> int:
+    text, n, seconds = _generate(_model_dir(args.model), args.prompt, args.max_new_tokens, args.temperature,
+                                 args.top_p, args.top_k, args.seed, stream=True)
+    print(f"\n[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    model = _model_dir(args.models / "target")
+    print(f"specfleet demo: generating with the bundled target ({model})\n")
+    for prompt in DEMO_PROMPTS:
+        print("=" * 72)
+        print(prompt, end="", flush=True)
+        _, n, seconds = _generate(model, prompt, args.max_new_tokens, 0.0, 1.0, 0, 0, stream=True)
+        print(f"\n[{n} tokens in {seconds:.2f}s]\n")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+
+def cmd_train(args) -> int:
+    data, models = args.data_dir, args.models
+    stages = ["corpus", "tokenizer", "target", "drafters", "card"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        print(f"== train {stage}", flush=True)
+        if stage == "corpus":
+            from specfleet.training.corpus import build_corpus
+
+            stats = build_corpus(data / "corpus", max_mb_per_domain=args.max_mb_per_domain)
+            print(f"documents per domain: {stats.documents}; duplicates dropped {stats.duplicates_dropped}; "
+                  f"held-out files skipped {stats.held_out_skipped}")
+        elif stage == "tokenizer":
+            from specfleet.training.tokenizer import tokenize_corpus, train_tokenizer
+
+            tok = train_tokenizer(data / "corpus", data / "tokenizer", vocab_size=args.vocab_size)
+            print(f"vocabulary: {len(tok)} tokens")
+            print(f"token counts: {tokenize_corpus(data / 'corpus', data / 'tokenizer', data / 'tokens')}")
+        elif stage == "target":
+            from specfleet.training.train import RunConfig, train_target
+
+            cfg = RunConfig(steps=args.target_steps, batch=args.batch, seq=256, lr=args.lr, warmup=60,
+                            seed=args.seed, eval_every=100, checkpoint_minutes=4)
+            train_target(data / "tokens", data / "tokenizer", models / "target", data / "runs" / "target", cfg,
+                         minutes=args.minutes, device_name=args.device)
+        elif stage == "drafters":
+            from specfleet.training.distill import DistillConfig, distill_all
+
+            cfg = DistillConfig(steps=args.drafter_steps, seed=args.seed)
+            distill_all(_model_dir(models / "target"), data / "tokens", data / "runs" / "teacher", models, cfg,
+                        names=args.drafters, device_name=args.device)
+        elif stage == "card":
+            from specfleet.training.cards import write_card
+
+            print(f"wrote {write_card(models, DEFAULT_BENCH / 'acceptance.json')}")
+    return 0
+
+
+# ---------------------------------------------------------------- models
+
+def cmd_models_acceptance(args) -> int:
+    from specfleet.training.acceptance import DRAFTER_NAMES, AcceptanceConfig, format_table, measure, write_json
+    from specfleet.training.cards import write_card
+
+    cfg = AcceptanceConfig(k=args.k, prompts=args.prompts, new_tokens=args.new_tokens)
+    names = list(DRAFTER_NAMES) + (["target"] if args.include_target else [])
+    result = measure(args.models, args.data_dir / "tokens", cfg, drafters=names)
+    write_json(result, args.output)
+    print(format_table(result))
+    print(f"\nwrote {args.output}")
+    if args.update_card:
+        print(f"wrote {write_card(args.models, args.output)}")
+    return 0
+
+
+def cmd_models_card(args) -> int:
+    from specfleet.training.cards import write_card
+
+    print(f"wrote {write_card(args.models, args.acceptance)}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="specfleet",
+        description="Lossless collaborative speculative decoding: generate text, train and measure the bundled "
+                    "model family.",
+        epilog="Quick start: `make demo` (or `specfleet demo`), then `specfleet generate --prompt 'def main():'`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("generate", help="continue a prompt with the target model, streaming to the terminal",
+                       formatter_class=fmt,
+                       description="Continue a prompt with a bundled model and stream the new text to stdout. "
+                                   "Greedy by default; --temperature > 0 samples.")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODELS / "target", help="model folder")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give equal samples")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="generate from a few prompts with the bundled target", formatter_class=fmt,
+                       description="A real generation with the bundled target model, greedy, streamed.")
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=48, help="tokens per prompt")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="rebuild the bundled models: corpus, tokenizer, target, drafters, card",
+                       formatter_class=fmt,
+                       description="Rebuild the model family from text on this machine. Stages run in order with "
+                                   "`all`; each is resumable (target checkpoints in DATA_DIR/runs/target) and "
+                                   "seeded. Runs on CUDA when available, else the CPU (slowly).")
+    p.add_argument("stage", choices=["all", "corpus", "tokenizer", "target", "drafters", "card"],
+                   help="what to (re)build")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="corpora, tokens and checkpoints")
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="where model folders are written")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
+    p.add_argument("--max-mb-per-domain", type=float, default=30.0, help="corpus cap per domain (MB of text)")
+    p.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary size")
+    p.add_argument("--target-steps", type=_positive_int, default=1000,
+                   help="target optimiser steps (sets the LR schedule; training resumes up to it)")
+    p.add_argument("--batch", type=_positive_int, default=8, help="target sequences per step (256 tokens each)")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="target peak learning rate")
+    p.add_argument("--minutes", type=float, default=None, help="stop target training after this long (resumable)")
+    p.add_argument("--drafter-steps", type=_positive_int, default=300, help="distillation steps per drafter")
+    p.add_argument("--drafters", nargs="+", default=None, help="only these drafters (default: all four)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="measure the bundled models and regenerate their model card")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    a = msub.add_parser("acceptance", formatter_class=fmt,
+                        help="measure the drafter x domain acceptance matrix (greedy, k draft tokens)",
+                        description="Mean tokens per round of greedy speculative decoding for every drafter on "
+                                    "every domain's validation text, against the target.")
+    a.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    a.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="holds tokens/ from `specfleet train`")
+    a.add_argument("--k", type=_positive_int, default=4, help="draft tokens per round")
+    a.add_argument("--prompts", type=_positive_int, default=48, help="validation prompts per domain")
+    a.add_argument("--new-tokens", type=_positive_int, default=96, help="tokens generated per prompt")
+    a.add_argument("--include-target", action="store_true", help="also measure the target as its own drafter "
+                   "(a sanity row: must be k + 1)")
+    a.add_argument("--output", type=Path, default=DEFAULT_BENCH / "acceptance.json", help="JSON result")
+    a.add_argument("--no-update-card", dest="update_card", action="store_false",
+                   help="do not rewrite models/README.md")
+    a.set_defaults(func=cmd_models_acceptance)
+    c = msub.add_parser("card", formatter_class=fmt, help="regenerate models/README.md from the model folders")
+    c.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    c.add_argument("--acceptance", type=Path, default=DEFAULT_BENCH / "acceptance.json",
+                   help="acceptance JSON to include")
+    c.set_defaults(func=cmd_models_card)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Writes models/README.md: a model card per bundled model and the acceptance matrix, from each folder's
+training.json and the acceptance benchmark's JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from specfleet.training.acceptance import DRAFTER_NAMES, format_table
+from specfleet.training.corpus import DOMAINS
+
+MODEL_NAMES = ("target",) + DRAFTER_NAMES
+
+DATA_NOTE = (
+    "Corpora are built by `specfleet train corpus` from the Python installation's stdlib and headers and the "
+    "project venv's site-packages only (never the OS's docs or headers): **python** = `.py` files; **prose** = "
+    "Markdown/reST files, package long descriptions, docstrings of 300+ characters and `pydoc` topics; **c** = "
+    "C/C++ headers and sources shipped in packages (mostly torch's `include/`) and CPython's headers. Documents are "
+    "deduplicated by normalised content and split train/validation by content hash (3% validation). The packages "
+    "`pygments`, `yaml`, `jwt`, `requests`, `urllib3` (and vendored copies such as `pip/_vendor/requests`) are "
+    "never read: they are held out for evaluation and benchmarks."
+)
+
+
+def _fmt_loss(losses: dict[str, float]) -> str:
+    return ", ".join(f"{d} {losses[d]:.3f}" for d in DOMAINS if d in losses)
+
+
+def render(models_dir: Path, acceptance: dict | None) -> str:
+    out = ["# Bundled models", "",
+           "One byte-level BPE tokenizer (8,192 tokens, in every folder) and five Llama-architecture causal LMs, "
+           "all trained on this project's machines from text found on them. Weights are stored as fp16 "
+           "safetensors and load as float32. Load any of them offline:", "",
+           "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+           'model = AutoModelForCausalLM.from_pretrained("models/target")',
+           'tok = AutoTokenizer.from_pretrained("models/target")', "```", "",
+           "Rebuild everything with `make models` (corpus → tokenizer → target → drafters → this card); "
+           "training resumes from `data/runs/` checkpoints. Validation loss is next-token cross-entropy in nats "
+           "on the validation split (fixed windows).", "", "## Data", "", DATA_NOTE, ""]
+    for name in MODEL_NAMES:
+        info_path = models_dir / name / "training.json"
+        if not info_path.exists():
+            out += [f"## {name}", "", "_not trained yet_", ""]
+            continue
+        info = json.loads(info_path.read_text())
+        arch = info["arch"]
+        domains = info.get("domains", list(DOMAINS))
+        role = ("target: trained on an equal mix of all three domains" if info["role"] == "target" else
+                f"drafter distilled from the target (soft cross-entropy to its top-{info['teacher_top_k']} "
+                f"next-token distribution) on: {', '.join(domains)}")
+        out += [f"## {name}", "",
+                f"- role: {role}",
+                f"- architecture: LlamaForCausalLM, hidden {arch['hidden']}, {arch['layers']} layers, "
+                f"{arch['heads']} heads, MLP {arch['intermediate']}, tied embeddings",
+                f"- parameters: {info['parameters']:,}",
+                f"- tokens seen: {info['tokens_seen']:,} ({info['train_seconds'] / 60:.0f} min on {info['device']})",
+                f"- validation loss: {_fmt_loss(info['validation_loss'])}", ""]
+    out += ["## Acceptance matrix", ""]
+    if acceptance is None:
+        out += ["_not measured yet: run `specfleet models acceptance`_", ""]
+    else:
+        cfg = acceptance["config"]
+        out += [f"Mean tokens emitted per round of greedy speculative decoding (accepted draft tokens + the target's "
+                f"own token; k + 1 = {cfg['k'] + 1} is the ceiling), k = {cfg['k']}, against the target on "
+                f"{cfg['prompts']} validation prompts per domain ({cfg['prompt_tokens']} prompt tokens, "
+                f"{cfg['new_tokens']} new tokens). Best drafter per domain in bold. Accepted draft tokens per "
+                "round alone are these figures minus one. The last row is the share of distinct 4-grams in the "
+                "target's greedy continuations (1.0 = never repeats): a target that loops flatters every drafter. "
+                "Regenerate with `specfleet models acceptance` "
+                "(writes `bench/acceptance.json` and this table).", "",
+                format_table(acceptance), ""]
+    return "\n".join(out)
+
+
+def write_card(models_dir: Path, acceptance_json: Path) -> Path:
+    acceptance = json.loads(acceptance_json.read_text()) if acceptance_json.exists() else None
+    path = models_dir / "README.md"
+    path.write_text(render(models_dir, acceptance))
+    return path

@@ -1,0 +1,128 @@
+"""Distils the drafters from the target: a teacher cache of the target's top-k next-token distribution per
+domain, then soft cross-entropy training of each drafter on its own domains' cache."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from specfleet.training.tokenizer import load_tokenizer
+from specfleet.training.train import (
+    DRAFTER_ARCH,
+    DRAFTERS,
+    count_parameters,
+    device_for,
+    export_model,
+    make_model,
+    set_threads,
+    token_files,
+    validation_loss,
+)
+
+
+@dataclass
+class DistillConfig:
+    windows_per_domain: int = 1200
+    seq: int = 256
+    top_k: int = 32
+    steps: int = 300
+    batch: int = 16
+    lr: float = 3e-3
+    warmup: int = 20
+    seed: int = 0
+
+
+def _load_target(target_dir: Path, device):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).to(device).eval()
+
+
+@torch.no_grad()
+def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg: DistillConfig,
+                        device_name: str = "auto") -> None:
+    """Writes cache_dir/{domain}.pt with inputs [N, seq], top-k ids and log-probs [N, seq, k] from the target.
+
+    The cache is keyed by the target's weights file: a retrained target invalidates it.
+    """
+    set_threads()
+    device = device_for(device_name)
+    target = _load_target(target_dir, device)
+    stamp = (target_dir / "model.safetensors").stat().st_mtime_ns
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    train = token_files(tokens_dir, "train")
+    for i, (domain, tf) in enumerate(train.items()):
+        path = cache_dir / f"{domain}.pt"
+        if path.exists():
+            cached = torch.load(path, weights_only=False)
+            if cached.get("target_stamp") == stamp and len(cached["inputs"]) == cfg.windows_per_domain:
+                continue
+        x = tf.windows(np.random.default_rng([cfg.seed, 7, i]), cfg.windows_per_domain, cfg.seq)
+        ids, logps = [], []
+        for chunk in tqdm(x.split(16), desc=f"teacher cache {domain}", unit="batch"):
+            logits = target(input_ids=chunk.to(device)).logits.float()  # [b, seq, vocab]
+            top = torch.log_softmax(logits, dim=-1).topk(cfg.top_k, dim=-1)
+            ids.append(top.indices.to(torch.int16).cpu())
+            logps.append(top.values.to(torch.float16).cpu())
+        torch.save({"inputs": x.to(torch.int16), "top_ids": torch.cat(ids), "top_logps": torch.cat(logps),
+                    "target_stamp": stamp}, path)
+
+
+def _soft_cross_entropy(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logps: torch.Tensor) -> torch.Tensor:
+    # Teacher distribution renormalised over its top-k; equals KL(teacher_k || student) up to a constant.
+    teacher = torch.softmax(top_logps.float(), dim=-1)  # [b, seq, k]
+    student = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, top_ids.long())  # [b, seq, k]
+    return -(teacher * student).sum(-1).mean()
+
+
+def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path, out_dir: Path,
+                  cfg: DistillConfig, device_name: str = "auto") -> dict:
+    """Distils one drafter (name in DRAFTERS) from the cached teacher outputs of its domains."""
+    set_threads()
+    device = device_for(device_name)
+    domains = DRAFTERS[name]
+    tok = load_tokenizer(target_dir)
+    model = make_model(DRAFTER_ARCH, tok, cfg.seed + zlib.crc32(name.encode()) % 1000).to(device)
+    caches = [torch.load(cache_dir / f"{d}.pt", weights_only=False) for d in domains]
+    inputs = torch.cat([c["inputs"] for c in caches])
+    top_ids = torch.cat([c["top_ids"] for c in caches])
+    top_logps = torch.cat([c["top_logps"] for c in caches])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
+    start = time.time()
+    model.train()
+    bar = tqdm(range(cfg.steps), desc=name, unit="step")
+    for step in bar:
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / cfg.steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        rows = torch.from_numpy(rng.integers(0, len(inputs), size=cfg.batch))
+        x = inputs[rows].long().to(device)
+        logits = model(input_ids=x).logits
+        loss = _soft_cross_entropy(logits, top_ids[rows].to(device), top_logps[rows].to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(kl_ce=f"{loss.item():.3f}")
+    val = validation_loss(model, token_files(tokens_dir, "val"), device)
+    info = {"role": "drafter", "name": name, "domains": list(domains), "arch": asdict(DRAFTER_ARCH),
+            "parameters": count_parameters(model), "distilled_from": "target", "teacher_top_k": cfg.top_k,
+            "tokens_seen": cfg.steps * cfg.batch * cfg.seq, "train_seconds": round(time.time() - start),
+            "validation_loss": val, "run": asdict(cfg), "device": str(device)}
+    export_model(model, tok, out_dir / name, info)
+    tqdm.write(f"{name}: validation loss {val}")
+    return info
+
+
+def distill_all(target_dir: Path, tokens_dir: Path, cache_dir: Path, models_dir: Path, cfg: DistillConfig,
+                names: list[str] | None = None, device_name: str = "auto") -> list[dict]:
+    build_teacher_cache(target_dir, tokens_dir, cache_dir, cfg, device_name)
+    return [train_drafter(n, target_dir, tokens_dir, cache_dir, models_dir, cfg, device_name)
+            for n in (names or list(DRAFTERS))]

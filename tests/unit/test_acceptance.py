@@ -1,0 +1,41 @@
+"""The acceptance measurement is exact: pure round accounting, and the target drafting for itself accepts all."""
+
+import numpy as np
+import pytest
+import torch
+
+from specfleet.training.acceptance import drafter_matches, greedy_continuation, rounds_for
+
+
+@pytest.mark.parametrize("matches,k,expected", [
+    ([1, 1, 1, 1, 1, 1, 1, 1, 1, 1], 4, (2, 8)),  # 4 accepted + bonus, twice
+    ([0, 0, 0], 4, (3, 0)),                        # every round emits only the target's token
+    ([1, 0, 1, 1, 0], 4, (2, 3)),                  # [1,(0)] then [1,1,(0)]
+    ([1, 1], 4, (1, 2)),                           # the last round stops at the end
+    ([1, 1, 1, 1, 1], 2, (2, 4)),
+])
+def test_rounds_for(matches, k, expected):
+    assert rounds_for(np.array(matches, dtype=bool), k) == expected
+
+
+def test_target_drafting_for_itself_accepts_everything(load_model, tokenizer, held_out_text):
+    target = load_model("target")
+    ids = tokenizer(held_out_text["python"], return_tensors="pt").input_ids[0]
+    prompts = torch.stack([ids[i:i + 32] for i in (0, 400, 800)])
+    continuation = greedy_continuation(target, prompts, 24)
+    # The KV-cached greedy loop equals HF generate.
+    with torch.no_grad():
+        reference = target.generate(prompts, do_sample=False, max_new_tokens=24, min_new_tokens=24,
+                                    pad_token_id=tokenizer.pad_token_id)[:, 32:]
+    assert torch.equal(continuation, reference)
+    matches = drafter_matches(target, prompts, continuation)
+    assert matches.all()
+    rounds, accepted = rounds_for(matches[0], 4)
+    assert (rounds, accepted) == (5, 20)  # 24 tokens: 4 + bonus, four times, then 4 accepted
+
+
+def test_distinct_n():
+    from specfleet.training.acceptance import distinct_n
+
+    assert distinct_n(torch.tensor([[1, 2, 3, 4, 5, 6]])) == 1.0
+    assert distinct_n(torch.tensor([[7, 7, 7, 7, 7, 7, 7]])) == 0.25

@@ -3,6 +3,8 @@ domain, then soft cross-entropy training of each drafter on its own domains' cac
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -16,6 +18,7 @@ from specfleet.training.tokenizer import load_tokenizer
 from specfleet.training.train import (
     DRAFTER_ARCH,
     DRAFTERS,
+    Arch,
     count_parameters,
     device_for,
     export_model,
@@ -38,6 +41,15 @@ class DistillConfig:
     seed: int = 0
 
 
+def target_fingerprint(target_dir: Path) -> str:
+    """Content hash of the target's weights: a retrained target invalidates caches and drafters built from it."""
+    digest = hashlib.sha256()
+    with open(target_dir / "model.safetensors", "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def _load_target(target_dir: Path, device):
     from transformers import AutoModelForCausalLM
 
@@ -49,12 +61,12 @@ def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg
                         device_name: str = "auto") -> None:
     """Writes cache_dir/{domain}.pt with inputs [N, seq], top-k ids and log-probs [N, seq, k] from the target.
 
-    The cache is keyed by the target's weights file: a retrained target invalidates it.
+    The cache is keyed by the target's weights: a retrained target invalidates it.
     """
     set_threads()
     device = device_for(device_name)
     target = _load_target(target_dir, device)
-    stamp = (target_dir / "model.safetensors").stat().st_mtime_ns
+    stamp = target_fingerprint(target_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     train = token_files(tokens_dir, "train")
     for i, (domain, tf) in enumerate(train.items()):
@@ -82,13 +94,24 @@ def _soft_cross_entropy(student_logits: torch.Tensor, top_ids: torch.Tensor, top
 
 
 def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path, out_dir: Path,
-                  cfg: DistillConfig, device_name: str = "auto") -> dict:
-    """Distils one drafter (name in DRAFTERS) from the cached teacher outputs of its domains."""
+                  cfg: DistillConfig, device_name: str = "auto", arch: Arch = DRAFTER_ARCH) -> dict:
+    """Distils one drafter (name in DRAFTERS) from the cached teacher outputs of its domains.
+
+    Skips a drafter already distilled from this very target with this configuration (so an interrupted
+    `specfleet train drafters` resumes at the first drafter not yet done).
+    """
+    stamp = target_fingerprint(target_dir)
+    info_path = out_dir / name / "training.json"
+    if info_path.exists():
+        done = json.loads(info_path.read_text())
+        if done.get("target_fingerprint") == stamp and done.get("run") == asdict(cfg):
+            tqdm.write(f"{name}: already distilled from this target with this configuration, skipping")
+            return done
     set_threads()
     device = device_for(device_name)
     domains = DRAFTERS[name]
     tok = load_tokenizer(target_dir)
-    model = make_model(DRAFTER_ARCH, tok, cfg.seed + zlib.crc32(name.encode()) % 1000).to(device)
+    model = make_model(arch, tok, cfg.seed + zlib.crc32(name.encode()) % 1000).to(device)
     caches = [torch.load(cache_dir / f"{d}.pt", weights_only=False) for d in domains]
     inputs = torch.cat([c["inputs"] for c in caches])
     top_ids = torch.cat([c["top_ids"] for c in caches])
@@ -112,8 +135,9 @@ def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(kl_ce=f"{loss.item():.3f}")
     val = validation_loss(model, token_files(tokens_dir, "val"), device)
-    info = {"role": "drafter", "name": name, "domains": list(domains), "arch": asdict(DRAFTER_ARCH),
-            "parameters": count_parameters(model), "distilled_from": "target", "teacher_top_k": cfg.top_k,
+    info = {"role": "drafter", "name": name, "domains": list(domains), "arch": asdict(arch),
+            "parameters": count_parameters(model), "distilled_from": "target", "target_fingerprint": stamp,
+            "teacher_top_k": cfg.top_k,
             "tokens_seen": cfg.steps * cfg.batch * cfg.seq, "train_seconds": round(time.time() - start),
             "validation_loss": val, "run": asdict(cfg), "device": str(device)}
     export_model(model, tok, out_dir / name, info)

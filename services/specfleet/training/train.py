@@ -155,12 +155,12 @@ class RunConfig:
 
 
 def train_target(tokens_dir: Path, tokenizer_dir: Path, out_dir: Path, run_dir: Path, cfg: RunConfig,
-                 minutes: float | None, device_name: str = "auto") -> dict:
+                 minutes: float | None, device_name: str = "auto", arch: Arch = TARGET_ARCH) -> dict:
     """Trains (or resumes) the target; exports to out_dir whenever mean validation loss improves."""
     set_threads()
     device = device_for(device_name)
     tok = load_tokenizer(tokenizer_dir)
-    model = make_model(TARGET_ARCH, tok, cfg.seed).to(device)
+    model = make_model(arch, tok, cfg.seed).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
     train, val = token_files(tokens_dir, "train"), token_files(tokens_dir, "val")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,7 @@ def train_target(tokens_dir: Path, tokenizer_dir: Path, out_dir: Path, run_dir: 
         if improved:
             state["best_val"] = mean
             export_model(model, tok, out_dir, {
-                "role": "target", "arch": asdict(TARGET_ARCH), "parameters": count_parameters(model),
+                "role": "target", "arch": asdict(arch), "parameters": count_parameters(model),
                 "step": state["step"], "tokens_seen": state["tokens_seen"], "train_seconds": round(state["seconds"]),
                 "validation_loss": losses, "run": asdict(cfg), "device": str(device)})
         tqdm.write(f"step {state['step']}: val {losses} mean {mean:.4f}{' (exported)' if improved else ''}")

@@ -1,0 +1,63 @@
+"""The training pipeline on a tiny model and tiny data (seconds): resuming is exact, drafters distil and skip."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from specfleet.training.corpus import DOMAINS
+from specfleet.training.distill import DistillConfig, build_teacher_cache, train_drafter
+from specfleet.training.train import Arch, RunConfig, train_target
+
+from conftest import MODELS_DIR
+
+TINY = Arch(hidden=32, layers=1, intermediate=64, heads=2)
+
+
+@pytest.fixture
+def tiny_tokens(tmp_path, tokenizer, held_out_text):
+    out = tmp_path / "tokens"
+    out.mkdir()
+    ids = np.array(tokenizer(held_out_text["python"])["input_ids"], dtype=np.uint16)
+    for domain in DOMAINS:
+        for split in ("train", "val"):
+            ids.tofile(out / f"{domain}.{split}.bin")
+    return out
+
+
+def _train(tmp_path, tokens, name, minutes):
+    cfg = RunConfig(steps=4, batch=2, seq=32, lr=1e-3, warmup=2, seed=0, eval_every=2, checkpoint_minutes=0.0)
+    return train_target(tokens, MODELS_DIR / "target", tmp_path / name, tmp_path / f"run-{name}", cfg,
+                        minutes=minutes, device_name="cpu", arch=TINY)
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path, tiny_tokens):
+    straight = _train(tmp_path, tiny_tokens, "straight", minutes=None)
+    # The same run stopped at once by its time budget, then resumed to the end.
+    assert _train(tmp_path, tiny_tokens, "resumed", minutes=0.0)["step"] == 0
+    resumed = _train(tmp_path, tiny_tokens, "resumed", minutes=None)
+    assert resumed["step"] == straight["step"] == 4
+    a = torch.load(tmp_path / "run-straight" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "run-resumed" / "checkpoint.pt", weights_only=False)["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    info = json.loads((tmp_path / "straight" / "training.json").read_text())
+    assert info["role"] == "target" and info["tokens_seen"] > 0
+
+
+def test_distillation_exports_and_skips_when_done(tmp_path, tiny_tokens):
+    target_dir = tmp_path / "tiny-target"
+    cfg = RunConfig(steps=2, batch=2, seq=32, lr=1e-3, warmup=1, seed=0, eval_every=2, checkpoint_minutes=1.0)
+    train_target(tiny_tokens, MODELS_DIR / "target", target_dir, tmp_path / "run", cfg, minutes=None,
+                 device_name="cpu", arch=TINY)
+    dcfg = DistillConfig(windows_per_domain=4, seq=32, top_k=8, steps=3, batch=2, warmup=1)
+    build_teacher_cache(target_dir, tiny_tokens, tmp_path / "cache", dcfg, device_name="cpu")
+    info = train_drafter("drafter-python", target_dir, tiny_tokens, tmp_path / "cache", tmp_path / "out", dcfg,
+                         device_name="cpu", arch=TINY)
+    assert info["domains"] == ["python"] and info["tokens_seen"] == 3 * 2 * 32
+    weights = tmp_path / "out" / "drafter-python" / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    again = train_drafter("drafter-python", target_dir, tiny_tokens, tmp_path / "cache", tmp_path / "out", dcfg,
+                          device_name="cpu", arch=TINY)
+    assert again == info and weights.stat().st_mtime_ns == mtime

@@ -51,13 +51,23 @@ def _model_dir(path: Path) -> Path:
 
 # ---------------------------------------------------------------- generate / demo
 
-def _generate(model_path: Path, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-              top_k: int, seed: int, stream: bool) -> tuple[str, int, float]:
+def _load(model_path: Path):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the per-tensor loading bar would interleave with streamed text
     tok = AutoTokenizer.from_pretrained(str(model_path))
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
+    return model, tok
+
+
+def _generate(model, tok, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+              top_k: int = 0, seed: int = 0) -> tuple[int, float]:
+    """Streams the continuation of `prompt` to stdout; returns (tokens generated, seconds)."""
+    import torch
+    from transformers import TextStreamer
+
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     if ids.shape[1] == 0:
         sys.exit("error: the prompt is empty; give some text to continue")
@@ -69,31 +79,31 @@ def _generate(model_path: Path, prompt: str, max_new_tokens: int, temperature: f
     sampling = temperature > 0
     kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None) if sampling else \
         dict(do_sample=False)
-    streamer = TextStreamer(tok, skip_prompt=True) if stream else None
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, streamer=streamer,
+        out = model.generate(ids, max_new_tokens=max_new_tokens, streamer=TextStreamer(tok, skip_prompt=True),
                              pad_token_id=tok.pad_token_id, **kwargs)
-    seconds = time.perf_counter() - start
-    new = out[0, ids.shape[1]:]
-    return tok.decode(new), len(new), seconds
+    return out.shape[1] - ids.shape[1], time.perf_counter() - start
 
 
 def cmd_generate(args) -> int:
-    text, n, seconds = _generate(_model_dir(args.model), args.prompt, args.max_new_tokens, args.temperature,
-                                 args.top_p, args.top_k, args.seed, stream=True)
+    model, tok = _load(_model_dir(args.model))
+    n, seconds = _generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                           args.seed)
     print(f"\n[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tok/s]", file=sys.stderr)
     return 0
 
 
 def cmd_demo(args) -> int:
-    model = _model_dir(args.models / "target")
-    print(f"specfleet demo: generating with the bundled target ({model})\n")
+    path = _model_dir(args.models / "target")
+    model, tok = _load(path)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"specfleet demo: greedy generation with the bundled target ({path}, {params / 1e6:.1f}M parameters)\n")
     for prompt in DEMO_PROMPTS:
         print("=" * 72)
         print(prompt, end="", flush=True)
-        _, n, seconds = _generate(model, prompt, args.max_new_tokens, 0.0, 1.0, 0, 0, stream=True)
-        print(f"\n[{n} tokens in {seconds:.2f}s]\n")
+        n, seconds = _generate(model, tok, prompt, args.max_new_tokens)
+        print(f"\n[{n} tokens in {seconds:.2f}s, {n / seconds:.0f} tok/s]\n")
     return 0
 
 

@@ -1,0 +1,89 @@
+"""Torch reference kernels for token-tree verification: tree attention masks and positions, KV-cache
+compaction, and greedy tree acceptance. The GPU path must match these exactly.
+
+A tree of n draft tokens is flat: `parents[i]` is the index of node i's parent, or -1 when node i hangs off
+the last committed token (the root). Nodes are in topological order: parents[i] < i.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROOT = -1
+
+
+def check_parents(parents: torch.Tensor) -> None:
+    """Raises ValueError unless parents is a 1-D integer tensor in topological order."""
+    if parents.dim() != 1 or parents.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"parents must be a 1-D integer tensor, got {tuple(parents.shape)} {parents.dtype}")
+    idx = torch.arange(len(parents), device=parents.device)
+    if bool(((parents < ROOT) | (parents >= idx)).any()):
+        raise ValueError("parents must satisfy -1 <= parents[i] < i (topological order)")
+
+
+def tree_depths(parents: torch.Tensor) -> torch.Tensor:
+    """[n] depth of each node: 0 for children of the root."""
+    check_parents(parents)
+    depth = torch.zeros(len(parents), dtype=torch.long, device=parents.device)
+    for i, p in enumerate(parents.tolist()):
+        if p != ROOT:
+            depth[i] = depth[p] + 1
+    return depth
+
+
+def tree_ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
+    """[n, n] bool: mask[i, j] is True when node j is node i or one of its ancestors (what i may attend to)."""
+    check_parents(parents)
+    n = len(parents)
+    mask = torch.eye(n, dtype=torch.bool, device=parents.device)
+    for i, p in enumerate(parents.tolist()):
+        if p != ROOT:
+            mask[i] |= mask[p]
+    return mask
+
+
+def tree_attention_bias(parents: torch.Tensor, prefix_len: int, dtype=torch.float32) -> torch.Tensor:
+    """[n, prefix_len + n] additive bias (0 visible, -inf hidden): every node sees the whole committed prefix
+    and, among the draft nodes, only itself and its ancestors."""
+    n = len(parents)
+    visible = torch.ones(n, prefix_len + n, dtype=torch.bool, device=parents.device)
+    visible[:, prefix_len:] = tree_ancestor_mask(parents)
+    bias = torch.zeros(n, prefix_len + n, dtype=dtype, device=parents.device)
+    return bias.masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+def tree_position_ids(parents: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """[n] position of each node: the prefix length plus its depth (siblings share a position)."""
+    return prefix_len + tree_depths(parents)
+
+
+def gather_kv(cache: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """KV compaction: cache [batch, heads, slots, dim] and keep [batch, m] slot indices -> [batch, heads, m, dim].
+
+    After acceptance, keep = the committed slots followed by the accepted path's slots; nothing is recomputed.
+    """
+    b, h, _, d = cache.shape
+    index = keep[:, None, :, None].expand(b, h, keep.shape[1], d)
+    return cache.gather(2, index)
+
+
+def greedy_accept(tokens: torch.Tensor, parents: torch.Tensor, target_argmax: torch.Tensor) -> tuple[list[int], int]:
+    """Longest root-to-node path whose every token equals the target's greedy choice after its parent.
+
+    target_argmax [n + 1]: the target's argmax after the root (index 0) and after each node i (index i + 1).
+    Returns (accepted node indices in path order, the next token: the target's choice after the last accepted
+    node, i.e. the correction or bonus token). Output equals plain greedy decoding by construction.
+    """
+    check_parents(parents)
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents.tolist()):
+        children.setdefault(p, []).append(i)
+    toks, choice = tokens.tolist(), target_argmax.tolist()
+    path, node = [], ROOT
+    while True:
+        want = choice[node + 1]
+        nxt = next((c for c in children.get(node, ()) if toks[c] == want), None)
+        if nxt is None:
+            return path, want
+        path.append(nxt)
+        node = nxt

@@ -1,0 +1,1 @@
+"""The speculative decoding engine: pure algorithms and the target runner, no network."""

@@ -52,14 +52,13 @@ def _model_dir(path: Path) -> Path:
 # ---------------------------------------------------------------- generate / demo
 
 def _load(model_path: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from specfleet.training.train import load_model
+
     hf_logging.disable_progress_bar()  # the per-tensor loading bar would interleave with streamed text
-    tok = AutoTokenizer.from_pretrained(str(model_path))
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
-    return model, tok
+    return load_model(model_path), AutoTokenizer.from_pretrained(str(model_path))
 
 
 def _generate(model, tok, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,

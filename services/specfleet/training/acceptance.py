@@ -20,9 +20,9 @@ import torch
 from tqdm import tqdm
 
 from specfleet.training.corpus import DOMAINS
-from specfleet.training.train import TokenFile, set_threads
+from specfleet.training.train import DRAFTERS, TokenFile, load_model, set_threads
 
-DRAFTER_NAMES = ("drafter-python", "drafter-prose", "drafter-c", "drafter-general")
+DRAFTER_NAMES = tuple(DRAFTERS)
 
 
 @dataclass
@@ -32,12 +32,6 @@ class AcceptanceConfig:
     prompt_tokens: int = 64
     new_tokens: int = 96
     seed: int = 2026
-
-
-def load_model(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 @torch.no_grad()

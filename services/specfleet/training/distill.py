@@ -22,6 +22,7 @@ from specfleet.training.train import (
     count_parameters,
     device_for,
     export_model,
+    load_model,
     make_model,
     set_threads,
     token_files,
@@ -50,12 +51,6 @@ def target_fingerprint(target_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _load_target(target_dir: Path, device):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).to(device).eval()
-
-
 @torch.no_grad()
 def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg: DistillConfig,
                         device_name: str = "auto") -> None:
@@ -65,7 +60,7 @@ def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg
     """
     set_threads()
     device = device_for(device_name)
-    target = _load_target(target_dir, device)
+    target = load_model(target_dir, device)
     stamp = target_fingerprint(target_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     train = token_files(tokens_dir, "train")

@@ -76,6 +76,13 @@ def make_model(arch: Arch, tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
+def load_model(path: Path, device: torch.device | str = "cpu"):
+    """A bundled model folder as a float32 LlamaForCausalLM in eval mode (offline: the path must exist)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -135,9 +135,9 @@ def cmd_train(args) -> int:
         elif stage == "drafters":
             from specfleet.training.distill import DistillConfig, distill_all
 
-            cfg = DistillConfig(steps=args.drafter_steps, seed=args.seed)
-            distill_all(_model_dir(models / "target"), data / "tokens", data / "runs" / "teacher", models, cfg,
-                        names=args.drafters, device_name=args.device)
+            distill_all(_model_dir(models / "target"), data / "tokens", data / "runs" / "teacher", models,
+                        DistillConfig(seed=args.seed), names=args.drafters, device_name=args.device,
+                        steps=args.drafter_steps, windows=args.teacher_windows)
         elif stage == "card":
             from specfleet.training.cards import write_card
 
@@ -218,8 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=8, help="target sequences per step (256 tokens each)")
     p.add_argument("--lr", type=float, default=1.5e-3, help="target peak learning rate")
     p.add_argument("--minutes", type=float, default=None, help="stop target training after this long (resumable)")
-    p.add_argument("--drafter-steps", type=_positive_int, default=300, help="distillation steps per drafter")
-    p.add_argument("--drafters", nargs="+", default=None, help="only these drafters (default: all four)")
+    p.add_argument("--drafter-steps", type=_positive_int, default=None,
+                   help="distillation steps per drafter (default: each drafter's recipe in training/distill.py)")
+    p.add_argument("--teacher-windows", type=_positive_int, default=None,
+                   help="256-token windows per domain in the target's teacher cache (default: the recipe's)")
+    p.add_argument("--drafters", nargs="+", default=None, choices=["drafter-python", "drafter-prose", "drafter-c",
+                   "drafter-general"], help="only these drafters (default: all four)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", help="measure the bundled models and regenerate their model card")

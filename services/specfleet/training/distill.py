@@ -7,13 +7,14 @@ import hashlib
 import json
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from specfleet.training.corpus import DOMAINS
 from specfleet.training.tokenizer import load_tokenizer
 from specfleet.training.train import (
     DRAFTER_ARCH,
@@ -35,11 +36,35 @@ class DistillConfig:
     windows_per_domain: int = 1200
     seq: int = 256
     top_k: int = 32
-    steps: int = 300
+    steps: int = 400
     batch: int = 16
     lr: float = 3e-3
     warmup: int = 20
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How long each drafter is distilled: optimiser steps and teacher-cache windows per domain."""
+
+    steps: int = 400
+    teacher_windows: int = 1200
+
+
+# Prose is the hardest domain to specialise on (long docstrings also fill the python corpus, so the python
+# drafter writes prose well too): its specialist gets more teacher data and more steps.
+RECIPES: dict[str, Recipe] = {
+    "drafter-python": Recipe(),
+    "drafter-prose": Recipe(steps=1000, teacher_windows=3000),
+    "drafter-c": Recipe(),
+    "drafter-general": Recipe(),
+}
+
+
+def config_for(name: str, base: DistillConfig, steps: int | None = None, windows: int | None = None) -> DistillConfig:
+    """The drafter's recipe applied to the shared settings; explicit steps/windows override the recipe."""
+    recipe = RECIPES[name]
+    return replace(base, steps=steps or recipe.steps, windows_per_domain=windows or recipe.teacher_windows)
 
 
 def target_fingerprint(target_dir: Path) -> str:
@@ -53,11 +78,14 @@ def target_fingerprint(target_dir: Path) -> str:
 
 @torch.no_grad()
 def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg: DistillConfig,
-                        device_name: str = "auto") -> None:
-    """Writes cache_dir/{domain}.pt with inputs [N, seq], top-k ids and log-probs [N, seq, k] from the target.
+                        device_name: str = "auto", windows: dict[str, int] | None = None) -> None:
+    """Writes cache_dir/{domain}.pt with inputs [N, seq], top-k ids and log-probs [N, seq, k] from the target,
+    for the domains in `windows` (N each; default: every domain, cfg.windows_per_domain).
 
-    The cache is keyed by the target's weights: a retrained target invalidates it.
+    The cache is keyed by the target's weights: a retrained target invalidates it. Windows are drawn so that
+    the first N of a larger cache equal a cache of N: drafters take a prefix.
     """
+    windows = windows or {d: cfg.windows_per_domain for d in DOMAINS}
     set_threads()
     device = device_for(device_name)
     target = load_model(target_dir, device)
@@ -65,12 +93,14 @@ def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg
     cache_dir.mkdir(parents=True, exist_ok=True)
     train = token_files(tokens_dir, "train")
     for i, (domain, tf) in enumerate(train.items()):
+        if domain not in windows:
+            continue
         path = cache_dir / f"{domain}.pt"
         if path.exists():
             cached = torch.load(path, weights_only=False)
-            if cached.get("target_stamp") == stamp and len(cached["inputs"]) == cfg.windows_per_domain:
+            if cached.get("target_stamp") == stamp and len(cached["inputs"]) >= windows[domain]:
                 continue
-        x = tf.windows(np.random.default_rng([cfg.seed, 7, i]), cfg.windows_per_domain, cfg.seq)
+        x = tf.windows(np.random.default_rng([cfg.seed, 7, i]), windows[domain], cfg.seq)
         ids, logps = [], []
         for chunk in tqdm(x.split(16), desc=f"teacher cache {domain}", unit="batch"):
             logits = target(input_ids=chunk.to(device)).logits.float()  # [b, seq, vocab]
@@ -108,9 +138,10 @@ def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path
     tok = load_tokenizer(target_dir)
     model = make_model(arch, tok, cfg.seed + zlib.crc32(name.encode()) % 1000).to(device)
     caches = [torch.load(cache_dir / f"{d}.pt", weights_only=False) for d in domains]
-    inputs = torch.cat([c["inputs"] for c in caches])
-    top_ids = torch.cat([c["top_ids"] for c in caches])
-    top_logps = torch.cat([c["top_logps"] for c in caches])
+    n = cfg.windows_per_domain
+    inputs = torch.cat([c["inputs"][:n] for c in caches])
+    top_ids = torch.cat([c["top_ids"][:n] for c in caches])
+    top_logps = torch.cat([c["top_logps"][:n] for c in caches])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
     start = time.time()
@@ -140,8 +171,15 @@ def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path
     return info
 
 
-def distill_all(target_dir: Path, tokens_dir: Path, cache_dir: Path, models_dir: Path, cfg: DistillConfig,
-                names: list[str] | None = None, device_name: str = "auto") -> list[dict]:
-    build_teacher_cache(target_dir, tokens_dir, cache_dir, cfg, device_name)
+def distill_all(target_dir: Path, tokens_dir: Path, cache_dir: Path, models_dir: Path, base: DistillConfig,
+                names: list[str] | None = None, device_name: str = "auto", steps: int | None = None,
+                windows: int | None = None) -> list[dict]:
+    """Distils the named drafters (default all) by their recipes, building the teacher cache they need once."""
+    configs = {n: config_for(n, base, steps, windows) for n in (names or list(DRAFTERS))}
+    needed: dict[str, int] = {}
+    for name, cfg in configs.items():
+        for domain in DRAFTERS[name]:
+            needed[domain] = max(needed.get(domain, 0), cfg.windows_per_domain)
+    build_teacher_cache(target_dir, tokens_dir, cache_dir, base, device_name, windows=needed)
     return [train_drafter(n, target_dir, tokens_dir, cache_dir, models_dir, cfg, device_name)
-            for n in (names or list(DRAFTERS))]
+            for n, cfg in configs.items()]

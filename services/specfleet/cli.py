@@ -113,7 +113,12 @@ def cmd_train(args) -> int:
     stages = ["corpus", "tokenizer", "target", "drafters", "card"] if args.stage == "all" else [args.stage]
     for stage in stages:
         print(f"== train {stage}", flush=True)
-        if stage == "corpus":
+        if stage == "corpus" and (data / "corpus" / "manifest.json").exists() and not args.force:
+            print(f"corpus exists in {data / 'corpus'}; skipping (--force rebuilds it)")
+        elif stage == "tokenizer" and (data / "tokens" / "c.val.bin").exists() and not args.force:
+            # A new tokenizer would make the target checkpoint being resumed meaningless.
+            print(f"tokenizer and token files exist in {data}; skipping (--force retrains them)")
+        elif stage == "corpus":
             from specfleet.training.corpus import build_corpus
 
             stats = build_corpus(data / "corpus", max_mb_per_domain=args.max_mb_per_domain)
@@ -122,7 +127,16 @@ def cmd_train(args) -> int:
         elif stage == "tokenizer":
             from specfleet.training.tokenizer import tokenize_corpus, train_tokenizer
 
-            tok = train_tokenizer(data / "corpus", data / "tokenizer", vocab_size=args.vocab_size)
+            bundled = models / "target" / "tokenizer.json"
+            if bundled.exists() and not args.force:
+                # One tokenizer for the whole family: keep the bundled one so bundled weights stay usable.
+                from specfleet.training.tokenizer import load_tokenizer
+
+                tok = load_tokenizer(bundled.parent)
+                tok.save_pretrained(data / "tokenizer")
+                print(f"using the bundled tokenizer from {bundled.parent} (--force trains a new one)")
+            else:
+                tok = train_tokenizer(data / "corpus", data / "tokenizer", vocab_size=args.vocab_size)
             print(f"vocabulary: {len(tok)} tokens")
             print(f"token counts: {tokenize_corpus(data / 'corpus', data / 'tokenizer', data / 'tokens')}")
         elif stage == "target":
@@ -210,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="corpora, tokens and checkpoints")
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="where model folders are written")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild the corpus and tokenizer even when they exist (then delete data/runs/ too)")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
     p.add_argument("--max-mb-per-domain", type=float, default=30.0, help="corpus cap per domain (MB of text)")
     p.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary size")

@@ -39,3 +39,24 @@ def test_distinct_n():
 
     assert distinct_n(torch.tensor([[1, 2, 3, 4, 5, 6]])) == 1.0
     assert distinct_n(torch.tensor([[7, 7, 7, 7, 7, 7, 7]])) == 0.25
+
+
+def test_specialisation_compares_with_the_best_other_specialist():
+    from specfleet.training.acceptance import format_table, specialisation
+
+    def cell(v):
+        return {"tokens_per_round": v, "accepted_per_round": v - 1, "top1_agreement": 0.5, "rounds": 10}
+
+    matrix = {
+        "drafter-python": {"python": cell(3.0), "prose": cell(2.0), "c": cell(1.0)},
+        "drafter-prose": {"python": cell(2.5), "prose": cell(2.6), "c": cell(1.2)},
+        "drafter-c": {"python": cell(1.5), "prose": cell(1.5), "c": cell(3.5)},
+        "drafter-general": {"python": cell(2.9), "prose": cell(2.7), "c": cell(3.0)},
+    }
+    spec = specialisation(matrix)
+    assert set(spec) == {"drafter-python", "drafter-prose", "drafter-c"}  # the generalist is no specialist
+    assert spec["drafter-python"]["best_other_specialist"] == "drafter-prose"
+    assert spec["drafter-python"]["ratio"] == 1.2
+    assert spec["drafter-prose"]["ratio"] == 1.3
+    table = format_table({"matrix": matrix, "target_distinct4": {"python": 0.5, "prose": 0.6, "c": 0.7}})
+    assert "| drafter-general | 2.90 | **2.70** | 3.00 |" in table

@@ -107,7 +107,22 @@ def measure(models_dir: Path, tokens_dir: Path, cfg: AcceptanceConfig, drafters=
                 "top1_agreement": round(float(m.mean()), 3),
                 "rounds": int(rounds),
             }
-    return {"config": cfg.__dict__, "target_distinct4": distinct4, "matrix": matrix}
+    return {"config": cfg.__dict__, "target_distinct4": distinct4, "matrix": matrix,
+            "specialisation": specialisation(matrix)}
+
+
+def specialisation(matrix: dict) -> dict[str, dict]:
+    """For each specialist drafter (one domain), its own-domain tokens per round against the best other
+    specialist's on that domain."""
+    specialists = {n: DRAFTERS[n][0] for n in matrix if n in DRAFTERS and len(DRAFTERS[n]) == 1}
+    out = {}
+    for name, domain in specialists.items():
+        own = matrix[name][domain]["tokens_per_round"]
+        rival, best = max(((n, matrix[n][domain]["tokens_per_round"]) for n in specialists if n != name),
+                          key=lambda item: item[1])
+        out[name] = {"domain": domain, "tokens_per_round": own, "best_other_specialist": rival,
+                     "best_other_tokens_per_round": best, "ratio": round(own / best, 3)}
+    return out
 
 
 def format_table(result: dict) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from specfleet.training.acceptance import DRAFTER_NAMES, format_table
+from specfleet.training.acceptance import DRAFTER_NAMES, format_table, specialisation
 from specfleet.training.corpus import DOMAINS
 
 MODEL_NAMES = ("target",) + DRAFTER_NAMES
@@ -68,7 +68,18 @@ def render(models_dir: Path, acceptance: dict | None) -> str:
                 "target's greedy continuations (1.0 = never repeats): a target that loops flatters every drafter. "
                 "Regenerate with `specfleet models acceptance` "
                 "(writes `bench/acceptance.json` and this table).", "",
-                format_table(acceptance), ""]
+                format_table(acceptance), "",
+                "The `target` row drafts with the target itself: every draft is accepted, so it shows the ceiling "
+                f"for {cfg['new_tokens']} tokens (the last round is cut short).", "",
+                "### Specialisation", "",
+                "Each specialist on its own domain against the best other specialist there (goal: ratio ≥ 1.2 and "
+                "≥ 2.0 tokens per round).", "",
+                "| specialist | domain | tokens/round | best other specialist | ratio |", "|---|---|---|---|---|"]
+        for name, row in specialisation(acceptance["matrix"]).items():
+            out.append(f"| {name} | {row['domain']} | {row['tokens_per_round']:.2f} | "
+                       f"{row['best_other_specialist']} ({row['best_other_tokens_per_round']:.2f}) | "
+                       f"{row['ratio']:.2f} |")
+        out.append("")
     return "\n".join(out)
 
 

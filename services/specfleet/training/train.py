@@ -179,6 +179,15 @@ def train_target(tokens_dir: Path, tokenizer_dir: Path, out_dir: Path, run_dir: 
         opt.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
         print(f"resuming target from step {state['step']} ({state['tokens_seen']:,} tokens seen)")
+    elif (out_dir / "training.json").exists():
+        # No checkpoint on this machine (a fresh clone): continue from the exported weights, fresh optimiser.
+        info = json.loads((out_dir / "training.json").read_text())
+        if info.get("role") == "target" and info.get("arch") == asdict(arch):
+            model.load_state_dict(load_model(out_dir, device).state_dict())
+            state.update(step=info["step"], tokens_seen=info["tokens_seen"], seconds=float(info["train_seconds"]),
+                         best_val=float(np.mean(list(info["validation_loss"].values()))))
+            print(f"no checkpoint in {run_dir}: continuing from the weights in {out_dir} at step {state['step']} "
+                  "with a fresh optimiser state")
 
     def save_checkpoint():
         _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state,

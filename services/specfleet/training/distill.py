@@ -51,10 +51,10 @@ class Recipe:
     teacher_windows: int = 1200
 
 
-# Prose is the hardest domain to specialise on (long docstrings also fill the python corpus, so the python
-# drafter writes prose well too): its specialist gets more teacher data and more steps.
+# python and prose overlap (long docstrings are in both corpora, code blocks in the docs), so their
+# specialists need longer distillation to pull apart; prose, the harder domain, also gets more teacher data.
 RECIPES: dict[str, Recipe] = {
-    "drafter-python": Recipe(),
+    "drafter-python": Recipe(steps=1000),
     "drafter-prose": Recipe(steps=1000, teacher_windows=3000),
     "drafter-c": Recipe(),
     "drafter-general": Recipe(),

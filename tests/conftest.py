@@ -8,9 +8,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+from specfleet.training.family import MODEL_NAMES  # noqa: E402,F401  (shared with the tests)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO_ROOT / "models"
-MODEL_NAMES = ("target", "drafter-python", "drafter-prose", "drafter-c", "drafter-general")
 
 
 @pytest.fixture(scope="session")

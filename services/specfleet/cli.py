@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from specfleet.training.family import DRAFTER_NAMES
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Defaults point into the checkout (an editable install); SPECFLEET_MODELS / SPECFLEET_DATA override them.
 DEFAULT_MODELS = Path(os.environ.get("SPECFLEET_MODELS", REPO_ROOT / "models"))
@@ -125,13 +127,11 @@ def cmd_train(args) -> int:
             print(f"documents per domain: {stats.documents}; duplicates dropped {stats.duplicates_dropped}; "
                   f"held-out files skipped {stats.held_out_skipped}")
         elif stage == "tokenizer":
-            from specfleet.training.tokenizer import tokenize_corpus, train_tokenizer
+            from specfleet.training.tokenizer import load_tokenizer, tokenize_corpus, train_tokenizer
 
             bundled = models / "target" / "tokenizer.json"
             if bundled.exists() and not args.force:
                 # One tokenizer for the whole family: keep the bundled one so bundled weights stay usable.
-                from specfleet.training.tokenizer import load_tokenizer
-
                 tok = load_tokenizer(bundled.parent)
                 tok.save_pretrained(data / "tokenizer")
                 print(f"using the bundled tokenizer from {bundled.parent} (--force trains a new one)")
@@ -162,7 +162,7 @@ def cmd_train(args) -> int:
 # ---------------------------------------------------------------- models
 
 def cmd_models_acceptance(args) -> int:
-    from specfleet.training.acceptance import DRAFTER_NAMES, AcceptanceConfig, format_table, measure, write_json
+    from specfleet.training.acceptance import AcceptanceConfig, format_table, measure, write_json
     from specfleet.training.cards import write_card
 
     cfg = AcceptanceConfig(k=args.k, prompts=args.prompts, new_tokens=args.new_tokens)
@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distillation steps per drafter (default: each drafter's recipe in training/distill.py)")
     p.add_argument("--teacher-windows", type=_positive_int, default=None,
                    help="256-token windows per domain in the target's teacher cache (default: the recipe's)")
-    p.add_argument("--drafters", nargs="+", default=None, choices=["drafter-python", "drafter-prose", "drafter-c",
-                   "drafter-general"], help="only these drafters (default: all four)")
+    p.add_argument("--drafters", nargs="+", default=None, choices=DRAFTER_NAMES,
+                   help="only these drafters (default: all four)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", help="measure the bundled models and regenerate their model card")

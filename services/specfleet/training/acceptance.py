@@ -20,9 +20,8 @@ import torch
 from tqdm import tqdm
 
 from specfleet.training.corpus import DOMAINS
-from specfleet.training.train import DRAFTERS, TokenFile, load_model, set_threads
-
-DRAFTER_NAMES = tuple(DRAFTERS)
+from specfleet.training.family import DRAFTER_NAMES, DRAFTERS
+from specfleet.training.train import TokenFile, load_model, set_threads
 
 
 @dataclass

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from specfleet.training.acceptance import DRAFTER_NAMES, format_table, specialisation
+from specfleet.training.acceptance import format_table, specialisation
 from specfleet.training.corpus import DOMAINS
-
-MODEL_NAMES = ("target",) + DRAFTER_NAMES
+from specfleet.training.family import MODEL_NAMES
 
 DATA_NOTE = (
     "Corpora are built by `specfleet train corpus` from the Python installation's stdlib and headers and the "

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from specfleet.training.corpus import DOMAINS
+from specfleet.training.family import DRAFTERS  # noqa: F401  (re-exported for distill)
 from specfleet.training.tokenizer import load_tokenizer
 
 
@@ -35,14 +36,6 @@ class Arch:
 TARGET_ARCH = Arch(hidden=384, layers=10, intermediate=1024, heads=6)
 DRAFTER_ARCH = Arch(hidden=128, layers=3, intermediate=384, heads=4)
 MAX_POSITIONS = 1024
-
-# Drafter name -> the domains it is distilled on.
-DRAFTERS: dict[str, tuple[str, ...]] = {
-    "drafter-python": ("python",),
-    "drafter-prose": ("prose",),
-    "drafter-c": ("c",),
-    "drafter-general": DOMAINS,
-}
 
 
 def set_threads() -> None:

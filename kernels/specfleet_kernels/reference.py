@@ -1,11 +1,13 @@
 """Torch reference kernels for token-tree verification: tree attention masks and positions, KV-cache
-compaction, and greedy tree acceptance. The GPU path must match these exactly.
+compaction, and greedy and sampled (lossless) tree acceptance. The GPU path must match these exactly.
 
 A tree of n draft tokens is flat: `parents[i]` is the index of node i's parent, or -1 when node i hangs off
 the last committed token (the root). Nodes are in topological order: parents[i] < i.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -87,3 +89,70 @@ def greedy_accept(tokens: torch.Tensor, parents: torch.Tensor, target_argmax: to
             return path, want
         path.append(nxt)
         node = nxt
+
+
+def sampled_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor,
+                        draft_probs: torch.Tensor | None, generator: torch.Generator) -> tuple[list[int], int]:
+    """Lossless acceptance of a sampled draft tree: SpecInfer's multi-step speculative sampling, node by node.
+
+    target_probs [n + 1, V]: the target's (warped) distribution after the root (index 0) and after each node i
+    (index i + 1). draft_probs [n, V]: the distribution node i's token was drawn from, given its parent; None means
+    deterministic nodes (one-hot drafts). At node u the children are tried in index order against a residual r,
+    starting from the target's distribution: child c (token t, draft q) is accepted with probability
+    min(1, r[t] / q[t]); on rejection r becomes normalize(max(r - q, 0)). When no child is accepted (or u has none)
+    the next token is drawn from r. The output is distributed exactly as sampling from the target, provided each
+    child was drawn independently from its own draft row (i.i.d. siblings, duplicates allowed) or is deterministic.
+
+    A rejection that leaves r - q <= 0 everywhere has probability 0 in exact arithmetic (it needs r == q, where
+    every draft token is accepted), so it can only come from rounding; r is then kept as it was, which stays inside
+    the target's support. Arithmetic is float64 on the CPU (rows are moved lazily: pass CPU tensors to avoid one
+    device sync per visited row). The generator (CPU) gives one uniform per child tried and one draw for the next
+    token, so a seeded generator reproduces the result. Returns (accepted node indices in path order, next token).
+    """
+    check_parents(parents)
+    n = len(parents)
+    if target_probs.dim() != 2 or target_probs.shape[0] != n + 1:
+        raise ValueError(f"target_probs must be [n + 1, vocab] = [{n + 1}, vocab], got {tuple(target_probs.shape)}")
+    if draft_probs is not None and tuple(draft_probs.shape) != (n, target_probs.shape[1]):
+        raise ValueError(f"draft_probs must be [n, vocab] = [{n}, {target_probs.shape[1]}], "
+                         f"got {tuple(draft_probs.shape)}")
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents.tolist()):
+        children.setdefault(p, []).append(i)
+    toks = tokens.tolist()
+
+    def distribution(row: torch.Tensor, what: str) -> torch.Tensor:
+        row = row.to("cpu", torch.float64)  # [V]
+        total = float(row.sum())
+        if not total > 0 or not math.isfinite(total) or bool((row < 0).any()):
+            raise ValueError(f"{what} is not a distribution (sum {total}, min {float(row.min())})")
+        return row / total
+
+    path, node = [], ROOT
+    while True:
+        residual = distribution(target_probs[node + 1], f"target_probs[{node + 1}]")  # [V]
+        accepted = None
+        for child in children.get(node, ()):
+            token = toks[child]
+            if draft_probs is None:
+                draft = None
+                q_token = 1.0
+            else:
+                draft = distribution(draft_probs[child], f"draft_probs[{child}]")  # [V]
+                q_token = float(draft[token])
+            uniform = float(torch.rand((), dtype=torch.float64, generator=generator))
+            if uniform * q_token < float(residual[token]):  # probability min(1, r[t] / q[t])
+                accepted = child
+                break
+            if draft is None:
+                leftover = residual.clone()
+                leftover[token] = 0.0
+            else:
+                leftover = (residual - draft).clamp_(min=0.0)
+            total = float(leftover.sum())
+            if total > 0:
+                residual = leftover / total
+        if accepted is None:
+            return path, int(torch.multinomial(residual, 1, generator=generator))
+        path.append(accepted)
+        node = accepted

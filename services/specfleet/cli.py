@@ -37,6 +37,13 @@ def _probability(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0.0:  # also rejects NaN
@@ -53,58 +60,74 @@ def _model_dir(path: Path) -> Path:
 
 # ---------------------------------------------------------------- generate / demo
 
-def _load(model_path: Path):
+def _engine(args, batch_size: int):
+    """(engine, tokenizer) from the generate/demo/bench options; exits with a clear message on bad input."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from specfleet.training.train import load_model
+    from specfleet.engine.factory import build_engine, parse_drafters
 
     hf_logging.disable_progress_bar()  # the per-tensor loading bar would interleave with streamed text
-    return load_model(model_path), AutoTokenizer.from_pretrained(str(model_path))
+    try:
+        drafters = parse_drafters(args.drafters, args.proposer)
+        engine = build_engine(args.models, args.proposer, drafters, batch_size=batch_size, k=args.k,
+                              adaptive=args.adaptive)
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
+    return engine, AutoTokenizer.from_pretrained(str(args.models / "target"))
 
 
-def _generate(model, tok, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-              top_k: int = 0, seed: int = 0) -> tuple[int, float]:
-    """Streams the continuation of `prompt` to stdout; returns (tokens generated, seconds)."""
-    import torch
-    from transformers import TextStreamer
+def _sampling(args):
+    from specfleet.engine.sampling import SamplingParams
 
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    if ids.shape[1] == 0:
-        sys.exit("error: the prompt is empty; give some text to continue")
-    limit = model.config.max_position_embeddings
-    if ids.shape[1] + max_new_tokens > limit:
-        sys.exit(f"error: prompt ({ids.shape[1]} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the "
-                 f"model's context of {limit} tokens; shorten the prompt or ask for fewer tokens")
-    torch.manual_seed(seed)
-    sampling = temperature > 0
-    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None) if sampling else \
-        dict(do_sample=False)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, streamer=TextStreamer(tok, skip_prompt=True),
-                             pad_token_id=tok.pad_token_id, **kwargs)
-    return out.shape[1] - ids.shape[1], time.perf_counter() - start
+    return SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
 
 
 def cmd_generate(args) -> int:
-    model, tok = _load(_model_dir(args.model))
-    n, seconds = _generate(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                           args.seed)
-    print(f"\n[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tok/s]", file=sys.stderr)
+    from specfleet.generation import InputError, run_jsonl, stream_prompt
+
+    if (args.prompt is None) == (args.input is None):
+        sys.exit("error: give either --prompt TEXT (streams to the terminal) or --input FILE.jsonl with --output")
+    if args.input is not None and args.output is None:
+        sys.exit("error: --input needs --output FILE.jsonl for the results")
+    engine, tok = _engine(args, args.batch_size if args.input else 1)
+    try:
+        if args.prompt is not None:
+            if not args.prompt:
+                sys.exit("error: the prompt is empty; give some text to continue")
+            start = time.perf_counter()
+            result = stream_prompt(engine, tok, args.prompt, args.max_new_tokens, _sampling(args))
+            seconds = time.perf_counter() - start
+            n = len(result.token_ids)
+            print(f"[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tok/s, "
+                  f"{result.stats['accepted_per_round']:.2f} drafted tokens accepted per round]", file=sys.stderr)
+        else:
+            summary = run_jsonl(engine, tok, args.input, args.output, args.max_new_tokens, _sampling(args),
+                                progress=not args.quiet)
+            print(f"wrote {summary['requests']} results to {args.output}: {summary['tokens']} tokens in "
+                  f"{summary['seconds']:.1f}s ({summary['tokens'] / summary['seconds']:.1f} tok/s), "
+                  f"{summary['accepted_per_round']:.2f} drafted tokens accepted per round", file=sys.stderr)
+    except (InputError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    path = _model_dir(args.models / "target")
-    model, tok = _load(path)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"specfleet demo: greedy generation with the bundled target ({path}, {params / 1e6:.1f}M parameters)\n")
+    from specfleet.generation import stream_prompt
+
+    engine, tok = _engine(args, 1)
+    drafters = ", ".join(getattr(engine.proposer, "drafters", {})) or "none"
+    print(f"specfleet demo: speculative decoding with the bundled target; proposer {args.proposer}, drafters "
+          f"{drafters}. The output equals the target's own decoding.\n")
     for prompt in DEMO_PROMPTS:
         print("=" * 72)
         print(prompt, end="", flush=True)
-        n, seconds = _generate(model, tok, prompt, args.max_new_tokens)
-        print(f"\n[{n} tokens in {seconds:.2f}s, {n / seconds:.0f} tok/s]\n")
+        start = time.perf_counter()
+        result = stream_prompt(engine, tok, prompt, args.max_new_tokens, _sampling(args))
+        seconds = time.perf_counter() - start
+        n = len(result.token_ids)
+        print(f"[{n} tokens in {seconds:.2f}s, {n / seconds:.0f} tok/s, {result.stats['rounds']} target forward "
+              f"passes, {result.stats['accepted_per_round']:.2f} drafted tokens accepted per round]\n")
     return 0
 
 
@@ -185,6 +208,26 @@ def cmd_models_card(args) -> int:
 
 # ---------------------------------------------------------------- parser
 
+def _engine_options(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+    from specfleet.engine.factory import PROPOSERS
+
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, help="tokens to generate")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give equal samples")
+    p.add_argument("--proposer", choices=PROPOSERS, default="fused",
+                   help="who drafts: fused (several drafter models, CoSine fusion), model (one drafter), suffix "
+                        "(suffix trees), ngram (prompt lookup), none (plain decoding, same code path)")
+    p.add_argument("--drafters", default=None,
+                   help="comma-separated drafter names for model/fused: python, prose, c, general "
+                        "(default: general for model, python,prose,c for fused)")
+    p.add_argument("--k", type=_positive_int, default=4, help="most draft levels per round")
+    p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
+                   help="always draft k levels with every drafter (default: adaptive speculation control)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -195,23 +238,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("generate", help="continue a prompt with the target model, streaming to the terminal",
+    p = sub.add_parser("generate", help="generate with speculative decoding: one prompt streamed, or JSONL in/out",
                        formatter_class=fmt,
-                       description="Continue a prompt with a bundled model and stream the new text to stdout. "
-                                   "Greedy by default; --temperature > 0 samples.")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODELS / "target", help="model folder")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass, in (0, 1]")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give equal samples")
+                       description="Continue prompts with the bundled target, drafting with the chosen proposer; the "
+                                   "output equals the target's own decoding (greedy by default; --temperature > 0 "
+                                   "samples from the target's distribution). --prompt streams one continuation; "
+                                   "--input reads lines {\"id\": ..., \"prompt\": \"...\"} and --output gets lines "
+                                   "{\"id\", \"text\", \"token_ids\", \"finish_reason\", \"stats\"}.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text to continue, streamed to stdout")
+    src.add_argument("--input", type=Path, help="JSONL file of prompts")
+    p.add_argument("--output", type=Path, help="JSONL file for the results (with --input)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="requests verified together (with --input)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _engine_options(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="generate from a few prompts with the bundled target", formatter_class=fmt,
-                       description="A real generation with the bundled target model, greedy, streamed.")
-    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=48, help="tokens per prompt")
+    p = sub.add_parser("demo", help="a real generation through the speculative engine with the bundled models",
+                       formatter_class=fmt,
+                       description="Greedy speculative decoding of a few prompts with the bundled target and "
+                                   "drafters, streamed, with the rounds it took.")
+    _engine_options(p, max_new_tokens=48)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="rebuild the bundled models: corpus, tokenizer, target, drafters, card",

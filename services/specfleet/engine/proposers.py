@@ -1,35 +1,70 @@
 """Proposers: each drafts a token tree continuing a request's tokens. One protocol, small classes.
 
-`propose(context, k)` takes every token known so far (prompt + committed output) and returns a TokenTree of
-at most k levels; it never changes the output, only how fast it is produced.
+Every proposer follows `Proposer`: `start`, batched `propose` (each `Draft` carries the request's tokens so far and
+a level budget k) and `stop`. A proposer never changes the output, only how fast it is produced.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
-from specfleet.engine.kvcache import truncate
 from specfleet.engine.tree import TokenTree
 
 
 class Proposer(Protocol):
+    """Drafts token trees for many requests at once. Lifecycle after ArcticInference's suffix decoding:
+    `start` when a request arrives, `propose` once per round, `stop` when it finishes (with its output, so
+    proposers that learn from earlier outputs can)."""
+
     name: str
 
-    def propose(self, context: list[int], k: int) -> TokenTree: ...
+    def start(self, rid: str, prompt: list[int]) -> None: ...
+
+    def propose(self, batch: list[Draft]) -> list[TokenTree]: ...
+
+    def stop(self, rid: str, output: list[int]) -> None: ...
 
 
-class NoProposer:
+@dataclass(frozen=True)
+class Draft:
+    """One request's ask for a draft: every token known so far (prompt + committed output) and the most
+    levels the tree may have (k). A proposer may return a smaller tree, or an empty one."""
+
+    rid: str
+    context: list[int]
+    k: int
+    drafters: tuple[str, ...] | None = None  # which drafter models to use (None: all the proposer has)
+
+
+class StatelessProposer:
+    """Base for proposers that keep nothing per request."""
+
+    name = "stateless"
+
+    def start(self, rid: str, prompt: list[int]) -> None:
+        pass
+
+    def stop(self, rid: str, output: list[int]) -> None:
+        pass
+
+    def propose(self, batch: list[Draft]) -> list[TokenTree]:
+        return [self.propose_one(d.context, d.k) if d.k > 0 else TokenTree.empty() for d in batch]
+
+    def propose_one(self, context: list[int], k: int) -> TokenTree:
+        raise NotImplementedError
+
+
+class NoProposer(StatelessProposer):
     """Plain decoding through the same verification path: an empty tree every round."""
 
     name = "none"
 
-    def propose(self, context: list[int], k: int) -> TokenTree:
+    def propose_one(self, context: list[int], k: int) -> TokenTree:
         return TokenTree.empty()
 
 
-class NgramProposer:
+class NgramProposer(StatelessProposer):
     """Prompt lookup: find the latest earlier occurrence of the context's last n tokens (longest n first) and
     propose the k tokens that followed it."""
 
@@ -38,7 +73,7 @@ class NgramProposer:
     def __init__(self, max_n: int = 4, min_n: int = 1):
         self.max_n, self.min_n = max_n, min_n
 
-    def propose(self, context: list[int], k: int) -> TokenTree:
+    def propose_one(self, context: list[int], k: int) -> TokenTree:
         for n in range(min(self.max_n, len(context) - 1), self.min_n - 1, -1):
             suffix = context[-n:]
             for start in range(len(context) - n - 1, -1, -1):  # latest match first, never the suffix itself
@@ -46,46 +81,3 @@ class NgramProposer:
                     follow = context[start + n:start + n + k]
                     return TokenTree.chain(follow)
         return TokenTree.empty()
-
-
-class ModelProposer:
-    """A drafter model with its own KV cache, kept in step with the request's context between rounds."""
-
-    def __init__(self, model, name: str = "model"):
-        from transformers import DynamicCache
-
-        self.model, self.name = model, name
-        self.cache = DynamicCache()
-        self.cached: list[int] = []  # tokens whose KV is in self.cache
-
-    def _sync(self, context: list[int]) -> torch.Tensor:
-        """Crops the cache to the longest common prefix with context; returns logits after the context."""
-        common = 0
-        for a, b in zip(self.cached, context[:-1], strict=False):  # keep >= 1 token to feed
-            if a != b:
-                break
-            common += 1
-        if common < len(self.cached):
-            truncate(self.cache, common)
-            self.cached = self.cached[:common]
-        feed = torch.tensor([context[common:]], dtype=torch.long)
-        out = self.model(input_ids=feed, past_key_values=self.cache, use_cache=True)
-        self.cached = list(context)
-        return out.logits[0, -1]
-
-    @torch.no_grad()
-    def propose(self, context: list[int], k: int) -> TokenTree:
-        if k <= 0:
-            return TokenTree.empty()
-        logits = self._sync(context)
-        tokens, probs = [], []
-        for i in range(k):
-            p = torch.softmax(logits.float(), dim=-1)
-            tok = int(p.argmax())
-            tokens.append(tok)
-            probs.append(float(p[tok]))
-            if i + 1 < k:
-                out = self.model(input_ids=torch.tensor([[tok]]), past_key_values=self.cache, use_cache=True)
-                self.cached.append(tok)
-                logits = out.logits[0, -1]
-        return TokenTree.chain(tokens, probs)

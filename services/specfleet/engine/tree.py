@@ -1,4 +1,5 @@
-"""Token trees as flat tensors: `tokens`, `parents` (-1 = child of the last committed token), `probs`."""
+"""Token trees as flat tensors: `tokens`, `parents` (-1 = child of the last committed token), `depth`, `probs`,
+and, for sampled drafts, `draft_probs` (the distribution each node's token was drawn from)."""
 
 from __future__ import annotations
 
@@ -6,28 +7,56 @@ from dataclasses import dataclass
 
 import torch
 
+from specfleet_kernels.reference import check_parents, tree_depths
+
 
 @dataclass(frozen=True)
 class TokenTree:
-    """A draft tree in topological order (parents[i] < i)."""
+    """A draft tree in topological order (parents[i] < i). Siblings are tried in index order on acceptance."""
 
     tokens: torch.Tensor  # [n] int64
     parents: torch.Tensor  # [n] int64, -1 for children of the root
-    probs: torch.Tensor  # [n] float32, the proposer's probability of each token
+    probs: torch.Tensor  # [n] float32, the proposer's confidence in each token (its probability)
+    # [n, vocab] float32 or None: the distribution node i's token was *sampled* from (given its parent). None means
+    # every node is deterministic (argmax, lookup, fusion), which lossless acceptance treats as a one-hot draft.
+    draft_probs: torch.Tensor | None = None
+    # Optional, per node: names of the proposers that proposed it (credits drafters for speculation control).
+    origins: tuple[tuple[str, ...], ...] | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def depth(self) -> torch.Tensor:
+        """[n] depth of each node, 0 for children of the root."""
+        return tree_depths(self.parents)
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max()) + 1 if len(self) else 0
+
+    def validate(self) -> None:
+        """Raises ValueError on a malformed tree (shapes, order)."""
+        n = len(self.tokens)
+        if self.tokens.dim() != 1 or self.probs.shape != (n,) or self.parents.shape != (n,):
+            raise ValueError(f"tree arrays disagree: tokens {tuple(self.tokens.shape)}, parents "
+                             f"{tuple(self.parents.shape)}, probs {tuple(self.probs.shape)}")
+        check_parents(self.parents)
+        if self.draft_probs is not None and (self.draft_probs.dim() != 2 or self.draft_probs.shape[0] != n):
+            raise ValueError(f"draft_probs must be [n, vocab], got {tuple(self.draft_probs.shape)}")
 
     @staticmethod
     def empty() -> TokenTree:
         return TokenTree(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0))
 
     @staticmethod
-    def chain(tokens: list[int], probs: list[float] | None = None) -> TokenTree:
+    def chain(tokens: list[int], probs: list[float] | None = None,
+              draft_probs: torch.Tensor | None = None) -> TokenTree:
         """A single draft: each token the child of the one before."""
         n = len(tokens)
         return TokenTree(
             torch.tensor(tokens, dtype=torch.long),
             torch.arange(-1, n - 1, dtype=torch.long),
             torch.tensor(probs if probs is not None else [1.0] * n, dtype=torch.float32),
+            draft_probs,
         )

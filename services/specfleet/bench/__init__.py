@@ -1,0 +1,1 @@
+"""Benchmarks: `specfleet bench ...` commands and their held-out prompt sets."""

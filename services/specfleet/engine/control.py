@@ -1,0 +1,333 @@
+"""Adaptive speculation control (CoSine, DSI): per round and request, how many levels to draft and with which
+drafters, chosen to maximise the batch's committed tokens per second, and never slower than plain decoding.
+
+Pure: no clocks, no torch. The engine measures wall times and feeds them in; everything is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Expected tokens committed by one round drafting a k-level chain with per-position acceptance alpha:
+    1 + alpha + ... + alpha^k (the accepted prefix plus the target's own correction or bonus token)."""
+    if alpha >= 1.0:
+        return k + 1.0
+    alpha = max(alpha, 0.0)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+class _LinearFit:
+    """y = a + b*x by least squares over the last `window` observations, starting from a prior line.
+
+    With one distinct x so far the slope is unidentifiable, so the prior line is scaled through the observed mean
+    instead; a negative fitted slope or intercept is clamped (times never shrink with size, nor go below zero).
+    """
+
+    def __init__(self, intercept: float, slope: float, window: int):
+        self.prior = (intercept, slope)
+        self.points: deque[tuple[float, float]] = deque(maxlen=window)
+        self.intercept, self.slope = intercept, slope
+
+    def __call__(self, x: float) -> float:
+        return self.intercept + self.slope * x
+
+    def add(self, x: float, y: float) -> None:
+        self.points.append((float(x), float(y)))
+        self.intercept, self.slope = self._fit()
+
+    def _fit(self) -> tuple[float, float]:
+        n = len(self.points)
+        mean_x = sum(x for x, _ in self.points) / n
+        mean_y = sum(y for _, y in self.points) / n
+        sxx = sum((x - mean_x) ** 2 for x, _ in self.points)
+        if sxx <= 1e-12 * max(1.0, mean_x * mean_x):
+            a0, b0 = self.prior
+            at_mean = a0 + b0 * mean_x
+            scale = mean_y / at_mean if at_mean > 0 else 1.0
+            return a0 * scale, b0 * scale
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in self.points) / sxx
+        intercept = mean_y - slope * mean_x
+        if slope < 0:
+            return mean_y, 0.0
+        if intercept < 0:  # refit through the origin
+            return 0.0, sum(x * y for x, y in self.points) / sum(x * x for x, _ in self.points)
+        return intercept, slope
+
+
+class CostModel:
+    """Online round cost estimates: a drafter step as a + b*batch, a verifier forward as a + b*tokens (a is the
+    fixed per-forward cost: weights read, launch, sync). Priors make a draft step ~10x cheaper than a forward.
+
+    `parallel_drafters`: drafters run side by side (separate services), so a step costs one drafter's time, not
+    the sum over drafters.
+    """
+
+    def __init__(self, draft_prior: tuple[float, float] = (2e-3, 2e-4),
+                 verify_prior: tuple[float, float] = (2e-2, 2e-4), window: int = 64,
+                 parallel_drafters: bool = False):
+        self.draft_step = _LinearFit(*draft_prior, window)
+        self.verify = _LinearFit(*verify_prior, window)
+        self.parallel_drafters = parallel_drafters
+
+    def set_priors(self, draft_prior: tuple[float, float], verify_prior: tuple[float, float]) -> None:
+        """Replaces the priors with profiled values (seconds), e.g. from `SpecEngine.calibrate`."""
+        self.draft_step.intercept, self.draft_step.slope = draft_prior
+        self.verify.intercept, self.verify.slope = verify_prior
+
+    def drafter_factor(self, drafters: int) -> int:
+        """How many drafter steps one draft level costs: every drafter's, or one when they run in parallel."""
+        return 1 if self.parallel_drafters else max(drafters, 1)
+
+    def observe_draft(self, batch: int, drafters: int, steps: int, seconds: float) -> None:
+        """A draft phase: `drafters` drafters each ran `steps` steps over `batch` requests in `seconds`."""
+        if batch <= 0 or steps <= 0 or drafters <= 0:
+            return
+        self.draft_step.add(batch, seconds / (steps * self.drafter_factor(drafters)))
+
+    def observe_verify(self, tokens: int, seconds: float) -> None:
+        """A verifier forward over `tokens` tokens (all requests' tree nodes + roots) took `seconds`."""
+        if tokens > 0:
+            self.verify.add(tokens, seconds)
+
+    def draft_time(self, batch: int, drafters: int, k: int) -> float:
+        if batch <= 0 or drafters <= 0 or k <= 0:
+            return 0.0
+        return k * self.drafter_factor(drafters) * self.draft_step(batch)
+
+    def verify_time(self, tokens: int | float) -> float:
+        return self.verify(tokens) if tokens > 0 else 0.0
+
+    def verify_seconds_per_token(self) -> float:
+        """Marginal verifier seconds of one more token in a forward."""
+        return self.verify.slope
+
+    def draft_seconds_per_request(self, drafters: int, k: int) -> float:
+        """Marginal draft seconds of one more request in a draft batch of k steps (the fixed part excluded)."""
+        return k * self.drafter_factor(drafters) * self.draft_step.slope
+
+
+class AcceptanceTracker:
+    """One request's recent acceptance: alpha (per-position acceptance rate) and each drafter's contribution.
+
+    Alpha estimator: a round drafting k levels and accepting a of them saw a accepted positions and one rejected
+    position when a < k (a truncated geometric sample). The maximum-likelihood alpha over rounds is
+    sum(a) / sum(a + [a < k]); we keep both sums as exponential moving averages (factor `decay` per round, seeded
+    with `prior_weight` pseudo-positions at `alpha_prior`), so alpha follows recent rounds.
+    """
+
+    def __init__(self, alpha_prior: float = 0.6, prior_weight: float = 2.0, decay: float = 0.8):
+        self.decay = decay
+        self._accepted = alpha_prior * prior_weight
+        self._positions = prior_weight
+        self.share: dict[str, float] = {}  # drafter -> EMA of the share of accepted tokens it proposed
+        self.unique: dict[str, float] = {}  # drafter -> EMA of the share of accepted tokens only it proposed
+        self.fusion_rounds = 0  # rounds with several drafters and attributed tokens
+        self.width = 0.0  # EMA of tree nodes per level; 0 until observed
+        self.rounds_without_draft = 0  # consecutive rounds that drafted nothing (drives probing)
+        self.speculative_rounds = 0  # rounds that drafted something (drives drafter exploration)
+
+    @property
+    def alpha(self) -> float:
+        return min(max(self._accepted / self._positions, 0.0), 1.0) if self._positions > 0 else 0.0
+
+    def observe(self, drafted_levels: int, accepted: int, drafters: list[str],
+                accepted_by: list[tuple[str, ...]] | None, drafted_nodes: int | None = None) -> None:
+        """accepted_by: for each accepted draft token, the drafters that proposed it (None: not attributed)."""
+        if drafted_levels <= 0:
+            self.rounds_without_draft += 1
+            return
+        self.rounds_without_draft = 0
+        self.speculative_rounds += 1
+        accepted = min(max(accepted, 0), drafted_levels)
+        self._accepted = self.decay * self._accepted + accepted
+        self._positions = self.decay * self._positions + accepted + (1 if accepted < drafted_levels else 0)
+        if drafted_nodes is not None:
+            level_width = drafted_nodes / drafted_levels
+            self.width = level_width if self.width == 0 else self.decay * self.width + (1 - self.decay) * level_width
+        if accepted_by is None or accepted == 0 or len(drafters) < 2:
+            return  # only fusion rounds (several drafters, attributed tokens) say who helps
+        self.fusion_rounds += 1
+        for name in drafters:
+            proposed = sum(1 for who in accepted_by if name in who) / accepted
+            alone = sum(1 for who in accepted_by if tuple(who) == (name,)) / accepted
+            self.share[name] = self.decay * self.share.get(name, proposed) + (1 - self.decay) * proposed
+            self.unique[name] = self.decay * self.unique.get(name, alone) + (1 - self.decay) * alone
+
+    def routed_drafters(self, drafters: list[str], keep_share: float) -> list[str]:
+        """Expertise routing for one request: its best drafter (largest share of accepted tokens in fusion rounds;
+        the first one before any evidence) plus any other whose *unique* share (accepted tokens only it proposed)
+        is >= keep_share. A drafter that only agrees with the best one costs a step and adds nothing."""
+        if len(drafters) <= 1:
+            return list(drafters)
+        best = max(drafters, key=lambda name: self.share.get(name, 0.0))  # max keeps the first on ties
+        return [name for name in drafters if name == best or self.unique.get(name, 0.0) >= keep_share]
+
+    def exploring(self, drafters: list[str], explore_every: int, warmup: int = 2) -> bool:
+        """Whether this round should fuse every drafter to (re)rank them: the first `warmup` speculative rounds,
+        then every `explore_every`-th, so a drafter can earn its way back when the text changes."""
+        if len(drafters) <= 1:
+            return False
+        due = explore_every > 0 and self.speculative_rounds % explore_every == explore_every - 1
+        return self.fusion_rounds < warmup or due
+
+    def active_drafters(self, drafters: list[str], keep_share: float, explore_every: int) -> list[str]:
+        """The drafters for this round: every one while exploring, else the routed ones."""
+        if self.exploring(drafters, explore_every):
+            return list(drafters)
+        return self.routed_drafters(drafters, keep_share)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One request's round: draft k levels with these drafters (k = 0: plain decoding, no drafters)."""
+
+    k: int
+    drafters: list[str] = field(default_factory=list)
+    probe: bool = False  # speculating only to re-measure acceptance while speculation is off
+
+
+@dataclass
+class _Candidate:
+    rid: str
+    alpha: float
+    width: float  # verified tokens per drafted level
+    cap: int
+
+
+class SpeculationController:
+    """Chooses every request's draft length and drafters for one batch round.
+
+    For each common draft length K in 1..k_max it maximises the batch's expected committed tokens per second,
+    sum_i E(alpha_i, k_i) / (draft_time(speculating requests, drafters, K) + verify_time(sum_i (k_i*width_i + 1))),
+    with k_i <= K, by Dinkelbach's ratio iteration (for a fixed rate the choice separates per request), and keeps
+    the best K unless plain decoding (every k_i = 0) is expected at least as fast, allowing `min_gain` margin for
+    estimation noise. Low alpha makes deep levels worthless; a loaded verifier (many tokens per forward) raises
+    the batch rate and so the price of every drafted token: both give smaller k.
+
+    Probing: a request that drafted nothing for `probe_every` consecutive rounds drafts `probe_k` levels once,
+    so its alpha (and the draft cost) can recover; the overhead is at most about probe_k / probe_every tokens.
+    """
+
+    def __init__(self, drafters: list[str], k_max: int = 8, cost: CostModel | None = None, *,
+                 max_width: int = 3, keep_share: float = 0.2, explore_every: int = 8, probe_every: int = 16,
+                 probe_k: int = 2, min_gain: float = 1.02, alpha_prior: float = 0.6, decay: float = 0.9):
+        if not drafters:
+            raise ValueError("SpeculationController needs at least one drafter name")
+        self.drafters = list(drafters)
+        self.k_max = k_max
+        self.cost = cost if cost is not None else CostModel()
+        self.max_width = max_width
+        self.keep_share, self.explore_every = keep_share, explore_every
+        self.probe_every, self.probe_k = probe_every, probe_k
+        self.min_gain = min_gain
+        self.alpha_prior, self.decay = alpha_prior, decay
+        self.trackers: dict[str, AcceptanceTracker] = {}
+        # Every request's rounds, slowly forgotten: a new request starts from what recent ones saw, not the prior.
+        self.overall = AcceptanceTracker(alpha_prior, prior_weight=4.0, decay=0.98)
+        self.last_rates = (0.0, 0.0)  # (plain, chosen) expected tokens/s of the last decide, for metrics
+
+    def tracker(self, rid: str) -> AcceptanceTracker:
+        if rid not in self.trackers:
+            self.trackers[rid] = AcceptanceTracker(self.overall.alpha, prior_weight=4.0, decay=self.decay)
+        return self.trackers[rid]
+
+    def forget(self, rid: str) -> None:
+        self.trackers.pop(rid, None)
+
+    def observe(self, rid: str, plan: Plan, drafted_levels: int, accepted: int,
+                accepted_by: list[tuple[str, ...]] | None = None, drafted_nodes: int | None = None) -> None:
+        """After verification: the tree had `drafted_levels` levels (`drafted_nodes` nodes), `accepted` drafted
+        tokens were accepted (not counting the target's own correction/bonus token), and accepted_by lists, per
+        accepted token, the drafters that proposed it."""
+        levels = drafted_levels if plan.k > 0 else 0
+        self.tracker(rid).observe(levels, accepted, plan.drafters, accepted_by, drafted_nodes)
+        self.overall.observe(levels, accepted, [], None)
+
+    def decide(self, requests: list[str], extra_verify_tokens: int = 0,
+               max_k: Mapping[str, int] | None = None) -> dict[str, Plan]:
+        """Plans for one batch round.
+
+        extra_verify_tokens: other work in the same verifier forward (prefill chunks, requests decoded elsewhere),
+        valued at one token each, so a busy verifier makes every drafted token dearer and k shrinks (valued at
+        zero, a big sunk forward would make drafts look free). max_k: per-request caps (e.g. tokens left before
+        max_new_tokens, minus one for the target's own token).
+        """
+        # Costs are planned for the routed drafters; exploration rounds add the others on top (their price is
+        # the exploration's cost, and planning with it would switch speculation off before anyone is ranked).
+        drafters_of = {rid: self.tracker(rid).routed_drafters(self.drafters, self.keep_share) for rid in requests}
+        used = {name for names in drafters_of.values() for name in names}
+        candidates = []
+        for rid in requests:
+            cap = self.k_max if max_k is None else max(0, min(self.k_max, max_k.get(rid, self.k_max)))
+            tracker = self.trackers[rid]
+            width = tracker.width or min(len(drafters_of[rid]), self.max_width)
+            candidates.append(_Candidate(rid, tracker.alpha, max(width, 1.0), cap))
+
+        batch_tokens = len(requests) + extra_verify_tokens
+        plain_rate = batch_tokens / self.cost.verify_time(batch_tokens) if requests else 0.0
+        best_rate, best_ks = plain_rate, {c.rid: 0 for c in candidates}
+        n_drafters = len(used)
+        for depth in range(1, max((c.cap for c in candidates), default=0) + 1):
+            rate, ks = self._best_for_depth(candidates, depth, n_drafters, extra_verify_tokens, plain_rate)
+            if rate > best_rate * (1.0 if any(best_ks.values()) else self.min_gain):
+                best_rate, best_ks = rate, ks
+        self.last_rates = (plain_rate, best_rate)
+
+        plans = {}
+        for c in candidates:
+            k, probe = best_ks[c.rid], False
+            if k == 0 and c.cap > 0 and self.trackers[c.rid].rounds_without_draft >= self.probe_every:
+                k, probe = min(self.probe_k, c.cap), True
+            names = drafters_of[c.rid]
+            if self.trackers[c.rid].exploring(self.drafters, self.explore_every):
+                names = list(self.drafters)
+            plans[c.rid] = Plan(k, names if k > 0 else [], probe)
+        return plans
+
+    def _best_for_depth(self, candidates: list[_Candidate], depth: int, n_drafters: int, extra_tokens: int,
+                        rate: float) -> tuple[float, dict[str, int]]:
+        """Dinkelbach: maximise tokens(ks) / seconds(ks) with every k_i <= depth, starting from `rate`."""
+        verify_per_token = self.cost.verify_seconds_per_token()
+        # Only the per-request part of drafting separates per request; the fixed part is paid once per round.
+        draft_per_request = self.cost.draft_seconds_per_request(n_drafters, depth)
+        best_rate, best_ks = 0.0, {c.rid: 0 for c in candidates}
+        for _ in range(32):
+            ks = {c.rid: self._best_k(c, depth, rate, verify_per_token, draft_per_request) for c in candidates}
+            speculating = sum(1 for k in ks.values() if k > 0)
+            if not speculating:
+                break
+            tokens = extra_tokens + sum(expected_tokens(c.alpha, ks[c.rid]) for c in candidates)
+            verified = extra_tokens + len(candidates) + sum(ks[c.rid] * c.width for c in candidates)
+            seconds = self.cost.draft_time(speculating, n_drafters, depth) + self.cost.verify_time(verified)
+            new_rate = tokens / seconds
+            if new_rate > best_rate:
+                best_rate, best_ks = new_rate, ks
+            if new_rate <= rate * (1 + 1e-9):
+                break
+            rate = new_rate
+        return best_rate, best_ks
+
+    @staticmethod
+    def _best_k(c: _Candidate, depth: int, rate: float, verify_per_token: float, draft_per_request: float) -> int:
+        """argmax over k in {0} and 1..min(depth, cap) of E(alpha, k) - rate * (marginal seconds of k)."""
+        top = min(depth, c.cap)
+        if top <= 0:
+            return 0
+        # Level j adds alpha^j expected tokens and width * verify_per_token seconds: worth it while
+        # alpha^j >= threshold, so the best k >= 1 is the largest such j (at least 1).
+        threshold = rate * verify_per_token * c.width
+        if c.alpha >= 1.0:
+            k = top if threshold <= 1.0 else 1
+        elif c.alpha <= 0.0 or threshold >= 1.0:
+            k = 1
+        elif threshold <= 0.0:
+            k = top
+        else:
+            k = min(top, max(1, math.floor(math.log(threshold) / math.log(c.alpha) + 1e-9)))
+        gain = expected_tokens(c.alpha, k) - rate * (verify_per_token * c.width * k + draft_per_request)
+        return k if gain > 1.0 else 0

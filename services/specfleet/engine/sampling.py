@@ -1,0 +1,77 @@
+"""Sampling parameters and the target's sampling distribution, warped exactly as Hugging Face `generate` does
+(temperature, then top-k, then top-p), so that lossless speculative sampling reproduces plain sampling."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy decoding; top_p 1.0 and top_k 0 switch those filters off; seed None means a
+    fresh random seed."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        """Raises ValueError, saying what to fix, on parameters that define no distribution."""
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or math.isinf(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 switches top-p off), got {p!r}")
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 switches top-k off), got {k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None (None draws a fresh seed), got {self.seed!r}")
+
+
+def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[..., V] logits -> [..., V] float32 probabilities the target samples from under `params`.
+
+    Same operations, in the same order, as transformers' TemperatureLogitsWarper, TopKLogitsWarper and
+    TopPLogitsWarper (min_tokens_to_keep=1) followed by a softmax: top-k keeps every token tied with the k-th
+    largest logit, and top-p drops the smallest tokens whose cumulative probability stays <= 1 - top_p. Greedy
+    params (temperature 0) give the one-hot of the argmax (the first one on ties), which acceptance then follows
+    exactly.
+    """
+    params.validate()
+    scores = logits.float()  # [..., V]
+    if params.greedy:
+        return torch.nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).float()
+    if params.temperature != 1.0:
+        scores = scores / params.temperature
+    vocab = scores.shape[-1]
+    if params.top_k:
+        kth_largest = torch.topk(scores, min(params.top_k, vocab))[0][..., -1:]  # [..., 1]
+        scores = scores.masked_fill(scores < kth_largest, -math.inf)
+    if params.top_p < 1.0:
+        sorted_scores, sorted_index = torch.sort(scores, descending=False)  # [..., V] ascending
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        sorted_remove = cumulative <= (1 - params.top_p)
+        sorted_remove[..., -1:] = False  # keep at least one token
+        remove = sorted_remove.scatter(-1, sorted_index, sorted_remove)
+        scores = scores.masked_fill(remove, -math.inf)
+    return scores.softmax(-1)
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator: seeded for reproducible sampling, or from fresh entropy when seed is None."""
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator

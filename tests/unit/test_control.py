@@ -1,0 +1,271 @@
+"""Adaptive speculation control: cost model fits, the acceptance estimator, and the controller's choices of draft
+length and drafters (including a brute-force check that it finds the best batch plan)."""
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specfleet.engine.control import (
+    AcceptanceTracker,
+    CostModel,
+    Plan,
+    SpeculationController,
+    expected_tokens,
+)
+
+CHEAP_DRAFTS = CostModel(draft_prior=(1e-3, 1e-5), verify_prior=(2e-2, 1e-4))
+
+
+def controller(alpha: float = 0.6, cost: CostModel | None = None, drafters=("a",), **options):
+    return SpeculationController(list(drafters), cost=cost or CHEAP_DRAFTS, alpha_prior=alpha, **options)
+
+
+def with_alpha(ctl: SpeculationController, rids, alpha: float) -> None:
+    for rid in rids:
+        ctl.trackers[rid] = AcceptanceTracker(alpha_prior=alpha, prior_weight=1e6)  # pinned alpha
+
+
+def k_of(ctl, rids, **kwargs) -> int:
+    return ctl.decide(rids, **kwargs)[rids[0]].k
+
+
+# --- expected tokens and the cost model -----------------------------------------------------------------------
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(0.8, 0) == 1.0
+
+
+def test_cost_model_priors_are_sane():
+    cost = CostModel()
+    assert 0 < cost.draft_time(1, 1, 1) < cost.verify_time(1)
+    assert cost.verify_time(100) > cost.verify_time(1) > 0
+    assert cost.draft_time(8, 2, 4) == pytest.approx(2 * 4 * cost.draft_time(8, 1, 1))
+    assert cost.draft_time(0, 1, 4) == cost.draft_time(4, 1, 0) == cost.verify_time(0) == 0.0
+
+
+def test_cost_model_converges_to_a_linear_function():
+    cost = CostModel()
+    for tokens in [1, 7, 33, 64, 100, 250, 3, 512]:
+        cost.observe_verify(tokens, 0.015 + 3e-5 * tokens)
+    for batch in [1, 2, 4, 8, 16, 32]:
+        cost.observe_draft(batch, drafters=3, steps=5, seconds=3 * 5 * (0.004 + 2e-4 * batch))
+    assert cost.verify.intercept == pytest.approx(0.015) and cost.verify.slope == pytest.approx(3e-5)
+    assert cost.verify_time(1000) == pytest.approx(0.015 + 0.03)
+    assert cost.draft_time(10, 2, 4) == pytest.approx(2 * 4 * (0.004 + 2e-3))
+
+
+def test_cost_model_with_one_batch_size_scales_the_prior_and_forgets_old_points():
+    cost = CostModel(verify_prior=(0.02, 2e-4), window=4)
+    cost.observe_verify(10, 0.044)  # the prior says 0.022 at 10 tokens: everything twice as slow
+    assert cost.verify_time(10) == pytest.approx(0.044)
+    assert cost.verify.slope == pytest.approx(4e-4)
+    for tokens in [10, 20, 30, 40]:  # the window holds only these
+        cost.observe_verify(tokens, 0.01 + 1e-3 * tokens)
+    assert cost.verify_time(0.5) == pytest.approx(0.0105)
+
+
+def test_parallel_drafters_cost_one_drafter():
+    cost = CostModel(draft_prior=(1e-3, 0.0), parallel_drafters=True)
+    assert cost.draft_time(4, 3, 2) == pytest.approx(2e-3)
+    cost.observe_draft(4, drafters=3, steps=2, seconds=0.01)
+    assert cost.draft_time(4, 1, 2) == pytest.approx(0.01)
+
+
+# --- the acceptance tracker -----------------------------------------------------------------------------------
+
+
+def test_alpha_estimator_is_the_truncated_geometric_mle():
+    tracker = AcceptanceTracker(alpha_prior=0.5, prior_weight=2.0, decay=1.0)  # decay 1: plain sums
+    for drafted, accepted in [(4, 4), (4, 1), (4, 0), (2, 2)]:
+        tracker.observe(drafted, accepted, ["a"], None)
+    # accepted positions 1 + 4 + 1 + 0 + 2 = 8 (prior 1), positions seen 2 + 4 + 2 + 1 + 2 = 11 (prior 2)
+    assert tracker.alpha == pytest.approx(8 / 11)
+
+
+def test_alpha_follows_recent_rounds():
+    tracker = AcceptanceTracker()
+    for _ in range(30):
+        tracker.observe(6, 6, ["a"], None)
+    assert tracker.alpha > 0.99
+    for _ in range(30):
+        tracker.observe(6, 0, ["a"], None)
+    assert tracker.alpha < 0.01
+    tracker.observe(0, 0, ["a"], None)  # drafted nothing: no evidence
+    assert tracker.alpha < 0.01 and tracker.rounds_without_draft == 1
+
+
+# --- the controller: draft length ------------------------------------------------------------------------------
+
+
+def test_high_alpha_and_cheap_drafts_speculate_deep():
+    ctl = controller(k_max=8)
+    rid = "r"
+    for _ in range(20):
+        plan = ctl.decide([rid])[rid]
+        ctl.observe(rid, plan, plan.k, plan.k, ["a"] * plan.k)
+    plan = ctl.decide([rid])[rid]
+    assert plan.k >= 7 and plan.drafters == ["a"]
+    assert ctl.last_rates[1] > 2 * ctl.last_rates[0]
+
+
+def test_hopeless_drafts_switch_off_and_probe_later():
+    ctl = controller(probe_every=5, probe_k=2)
+    rid = "r"
+    for _ in range(40):  # every draft rejected: alpha falls until speculation switches off
+        plan = ctl.decide([rid])[rid]
+        if plan.k == 0:
+            break
+        ctl.observe(rid, plan, plan.k, 0, [])
+    assert plan.k == 0 and ctl.tracker(rid).alpha < 0.2
+    plans = []
+    for _ in range(12):
+        plan = ctl.decide([rid])[rid]
+        plans.append(plan)
+        ctl.observe(rid, plan, plan.k, 0, [])
+    assert [p.k for p in plans[:5]] == [0] * 5 and plans[0] == Plan(0, [])
+    assert plans[5] == Plan(2, ["a"], probe=True)  # probe after probe_every rounds off
+    assert [p.k for p in plans[6:11]] == [0] * 5 and plans[11].probe  # failed probe: off again, probe again
+
+
+def test_a_successful_probe_turns_speculation_back_on():
+    ctl = controller(probe_every=3, probe_k=2)
+    ctl.trackers["r"] = AcceptanceTracker(alpha_prior=0.0)  # not pinned: real observations can move it
+    for _ in range(3):
+        plan = ctl.decide(["r"])["r"]
+        assert plan.k == 0
+        ctl.observe("r", plan, 0, 0)
+    resumed = []
+    for _ in range(6):
+        plan = ctl.decide(["r"])["r"]
+        resumed.append(plan.k)
+        ctl.observe("r", plan, plan.k, plan.k, ["a"] * plan.k)  # the draft is now always right
+    assert resumed[0] == 2 and resumed[-1] > 2
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8, 0.95, 0.999])
+def test_expensive_drafts_are_never_used(alpha):
+    ctl = controller(cost=CostModel(draft_prior=(2e-2, 1e-4), verify_prior=(2e-2, 1e-4)))
+    with_alpha(ctl, ["r"], alpha)
+    assert ctl.decide(["r"]) == {"r": Plan(0, [])}
+    assert ctl.last_rates[1] == ctl.last_rates[0]
+
+
+def test_k_does_not_grow_with_batch_or_verifier_load_and_grows_with_alpha():
+    for alpha in [0.3, 0.6, 0.8, 0.95]:
+        ks = []
+        for batch in [1, 4, 16, 64, 256]:
+            ctl = controller()
+            rids = [f"r{i}" for i in range(batch)]
+            with_alpha(ctl, rids, alpha)
+            ks.append(k_of(ctl, rids))
+        assert ks == sorted(ks, reverse=True) and ks[0] > ks[-1], (alpha, ks)
+        ctl = controller()
+        with_alpha(ctl, ["r"], alpha)
+        loaded = [k_of(ctl, ["r"], extra_verify_tokens=extra) for extra in [0, 50, 200, 1000]]
+        assert loaded == sorted(loaded, reverse=True), (alpha, loaded)
+    by_alpha = []
+    for alpha in [0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.99]:
+        ctl = controller()
+        with_alpha(ctl, ["r"], alpha)
+        by_alpha.append(k_of(ctl, ["r"]))
+    assert by_alpha == sorted(by_alpha) and by_alpha[0] == 0 and by_alpha[-1] == ctl.k_max
+
+
+def test_per_request_caps_and_empty_batches():
+    ctl = controller()
+    with_alpha(ctl, ["a", "b", "c"], 0.95)
+    plans = ctl.decide(["a", "b", "c"], max_k={"a": 2, "b": 0})
+    assert plans["a"].k == 2 and plans["b"] == Plan(0, []) and plans["c"].k > 2
+    assert ctl.decide([]) == {}
+
+
+@settings(max_examples=60, deadline=None)
+@given(alphas=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=3),
+       draft=st.tuples(st.floats(0.0, 0.02), st.floats(0.0, 1e-3)),
+       verify=st.tuples(st.floats(1e-3, 0.05), st.floats(0.0, 2e-3)),
+       extra=st.integers(0, 100))
+def test_controller_finds_the_best_batch_plan(alphas, draft, verify, extra):
+    k_max = 4
+    cost = CostModel(draft_prior=draft, verify_prior=verify)
+    ctl = SpeculationController(["a"], k_max=k_max, cost=cost, min_gain=1.0)
+    rids = [f"r{i}" for i in range(len(alphas))]
+    for rid, alpha in zip(rids, alphas, strict=True):
+        with_alpha(ctl, [rid], alpha)
+    alphas = [ctl.trackers[rid].alpha for rid in rids]
+
+    def rate(ks):  # the extra tokens are other useful work in the same forward
+        speculating = sum(1 for k in ks if k)
+        seconds = cost.draft_time(speculating, 1, max(ks)) + cost.verify_time(len(ks) + extra + sum(ks))
+        return (extra + sum(expected_tokens(a, k) for a, k in zip(alphas, ks, strict=True))) / seconds
+
+    plans = ctl.decide(rids, extra_verify_tokens=extra)
+    chosen = rate([plans[rid].k for rid in rids])
+    best = max(rate(ks) for ks in itertools.product(range(k_max + 1), repeat=len(rids)))
+    assert chosen >= best * (1 - 1e-6)
+    assert chosen >= rate([0] * len(rids)) * (1 - 1e-9)  # never slower than plain decoding
+    assert ctl.last_rates[1] == pytest.approx(chosen)
+
+
+def test_decisions_are_deterministic():
+    def run():
+        ctl = controller(drafters=("a", "b", "c"))
+        history = []
+        for step in range(40):
+            plans = ctl.decide(["x", "y"], extra_verify_tokens=step % 7)
+            history.append(plans)
+            for rid, plan in plans.items():
+                accepted = min(plan.k, (step * 3 + len(rid)) % 5)
+                ctl.observe(rid, plan, plan.k, accepted, plan.drafters[:1] * accepted)
+        return history
+
+    assert run() == run()
+
+
+# --- the controller: drafters ------------------------------------------------------------------------------------
+
+
+def test_routing_keeps_the_best_drafter_and_explores_the_others():
+    ctl = controller(alpha=0.95, drafters=("a", "b", "c"), explore_every=4)
+    with_alpha(ctl, ["r"], 0.95)
+    chosen = []
+    for _ in range(40):
+        plan = ctl.decide(["r"])["r"]
+        chosen.append(plan.drafters)
+        # a proposes every accepted token; c agrees with a; b never helps
+        credit = [("a", "c") if "c" in plan.drafters else ("a",)] * plan.k
+        ctl.observe("r", plan, plan.k, plan.k, credit)
+    assert chosen[0] == chosen[1] == ["a", "b", "c"]  # warm-up rounds fuse everyone
+    late = chosen[20:]
+    assert ["a"] in late  # c only agrees with a: no unique contribution, not worth a step
+    assert all("a" in names for names in late)
+    explored = [names for names in late if len(names) == 3]
+    assert explored and len(explored) <= len(late) // 4 + 1  # everyone re-fused now and then, not kept
+
+
+def test_a_drafter_with_unique_accepted_tokens_is_kept_beside_the_best():
+    tracker = AcceptanceTracker()
+    for _ in range(10):
+        tracker.observe(4, 4, ["a", "b"], [("a",)] * 3 + [("b",)])  # b alone carries a quarter of the tokens
+    assert tracker.active_drafters(["a", "b"], keep_share=0.2, explore_every=0) == ["a", "b"]
+    for _ in range(20):
+        tracker.observe(4, 4, ["a", "b"], [("a", "b")] * 4)  # b only agrees now
+    assert tracker.active_drafters(["a", "b"], keep_share=0.2, explore_every=0) == ["a"]
+    nobody = AcceptanceTracker()
+    for _ in range(20):
+        nobody.observe(4, 2, ["a", "b"], None)
+    assert nobody.active_drafters(["a", "b"], keep_share=0.2, explore_every=0) == ["a", "b"]  # no evidence yet
+
+
+def test_forget_drops_the_request_state():
+    ctl = controller()
+    plan = ctl.decide(["r"])["r"]
+    ctl.observe("r", plan, plan.k, 0, [])
+    ctl.forget("r")
+    ctl.forget("never-seen")
+    assert "r" not in ctl.trackers

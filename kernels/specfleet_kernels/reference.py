@@ -156,3 +156,49 @@ def sampled_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, target_prob
             return path, int(torch.multinomial(residual, 1, generator=generator))
         path.append(accepted)
         node = accepted
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def position_uniform(seed: int, position: int) -> float:
+    """The uniform in [0, 1) that draws a sampled request's token at output `position`: output `position + 1` of
+    SplitMix64 seeded with `seed`, so it depends on nothing else (not the draft, k, batch or timing)."""
+    base = _splitmix64(seed & _MASK64)
+    return (_splitmix64((base + position * 0x9E3779B97F4A7C15) & _MASK64) >> 11) * 2.0 ** -53
+
+
+def position_keyed_accept(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor, seed: int,
+                          start: int) -> tuple[list[int], int]:
+    """Lossless, reproducible acceptance of a deterministic draft tree (draft_probs None).
+
+    The token at output position start + d is the target's own sample there: inverse CDF of target_probs at the
+    current node with position_uniform(seed, start + d). A child holding that token is accepted and the walk goes
+    on below it; otherwise the sample is the round's next token. This is ancestral sampling from the target with
+    one uniform per position, so the output is a function of (seed, target) only: equal seeds give equal text for
+    every proposer, batch size and speculation plan. It accepts as often as SpecInfer's sequential rejection does
+    for one-hot drafts (sampled_tree_accept): a child with token t is taken with probability p[t].
+    target_probs [n + 1, V] as in sampled_tree_accept. Returns (accepted node indices in path order, next token).
+    """
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents.tolist()):
+        children.setdefault(p, []).append(i)
+    toks = tokens.tolist()
+    path, node = [], -1
+    while True:
+        row = target_probs[node + 1].to("cpu", torch.float64)  # [V]
+        cdf = row.cumsum(0)
+        u = torch.tensor([position_uniform(seed, start + len(path)) * float(cdf[-1])], dtype=torch.float64)
+        token = min(int(torch.searchsorted(cdf, u, right=True)[0]), int(row.nonzero()[-1]))  # never a zero-mass token
+        child = next((c for c in children.get(node, ()) if toks[c] == token), None)
+        if child is None:
+            return path, token
+        path.append(child)
+        node = child

@@ -206,6 +206,21 @@ def cmd_models_card(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bench
+
+def cmd_bench_engine(args) -> int:
+    from specfleet.bench.engine_bench import format_table, run
+
+    try:
+        report = run(args.models, args.prompts, args.max_new_tokens, args.limit, args.output,
+                     batches=tuple(args.batches))
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
+    print(format_table(report))
+    print(f"\nwrote {args.output} and {args.output.with_suffix('.png')}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def _engine_options(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
@@ -288,6 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafters", nargs="+", default=None, choices=DRAFTER_NAMES,
                    help="only these drafters (default: all four)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="benchmarks that print and write JSON (ratios measured side by side)")
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    b = bsub.add_parser("engine", formatter_class=fmt,
+                        help="tokens/s of HF generate / assisted / prompt lookup vs specfleet's proposers",
+                        description="Measures, in one run on the same held-out prompts: hf-greedy, hf-assisted "
+                                    "(the prompt's domain drafter), hf-prompt-lookup, specfleet-none/model/suffix/"
+                                    "fused at batch 1, greedy and sampled (T=0.8, top-p 0.95), and a batch sweep "
+                                    "of specfleet-fused against plain batched decoding. Writes JSON and a PNG plot.")
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    b.add_argument("--prompts", type=Path, default=None,
+                   help="JSONL with \"prompt\" (and \"domain\") per line (default: the held-out set in "
+                        "specfleet/bench/prompts.py)")
+    b.add_argument("--limit", type=_positive_int, default=24, help="prompts used (round-robin over domains)")
+    b.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens per prompt")
+    b.add_argument("--batches", type=_positive_int, nargs="+", default=[1, 4, 16], help="batch sweep")
+    b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "engine.json", help="JSON result (+ .png)")
+    b.set_defaults(func=cmd_bench_engine)
 
     p = sub.add_parser("models", help="measure the bundled models and regenerate their model card")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)

@@ -96,8 +96,9 @@ def run_jsonl(engine, tokenizer, input_path: Path, output_path: Path, max_new_to
 class StreamPrinter:
     """Prints a request's text as tokens arrive, holding back bytes that do not yet form whole characters."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None):
+        # sys.stdout as it is now, not at import: redirected or captured output must get the stream too
+        self.tokenizer, self.out = tokenizer, sys.stdout if out is None else out
         self.ids: list[int] = []
         self.printed = 0
 

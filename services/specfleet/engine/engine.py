@@ -12,11 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from specfleet.engine.control import Plan
-from specfleet.engine.llama import NEG, LlamaRunner, causal_bias
 from specfleet.engine.proposers import Draft, Proposer
-from specfleet.engine.sampling import SamplingParams, make_generator, warp_probs
-from specfleet.engine.tree import TokenTree
-from specfleet_kernels.reference import greedy_accept, sampled_tree_accept, tree_ancestor_mask, tree_depths
+from specfleet.engine.sampling import SamplingParams, make_generator
+from specfleet.engine.verify import TargetVerifier, VerifyItem
 
 
 @dataclass
@@ -39,10 +37,9 @@ class Result:
 @dataclass
 class _Live:
     req: Request
-    slot: int
-    cached: int  # KV columns committed in the target's slot: every context token but the last (pending)
     tokens: list[int]  # prompt + committed output
     generator: torch.Generator | None
+    seed: int | None = None  # sampled requests: keys each output position's uniform (position_uniform)
     output: list[int] = field(default_factory=list)
     stats: dict = field(default_factory=lambda: {"rounds": 0, "draft_tokens": 0, "accepted_tokens": 0})
     finish_reason: str | None = None
@@ -73,12 +70,13 @@ class FixedK:
 class SpecEngine:
     def __init__(self, target, proposer: Proposer, *, max_batch: int = 8, k: int = 4, policy=None,
                  eos_token_id: int | None = None):
-        self.runner = LlamaRunner(target, slots=max_batch)
+        self.target = TargetVerifier(target, slots=max_batch)
+        self.runner = self.target.runner
         self.proposer = proposer
         self.max_batch = max_batch
         self.policy = policy or FixedK(k)
         self.eos_token_id = target.config.eos_token_id if eos_token_id is None else eos_token_id
-        self.max_positions = self.runner.max_positions
+        self.max_positions = self.target.max_positions
         self.timings = {"draft_s": 0.0, "verify_s": 0.0, "prefill_s": 0.0}
 
     # ------------------------------------------------------------------ public
@@ -130,7 +128,7 @@ class SpecEngine:
         results: dict[str, Result] = {}
         while queue or live:
             while queue and len(live) < self.max_batch:
-                live.append(self._admit(queue.popleft(), slot=len(live)))
+                live.append(self._admit(queue.popleft()))
             self.step(live, on_tokens)
             for lv in [lv for lv in live if lv.finish_reason]:
                 res = self._retire(live, lv)
@@ -141,28 +139,20 @@ class SpecEngine:
 
     # ------------------------------------------------------------------ internals
 
-    def _admit(self, req: Request, slot: int) -> _Live:
+    def _admit(self, req: Request) -> _Live:
         t0 = time.perf_counter()
-        prompt = req.prompt_ids
-        if len(prompt) > 1:  # KV for all but the last prompt token, which is fed with the first tree
-            n = len(prompt) - 1
-            cols = torch.arange(n)[None]
-            self.runner.forward(torch.tensor([prompt[:-1]]), cols, cols, causal_bias([0], [n], n),
-                                logits_at=torch.tensor([[n - 1]]), slots=torch.tensor([slot]))
-        self.proposer.start(req.rid, list(prompt))
+        self.target.sync(req.rid, req.prompt_ids)  # KV for all but the last prompt token, fed with the first tree
+        self.proposer.start(req.rid, list(req.prompt_ids))
         self.timings["prefill_s"] += time.perf_counter() - t0
         gen = None if req.params.greedy else make_generator(req.params.seed)
-        return _Live(req=req, slot=slot, cached=len(prompt) - 1, tokens=list(prompt), generator=gen)
+        seed = None if gen is None else gen.initial_seed() if req.params.seed is None else req.params.seed
+        return _Live(req=req, tokens=list(req.prompt_ids), generator=gen, seed=seed)
 
     def _retire(self, live: list[_Live], lv: _Live) -> Result:
         self.proposer.stop(lv.req.rid, list(lv.output))
         self.policy.forget(lv.req.rid)
-        last = live[-1]
-        if last is not lv:  # keep live slots packed at 0..B-1: the last one moves into the hole
-            self.runner.move_slot(last.slot, lv.slot, last.cached)
-            last.slot = lv.slot
-            live[live.index(lv)] = last
-        live.pop()
+        self.target.release(lv.req.rid)
+        live.remove(lv)
         stats = dict(lv.stats)
         stats["accepted_per_round"] = stats["accepted_tokens"] / max(1, stats["rounds"])
         return Result(lv.req.rid, lv.output, lv.finish_reason, stats)
@@ -175,7 +165,8 @@ class SpecEngine:
         t0 = time.perf_counter()
         trees = self.proposer.propose(drafts)
         t1 = time.perf_counter()
-        logits = self._verify(live, trees)  # [B, T, V]
+        verdicts = self.target.verify([VerifyItem(lv.req.rid, lv.tokens, tree, lv.req.params, len(lv.output),
+                                                  lv.seed, lv.generator) for lv, tree in zip(live, trees, strict=True)])
         t2 = time.perf_counter()
         self.timings["draft_s"] += t1 - t0
         self.timings["verify_s"] += t2 - t1
@@ -185,23 +176,13 @@ class SpecEngine:
                 used = {n for d in drafting for n in (d.drafters or ())} or {self.proposer.name}
                 self.policy.cost.observe_draft(len(drafting), len(used), max(d.k for d in drafting), t1 - t0)
             self.policy.cost.observe_verify(sum(len(t) + 1 for t in trees), t2 - t1)
-        for b, (lv, tree) in enumerate(zip(live, trees, strict=True)):
-            n = len(tree)
-            if lv.req.params.greedy:
-                path, nxt = greedy_accept(tree.tokens, tree.parents, logits[b, :n + 1].argmax(-1))
-            else:
-                probs = warp_probs(logits[b, :n + 1], lv.req.params)  # [n + 1, V]
-                path, nxt = sampled_tree_accept(tree.tokens, tree.parents, probs, tree.draft_probs, lv.generator)
-            # KV of the pending token stays at column `cached`; the accepted nodes' KV moves right after it
-            self.runner.keep(lv.slot, lv.cached + 1, lv.cached + 1 + torch.tensor(path, dtype=torch.long))
-            new = tree.tokens[path].tolist() + [nxt]
-            lv.cached += 1 + len(path)
+        for lv, tree, verdict in zip(live, trees, verdicts, strict=True):
             lv.stats["rounds"] += 1
-            lv.stats["draft_tokens"] += n
-            lv.stats["accepted_tokens"] += len(path)
-            credited = [tree.origins[i] for i in path] if tree.origins is not None else None
-            self.policy.observe(lv.req.rid, plans[lv.req.rid], tree.max_depth, len(path), credited, n)
-            self._commit(lv, new, on_tokens)
+            lv.stats["draft_tokens"] += len(tree)
+            lv.stats["accepted_tokens"] += len(verdict.path)
+            credited = [tree.origins[i] for i in verdict.path] if tree.origins is not None else None
+            self.policy.observe(lv.req.rid, plans[lv.req.rid], tree.max_depth, len(verdict.path), credited, len(tree))
+            self._commit(lv, verdict.tokens, on_tokens)
 
     def _commit(self, lv: _Live, new: list[int], on_tokens) -> None:
         new = new[:lv.remaining]
@@ -214,25 +195,3 @@ class SpecEngine:
             lv.finish_reason = "length"
         if on_tokens and new:
             on_tokens(lv.req.rid, new)
-
-    def _verify(self, live: list[_Live], trees: list[TokenTree]) -> torch.Tensor:
-        """One target forward over every request's pending token + tree; returns logits [B, T, V]."""
-        b = len(live)
-        t = 1 + max(len(tr) for tr in trees)
-        width = max(lv.cached for lv in live) + t
-        tokens = torch.zeros(b, t, dtype=torch.long)
-        positions = torch.zeros(b, t, dtype=torch.long)
-        bias = torch.full((b, 1, t, width), NEG)
-        cols = torch.tensor([lv.cached for lv in live])[:, None] + torch.arange(t)[None]  # [B, T]
-        for r, (lv, tree) in enumerate(zip(live, trees, strict=True)):
-            n = len(tree) + 1
-            # node 0 is the pending token; draft roots hang off it
-            parents = torch.cat([torch.tensor([-1]), torch.where(tree.parents < 0, 0, tree.parents + 1)])
-            tokens[r, 0] = lv.tokens[-1]
-            tokens[r, 1:n] = tree.tokens
-            positions[r, :n] = lv.cached + tree_depths(parents)
-            positions[r, n:] = lv.cached
-            bias[r, 0, :n, :lv.cached] = 0.0
-            bias[r, 0, :n, lv.cached:lv.cached + n] = torch.where(tree_ancestor_mask(parents), 0.0, NEG)
-            bias[r, 0, n:, 0] = 0.0  # padding rows see one column (never an all-hidden row)
-        return self.runner.forward(tokens, positions, cols, bias)

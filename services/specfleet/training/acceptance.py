@@ -46,10 +46,10 @@ def greedy_continuation(model, prompts: torch.Tensor, new_tokens: int) -> torch.
     return torch.cat(tokens, dim=1)
 
 
-def distinct_n(rows: torch.Tensor, n: int = 4) -> float:
+def distinct_n(rows: torch.Tensor | list[list[int]], n: int = 4) -> float:
     """Share of distinct n-grams among all n-grams of each row, pooled: near 0 for text that loops."""
     total, distinct = 0, 0
-    for row in rows.tolist():
+    for row in rows.tolist() if isinstance(rows, torch.Tensor) else rows:
         grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
         total += len(grams)
         distinct += len(set(grams))

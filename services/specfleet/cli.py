@@ -90,6 +90,13 @@ def cmd_generate(args) -> int:
         sys.exit("error: give either --prompt TEXT (streams to the terminal) or --input FILE.jsonl with --output")
     if args.input is not None and args.output is None:
         sys.exit("error: --input needs --output FILE.jsonl for the results")
+    if args.input is not None:
+        from specfleet.generation import read_jsonl
+
+        try:
+            read_jsonl(args.input)  # fail on a bad file before loading any model
+        except InputError as exc:
+            sys.exit(f"error: {exc}")
     engine, tok = _engine(args, args.batch_size if args.input else 1)
     try:
         if args.prompt is not None:

@@ -17,7 +17,7 @@ class InputError(ValueError):
 
 
 def read_jsonl(path: Path) -> list[tuple[object, str]]:
-    """[(id, prompt)] from lines {"id": ..., "prompt": "..."}; id defaults to the line number (from 0)."""
+    """[(id, prompt)] from lines {"id": ..., "prompt": "..."}; a missing id is the prompt's index (from 0)."""
     items, seen = [], set()
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()

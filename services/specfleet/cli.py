@@ -329,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "engine.json", help="JSON result (+ .png)")
     b.set_defaults(func=cmd_bench_engine)
 
+    from specfleet.fleet_cli import add_parsers as add_fleet_parsers
+    from specfleet.sdk.cli import add_client_parser
+
+    add_fleet_parsers(sub, fmt, DEFAULT_MODELS)
+    add_client_parser(sub)
+
     p = sub.add_parser("models", help="measure the bundled models and regenerate their model card")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     a = msub.add_parser("acceptance", formatter_class=fmt,

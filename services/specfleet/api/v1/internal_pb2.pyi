@@ -91,23 +91,27 @@ class FuseResponse(_message.Message):
     def __init__(self, tree: _Optional[_Union[TokenTree, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("request_id", "round", "context", "prompt_len", "tree", "sampling")
+    __slots__ = ("request_id", "round", "context", "prompt_len", "tree", "sampling", "max_new_tokens", "ignore_eos")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     round: int
     context: _containers.RepeatedScalarFieldContainer[int]
     prompt_len: int
     tree: TokenTree
     sampling: SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    max_new_tokens: int
+    ignore_eos: bool
+    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("request_id", "round", "token_ids", "accepted", "accepted_nodes", "seconds", "batch")
+    __slots__ = ("request_id", "round", "token_ids", "accepted", "accepted_nodes", "seconds", "batch", "finished", "finish_reason", "replayed")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +119,9 @@ class VerifyResponse(_message.Message):
     ACCEPTED_NODES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     round: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -122,4 +129,7 @@ class VerifyResponse(_message.Message):
     accepted_nodes: _containers.RepeatedScalarFieldContainer[int]
     seconds: float
     batch: int
-    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ..., batch: _Optional[int] = ...) -> None: ...
+    finished: bool
+    finish_reason: str
+    replayed: bool
+    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ..., batch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,74 @@
+"""Drafter servicer: concurrent Draft calls from many requests are drafted together in one batch; per-request
+drafter state (KV cache, suffix tree) lives here and is rebuilt from the context a call carries when missing, so
+any replica can serve any request."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+
+import grpc
+
+from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
+from specfleet.engine.proposers import Draft, Proposer
+from specfleet.server import Batcher
+from specfleet.wire import tree_to_pb
+
+
+class DrafterService(internal_pb2_grpc.DrafterServicer):
+    def __init__(self, proposer: Proposer, pool: str, capacity: int, max_k: int = 16, vocab_size: int = 1 << 31):
+        self.proposer, self.pool, self.capacity = proposer, pool, capacity
+        self.max_k, self.vocab_size = max_k, vocab_size
+        self.recent: OrderedDict[str, None] = OrderedDict()  # rids with state here, least recently used first
+        self.batcher = Batcher(self._draft_batch, max_batch=capacity)
+        self.lock = threading.Lock()  # the proposer is used from the batch thread and from Release
+        self.drafted = 0
+
+    def _draft_batch(self, drafts: list[Draft]):
+        wanted = {d.rid for d in drafts}
+        for d in drafts:
+            self.recent[d.rid] = None
+            self.recent.move_to_end(d.rid)
+        while len(self.recent) > self.capacity:  # evict the least recently used request not in this batch
+            victim = next((r for r in self.recent if r not in wanted), None)
+            if victim is None:
+                break
+            del self.recent[victim]
+            with self.lock:
+                self.proposer.stop(victim, [])
+        start = time.perf_counter()
+        with self.lock:
+            trees = self.proposer.propose(drafts)
+        seconds = time.perf_counter() - start
+        self.drafted += sum(len(t) for t in trees)
+        return [(tree, seconds) for tree in trees]
+
+    async def Draft(self, request: internal_pb2.DraftRequest, context) -> internal_pb2.DraftResponse:
+        drafts = []
+        for item in request.items:
+            if not item.request_id:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "each draft item needs a request_id")
+            if not item.context:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {item.request_id}: empty context")
+            if not 0 <= item.k <= self.max_k:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be in [0, {self.max_k}], got {item.k}")
+            if min(item.context) < 0 or max(item.context) >= self.vocab_size:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"request {item.request_id}: token ids must be in [0, {self.vocab_size})")
+            drafts.append(Draft(item.request_id, list(item.context), item.k))
+        results = await asyncio.gather(*(self.batcher.submit(d) for d in drafts))
+        seconds = max((s for _, s in results), default=0.0)
+        return internal_pb2.DraftResponse(trees=[tree_to_pb(t) for t, _ in results], drafter=self.pool, seconds=seconds)
+
+    async def Release(self, request: internal_pb2.ReleaseRequest, context) -> internal_pb2.ReleaseResponse:
+        self.recent.pop(request.request_id, None)
+
+        def stop():
+            with self.lock:
+                self.proposer.stop(request.request_id, list(request.output))
+
+        await asyncio.to_thread(stop)
+        return internal_pb2.ReleaseResponse()
+

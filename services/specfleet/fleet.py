@@ -1,0 +1,195 @@
+"""Starting the fleet's services: one role per process (`specfleet serve ROLE`), all of them as local processes
+(`specfleet up`), or all in one process on one event loop (`LocalFleet`, for tests and benchmarks). Every service
+listens on 127.0.0.1 unless told otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specfleet.api.v1 import internal_pb2_grpc, router_pb2_grpc
+from specfleet.server import Running, start_server
+
+log = logging.getLogger("specfleet.fleet")
+DRAFTER_POOLS = ("python", "prose", "c", "general")
+MODEL_FREE_POOLS = ("suffix", "ngram")
+
+
+@dataclass
+class ServeOptions:
+    models: Path
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    token: str | None = None  # bearer token (public router) / shared internal token (internal services)
+    slots: int = 32  # concurrent requests with a KV cache per drafter / verifier replica
+    key_prefix: str = "sf"
+
+
+def _load(models: Path, name: str):
+    from specfleet.engine.factory import load_model
+
+    return load_model(models, name)
+
+
+async def start_drafter(pool: str, opts: ServeOptions, port: int = 0) -> tuple[Running, object]:
+    from specfleet.drafter.service import DrafterService
+    from specfleet.engine.factory import build_proposer
+
+    kind = pool if pool in MODEL_FREE_POOLS else "model"
+    names = () if kind != "model" else (pool,)
+    proposer = await asyncio.to_thread(build_proposer, kind, opts.models, names, opts.slots)
+    vocab = 1 << 31
+    if kind == "model":
+        vocab = next(iter(proposer.drafters.values())).runner.vocab_size
+    service = DrafterService(proposer, pool, capacity=opts.slots, vocab_size=vocab)
+    running = await start_server([(internal_pb2_grpc.add_DrafterServicer_to_server, service)],
+                                 ["specfleet.api.v1.Drafter"], opts.host, port, opts.token)
+    return running, service
+
+
+async def start_fusion(opts: ServeOptions, port: int = 0) -> tuple[Running, object]:
+    from specfleet.fusion.service import FusionService
+
+    service = FusionService()
+    running = await start_server([(internal_pb2_grpc.add_FusionServicer_to_server, service)],
+                                 ["specfleet.api.v1.Fusion"], opts.host, port, opts.token)
+    return running, service
+
+
+async def _store(opts: ServeOptions):
+    from specfleet.state import StateStore, connect
+
+    if not opts.redis_url:
+        raise ValueError("the verifier and router need Redis: give --redis-url (or use `specfleet up`, which starts "
+                         "an embedded one)")
+    return StateStore(connect(opts.redis_url), prefix=opts.key_prefix)
+
+
+async def start_verifier(opts: ServeOptions, port: int = 0) -> tuple[Running, object]:
+    from specfleet.verifier.service import VerifierService
+
+    target = await asyncio.to_thread(_load, opts.models, "target")
+    service = VerifierService(target, slots=opts.slots, store=await _store(opts))
+    running = await start_server([(internal_pb2_grpc.add_VerifierServicer_to_server, service)],
+                                 ["specfleet.api.v1.Verifier"], opts.host, port, opts.token)
+    return running, service
+
+
+async def start_router(opts: ServeOptions, config, port: int = 0,
+                       internal_token: str | None = None) -> tuple[Running, object]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from specfleet.router.service import RouterService
+
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(opts.models / "target"))
+    model_cfg = AutoConfig.from_pretrained(str(opts.models / "target"))
+    config.internal_token = internal_token
+    service = RouterService(config, await _store(opts), tokenizer, model_cfg.max_position_embeddings,
+                            model_cfg.vocab_size, model_cfg.eos_token_id)
+    running = await start_server([(router_pb2_grpc.add_RouterServicer_to_server, service)],
+                                 ["specfleet.api.v1.Router"], opts.host, port, opts.token)
+    return running, service
+
+
+@dataclass
+class LocalFleet:
+    """Every role in one process, on one event loop in a background thread: real gRPC servers on loopback."""
+
+    opts: ServeOptions
+    pools: tuple[str, ...] = DRAFTER_POOLS
+    verifiers: int = 1
+    fusion: bool = True
+    k_max: int = 4
+    adaptive: bool = True
+    router_port: int = 0
+    internal_token: str | None = None
+    servers: list[Running] = field(default_factory=list)
+    services: dict[str, object] = field(default_factory=dict)
+    retired: list[Running] = field(default_factory=list)
+    router_address: str = ""
+
+    def __post_init__(self):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="specfleet-fleet", daemon=True)
+
+    def run(self, coro, timeout: float | None = None):
+        """Runs a coroutine on the fleet's loop from another thread and waits for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self) -> LocalFleet:
+        self._thread.start()
+        self.run(self._start())
+        return self
+
+    async def _start(self) -> None:
+        from specfleet.router.service import FleetConfig
+
+        inner = ServeOptions(**{**self.opts.__dict__, "token": self.internal_token})
+        drafters = {}
+        for pool in self.pools:
+            running, service = await start_drafter(pool, inner)
+            self._keep(f"drafter-{pool}", running, service)
+            drafters[pool] = f"127.0.0.1:{running.port}"
+        verifiers = []
+        for i in range(self.verifiers):
+            running, service = await start_verifier(inner)
+            self._keep(f"verifier-{i}", running, service)
+            verifiers.append(f"127.0.0.1:{running.port}")
+        fusion = None
+        if self.fusion and len(self.pools) > 1:
+            running, service = await start_fusion(inner)
+            self._keep("fusion", running, service)
+            fusion = f"127.0.0.1:{running.port}"
+        config = FleetConfig(drafters=drafters, verifiers=verifiers, fusion=fusion, k_max=self.k_max,
+                             adaptive=self.adaptive)
+        running, service = await start_router(self.opts, config, self.router_port, self.internal_token)
+        self._keep("router", running, service)
+        self.router_address = f"127.0.0.1:{running.port}"
+
+    def stop_role(self, name: str, grace: float = 0.5) -> int:
+        """Stops one service (e.g. "drafter-python"); returns its port. Its server object is kept: dropping a
+        stopped grpc.aio server lets its finaliser close a descriptor number a new server may already reuse."""
+        index = list(self.services).index(name)
+        running = self.servers[index]
+        self.run(running.stop(grace))
+        self.retired.append(running)
+        return running.port
+
+    def restart_drafter(self, pool: str) -> None:
+        """Stops the drafter pool's server and starts a fresh one (empty caches) on the same port."""
+        name = f"drafter-{pool}"
+        port = self.stop_role(name)
+        inner = ServeOptions(**{**self.opts.__dict__, "token": self.internal_token})
+        running, service = self.run(start_drafter(pool, inner, port=port))
+        index = list(self.services).index(name)
+        self.servers[index], self.services[name] = running, service
+
+    def _keep(self, name: str, running: Running, service) -> None:
+        self.servers.append(running)
+        self.services[name] = service
+
+    def stop(self, grace: float = 2.0) -> None:
+        async def stop_all():
+            router = self.services.get("router")
+            for running in reversed(self.servers):
+                await running.stop(grace)
+            if router is not None:
+                await router.close()
+            for task in asyncio.all_tasks():  # batchers' loops
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        try:
+            self.run(stop_all(), timeout=grace + 30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> LocalFleet:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

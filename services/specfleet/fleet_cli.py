@@ -1,0 +1,211 @@
+"""`specfleet serve ROLE` (one service in this process) and `specfleet up` (the whole fleet as local processes with
+one log view, an embedded Redis when none is given, and a clean stop on Ctrl-C)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from specfleet.fleet import DRAFTER_POOLS, MODEL_FREE_POOLS, ServeOptions
+
+ROLES = ("router", "drafter", "fusion", "verifier")
+
+
+def _addresses(text: str | None) -> list[str]:
+    return [a.strip() for a in (text or "").split(",") if a.strip()]
+
+
+def _pools(text: str | None) -> dict[str, str]:
+    """`python=127.0.0.1:5001,c=127.0.0.1:5002` -> {"python": "127.0.0.1:5001", ...}."""
+    pools = {}
+    for item in _addresses(text):
+        name, _, address = item.partition("=")
+        if not address:
+            raise ValueError(f"--drafters wants POOL=HOST:PORT items, got {item!r}")
+        pools[name] = address
+    return pools
+
+
+async def _serve(args) -> None:
+    from specfleet import fleet
+
+    opts = ServeOptions(args.models, args.redis_url, args.host, args.token, args.slots, args.key_prefix)
+    if args.role == "drafter":
+        running, _ = await fleet.start_drafter(args.pool, opts, args.port)
+    elif args.role == "fusion":
+        running, _ = await fleet.start_fusion(opts, args.port)
+    elif args.role == "verifier":
+        running, _ = await fleet.start_verifier(opts, args.port)
+    else:
+        from specfleet.router.service import FleetConfig
+
+        config = FleetConfig(drafters=_pools(args.drafters), verifiers=_addresses(args.verifiers),
+                             fusion=args.fusion or None, k_max=args.k)
+        running, _ = await fleet.start_router(opts, config, args.port, args.internal_token)
+    print(f"specfleet {args.role}{' ' + args.pool if args.role == 'drafter' else ''} serving on "
+          f"{args.host}:{running.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop(args.grace)  # readiness flips first, in-flight calls get the grace period
+
+
+def cmd_serve(args) -> int:
+    if args.role == "drafter" and not args.pool:
+        sys.exit(f"error: serve drafter needs --pool (one of {', '.join(DRAFTER_POOLS + MODEL_FREE_POOLS)})")
+    if args.role == "router" and not args.verifiers:
+        sys.exit("error: serve router needs --verifiers HOST:PORT[,HOST:PORT...]")
+    try:
+        asyncio.run(_serve(args))
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        sys.exit(f"error: {exc}")
+    return 0
+
+
+# ---------------------------------------------------------------- up
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _pipe(name: str, stream, out) -> None:
+    for line in iter(stream.readline, ""):
+        out.write(f"{name:>16} | {line}")
+        out.flush()
+
+
+def cmd_up(args) -> int:
+    pools = [p for p in _addresses(args.pools)]
+    unknown = [p for p in pools if p not in DRAFTER_POOLS + MODEL_FREE_POOLS]
+    if unknown:
+        sys.exit(f"error: unknown drafter pool(s) {', '.join(unknown)}; choose from "
+                 f"{', '.join(DRAFTER_POOLS + MODEL_FREE_POOLS)}")
+    embedded = None
+    redis_url = args.redis_url
+    if not redis_url:
+        from specfleet.state import start_embedded_redis
+
+        embedded = start_embedded_redis()
+        redis_url = embedded.url
+        print(f"embedded Redis on {redis_url}", flush=True)
+    internal_token = os.urandom(16).hex()  # internal services accept only the router (and each other)
+    common = ["--models", str(args.models), "--redis-url", redis_url, "--key-prefix", args.key_prefix,
+              "--slots", str(args.slots)]
+    plan: list[tuple[str, list[str], int]] = []
+    drafters = {}
+    for pool in pools:
+        port = _free_port()
+        drafters[pool] = f"127.0.0.1:{port}"
+        plan.append((f"drafter-{pool}", ["drafter", "--pool", pool, "--token", internal_token], port))
+    verifiers = []
+    for i in range(args.verifiers):
+        port = _free_port()
+        verifiers.append(f"127.0.0.1:{port}")
+        plan.append((f"verifier-{i}", ["verifier", "--token", internal_token], port))
+    fusion = ""
+    if len(pools) > 1:
+        port = _free_port()
+        fusion = f"127.0.0.1:{port}"
+        plan.append(("fusion", ["fusion", "--token", internal_token], port))
+    router = ["router", "--drafters", ",".join(f"{p}={a}" for p, a in drafters.items()),
+              "--verifiers", ",".join(verifiers), "--fusion", fusion, "--internal-token", internal_token]
+    if args.token:
+        router += ["--token", args.token]
+    plan.append(("router", router, args.grpc_port))
+    children: list[subprocess.Popen] = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    try:
+        for name, role_args, port in plan:
+            cmd = [sys.executable, "-m", "specfleet.cli", "serve", *role_args, "--port", str(port), *common]
+            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            children.append(child)
+            threading.Thread(target=_pipe, args=(name, child.stdout, sys.stdout), daemon=True).start()
+        from specfleet.server import wait_healthy
+
+        started = time.monotonic()
+        asyncio.run(wait_healthy(f"127.0.0.1:{args.grpc_port}", timeout=args.ready_timeout))
+        print(f"specfleet is up in {time.monotonic() - started:.1f}s: router gRPC on 127.0.0.1:{args.grpc_port} "
+              f"({len(pools)} drafter pools, {args.verifiers} verifier(s)); Ctrl-C stops it.\n"
+              f"  try: specfleet client generate 'def main():' --target 127.0.0.1:{args.grpc_port}", flush=True)
+        if args.exit_when_ready:
+            return 0
+        while all(c.poll() is None for c in children):
+            time.sleep(0.5)
+        failed = [name for (name, _, _), c in zip(plan, children, strict=True) if c.poll() is not None]
+        print(f"error: {', '.join(failed)} exited; stopping the fleet", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
+        print("\nstopping the fleet...", flush=True)
+        return 0
+    except TimeoutError as exc:
+        print(f"error: {exc}; see the logs above", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=args.grace + 10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if embedded is not None:
+            embedded.stop()
+
+
+def add_parsers(sub, fmt, models_default: Path) -> None:
+    p = sub.add_parser("serve", formatter_class=fmt, help="run one fleet service (router, drafter, fusion, verifier)",
+                       description="Runs one specfleet gRPC service in this process until SIGTERM / Ctrl-C, then stops "
+                                   "gracefully (health flips to NOT_SERVING, in-flight calls get --grace seconds).")
+    p.add_argument("role", choices=ROLES)
+    p.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=0, help="listen port (0: any free port, printed at start)")
+    p.add_argument("--models", type=Path, default=models_default, help="folder of bundled models")
+    p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
+                   help="Redis for request state (verifier, router); env SPECFLEET_REDIS_URL")
+    p.add_argument("--key-prefix", default="sf", help="Redis key prefix (one per fleet)")
+    p.add_argument("--token", default=os.environ.get("SPECFLEET_TOKEN"),
+                   help="bearer token callers must send (router: public clients; others: the internal token)")
+    p.add_argument("--internal-token", default=os.environ.get("SPECFLEET_INTERNAL_TOKEN"),
+                   help="router only: the token it sends to internal services")
+    p.add_argument("--pool", help="drafter only: the pool to serve (python, prose, c, general, suffix, ngram)")
+    p.add_argument("--drafters", help="router only: POOL=HOST:PORT,... of the drafter pools")
+    p.add_argument("--verifiers", help="router only: HOST:PORT,... of the verifiers")
+    p.add_argument("--fusion", help="router only: HOST:PORT of the fusion service")
+    p.add_argument("--k", type=int, default=4, help="router only: most draft levels per round")
+    p.add_argument("--slots", type=int, default=32, help="requests with a KV cache per drafter / verifier")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("up", formatter_class=fmt, help="start the whole fleet as local processes",
+                       description="Starts drafter pools, verifier(s), fusion and the router as local processes (and "
+                                   "an embedded Redis unless --redis-url is given), all on 127.0.0.1; ready when the "
+                                   "router's health check answers SERVING; Ctrl-C stops everything.")
+    p.add_argument("--grpc-port", type=int, default=50051, help="the router's gRPC port on 127.0.0.1")
+    p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
+                   help="use this Redis instead of an embedded one")
+    p.add_argument("--models", type=Path, default=models_default, help="folder of bundled models")
+    p.add_argument("--pools", default="python,prose,c,suffix", help="drafter pools to start")
+    p.add_argument("--verifiers", type=int, default=1, help="verifier replicas")
+    p.add_argument("--token", default=os.environ.get("SPECFLEET_TOKEN"), help="bearer token clients must send")
+    p.add_argument("--key-prefix", default="sf", help="Redis key prefix")
+    p.add_argument("--slots", type=int, default=32, help="requests with a KV cache per drafter / verifier")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on Ctrl-C")
+    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the router")
+    p.add_argument("--exit-when-ready", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_up)

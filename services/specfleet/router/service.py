@@ -1,0 +1,290 @@
+"""Router servicer: the public `specfleet.api.v1.Router`. Per request it keeps Redis state, routes each round to
+the drafter pools best at the request (expertise routing in `engine.control`), fuses their drafts, has a verifier
+verify and commit the round, and streams the committed tokens. A retried request id resumes from Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+
+import grpc
+
+from specfleet.api.v1 import internal_pb2, internal_pb2_grpc, router_pb2, router_pb2_grpc
+from specfleet.engine.control import CostModel, SpeculationController
+from specfleet.engine.engine import FixedK
+from specfleet.engine.sampling import SamplingParams
+from specfleet.engine.tree import TokenTree
+from specfleet.wire import sampling_to_pb, tree_from_pb, tree_to_pb
+
+log = logging.getLogger("specfleet.router")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+@dataclass
+class FleetConfig:
+    drafters: dict[str, str]  # pool name -> address
+    verifiers: list[str]
+    fusion: str | None = None
+    internal_token: str | None = None
+    k_max: int = 4
+    max_fused_nodes: int = 24
+    rpc_timeout_s: float = 30.0
+    max_concurrent: int = 256  # admission control: more live requests than this get RESOURCE_EXHAUSTED
+    adaptive: bool = True  # speculation control; False: always draft k_max levels with every asked pool
+
+
+@dataclass
+class _Stats:
+    requests: int = 0
+    rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=lambda: [0] * 16)
+
+
+class RouterService(router_pb2_grpc.RouterServicer):
+    def __init__(self, config: FleetConfig, store, tokenizer, max_positions: int, vocab_size: int,
+                 eos_token_id: int | None):
+        if not config.verifiers:
+            raise ValueError("the router needs at least one verifier address")
+        self.config, self.store, self.tokenizer = config, store, tokenizer
+        self.max_positions, self.vocab_size, self.eos_token_id = max_positions, vocab_size, eos_token_id
+        metadata = (("authorization", f"Bearer {config.internal_token}"),) if config.internal_token else ()
+        self._metadata = metadata
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        names = list(config.drafters) or ["none"]
+        if config.adaptive:
+            # drafter pools run side by side (separate services): a level costs one pool's step, not the sum
+            self.controller = SpeculationController(names, k_max=config.k_max, cost=CostModel(parallel_drafters=True))
+        else:
+            self.controller = FixedK(config.k_max)
+        self.stats = _Stats()
+        self.live = 0
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            # reconnect quickly after a peer restarts (gRPC's default backoff grows to minutes)
+            options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                       ("grpc.max_reconnect_backoff_ms", 1000)]
+            self._channels[address] = grpc.aio.insecure_channel(address, options=options)
+        return self._channels[address]
+
+    def _drafter(self, pool: str):
+        return internal_pb2_grpc.DrafterStub(self._channel(self.config.drafters[pool]))
+
+    def _verifiers_for(self, rid: str) -> list[str]:
+        """Sticky by request id (its KV cache stays warm on one verifier), the others as fall-backs in order."""
+        vs = self.config.verifiers
+        first = zlib.crc32(rid.encode()) % len(vs)
+        return vs[first:] + vs[:first]
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+    # ------------------------------------------------------------------ validation
+
+    def _prepare(self, request: router_pb2.GenerateRequest) -> tuple[str, list[int], SamplingParams]:
+        """(request id, prompt ids, sampling params); raises ValueError saying what to fix."""
+        if request.prompt and request.prompt_token_ids:
+            raise ValueError("give either prompt or prompt_token_ids, not both")
+        if request.prompt:
+            ids = self.tokenizer(request.prompt, add_special_tokens=False).input_ids
+        else:
+            ids = list(request.prompt_token_ids)
+        if not ids:
+            raise ValueError("the prompt is empty; give some text (prompt) or token ids (prompt_token_ids)")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"prompt_token_ids must be in [0, {self.vocab_size})")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        if len(ids) + request.max_new_tokens > self.max_positions:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
+                             f"model's context of {self.max_positions}; shorten the prompt or ask for fewer tokens")
+        unknown = [d for d in request.drafters if d not in self.config.drafters]
+        if unknown:
+            raise ValueError(f"unknown drafter pool(s) {', '.join(unknown)}; this fleet has "
+                             f"{', '.join(self.config.drafters) or 'none'}")
+        if len(request.request_id) > 128:
+            raise ValueError("request_id is longer than 128 characters")
+        # seed has no presence in proto3: 0 is a seed like any other, so equal requests give equal samples
+        params = SamplingParams(request.temperature, request.top_p or 1.0, request.top_k, request.seed)
+        params.validate()
+        return request.request_id or uuid.uuid4().hex, ids, params
+
+    # ------------------------------------------------------------------ rounds
+
+    async def _draft(self, rid: str, context: list[int], k: int, pools: list[str]) -> tuple[TokenTree, float]:
+        if k <= 0 or not pools:
+            return TokenTree.empty(), 0.0
+        start = time.perf_counter()
+        item = internal_pb2.DraftItem(request_id=rid, context=context, k=k)
+        calls = [self._drafter(p).Draft(internal_pb2.DraftRequest(items=[item]), timeout=self.config.rpc_timeout_s,
+                                        metadata=self._metadata) for p in pools]
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        trees, names = [], []
+        for pool, reply in zip(pools, replies, strict=True):
+            if isinstance(reply, Exception):  # a drafter down costs speed, never output: draft without it
+                log.warning("drafter %s failed for %s: %s", pool, rid, reply)
+                continue
+            trees.append(reply.trees[0])
+            names.append(pool)
+        if not trees:
+            return TokenTree.empty(), time.perf_counter() - start
+        if len(trees) == 1 or self.config.fusion is None:
+            tree = tree_from_pb(trees[0], self.vocab_size)
+            tree = TokenTree(tree.tokens, tree.parents, tree.probs, None, tuple((names[0],) for _ in range(len(tree))))
+        else:
+            stub = internal_pb2_grpc.FusionStub(self._channel(self.config.fusion))
+            fused = await stub.Fuse(internal_pb2.FuseRequest(request_id=rid, drafts=trees, drafters=names,
+                                                             max_nodes=self.config.max_fused_nodes),
+                                    timeout=self.config.rpc_timeout_s, metadata=self._metadata)
+            tree = tree_from_pb(fused.tree, self.vocab_size)
+        return tree, time.perf_counter() - start
+
+    async def _verify(self, rid: str, rnd: int, context: list[int], prompt_len: int, tree: TokenTree,
+                      params: SamplingParams, remaining: int, ignore_eos: bool) -> internal_pb2.VerifyResponse:
+        msg = internal_pb2.VerifyRequest(request_id=rid, round=rnd, context=context, prompt_len=prompt_len,
+                                         tree=tree_to_pb(tree), sampling=sampling_to_pb(params),
+                                         max_new_tokens=remaining, ignore_eos=ignore_eos)
+        last: Exception | None = None
+        for address in self._verifiers_for(rid):  # a dead verifier's round goes to the next (commits are idempotent)
+            try:
+                return await internal_pb2_grpc.VerifierStub(self._channel(address)).Verify(
+                    msg, timeout=self.config.rpc_timeout_s, metadata=self._metadata)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                last = exc
+        raise last  # type: ignore[misc]
+
+    async def _run(self, request: router_pb2.GenerateRequest, context):
+        """Yields GenerateResponse messages for one request (resuming from Redis when the id is known)."""
+        try:
+            rid, prompt, params = self._prepare(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        spec = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed,
+                "max_new_tokens": request.max_new_tokens, "stop": list(request.stop),
+                "ignore_eos": request.ignore_eos, "drafters": list(request.drafters)}
+        try:
+            state = await self.store.create_request(rid, prompt, spec)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        output = list(state.output_ids)
+        rnd, finished, reason = state.round, state.status == "finished", state.finish_reason
+        usage = {"rounds": rnd, "draft_tokens": 0, "accepted_tokens": 0}
+        streamer = _TextStream(self.tokenizer, list(request.stop))
+        if output:  # a resumed request: everything committed so far, from offset 0
+            text, cut = streamer.feed(output)
+            yield self._message(rid, text, output, 0, finished or cut, reason or ("stop" if cut else ""), prompt,
+                                output, usage)
+            if cut and not finished:
+                await self.store.commit_round(rid, rnd, [], finished=True, finish_reason="stop")
+                finished = True
+        pools_asked = [p for p in request.drafters] or list(self.config.drafters)
+        while not finished:
+            remaining = request.max_new_tokens - len(output)
+            plan = self.controller.decide([rid], max_k={rid: remaining - 1})[rid]
+            pools = [p for p in plan.drafters if p in pools_asked] or pools_asked
+            tree, draft_s = await self._draft(rid, prompt + output, plan.k, pools if plan.k > 0 else [])
+            start = time.perf_counter()
+            reply = await self._verify(rid, rnd, prompt + output, len(prompt), tree, params, remaining,
+                                       request.ignore_eos)
+            verify_s = time.perf_counter() - start
+            if self.controller.cost is not None:
+                if plan.k > 0 and len(tree):
+                    self.controller.cost.observe_draft(1, max(1, len(pools)), plan.k, draft_s)
+                self.controller.cost.observe_verify(len(tree) + 1, verify_s)
+            nodes = list(reply.accepted_nodes)
+            credited = [tree.origins[i] for i in nodes] if tree.origins else None
+            self.controller.observe(rid, plan, tree.max_depth, len(nodes), credited, len(tree))
+            self._count(len(tree), nodes, tree)
+            usage["rounds"] += 1
+            usage["draft_tokens"] += len(tree)
+            usage["accepted_tokens"] += reply.accepted
+            new = list(reply.token_ids)
+            offset = len(output)
+            output += new
+            rnd += 1
+            finished, reason = reply.finished, reply.finish_reason
+            text, cut = streamer.feed(new)
+            if cut and not finished:
+                await self.store.commit_round(rid, rnd, [], finished=True, finish_reason="stop")
+                finished, reason = True, "stop"
+            yield self._message(rid, text, new, offset, finished, reason, prompt, output, usage)
+        self.controller.forget(rid)
+        asyncio.get_running_loop().create_task(self._release(rid, output))
+
+    def _count(self, drafted: int, nodes: list[int], tree: TokenTree) -> None:
+        self.stats.rounds += 1
+        self.stats.draft_tokens += drafted
+        self.stats.accepted_tokens += len(nodes)
+        for depth in range(min(len(nodes), len(self.stats.accepted_per_position))):
+            self.stats.accepted_per_position[depth] += 1
+
+    async def _release(self, rid: str, output: list[int]) -> None:
+        msg = internal_pb2.ReleaseRequest(request_id=rid, output=output)
+        calls = [self._drafter(p).Release(msg, timeout=5, metadata=self._metadata) for p in self.config.drafters]
+        calls += [internal_pb2_grpc.VerifierStub(self._channel(v)).Release(msg, timeout=5, metadata=self._metadata)
+                  for v in self.config.verifiers]
+        await asyncio.gather(*calls, return_exceptions=True)  # best effort: caches are also evicted when full
+
+    @staticmethod
+    def _message(rid, text, new, offset, finished, reason, prompt, output, usage) -> router_pb2.GenerateResponse:
+        return router_pb2.GenerateResponse(
+            request_id=rid, text=text, token_ids=new, offset=offset, finished=finished, finish_reason=reason,
+            usage=router_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=len(output), **usage))
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def Generate(self, request, context):
+        if self.live >= self.config.max_concurrent:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the fleet is at capacity ({self.config.max_concurrent} live requests); retry later")
+        self.live += 1
+        self.stats.requests += 1
+        try:
+            async for message in self._run(request, context):
+                yield message
+        finally:
+            self.live -= 1
+
+    async def Complete(self, request, context):
+        texts, ids, last = [], [], None
+        async for message in self.Generate(request, context):
+            texts.append(message.text)
+            ids += message.token_ids
+            last = message
+        return router_pb2.GenerateResponse(request_id=last.request_id, text="".join(texts), token_ids=ids,
+                                           finished=True, finish_reason=last.finish_reason, usage=last.usage)
+
+
+class _TextStream:
+    """Turns committed tokens into text deltas: holds back incomplete UTF-8 and cuts at the first stop string."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def feed(self, new: list[int]) -> tuple[str, bool]:
+        """(text to send now, whether a stop string was reached)."""
+        self.ids += new
+        text = self.tokenizer.decode(self.ids)
+        hits = [text.find(s, max(0, self.sent - max(map(len, self.stop)))) for s in self.stop]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            end = min(hits)
+            delta, self.sent = text[self.sent:end], max(self.sent, end)
+            return delta, True
+        if text.endswith("\ufffd"):
+            return "", False
+        delta, self.sent = text[self.sent:], len(text)
+        return delta, False

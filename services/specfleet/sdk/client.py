@@ -1,0 +1,99 @@
+"""The blocking client of the Router service: `Client(...).generate(...)` streams, `.complete(...)` returns it all;
+retries resume the same request (same request_id) and each token reaches the caller once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+
+from specfleet.api.v1 import router_pb2, router_pb2_grpc
+from specfleet.sdk.core import (
+    DEFAULT_TARGET,
+    ENDED_EARLY,
+    Attempts,
+    Chunk,
+    ClientOptions,
+    Completion,
+    StreamCursor,
+    build_request,
+    completion_from,
+    rpc_error_parts,
+)
+
+
+class Client:
+    """A connection to a specfleet router. Use as a context manager, or call close()."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, tls: bool = False,
+                 root_certificates: bytes | str | Path | None = None, timeout: float | None = 60.0,
+                 retries: int = 3, backoff: float = 0.2, max_message_mb: float = 16):
+        self.options = ClientOptions.build(target, token, tls, root_certificates, timeout, retries, backoff,
+                                           max_message_mb)
+        creds = self.options.credentials()
+        opts = self.options.channel_options()
+        self._channel = (grpc.secure_channel(self.options.target, creds, options=opts) if creds is not None
+                         else grpc.insecure_channel(self.options.target, options=opts))
+        self._stub = router_pb2_grpc.RouterStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def generate(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop: Sequence[str] = (), drafters: Sequence[str] = (),
+                 ignore_eos: bool = False, request_id: str | None = None) -> Iterator[Chunk]:
+        """Streams the continuation as chunks; the last has finished=True. Arguments are checked now (ValueError);
+        failures while streaming raise SpecfleetError."""
+        request = build_request(prompt, prompt_token_ids=prompt_token_ids, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                                drafters=drafters, ignore_eos=ignore_eos, request_id=request_id)
+        return self._stream(request)
+
+    def complete(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop: Sequence[str] = (), drafters: Sequence[str] = (),
+                 ignore_eos: bool = False, request_id: str | None = None) -> Completion:
+        """The whole continuation in one call."""
+        request = build_request(prompt, prompt_token_ids=prompt_token_ids, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                                drafters=drafters, ignore_eos=ignore_eos, request_id=request_id)
+        attempts = Attempts(self.options.retries, self.options.backoff, request.request_id)
+        while True:
+            attempts.start()
+            try:
+                response = self._stub.Complete(request, timeout=self.options.timeout,
+                                               metadata=self.options.metadata())
+                return completion_from(response, request.request_id)
+            except grpc.RpcError as exc:
+                time.sleep(attempts.failed(*rpc_error_parts(exc)))
+
+    def _stream(self, request: router_pb2.GenerateRequest) -> Iterator[Chunk]:
+        cursor = StreamCursor(request.request_id)
+        attempts = Attempts(self.options.retries, self.options.backoff, request.request_id)
+        while True:
+            attempts.start()
+            cursor.new_attempt()
+            received = len(cursor.token_ids)
+            call = self._stub.Generate(request, timeout=self.options.timeout, metadata=self.options.metadata())
+            try:
+                for message in call:
+                    chunk = cursor.accept(message)
+                    if chunk is not None:
+                        yield chunk
+                    if cursor.finished:
+                        return
+                code, details = ENDED_EARLY
+            except grpc.RpcError as exc:
+                code, details = rpc_error_parts(exc)
+            finally:
+                call.cancel()  # no-op when done; frees the stream when the caller stops early
+            time.sleep(attempts.failed(code, details, progressed=len(cursor.token_ids) > received))

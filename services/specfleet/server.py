@@ -1,0 +1,167 @@
+"""What every specfleet gRPC server shares: loopback-by-default binding, the standard health and reflection
+services, bearer-token auth (constant-time), message size limits, a micro-batcher that runs model work off the
+event loop, and graceful shutdown (readiness flips to NOT_SERVING first, in-flight calls get a grace period)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("specfleet")
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # reachable without a token (probes, tooling)
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` metadata on every call but health checks and reflection."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_METHODS):
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return await continuation(details)
+        handler = await continuation(details)
+
+        async def deny_unary(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'")
+
+        async def deny_stream(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'")
+            yield  # pragma: no cover  (makes this an async generator)
+
+        if handler is None:
+            return None
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(deny_unary, handler.request_deserializer,
+                                                   handler.response_serializer)
+
+
+@dataclass
+class Running:
+    server: grpc.aio.Server
+    port: int
+    health: HealthServicer
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Readiness first (load balancers stop sending), then stop accepting, then wait for in-flight calls."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(add: Sequence[tuple[Callable, object]], service_names: Sequence[str], host: str = "127.0.0.1",
+                       port: int = 0, token: str | None = None,
+                       tls: tuple[bytes, bytes] | None = None) -> Running:
+    """Starts a grpc.aio server with the given servicers plus health and reflection; port 0 picks a free port."""
+    interceptors = [BearerAuth(token)] if token else []
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    for add_fn, servicer in add:
+        add_fn(servicer, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    address = f"{host}:{port}"
+    if tls:
+        bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+    else:
+        bound = server.add_insecure_port(address)
+    if not bound:
+        raise OSError(f"could not listen on {address}")
+    await server.start()
+    for name in ("", *service_names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(server, bound, health)
+
+
+class Batcher:
+    """Collects concurrent calls into batches: the first waiting call opens a window of `max_wait_s`; the batch
+    closes early at `max_batch` items. `run(items) -> results` runs in a worker thread (model code must not block
+    the event loop), one batch at a time."""
+
+    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_s: float = 0.002):
+        self._run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self.batches = 0
+        self.busy_s = 0.0
+
+    async def submit(self, item) -> object:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, future))
+        return await future
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    async def _loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0 and self._queue.empty():
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), max(timeout, 0)) if timeout > 0
+                                 else self._queue.get_nowait())
+                except (TimeoutError, asyncio.QueueEmpty):
+                    break
+            live = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            if not live:
+                continue
+            start = time.perf_counter()
+            try:
+                results = await asyncio.to_thread(self._run, [item for item, _ in live])
+            except Exception as exc:  # the callers get the error; the loop keeps serving
+                log.exception("batch failed")
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            finally:
+                self.busy_s += time.perf_counter() - start
+                self.batches += 1
+            for (_, fut), result in zip(live, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+
+async def wait_healthy(target: str, timeout: float = 60.0, service: str = "") -> None:
+    """Waits until a server's health check answers SERVING (raises TimeoutError)."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} did not become healthy within {timeout:.0f}s")
+            await asyncio.sleep(0.1)
+

@@ -1,0 +1,51 @@
+"""connect(): a validated `redis.asyncio.Redis` for the state store (redis://, rediss:// with TLS, unix://)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+
+_SCHEMES = ("redis", "rediss", "unix")
+
+
+def validate_redis_url(url: str) -> str:
+    """The URL unchanged when it is a usable Redis URL; a ValueError that says what is wrong otherwise."""
+    if not isinstance(url, str) or not url:
+        raise ValueError("Redis URL is empty: use redis://[:password@]host[:port][/db] (rediss:// for TLS)")
+    parts = urlsplit(url)
+    shown = url if parts.password is None else url.replace(parts.password, "***", 1)
+    if parts.scheme not in _SCHEMES:
+        raise ValueError(
+            f"Redis URL {shown!r} has scheme {parts.scheme or 'none'!r}: use redis://, rediss:// (TLS) or unix://"
+        )
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"Redis URL {shown!r} names no socket path: unix:///path/to/redis.sock")
+        return url
+    if not parts.hostname:
+        raise ValueError(f"Redis URL {shown!r} names no host: redis://[:password@]host[:port][/db]")
+    try:
+        parts.port  # noqa: B018  (raises for a port that is not a number in range)
+    except ValueError:
+        raise ValueError(f"Redis URL {shown!r} has a bad port") from None
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"Redis URL {shown!r}: the path must be a database number, got {db!r}")
+    return url
+
+
+def connect(url: str, **kwargs: Any) -> aioredis.Redis:
+    """An asyncio Redis client for `url` (password and db may be in the URL; TLS options such as ssl_ca_certs go
+    in kwargs). Bytes replies (decode_responses=False) are forced: the state store keeps token ids as bytes.
+
+    No I/O happens here; call it inside the event loop that will use the client and close it with `await aclose()`."""
+    validate_redis_url(url)
+    if kwargs.get("decode_responses"):
+        raise ValueError("connect() makes clients with decode_responses=False: the state store needs bytes replies")
+    kwargs["decode_responses"] = False
+    kwargs.setdefault("socket_connect_timeout", 5.0)
+    kwargs.setdefault("socket_keepalive", True)
+    kwargs.setdefault("health_check_interval", 30)
+    return aioredis.Redis.from_url(url, **kwargs)

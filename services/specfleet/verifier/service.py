@@ -1,0 +1,120 @@
+"""Verifier servicer: a batch scheduler over concurrent Verify calls (one target forward per batch), lossless
+acceptance, and an atomic, idempotent commit of each round to Redis keyed by (request, round): a retried round is
+answered from Redis and never commits twice."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+
+import grpc
+
+from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
+from specfleet.engine.verify import TargetVerifier, Verdict, VerifyItem
+from specfleet.server import Batcher
+from specfleet.wire import sampling_from_pb, tree_from_pb
+
+
+def stream_seed(rid: str) -> int:
+    """The sampling seed of a request that gave none: a function of its id, so every replica and retry agrees."""
+    return int.from_bytes(hashlib.sha256(rid.encode()).digest()[:8], "little") >> 1
+
+
+class VerifierService(internal_pb2_grpc.VerifierServicer):
+    def __init__(self, target, slots: int, store=None, eos_token_id: int | None = None, max_wait_s: float = 0.002):
+        self.verifier = TargetVerifier(target, slots=slots)
+        self.store = store
+        self.eos_token_id = target.config.eos_token_id if eos_token_id is None else eos_token_id
+        self.recent: OrderedDict[str, None] = OrderedDict()
+        self.lock = threading.Lock()
+        self.batcher = Batcher(self._verify_batch, max_batch=slots, max_wait_s=max_wait_s)
+        self.rounds = 0
+
+    def _verify_batch(self, items: list[VerifyItem]) -> list[tuple[Verdict, float, int]]:
+        with self.lock:
+            wanted = {it.rid for it in items}
+            for it in items:
+                self.recent[it.rid] = None
+                self.recent.move_to_end(it.rid)
+            for rid in list(self.recent):  # make room: evict least recently used requests not in this batch
+                if len(self.verifier) + sum(1 for r in wanted if r not in self.verifier) <= self.verifier.runner.slots:
+                    break
+                if rid not in wanted and rid in self.verifier:
+                    self.verifier.release(rid)
+                    del self.recent[rid]
+            start = time.perf_counter()
+            verdicts = self.verifier.verify(items)
+            seconds = time.perf_counter() - start
+        self.rounds += len(items)
+        return [(v, seconds, len(items)) for v in verdicts]
+
+    def _finish(self, tokens: list[int], max_new: int, ignore_eos: bool) -> tuple[list[int], bool, str]:
+        tokens = tokens[:max_new]
+        if not ignore_eos and self.eos_token_id in tokens:
+            return tokens[:tokens.index(self.eos_token_id) + 1], True, "stop"
+        return tokens, len(tokens) >= max_new, "length" if len(tokens) >= max_new else ""
+
+    async def Verify(self, request: internal_pb2.VerifyRequest, context) -> internal_pb2.VerifyResponse:
+        rid, rnd = request.request_id, request.round
+        context_ids = list(request.context)
+        vocab = self.verifier.vocab_size
+        try:
+            if not rid:
+                raise ValueError("request_id is required")
+            if not context_ids or min(context_ids) < 0 or max(context_ids) >= vocab:
+                raise ValueError(f"context must be non-empty token ids in [0, {vocab})")
+            if not 0 < request.prompt_len <= len(context_ids):
+                raise ValueError(f"prompt_len must be in [1, {len(context_ids)}], got {request.prompt_len}")
+            if request.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens (tokens left) must be >= 1, got {request.max_new_tokens}")
+            tree = tree_from_pb(request.tree, vocab)
+            if len(context_ids) + tree.max_depth + 1 > self.verifier.max_positions:
+                raise ValueError(f"context ({len(context_ids)}) + tree depth exceeds the model's context of "
+                                 f"{self.verifier.max_positions}")
+            params = sampling_from_pb(request.sampling)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.store is not None:
+            state = await self.store.get(rid)
+            if state is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"request {rid} has no state in Redis")
+            if state.round > rnd:  # a retry of a committed round: answer from Redis, commit nothing
+                return self._replay(state, rnd)
+            if state.round < rnd:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"request {rid}: round {rnd} asked but only {state.round} rounds are committed")
+        seed = params.seed if params.seed is not None else stream_seed(rid)
+        item = VerifyItem(rid, context_ids, tree, params, len(context_ids) - request.prompt_len, seed)
+        verdict, seconds, batch = await self.batcher.submit(item)
+        tokens, finished, reason = self._finish(verdict.tokens, request.max_new_tokens, request.ignore_eos)
+        if self.store is not None:
+            result = await self.store.commit_round(rid, rnd, tokens, finished=finished, finish_reason=reason)
+            if not result.applied:  # someone committed this round first (a concurrent retry): theirs stands
+                if rnd < result.state.round:
+                    return self._replay(result.state, rnd)
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"request {rid} is already {result.state.status}")
+        accepted = min(len(verdict.path), len(tokens))
+        return internal_pb2.VerifyResponse(request_id=rid, round=rnd, token_ids=tokens, accepted=accepted,
+                                           accepted_nodes=verdict.path[:accepted], seconds=seconds, batch=batch,
+                                           finished=finished, finish_reason=reason)
+
+    @staticmethod
+    def _replay(state, rnd: int) -> internal_pb2.VerifyResponse:
+        tokens = state.round_tokens(rnd)
+        finished = state.status == "finished" and rnd == state.round - 1
+        return internal_pb2.VerifyResponse(request_id=state.rid, round=rnd, token_ids=tokens,
+                                           accepted=max(0, len(tokens) - 1), replayed=True, finished=finished,
+                                           finish_reason=state.finish_reason if finished else "")
+
+    async def Release(self, request: internal_pb2.ReleaseRequest, context) -> internal_pb2.ReleaseResponse:
+        def release():
+            with self.lock:
+                self.recent.pop(request.request_id, None)
+                self.verifier.release(request.request_id)
+
+        await asyncio.to_thread(release)
+        return internal_pb2.ReleaseResponse()

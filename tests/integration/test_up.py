@@ -1,0 +1,64 @@
+"""`specfleet up` end to end as real processes: the fleet becomes ready, the SDK gets the target's own greedy output
+through it, and Ctrl-C stops every process."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import torch
+
+from specfleet.sdk import Client
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_up_serves_the_target_greedy_output_and_stops_cleanly(load_model, tokenizer):
+    port = _free_port()
+    prefix = f"sftest-up-{uuid.uuid4().hex[:8]}"
+    cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(port), "--pools", "python,suffix",
+           "--redis-url", "redis://127.0.0.1:6379/0", "--key-prefix", prefix, "--slots", "4", "--grace", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+            if "specfleet is up" in line:
+                break
+        assert any("specfleet is up" in line for line in lines), "".join(lines[-30:])
+        prompt = "def parse_args(argv):\n    parser = argparse.ArgumentParser("
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            result = client.complete(prompt, max_new_tokens=16)
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            want = load_model("target").generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16,
+                                                 pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        assert list(result.token_ids) == want
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rest, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, rest[-2000:]
+    with socket.socket() as s:  # the router's port is free again: nothing left listening
+        s.bind(("127.0.0.1", port))
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)

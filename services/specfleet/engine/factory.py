@@ -8,7 +8,7 @@ from pathlib import Path
 from specfleet.engine.proposers import NgramProposer, NoProposer, Proposer
 from specfleet.training.family import DRAFTER_NAMES
 
-PROPOSERS = ("fused", "model", "suffix", "ngram", "none")
+PROPOSERS = ("fused", "model", "suffix", "ngram", "none")  # fused = CoSine fusion of the drafters + suffix trees
 DEFAULT_DRAFTERS = {"fused": ("python", "prose", "c"), "model": ("general",)}
 
 
@@ -48,7 +48,14 @@ def build_proposer(kind: str, models_dir: Path, drafters: tuple[str, ...], slots
     if kind in ("model", "fused"):
         from specfleet.engine.drafters import DrafterModel, ModelProposer
 
-        return ModelProposer([DrafterModel(n, load_model(models_dir, f"drafter-{n}"), slots) for n in drafters])
+        models = ModelProposer([DrafterModel(n, load_model(models_dir, f"drafter-{n}"), slots) for n in drafters])
+        if kind == "model":
+            return models
+        from specfleet.engine.proposers import MergedProposer
+        from specfleet.engine.suffix import SuffixProposer
+
+        # the suffix tree costs microseconds and catches what the text repeats; the drafters handle the rest
+        return MergedProposer([models, SuffixProposer(max_tree_nodes=8)], name="fused")
     raise ValueError(f"unknown proposer {kind!r}; choose from {', '.join(PROPOSERS)}")
 
 

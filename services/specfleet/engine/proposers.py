@@ -81,3 +81,45 @@ class NgramProposer(StatelessProposer):
                     follow = context[start + n:start + n + k]
                     return TokenTree.chain(follow)
         return TokenTree.empty()
+
+
+class MergedProposer:
+    """Several proposers drafting the same requests, their trees merged into one per request (prefix-deduplicated,
+    siblings by confidence; `fusion.merge_trees`). Each node is credited to the proposers behind it. Used to add
+    the nearly free suffix-tree drafts to the model drafters' fused tree."""
+
+    def __init__(self, proposers: list, name: str):
+        self.proposers, self.name = proposers, name
+
+    def __getattr__(self, attr):  # step_seconds, drafters, ...: the first proposer's (the model drafters)
+        return getattr(self.proposers[0], attr)
+
+    def start(self, rid: str, prompt: list[int]) -> None:
+        for p in self.proposers:
+            p.start(rid, prompt)
+
+    def stop(self, rid: str, output: list[int]) -> None:
+        for p in self.proposers:
+            p.stop(rid, output)
+
+    def propose(self, batch: list[Draft]) -> list[TokenTree]:
+        from specfleet.engine.fusion import merge_trees_with_origins
+
+        per_proposer = [p.propose(batch) for p in self.proposers]
+        out = []
+        for i in range(len(batch)):
+            trees = [trees[i] for trees in per_proposer]
+            live = [(p, t) for p, t in zip(self.proposers, trees, strict=True) if len(t)]
+            if len(live) <= 1:
+                out.append(live[0][1] if live else TokenTree.empty())
+                continue
+            merged, origins = merge_trees_with_origins([t for _, t in live])
+            names = []
+            for sources in origins:
+                found: set[str] = set()
+                for t, node in sources:
+                    proposer, tree = live[t]
+                    found.update(tree.origins[node] if tree.origins is not None else (proposer.name,))
+                names.append(tuple(sorted(found)))
+            out.append(TokenTree(merged.tokens, merged.parents, merged.probs, None, tuple(names)))
+        return out

@@ -86,7 +86,14 @@ def _pipe(name: str, stream, out) -> None:
         out.flush()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_up(args) -> int:
+    # Ctrl-C and SIGTERM both stop the fleet cleanly, even where SIGINT arrived ignored (background jobs)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     pools = [p for p in _addresses(args.pools)]
     unknown = [p for p in pools if p not in DRAFTER_POOLS + MODEL_FREE_POOLS]
     if unknown:

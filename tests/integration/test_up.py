@@ -26,7 +26,7 @@ def test_up_serves_the_target_greedy_output_and_stops_cleanly(load_model, tokeni
     cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(port), "--pools", "python,suffix",
            "--redis-url", "redis://127.0.0.1:6379/0", "--key-prefix", prefix, "--slots", "4", "--grace", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     lines = []
     try:
         deadline = time.monotonic() + 180
@@ -49,9 +49,9 @@ def test_up_serves_the_target_greedy_output_and_stops_cleanly(load_model, tokeni
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            rest, _ = proc.communicate(timeout=60)
+            rest, _ = proc.communicate(timeout=90)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole fleet: nothing may outlive the test
             raise
     assert proc.returncode == 0, rest[-2000:]
     with socket.socket() as s:  # the router's port is free again: nothing left listening

@@ -132,6 +132,7 @@ def cmd_up(args) -> int:
         router += ["--token", args.token]
     plan.append(("router", router, args.grpc_port))
     children: list[subprocess.Popen] = []
+    http = None
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
     try:
@@ -144,8 +145,16 @@ def cmd_up(args) -> int:
 
         started = time.monotonic()
         asyncio.run(wait_healthy(f"127.0.0.1:{args.grpc_port}", timeout=args.ready_timeout))
-        print(f"specfleet is up in {time.monotonic() - started:.1f}s: router gRPC on 127.0.0.1:{args.grpc_port} "
-              f"({len(pools)} drafter pools, {args.verifiers} verifier(s)); Ctrl-C stops it.\n"
+        http_note = ""
+        if args.http_port >= 0:
+            from specfleet.router.http import build_app, start_http_in_thread
+
+            app = build_app(f"127.0.0.1:{args.grpc_port}", args.token)
+            server, thread, http_port = start_http_in_thread(app, "127.0.0.1", args.http_port)
+            http = (server, thread)
+            http_note = f", OpenAI-compatible HTTP on http://127.0.0.1:{http_port}/v1"
+        print(f"specfleet is up in {time.monotonic() - started:.1f}s: router gRPC on 127.0.0.1:{args.grpc_port}"
+              f"{http_note} ({len(pools)} drafter pools, {args.verifiers} verifier(s)); Ctrl-C stops it.\n"
               f"  try: specfleet client generate 'def main():' --target 127.0.0.1:{args.grpc_port}", flush=True)
         if args.exit_when_ready:
             return 0
@@ -163,6 +172,9 @@ def cmd_up(args) -> int:
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if http is not None:
+            http[0].should_exit = True
+            http[1].join(timeout=10)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
@@ -204,6 +216,8 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
                                    "an embedded Redis unless --redis-url is given), all on 127.0.0.1; ready when the "
                                    "router's health check answers SERVING; Ctrl-C stops everything.")
     p.add_argument("--grpc-port", type=int, default=50051, help="the router's gRPC port on 127.0.0.1")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="the OpenAI-compatible HTTP API on 127.0.0.1:PORT (0: any free port; -1: none)")
     p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
                    help="use this Redis instead of an embedded one")
     p.add_argument("--models", type=Path, default=models_default, help="folder of bundled models")

@@ -24,7 +24,8 @@ def test_up_serves_the_target_greedy_output_and_stops_cleanly(load_model, tokeni
     port = _free_port()
     prefix = f"sftest-up-{uuid.uuid4().hex[:8]}"
     cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(port), "--pools", "python,suffix",
-           "--redis-url", "redis://127.0.0.1:6379/0", "--key-prefix", prefix, "--slots", "4", "--grace", "2"]
+           "--redis-url", "redis://127.0.0.1:6379/0", "--key-prefix", prefix, "--slots", "4", "--grace", "2",
+           "--http-port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     lines = []
@@ -46,6 +47,12 @@ def test_up_serves_the_target_greedy_output_and_stops_cleanly(load_model, tokeni
             want = load_model("target").generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16,
                                                  pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
         assert list(result.token_ids) == want
+        http = next(line for line in lines if "specfleet is up" in line).split("http://")[1].split("/v1")[0]
+        import httpx
+
+        reply = httpx.post(f"http://{http}/v1/completions", json={"model": "specfleet-target", "prompt": prompt,
+                                                                   "max_tokens": 16, "temperature": 0}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == tokenizer.decode(want)
     finally:
         proc.send_signal(signal.SIGINT)
         try:

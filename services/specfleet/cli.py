@@ -228,6 +228,19 @@ def cmd_bench_engine(args) -> int:
     return 0
 
 
+def cmd_bench_fleet(args) -> int:
+    from specfleet.bench.fleet_bench import format_table, run
+
+    try:
+        report = run(args.models, args.redis_url, args.max_new_tokens, args.limit, args.output,
+                     concurrency=tuple(args.concurrency))
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        sys.exit(f"error: {exc}")
+    print(format_table(report))
+    print(f"\nwrote {args.output}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def _engine_options(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
@@ -328,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", type=_positive_int, nargs="+", default=[1, 4, 16], help="batch sweep")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "engine.json", help="JSON result (+ .png)")
     b.set_defaults(func=cmd_bench_engine)
+    b = bsub.add_parser("fleet", formatter_class=fmt,
+                        help="the fleet's per-round overhead and throughput vs the engine",
+                        description="Plain decoding through the in-process engine and through the fleet (gRPC + "
+                                    "Redis) for the per-round overhead (p50/p99), then throughput at each "
+                                    "concurrency, fleet vs engine, same models and held-out prompts.")
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    b.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                   help="Redis for the fleet's state (keys under a fresh prefix, removed afterwards)")
+    b.add_argument("--limit", type=_positive_int, default=12, help="prompts")
+    b.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens per prompt")
+    b.add_argument("--concurrency", type=_positive_int, nargs="+", default=[1, 8, 32], help="concurrent streams")
+    b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "fleet.json", help="JSON result")
+    b.set_defaults(func=cmd_bench_fleet)
 
     from specfleet.fleet_cli import add_parsers as add_fleet_parsers
     from specfleet.sdk.cli import add_client_parser

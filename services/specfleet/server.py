@@ -94,11 +94,12 @@ async def start_server(add: Sequence[tuple[Callable, object]], service_names: Se
 
 
 class Batcher:
-    """Collects concurrent calls into batches: the first waiting call opens a window of `max_wait_s`; the batch
-    closes early at `max_batch` items. `run(items) -> results` runs in a worker thread (model code must not block
-    the event loop), one batch at a time."""
+    """Collects concurrent calls into batches: a batch takes every call waiting when the worker is free (calls that
+    arrive while a batch runs form the next one: continuous batching), plus, with max_wait_s > 0, calls arriving
+    within that window; it closes early at `max_batch` items. `run(items) -> results` runs in a worker thread
+    (model code must not block the event loop), one batch at a time."""
 
-    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_s: float = 0.002):
+    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_s: float = 0.0):
         self._run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task: asyncio.Task | None = None

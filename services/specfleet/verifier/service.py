@@ -24,7 +24,7 @@ def stream_seed(rid: str) -> int:
 
 
 class VerifierService(internal_pb2_grpc.VerifierServicer):
-    def __init__(self, target, slots: int, store=None, eos_token_id: int | None = None, max_wait_s: float = 0.002):
+    def __init__(self, target, slots: int, store=None, eos_token_id: int | None = None, max_wait_s: float = 0.0):
         self.verifier = TargetVerifier(target, slots=slots)
         self.store = store
         self.eos_token_id = target.config.eos_token_id if eos_token_id is None else eos_token_id

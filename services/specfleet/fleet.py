@@ -40,7 +40,7 @@ async def start_drafter(pool: str, opts: ServeOptions, port: int = 0) -> tuple[R
 
     kind = pool if pool in MODEL_FREE_POOLS else "model"
     names = () if kind != "model" else (pool,)
-    proposer = await asyncio.to_thread(build_proposer, kind, opts.models, names, opts.slots)
+    proposer = build_proposer(kind, opts.models, names, opts.slots)  # on the serving thread: see Batcher
     vocab = 1 << 31
     if kind == "model":
         vocab = next(iter(proposer.drafters.values())).runner.vocab_size
@@ -71,7 +71,7 @@ async def _store(opts: ServeOptions):
 async def start_verifier(opts: ServeOptions, port: int = 0) -> tuple[Running, object]:
     from specfleet.verifier.service import VerifierService
 
-    target = await asyncio.to_thread(_load, opts.models, "target")
+    target = _load(opts.models, "target")  # on the serving thread: see Batcher
     service = VerifierService(target, slots=opts.slots, store=await _store(opts))
     running = await start_server([(internal_pb2_grpc.add_VerifierServicer_to_server, service)],
                                  ["specfleet.api.v1.Verifier"], opts.host, port, opts.token)

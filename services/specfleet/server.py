@@ -9,6 +9,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -96,12 +97,17 @@ async def start_server(add: Sequence[tuple[Callable, object]], service_names: Se
 class Batcher:
     """Collects concurrent calls into batches: a batch takes every call waiting when the worker is free (calls that
     arrive while a batch runs form the next one: continuous batching), plus, with max_wait_s > 0, calls arriving
-    within that window; it closes early at `max_batch` items. `run(items) -> results` runs in a worker thread
-    (model code must not block the event loop), one batch at a time."""
+    within that window; it closes early at `max_batch` items. One batch at a time.
 
-    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_s: float = 0.0):
-        self._run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+    `run(items) -> results` runs on the event loop's own thread by default (`inline`): measured on these machines, a
+    CPU forward ran 2.2x slower unless the weights were loaded and the forward run on the process's main thread,
+    so a service loads its model and serves on its main thread; calls that arrive during a batch wait in the
+    transport and form the next one. inline=False runs it on one dedicated worker thread instead."""
+
+    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_s: float = 0.0, inline: bool = True):
+        self._run, self.max_batch, self.max_wait_s, self.inline = run, max_batch, max_wait_s, inline
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._executor = None if inline else ThreadPoolExecutor(max_workers=1, thread_name_prefix="specfleet-batch")
         self._task: asyncio.Task | None = None
         self.batches = 0
         self.busy_s = 0.0
@@ -135,7 +141,11 @@ class Batcher:
                 continue
             start = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self._run, [item for item, _ in live])
+                items = [item for item, _ in live]
+                if self.inline:
+                    results = self._run(items)
+                else:
+                    results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, items)
             except Exception as exc:  # the callers get the error; the loop keeps serving
                 log.exception("batch failed")
                 for _, fut in live:

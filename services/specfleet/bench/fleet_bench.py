@@ -5,19 +5,50 @@ delivers against the in-process engine on the same models and prompts, measured 
   messages at concurrency 1) minus the engine's median round time, p50 and p99;
 - throughput at concurrency 1, 8, 32: the fleet (concurrent streams) against the engine (batch = concurrency),
   greedy, with speculation on in both.
-The fleet here runs every service in one process on one event loop (real gRPC on loopback, the given Redis);
-`specfleet up` puts each in its own process."""
+The fleet is started with `specfleet up` (each service its own process, gRPC on loopback, the given Redis)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 SYSTEM_POOLS = ("python", "prose", "c", "suffix")
+
+
+@contextlib.contextmanager
+def fleet_processes(models_dir: Path, redis_url: str, prefix: str, slots: int, extra: list[str]):
+    """`specfleet up` in its own process group; yields the router's address; stops it all on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(port), "--http-port", "-1", "--models",
+           str(models_dir), "--redis-url", redis_url, "--key-prefix", prefix, "--slots", str(slots),
+           "--pools", ",".join(SYSTEM_POOLS), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "specfleet is up" in line:
+                break
+        else:
+            raise RuntimeError(f"specfleet up exited with {proc.wait()}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -49,7 +80,6 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
     from specfleet.bench.engine_bench import load_prompts
     from specfleet.engine.engine import Request
     from specfleet.engine.factory import build_engine, load_model
-    from specfleet.fleet import LocalFleet, ServeOptions
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -60,7 +90,7 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
     steps = 2 + 2 * len(concurrency)
     bar = tqdm(total=steps, desc="bench fleet", unit="step", disable=not progress)
     results: dict = {"config": {"prompts": len(prompts), "max_new_tokens": new_tokens, "redis": redis_url,
-                                "pools": list(SYSTEM_POOLS), "fleet": "all services in one process (LocalFleet)"}}
+                                "pools": list(SYSTEM_POOLS), "fleet": "specfleet up: one process per service"}}
 
     # 1. per-round overhead: plain decoding through the engine and through the fleet
     engine = build_engine(models_dir, "none", batch_size=1, target=target)
@@ -74,11 +104,11 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
         engine.generate([Request(f"e{i}", ids, new_tokens)], on_tokens=stamp)
         engine_rounds += [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
     bar.update()
-    opts = ServeOptions(models_dir, redis_url=redis_url, key_prefix=prefix, slots=max(concurrency) + 8)
-    with LocalFleet(opts, pools=SYSTEM_POOLS, adaptive=False, k_max=0) as plain:
+    slots = max(concurrency) + 8
+    with fleet_processes(models_dir, redis_url, prefix, slots, ["--k", "0", "--no-adaptive"]) as plain:
         fleet_rounds: list[float] = []
         for ids in prompts:
-            _, stamps = asyncio.run(_stream(plain.router_address, ids, new_tokens))
+            _, stamps = asyncio.run(_stream(plain, ids, new_tokens))
             fleet_rounds += [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
     bar.update()
     base = statistics.median(engine_rounds)
@@ -90,7 +120,7 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
 
     # 2. throughput at each concurrency, speculation on in both
     rows = []
-    with LocalFleet(opts, pools=SYSTEM_POOLS) as fleet:
+    with fleet_processes(models_dir, redis_url, prefix + "-t", slots, []) as fleet:
         for c in concurrency:
             batch = [prompts[i % len(prompts)] for i in range(c)]
             eng = build_engine(models_dir, "fused", batch_size=c, target=target)
@@ -100,7 +130,7 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
             bar.update()
 
             async def all_streams(batch=batch):
-                return await asyncio.gather(*(_stream(fleet.router_address, ids, new_tokens) for ids in batch))
+                return await asyncio.gather(*(_stream(fleet, ids, new_tokens) for ids in batch))
 
             start = time.perf_counter()
             streams = asyncio.run(all_streams())
@@ -115,6 +145,7 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
     bar.close()
     results["throughput"] = rows
     _cleanup(redis_url, prefix)
+    _cleanup(redis_url, prefix + "-t")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     return results

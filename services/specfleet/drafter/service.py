@@ -22,7 +22,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         self.proposer, self.pool, self.capacity = proposer, pool, capacity
         self.max_k, self.vocab_size = max_k, vocab_size
         self.recent: OrderedDict[str, None] = OrderedDict()  # rids with state here, least recently used first
-        self.batcher = Batcher(self._draft_batch, max_batch=capacity)
+        self.batcher = Batcher(self._draft_batch, max_batch=capacity, max_wait_s=0.0005)
         self.lock = threading.Lock()  # the proposer is used from the batch thread and from Release
         self.drafted = 0
 

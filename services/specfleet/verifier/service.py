@@ -15,6 +15,7 @@ import grpc
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
 from specfleet.engine.verify import TargetVerifier, Verdict, VerifyItem
 from specfleet.server import Batcher
+from specfleet.state.store import RequestNotFoundError, RoundGapError
 from specfleet.wire import sampling_from_pb, tree_from_pb
 
 
@@ -24,7 +25,7 @@ def stream_seed(rid: str) -> int:
 
 
 class VerifierService(internal_pb2_grpc.VerifierServicer):
-    def __init__(self, target, slots: int, store=None, eos_token_id: int | None = None, max_wait_s: float = 0.0):
+    def __init__(self, target, slots: int, store=None, eos_token_id: int | None = None, max_wait_s: float = 0.0005):
         self.verifier = TargetVerifier(target, slots=slots)
         self.store = store
         self.eos_token_id = target.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -77,22 +78,20 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
             params = sampling_from_pb(request.sampling)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if self.store is not None:
-            state = await self.store.get(rid)
-            if state is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"request {rid} has no state in Redis")
-            if state.round > rnd:  # a retry of a committed round: answer from Redis, commit nothing
-                return self._replay(state, rnd)
-            if state.round < rnd:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"request {rid}: round {rnd} asked but only {state.round} rounds are committed")
         seed = params.seed if params.seed is not None else stream_seed(rid)
         item = VerifyItem(rid, context_ids, tree, params, len(context_ids) - request.prompt_len, seed)
         verdict, seconds, batch = await self.batcher.submit(item)
         tokens, finished, reason = self._finish(verdict.tokens, request.max_new_tokens, request.ignore_eos)
         if self.store is not None:
-            result = await self.store.commit_round(rid, rnd, tokens, finished=finished, finish_reason=reason)
-            if not result.applied:  # someone committed this round first (a concurrent retry): theirs stands
+            # No read before the forward (it would cost a Redis round trip per round): the commit itself says
+            # whether this round was already committed (a retry), and then the committed tokens stand.
+            try:
+                result = await self.store.commit_round(rid, rnd, tokens, finished=finished, finish_reason=reason)
+            except RequestNotFoundError as exc:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            except RoundGapError as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            if not result.applied:
                 if rnd < result.state.round:
                     return self._replay(result.state, rnd)
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,

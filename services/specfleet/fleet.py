@@ -5,6 +5,7 @@ listens on 127.0.0.1 unless told otherwise."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ class LocalFleet:
     async def _start(self) -> None:
         from specfleet.router.service import FleetConfig
 
-        inner = ServeOptions(**{**self.opts.__dict__, "token": self.internal_token})
+        inner = self._internal_opts()
         drafters = {}
         for pool in self.pools:
             running, service = await start_drafter(pool, inner)
@@ -149,6 +150,10 @@ class LocalFleet:
         self._keep("router", running, service)
         self.router_address = f"127.0.0.1:{running.port}"
 
+    def _internal_opts(self) -> ServeOptions:
+        """The internal services' options: as the router's, but they accept only the internal token."""
+        return dataclasses.replace(self.opts, token=self.internal_token)
+
     def stop_role(self, name: str, grace: float = 0.5) -> int:
         """Stops one service (e.g. "drafter-python"); returns its port. Its server object is kept: dropping a
         stopped grpc.aio server lets its finaliser close a descriptor number a new server may already reuse."""
@@ -162,7 +167,7 @@ class LocalFleet:
         """Stops the drafter pool's server and starts a fresh one (empty caches) on the same port."""
         name = f"drafter-{pool}"
         port = self.stop_role(name)
-        inner = ServeOptions(**{**self.opts.__dict__, "token": self.internal_token})
+        inner = self._internal_opts()
         running, service = self.run(start_drafter(pool, inner, port=port))
         index = list(self.services).index(name)
         self.servers[index], self.services[name] = running, service

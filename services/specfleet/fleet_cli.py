@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 from specfleet.fleet import DRAFTER_POOLS, MODEL_FREE_POOLS, ServeOptions
+from specfleet.state.embedded import free_port
 
 ROLES = ("router", "drafter", "fusion", "verifier")
 
@@ -74,12 +74,6 @@ def cmd_serve(args) -> int:
 
 # ---------------------------------------------------------------- up
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _pipe(name: str, stream, out) -> None:
     for line in iter(stream.readline, ""):
         out.write(f"{name:>16} | {line}")
@@ -113,17 +107,17 @@ def cmd_up(args) -> int:
     plan: list[tuple[str, list[str], int]] = []
     drafters = {}
     for pool in pools:
-        port = _free_port()
+        port = free_port()
         drafters[pool] = f"127.0.0.1:{port}"
         plan.append((f"drafter-{pool}", ["drafter", "--pool", pool, "--token", internal_token], port))
     verifiers = []
     for i in range(args.verifiers):
-        port = _free_port()
+        port = free_port()
         verifiers.append(f"127.0.0.1:{port}")
         plan.append((f"verifier-{i}", ["verifier", "--token", internal_token], port))
     fusion = ""
     if len(pools) > 1:
-        port = _free_port()
+        port = free_port()
         fusion = f"127.0.0.1:{port}"
         plan.append(("fusion", ["fusion", "--token", internal_token], port))
     router = ["router", "--drafters", ",".join(f"{p}={a}" for p, a in drafters.items()),

@@ -93,23 +93,47 @@ def run_jsonl(engine, tokenizer, input_path: Path, output_path: Path, max_new_to
             "accepted_per_round": sum(r.stats["accepted_tokens"] for r in results) / max(1, rounds)}
 
 
+class TextDeltas:
+    """Turns committed tokens into text deltas: holds back incomplete UTF-8 and cuts at the first stop string."""
+
+    def __init__(self, tokenizer, stop: list[str] = ()):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def feed(self, new: list[int]) -> tuple[str, bool]:
+        """(text to send now, whether a stop string was reached)."""
+        self.ids += new
+        text = self.tokenizer.decode(self.ids)
+        hits = [text.find(s, max(0, self.sent - max(map(len, self.stop)))) for s in self.stop]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            end = min(hits)
+            delta, self.sent = text[self.sent:end], max(self.sent, end)
+            return delta, True
+        if text.endswith("\ufffd"):
+            return "", False
+        delta, self.sent = text[self.sent:], len(text)
+        return delta, False
+
+
 class StreamPrinter:
-    """Prints a request's text as tokens arrive, holding back bytes that do not yet form whole characters."""
+    """Prints a request's text as tokens arrive (whole characters only)."""
 
     def __init__(self, tokenizer, out=None):
         # sys.stdout as it is now, not at import: redirected or captured output must get the stream too
-        self.tokenizer, self.out = tokenizer, sys.stdout if out is None else out
-        self.ids: list[int] = []
-        self.printed = 0
+        self.out = sys.stdout if out is None else out
+        self.deltas = TextDeltas(tokenizer)
+
+    @property
+    def printed(self) -> int:
+        return self.deltas.sent
 
     def __call__(self, rid: str, tokens: list[int]) -> None:
-        self.ids += tokens
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
-            return
-        self.out.write(text[self.printed:])
-        self.out.flush()
-        self.printed = len(text)
+        text, _ = self.deltas.feed(tokens)
+        if text:
+            self.out.write(text)
+            self.out.flush()
 
 
 def stream_prompt(engine, tokenizer, prompt: str, max_new_tokens: int, params: SamplingParams) -> Result:

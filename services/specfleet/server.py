@@ -8,6 +8,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -92,6 +93,34 @@ async def start_server(add: Sequence[tuple[Callable, object]], service_names: Se
     for name in ("", *service_names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return Running(server, bound, health)
+
+
+class RecentRequests:
+    """The requests a service holds per-request state for (KV cache, suffix tree), least recently used first, so a
+    full service evicts the coldest one; an evicted request's state is rebuilt from its context when it returns."""
+
+    def __init__(self):
+        self._order: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def touch(self, rids) -> None:
+        for rid in rids:
+            self._order[rid] = None
+            self._order.move_to_end(rid)
+
+    def forget(self, rid: str) -> None:
+        self._order.pop(rid, None)
+
+    def evict(self, full: Callable[[], bool], keep: set[str], release: Callable[[str], None]) -> None:
+        """While full(), releases the least recently used request not in `keep`."""
+        for rid in list(self._order):
+            if not full():
+                return
+            if rid not in keep:
+                del self._order[rid]
+                release(rid)
 
 
 class Batcher:

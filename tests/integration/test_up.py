@@ -12,16 +12,11 @@ import uuid
 import torch
 
 from specfleet.sdk import Client
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from specfleet.state.embedded import free_port
 
 
 def test_up_serves_the_target_greedy_output_and_stops_cleanly(load_model, tokenizer):
-    port = _free_port()
+    port = free_port()
     prefix = f"sftest-up-{uuid.uuid4().hex[:8]}"
     cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(port), "--pools", "python,suffix",
            "--redis-url", "redis://127.0.0.1:6379/0", "--key-prefix", prefix, "--slots", "4", "--grace", "2",

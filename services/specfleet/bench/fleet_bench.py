@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,15 +21,15 @@ import time
 import uuid
 from pathlib import Path
 
+from specfleet.state.embedded import free_port
+
 SYSTEM_POOLS = ("python", "prose", "c", "suffix")
 
 
 @contextlib.contextmanager
 def fleet_processes(models_dir: Path, redis_url: str, prefix: str, slots: int, extra: list[str]):
     """`specfleet up` in its own process group; yields the router's address; stops it all on exit."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(port), "--http-port", "-1", "--models",
            str(models_dir), "--redis-url", redis_url, "--key-prefix", prefix, "--slots", str(slots),
            "--pools", ",".join(SYSTEM_POOLS), *extra]

@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import OrderedDict
 
 import grpc
 
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
 from specfleet.engine.proposers import Draft, Proposer
-from specfleet.server import Batcher
+from specfleet.server import Batcher, RecentRequests
 from specfleet.wire import tree_to_pb
 
 
@@ -21,23 +20,19 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
     def __init__(self, proposer: Proposer, pool: str, capacity: int, max_k: int = 16, vocab_size: int = 1 << 31):
         self.proposer, self.pool, self.capacity = proposer, pool, capacity
         self.max_k, self.vocab_size = max_k, vocab_size
-        self.recent: OrderedDict[str, None] = OrderedDict()  # rids with state here, least recently used first
+        self.recent = RecentRequests()
         self.batcher = Batcher(self._draft_batch, max_batch=capacity, max_wait_s=0.0005)
         self.lock = threading.Lock()  # the proposer is used from the batch thread and from Release
         self.drafted = 0
 
     def _draft_batch(self, drafts: list[Draft]):
-        wanted = {d.rid for d in drafts}
-        for d in drafts:
-            self.recent[d.rid] = None
-            self.recent.move_to_end(d.rid)
-        while len(self.recent) > self.capacity:  # evict the least recently used request not in this batch
-            victim = next((r for r in self.recent if r not in wanted), None)
-            if victim is None:
-                break
-            del self.recent[victim]
+        self.recent.touch(d.rid for d in drafts)
+
+        def release(rid: str) -> None:
             with self.lock:
-                self.proposer.stop(victim, [])
+                self.proposer.stop(rid, [])
+
+        self.recent.evict(lambda: len(self.recent) > self.capacity, {d.rid for d in drafts}, release)
         start = time.perf_counter()
         with self.lock:
             trees = self.proposer.propose(drafts)
@@ -63,7 +58,7 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         return internal_pb2.DraftResponse(trees=[tree_to_pb(t) for t, _ in results], drafter=self.pool, seconds=seconds)
 
     async def Release(self, request: internal_pb2.ReleaseRequest, context) -> internal_pb2.ReleaseResponse:
-        self.recent.pop(request.request_id, None)
+        self.recent.forget(request.request_id)
 
         def stop():
             with self.lock:

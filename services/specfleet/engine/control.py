@@ -283,9 +283,7 @@ class SpeculationController:
             k, probe = best_ks[c.rid], False
             if k == 0 and c.cap > 0 and self.trackers[c.rid].rounds_without_draft >= self.probe_every:
                 k, probe = min(self.probe_k, c.cap), True
-            names = drafters_of[c.rid]
-            if self.trackers[c.rid].exploring(self.drafters, self.explore_every):
-                names = list(self.drafters)
+            names = self.trackers[c.rid].active_drafters(self.drafters, self.keep_share, self.explore_every)
             plans[c.rid] = Plan(k, names if k > 0 else [], probe)
         return plans
 

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 
 from specfleet.engine.fusion import FusedTreeBuilder
-from specfleet.engine.llama import LlamaRunner, causal_bias
+from specfleet.engine.llama import LlamaRunner, causal_bias, common_prefix
 from specfleet.engine.proposers import Draft
 from specfleet.engine.tree import TokenTree
 
@@ -43,10 +43,7 @@ class DrafterModel:
         slots, starts, feeds = [], [], []
         for d in batch:
             slots.append(self._slot_for(d.rid))
-            cached = self.cached[d.rid]
-            common, limit = 0, min(len(cached), len(d.context) - 1)  # feed >= 1 token to get logits
-            while common < limit and cached[common] == d.context[common]:
-                common += 1
+            common = common_prefix(self.cached[d.rid], d.context[:-1])  # feed >= 1 token to get logits
             starts.append(common)
             feeds.append(d.context[common:])
             self.cached[d.rid] = list(d.context)

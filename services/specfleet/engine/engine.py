@@ -14,7 +14,7 @@ import torch
 from specfleet.engine.control import Plan
 from specfleet.engine.proposers import Draft, Proposer
 from specfleet.engine.sampling import SamplingParams, make_generator
-from specfleet.engine.verify import TargetVerifier, VerifyItem
+from specfleet.engine.verify import TargetVerifier, VerifyItem, cut_at_finish
 
 
 @dataclass
@@ -185,13 +185,9 @@ class SpecEngine:
             self._commit(lv, verdict.tokens, on_tokens)
 
     def _commit(self, lv: _Live, new: list[int], on_tokens) -> None:
-        new = new[:lv.remaining]
-        if not lv.req.ignore_eos and self.eos_token_id in new:
-            new = new[:new.index(self.eos_token_id) + 1]
-            lv.finish_reason = "stop"
+        new, reason = cut_at_finish(new, lv.remaining, self.eos_token_id, lv.req.ignore_eos)
+        lv.finish_reason = reason or None
         lv.output += new
         lv.tokens += new
-        if lv.remaining <= 0 and not lv.finish_reason:
-            lv.finish_reason = "length"
         if on_tokens and new:
             on_tokens(lv.req.rid, new)

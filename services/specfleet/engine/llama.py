@@ -130,6 +130,14 @@ class LlamaRunner:
             cache[:, dst, :, :length] = cache[:, src, :, :length]
 
 
+def common_prefix(cached: list[int], tokens: list[int]) -> int:
+    """Length of the longest common prefix: how many cached KV columns a slot can keep for `tokens`."""
+    n = min(len(cached), len(tokens))
+    if cached[:n] == tokens[:n]:  # the usual case (the request only grew): one C-level compare
+        return n
+    return next(i for i in range(n) if cached[i] != tokens[i])
+
+
 def causal_bias(starts: list[int], lengths: list[int], width: int) -> torch.Tensor:
     """[B, 1, T, width] bias for feeding chains: row b feeds lengths[b] tokens written at starts[b]..; each sees
     columns < starts[b] + its index. Padding queries (past lengths[b]) see column 0 only (no all-hidden row)."""

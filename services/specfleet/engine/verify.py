@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specfleet.engine.llama import NEG, LlamaRunner, causal_bias
+from specfleet.engine.llama import NEG, LlamaRunner, causal_bias, common_prefix
 from specfleet.engine.sampling import SamplingParams, warp_probs
 from specfleet.engine.tree import TokenTree
 from specfleet_kernels.reference import (
@@ -18,6 +18,16 @@ from specfleet_kernels.reference import (
     tree_ancestor_mask,
     tree_depths,
 )
+
+
+def cut_at_finish(tokens: list[int], remaining: int, eos_token_id: int | None,
+                  ignore_eos: bool = False) -> tuple[list[int], str]:
+    """A round's committed tokens cut where the request ends: at `remaining` tokens ("length") or just after the
+    end-of-text token ("stop"). Returns (tokens to commit, finish reason or "" while it goes on)."""
+    tokens = tokens[:remaining]
+    if not ignore_eos and eos_token_id in tokens:
+        return tokens[:tokens.index(eos_token_id) + 1], "stop"
+    return tokens, "length" if len(tokens) >= remaining else ""
 
 
 @dataclass
@@ -63,11 +73,9 @@ class TargetVerifier:
             self.slot_of[rid] = len(self.slot_of)  # live slots stay packed at 0..n-1
             self.known[rid] = []
         known, want = self.known[rid], context[:-1]
-        common = 0
-        for a, b in zip(known, want, strict=False):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(known, want)
+        if common == len(known) == len(want):
+            return  # in step already (every round but a request's first)
         if common < len(want):
             n = len(want) - common
             cols = torch.arange(common, len(want))[None]  # [1, n]

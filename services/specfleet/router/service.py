@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -18,6 +18,7 @@ from specfleet.engine.control import CostModel, SpeculationController
 from specfleet.engine.engine import FixedK
 from specfleet.engine.sampling import SamplingParams
 from specfleet.engine.tree import TokenTree
+from specfleet.generation import TextDeltas
 from specfleet.wire import sampling_to_pb, tree_from_pb, tree_to_pb
 
 log = logging.getLogger("specfleet.router")
@@ -37,15 +38,6 @@ class FleetConfig:
     adaptive: bool = True  # speculation control; False: always draft k_max levels with every asked pool
 
 
-@dataclass
-class _Stats:
-    requests: int = 0
-    rounds: int = 0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=lambda: [0] * 16)
-
-
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, config: FleetConfig, store, tokenizer, max_positions: int, vocab_size: int,
                  eos_token_id: int | None):
@@ -62,7 +54,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self.controller = SpeculationController(names, k_max=config.k_max, cost=CostModel(parallel_drafters=True))
         else:
             self.controller = FixedK(config.k_max)
-        self.stats = _Stats()
         self.live = 0
 
     # ------------------------------------------------------------------ plumbing
@@ -180,7 +171,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         output = list(state.output_ids)
         rnd, finished, reason = state.round, state.status == "finished", state.finish_reason
         usage = {"rounds": rnd, "draft_tokens": 0, "accepted_tokens": 0}
-        streamer = _TextStream(self.tokenizer, list(request.stop))
+        streamer = TextDeltas(self.tokenizer, list(request.stop))
         if output:  # a resumed request: everything committed so far, from offset 0
             text, cut = streamer.feed(output)
             yield self._message(rid, text, output, 0, finished or cut, reason or ("stop" if cut else ""), prompt,
@@ -205,7 +196,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
             nodes = list(reply.accepted_nodes)
             credited = [tree.origins[i] for i in nodes] if tree.origins else None
             self.controller.observe(rid, plan, tree.max_depth, len(nodes), credited, len(tree))
-            self._count(len(tree), nodes, tree)
             usage["rounds"] += 1
             usage["draft_tokens"] += len(tree)
             usage["accepted_tokens"] += reply.accepted
@@ -221,13 +211,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
             yield self._message(rid, text, new, offset, finished, reason, prompt, output, usage)
         self.controller.forget(rid)
         asyncio.get_running_loop().create_task(self._release(rid, output))
-
-    def _count(self, drafted: int, nodes: list[int], tree: TokenTree) -> None:
-        self.stats.rounds += 1
-        self.stats.draft_tokens += drafted
-        self.stats.accepted_tokens += len(nodes)
-        for depth in range(min(len(nodes), len(self.stats.accepted_per_position))):
-            self.stats.accepted_per_position[depth] += 1
 
     async def _release(self, rid: str, output: list[int]) -> None:
         msg = internal_pb2.ReleaseRequest(request_id=rid, output=output)
@@ -249,7 +232,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the fleet is at capacity ({self.config.max_concurrent} live requests); retry later")
         self.live += 1
-        self.stats.requests += 1
         try:
             async for message in self._run(request, context):
                 yield message
@@ -264,27 +246,3 @@ class RouterService(router_pb2_grpc.RouterServicer):
             last = message
         return router_pb2.GenerateResponse(request_id=last.request_id, text="".join(texts), token_ids=ids,
                                            finished=True, finish_reason=last.finish_reason, usage=last.usage)
-
-
-class _TextStream:
-    """Turns committed tokens into text deltas: holds back incomplete UTF-8 and cuts at the first stop string."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
-        self.ids: list[int] = []
-        self.sent = 0
-
-    def feed(self, new: list[int]) -> tuple[str, bool]:
-        """(text to send now, whether a stop string was reached)."""
-        self.ids += new
-        text = self.tokenizer.decode(self.ids)
-        hits = [text.find(s, max(0, self.sent - max(map(len, self.stop)))) for s in self.stop]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            end = min(hits)
-            delta, self.sent = text[self.sent:end], max(self.sent, end)
-            return delta, True
-        if text.endswith("\ufffd"):
-            return "", False
-        delta, self.sent = text[self.sent:], len(text)
-        return delta, False

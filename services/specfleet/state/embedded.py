@@ -32,7 +32,8 @@ def redis_server_executable() -> str:
     return found
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for a service about to bind it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
@@ -118,7 +119,7 @@ def start_embedded_redis(
     executable = redis_server_executable()
     last_log = ""
     for _attempt in range(5 if port == 0 else 1):  # a picked free port can be taken before redis binds it
-        chosen = port or _free_port(host)
+        chosen = port or free_port(host)
         workdir = tempfile.mkdtemp(prefix="specfleet-redis-")
         config = Path(workdir) / "redis.conf"
         lines = [

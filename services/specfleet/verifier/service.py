@@ -8,13 +8,12 @@ import asyncio
 import hashlib
 import threading
 import time
-from collections import OrderedDict
 
 import grpc
 
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
-from specfleet.engine.verify import TargetVerifier, Verdict, VerifyItem
-from specfleet.server import Batcher
+from specfleet.engine.verify import TargetVerifier, Verdict, VerifyItem, cut_at_finish
+from specfleet.server import Batcher, RecentRequests
 from specfleet.state.store import RequestNotFoundError, RoundGapError
 from specfleet.wire import sampling_from_pb, tree_from_pb
 
@@ -29,7 +28,7 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
         self.verifier = TargetVerifier(target, slots=slots)
         self.store = store
         self.eos_token_id = target.config.eos_token_id if eos_token_id is None else eos_token_id
-        self.recent: OrderedDict[str, None] = OrderedDict()
+        self.recent = RecentRequests()
         self.lock = threading.Lock()
         self.batcher = Batcher(self._verify_batch, max_batch=slots, max_wait_s=max_wait_s)
         self.rounds = 0
@@ -37,26 +36,17 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
     def _verify_batch(self, items: list[VerifyItem]) -> list[tuple[Verdict, float, int]]:
         with self.lock:
             wanted = {it.rid for it in items}
-            for it in items:
-                self.recent[it.rid] = None
-                self.recent.move_to_end(it.rid)
-            for rid in list(self.recent):  # make room: evict least recently used requests not in this batch
-                if len(self.verifier) + sum(1 for r in wanted if r not in self.verifier) <= self.verifier.runner.slots:
-                    break
-                if rid not in wanted and rid in self.verifier:
-                    self.verifier.release(rid)
-                    del self.recent[rid]
+            self.recent.touch(wanted)
+
+            def full() -> bool:  # the batch's new requests need slots
+                return len(self.verifier) + sum(r not in self.verifier for r in wanted) > self.verifier.runner.slots
+
+            self.recent.evict(full, wanted, self.verifier.release)
             start = time.perf_counter()
             verdicts = self.verifier.verify(items)
             seconds = time.perf_counter() - start
         self.rounds += len(items)
         return [(v, seconds, len(items)) for v in verdicts]
-
-    def _finish(self, tokens: list[int], max_new: int, ignore_eos: bool) -> tuple[list[int], bool, str]:
-        tokens = tokens[:max_new]
-        if not ignore_eos and self.eos_token_id in tokens:
-            return tokens[:tokens.index(self.eos_token_id) + 1], True, "stop"
-        return tokens, len(tokens) >= max_new, "length" if len(tokens) >= max_new else ""
 
     async def Verify(self, request: internal_pb2.VerifyRequest, context) -> internal_pb2.VerifyResponse:
         rid, rnd = request.request_id, request.round
@@ -81,7 +71,8 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
         seed = params.seed if params.seed is not None else stream_seed(rid)
         item = VerifyItem(rid, context_ids, tree, params, len(context_ids) - request.prompt_len, seed)
         verdict, seconds, batch = await self.batcher.submit(item)
-        tokens, finished, reason = self._finish(verdict.tokens, request.max_new_tokens, request.ignore_eos)
+        tokens, reason = cut_at_finish(verdict.tokens, request.max_new_tokens, self.eos_token_id, request.ignore_eos)
+        finished = bool(reason)
         if self.store is not None:
             # No read before the forward (it would cost a Redis round trip per round): the commit itself says
             # whether this round was already committed (a retry), and then the committed tokens stand.
@@ -112,7 +103,7 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
     async def Release(self, request: internal_pb2.ReleaseRequest, context) -> internal_pb2.ReleaseResponse:
         def release():
             with self.lock:
-                self.recent.pop(request.request_id, None)
+                self.recent.forget(request.request_id)
                 self.verifier.release(request.request_id)
 
         await asyncio.to_thread(release)

@@ -27,6 +27,25 @@ class ServeOptions:
     token: str | None = None  # bearer token (public router) / shared internal token (internal services)
     slots: int = 32  # concurrent requests with a KV cache per drafter / verifier replica
     key_prefix: str = "sf"
+    heartbeat_s: float = 2.0  # load published to Redis this often (when a Redis URL is given); 0: never
+    pod: str | None = None  # heartbeat id; default SPECFLEET_POD_NAME or host-role-port
+
+
+async def _publish(opts: ServeOptions, role: str, running: Running, snapshot, extra: dict | None = None,
+                   store=None) -> None:
+    """Starts the service's heartbeat (load + NVML readings to Redis); a draining mark flips its health."""
+    from specfleet.state.heartbeat import HeartbeatPublisher, advertised_address, pod_name
+
+    if opts.heartbeat_s <= 0 or not (store or opts.redis_url):
+        return
+    store = store or await _store(opts)
+    pod = opts.pod or pod_name(role, running.port)
+
+    async def on_drain(draining: bool) -> None:
+        await running.set_serving(not draining)
+
+    running.publisher = HeartbeatPublisher(store, role, pod, advertised_address(opts.host, running.port), snapshot,
+                                           on_drain, opts.heartbeat_s, extra).start()
 
 
 def _load(models: Path, name: str):
@@ -48,6 +67,7 @@ async def start_drafter(pool: str, opts: ServeOptions, port: int = 0) -> tuple[R
     service = DrafterService(proposer, pool, capacity=opts.slots, vocab_size=vocab)
     running = await start_server([(internal_pb2_grpc.add_DrafterServicer_to_server, service)],
                                  ["specfleet.api.v1.Drafter"], opts.host, port, opts.token)
+    await _publish(opts, "drafter", running, service.snapshot, {"pool": pool})
     return running, service
 
 
@@ -57,6 +77,7 @@ async def start_fusion(opts: ServeOptions, port: int = 0) -> tuple[Running, obje
     service = FusionService()
     running = await start_server([(internal_pb2_grpc.add_FusionServicer_to_server, service)],
                                  ["specfleet.api.v1.Fusion"], opts.host, port, opts.token)
+    await _publish(opts, "fusion", running, service.snapshot)
     return running, service
 
 
@@ -73,9 +94,11 @@ async def start_verifier(opts: ServeOptions, port: int = 0) -> tuple[Running, ob
     from specfleet.verifier.service import VerifierService
 
     target = _load(opts.models, "target")  # on the serving thread: see Batcher
-    service = VerifierService(target, slots=opts.slots, store=await _store(opts))
+    store = await _store(opts)
+    service = VerifierService(target, slots=opts.slots, store=store)
     running = await start_server([(internal_pb2_grpc.add_VerifierServicer_to_server, service)],
                                  ["specfleet.api.v1.Verifier"], opts.host, port, opts.token)
+    await _publish(opts, "verifier", running, service.snapshot, store=store)
     return running, service
 
 
@@ -88,10 +111,13 @@ async def start_router(opts: ServeOptions, config, port: int = 0,
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(opts.models / "target"))
     model_cfg = AutoConfig.from_pretrained(str(opts.models / "target"))
     config.internal_token = internal_token
-    service = RouterService(config, await _store(opts), tokenizer, model_cfg.max_position_embeddings,
+    store = await _store(opts)
+    service = RouterService(config, store, tokenizer, model_cfg.max_position_embeddings,
                             model_cfg.vocab_size, model_cfg.eos_token_id)
     running = await start_server([(router_pb2_grpc.add_RouterServicer_to_server, service)],
                                  ["specfleet.api.v1.Router"], opts.host, port, opts.token)
+    service.ensure_discovery()
+    await _publish(opts, "router", running, service.snapshot, store=store)
     return running, service
 
 

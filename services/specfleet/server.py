@@ -8,7 +8,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,10 +61,20 @@ class Running:
     server: grpc.aio.Server
     port: int
     health: HealthServicer
+    service_names: tuple[str, ...] = ()
+    publisher: object | None = None  # state.heartbeat.HeartbeatPublisher, when the service reports to Redis
+
+    async def set_serving(self, serving: bool) -> None:
+        """Readiness of every service on this server (a draining pod answers NOT_SERVING, finishing what it has)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Readiness first (load balancers stop sending), then stop accepting, then wait for in-flight calls."""
         await self.health.enter_graceful_shutdown()
+        if self.publisher is not None:
+            await self.publisher.stop()
         await self.server.stop(grace)
 
 
@@ -90,9 +100,9 @@ async def start_server(add: Sequence[tuple[Callable, object]], service_names: Se
     if not bound:
         raise OSError(f"could not listen on {address}")
     await server.start()
-    for name in ("", *service_names):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, bound, health)
+    running = Running(server, bound, health, tuple(service_names))
+    await running.set_serving(True)
+    return running
 
 
 class RecentRequests:
@@ -140,17 +150,29 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self.batches = 0
         self.busy_s = 0.0
+        self.wait_s = 0.0  # summed time items waited for their batch (heartbeats report the mean per interval)
+        self.waited = 0
+        self.recent_waits: deque[float] = deque(maxlen=512)
+        self.running = 0  # items in the batch being run
 
     async def submit(self, item) -> object:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
         future = asyncio.get_running_loop().create_future()
+        future.enqueued = time.perf_counter()
         await self._queue.put((item, future))
         return await future
 
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    def snapshot(self) -> dict[str, float]:
+        """Cumulative counters and gauges for heartbeats (see state.heartbeat.rates)."""
+        waits = sorted(self.recent_waits)
+        p99 = 1000 * waits[min(len(waits) - 1, int(0.99 * len(waits)))] if waits else 0.0
+        return {"busy_s": self.busy_s, "steps": self.batches, "wait_s": self.wait_s, "waited": self.waited,
+                "queue_depth": self.depth, "inflight": self.depth + self.running, "queue_wait_p99_ms": p99}
 
     async def _loop(self) -> None:
         while True:
@@ -169,6 +191,11 @@ class Batcher:
             if not live:
                 continue
             start = time.perf_counter()
+            waits = [start - fut.enqueued for _, fut in live]
+            self.wait_s += sum(waits)
+            self.recent_waits.extend(waits)
+            self.waited += len(live)
+            self.running = len(live)
             try:
                 items = [item for item, _ in live]
                 if self.inline:
@@ -184,6 +211,7 @@ class Batcher:
             finally:
                 self.busy_s += time.perf_counter() - start
                 self.batches += 1
+                self.running = 0
             for (_, fut), result in zip(live, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)

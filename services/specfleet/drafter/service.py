@@ -40,6 +40,10 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         self.drafted += sum(len(t) for t in trees)
         return [(tree, seconds) for tree in trees]
 
+    def snapshot(self) -> dict:
+        """Heartbeat counters: the batcher's, plus drafted tokens and cached requests."""
+        return {**self.batcher.snapshot(), "tokens": self.drafted, "cached": len(self.recent)}
+
     async def Draft(self, request: internal_pb2.DraftRequest, context) -> internal_pb2.DraftResponse:
         drafts = []
         for item in request.items:

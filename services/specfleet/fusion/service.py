@@ -39,6 +39,7 @@ class FusionService(internal_pb2_grpc.FusionServicer):
     def __init__(self, vocab_size: int | None = None):
         self.vocab_size = vocab_size
         self.fused = 0
+        self.nodes = 0
 
     async def Fuse(self, request: internal_pb2.FuseRequest, context) -> internal_pb2.FuseResponse:
         if len(request.drafters) != len(request.drafts):
@@ -52,4 +53,9 @@ class FusionService(internal_pb2_grpc.FusionServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self.fused += 1
+        self.nodes += len(tree)
         return internal_pb2.FuseResponse(tree=tree_to_pb(tree))
+
+    def snapshot(self) -> dict:
+        """Heartbeat counters: fusions (steps) and fused tree nodes (tokens)."""
+        return {"steps": self.fused, "tokens": self.nodes}

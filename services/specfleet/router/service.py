@@ -36,6 +36,7 @@ class FleetConfig:
     rpc_timeout_s: float = 30.0
     max_concurrent: int = 256  # admission control: more live requests than this get RESOURCE_EXHAUSTED
     adaptive: bool = True  # speculation control; False: always draft k_max levels with every asked pool
+    discover_s: float = 1.0  # replicas are re-read from Redis heartbeats this often (0: static addresses only)
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -55,6 +56,58 @@ class RouterService(router_pb2_grpc.RouterServicer):
         else:
             self.controller = FixedK(config.k_max)
         self.live = 0
+        self.rounds = 0
+        self.tokens = 0
+        self.acceptance = 0.0  # EMA of tokens emitted per round
+        # replicas found in heartbeats: role or "drafter:<pool>" -> live, non-draining addresses
+        self.members: dict[str, list[str]] = {}
+        self.draining: set[str] = set()
+        self._discovery: asyncio.Task | None = None
+
+    def snapshot(self) -> dict:
+        """Heartbeat counters: live requests, rounds and committed tokens, mean tokens per round."""
+        return {"live": self.live, "inflight": self.live, "queue_depth": 0, "rounds": self.rounds, "steps": self.rounds,
+                "tokens": self.tokens, "acceptance": round(self.acceptance, 3)}
+
+    # ------------------------------------------------------------------ membership
+
+    async def refresh_members(self) -> None:
+        """Reads the fleet's replicas from Redis heartbeats: new replicas (autoscaling) join, draining ones stop
+        getting new rounds. Where no heartbeat names a role, the configured addresses stand."""
+        beats = await self.store.heartbeats()
+        members: dict[str, list[str]] = {}
+        draining = set()
+        for beat in beats:
+            address = beat.get("address")
+            if not address:
+                continue
+            key = f"drafter:{beat.get('pool')}" if beat["role"] == "drafter" else beat["role"]
+            if beat.get("draining"):
+                draining.add(address)
+            else:
+                members.setdefault(key, []).append(address)
+        self.members = {k: sorted(v) for k, v in members.items()}
+        self.draining = draining
+
+    async def _discover_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh_members()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: keep the last known members
+                log.warning("reading replicas from Redis failed: %s", exc)
+            await asyncio.sleep(self.config.discover_s)
+
+    def ensure_discovery(self) -> None:
+        if self._discovery is None and self.config.discover_s > 0:
+            self._discovery = asyncio.get_running_loop().create_task(self._discover_loop())
+
+    def _replicas(self, key: str, configured: list[str]) -> list[str]:
+        found = self.members.get(key)
+        if found:
+            return found
+        return [a for a in configured if a not in self.draining] or configured
 
     # ------------------------------------------------------------------ plumbing
 
@@ -66,16 +119,22 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self._channels[address] = grpc.aio.insecure_channel(address, options=options)
         return self._channels[address]
 
-    def _drafter(self, pool: str):
-        return internal_pb2_grpc.DrafterStub(self._channel(self.config.drafters[pool]))
+    def _drafter(self, pool: str, rid: str = ""):
+        """The pool's replica for this request: sticky by request id, so its drafter KV cache stays warm."""
+        replicas = self._replicas(f"drafter:{pool}", [self.config.drafters[pool]])
+        return internal_pb2_grpc.DrafterStub(self._channel(replicas[zlib.crc32(rid.encode()) % len(replicas)]))
 
     def _verifiers_for(self, rid: str) -> list[str]:
-        """Sticky by request id (its KV cache stays warm on one verifier), the others as fall-backs in order."""
-        vs = self.config.verifiers
+        """Sticky by request id (its KV cache stays warm on one verifier), the others as fall-backs in order;
+        draining verifiers come last (only if every other one fails)."""
+        vs = self._replicas("verifier", self.config.verifiers)
         first = zlib.crc32(rid.encode()) % len(vs)
-        return vs[first:] + vs[:first]
+        spare = [v for v in self.config.verifiers if v in self.draining and v not in vs]
+        return vs[first:] + vs[:first] + spare
 
     async def close(self) -> None:
+        if self._discovery is not None:
+            self._discovery.cancel()
         for channel in self._channels.values():
             await channel.close()
 
@@ -116,8 +175,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
             return TokenTree.empty(), 0.0
         start = time.perf_counter()
         item = internal_pb2.DraftItem(request_id=rid, context=context, k=k)
-        calls = [self._drafter(p).Draft(internal_pb2.DraftRequest(items=[item]), timeout=self.config.rpc_timeout_s,
-                                        metadata=self._metadata) for p in pools]
+        calls = [self._drafter(p, rid).Draft(internal_pb2.DraftRequest(items=[item]),
+                                             timeout=self.config.rpc_timeout_s, metadata=self._metadata)
+                 for p in pools]
         replies = await asyncio.gather(*calls, return_exceptions=True)
         trees, names = [], []
         for pool, reply in zip(pools, replies, strict=True):
@@ -197,6 +257,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             credited = [tree.origins[i] for i in nodes] if tree.origins else None
             self.controller.observe(rid, plan, tree.max_depth, len(nodes), credited, len(tree))
             usage["rounds"] += 1
+            self.rounds += 1
+            self.tokens += len(reply.token_ids)
+            self.acceptance = len(reply.token_ids) if self.rounds == 1 else (
+                0.95 * self.acceptance + 0.05 * len(reply.token_ids))
             usage["draft_tokens"] += len(tree)
             usage["accepted_tokens"] += reply.accepted
             new = list(reply.token_ids)
@@ -214,7 +278,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _release(self, rid: str, output: list[int]) -> None:
         msg = internal_pb2.ReleaseRequest(request_id=rid, output=output)
-        calls = [self._drafter(p).Release(msg, timeout=5, metadata=self._metadata) for p in self.config.drafters]
+        calls = [self._drafter(p, rid).Release(msg, timeout=5, metadata=self._metadata) for p in self.config.drafters]
         calls += [internal_pb2_grpc.VerifierStub(self._channel(v)).Release(msg, timeout=5, metadata=self._metadata)
                   for v in self.config.verifiers]
         await asyncio.gather(*calls, return_exceptions=True)  # best effort: caches are also evicted when full
@@ -228,6 +292,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     # ------------------------------------------------------------------ RPCs
 
     async def Generate(self, request, context):
+        self.ensure_discovery()
         if self.live >= self.config.max_concurrent:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the fleet is at capacity ({self.config.max_concurrent} live requests); retry later")

@@ -249,6 +249,10 @@ class StateStore:
             out.append(record)
         return sorted(out, key=lambda r: (r["role"], r["pod"]))
 
+    async def withdraw_heartbeat(self, role: str, pod: str) -> None:
+        """Deletes a pod's heartbeat at once (a clean stop) instead of letting it expire."""
+        await self.redis.delete(self.keys.heartbeat(role, pod))
+
     async def set_draining(self, role: str, pod: str, draining: bool, ttl_s: int = 3600) -> None:
         """Mark a pod draining (kept ttl_s seconds, across its heartbeats) or clear the mark."""
         key = self.keys.draining(role, pod)

@@ -32,6 +32,7 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
         self.lock = threading.Lock()
         self.batcher = Batcher(self._verify_batch, max_batch=slots, max_wait_s=max_wait_s)
         self.rounds = 0
+        self.tokens = 0
 
     def _verify_batch(self, items: list[VerifyItem]) -> list[tuple[Verdict, float, int]]:
         with self.lock:
@@ -46,7 +47,12 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
             verdicts = self.verifier.verify(items)
             seconds = time.perf_counter() - start
         self.rounds += len(items)
+        self.tokens += sum(len(it.tree) + 1 for it in items)
         return [(v, seconds, len(items)) for v in verdicts]
+
+    def snapshot(self) -> dict:
+        """Heartbeat counters: the batcher's (forwards, busy time, queue wait), verified tokens, cached requests."""
+        return {**self.batcher.snapshot(), "tokens": self.tokens, "rounds": self.rounds, "cached": len(self.recent)}
 
     async def Verify(self, request: internal_pb2.VerifyRequest, context) -> internal_pb2.VerifyResponse:
         rid, rnd = request.request_id, request.round

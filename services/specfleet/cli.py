@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from specfleet.demo import DEMO_PROMPTS
 from specfleet.training.family import DRAFTER_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -15,12 +16,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS = Path(os.environ.get("SPECFLEET_MODELS", REPO_ROOT / "models"))
 DEFAULT_DATA = Path(os.environ.get("SPECFLEET_DATA", REPO_ROOT / "data"))
 DEFAULT_BENCH = REPO_ROOT / "bench"
-
-DEMO_PROMPTS = (
-    "def read_config(path):\n    \"\"\"Read a configuration file and return a dict.\"\"\"\n",
-    "The request handler validates its input before",
-    "#include <stdint.h>\n\nstatic inline uint32_t",
-)
 
 
 def _positive_int(text: str) -> int:
@@ -120,6 +115,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if not args.engine:
+        from specfleet.demo import run_fleet_demo
+
+        try:
+            return run_fleet_demo(args)
+        except (RuntimeError, TimeoutError) as exc:
+            sys.exit(f"error: {exc}")
     from specfleet.generation import stream_prompt
 
     engine, tok = _engine(args, 1)
@@ -289,11 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_options(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="a real generation through the speculative engine with the bundled models",
+    p = sub.add_parser("demo", help="a real generation through the fleet (or the engine) with the bundled models",
                        formatter_class=fmt,
-                       description="Greedy speculative decoding of a few prompts with the bundled target and "
-                                   "drafters, streamed, with the rounds it took.")
+                       description="Starts the fleet with `specfleet up` (router, fusion, drafter pools, verifier, "
+                                   "embedded Redis), streams speculative decoding of a few prompts through the SDK, "
+                                   "prints a table of rounds and accepted tokens, and stops the fleet. --engine runs "
+                                   "the same prompts in this process instead.")
     _engine_options(p, max_new_tokens=48)
+    p.add_argument("--engine", action="store_true", help="run in this process (no services, no Redis)")
+    p.add_argument("--pools", default="python,prose,c,suffix", help="fleet: drafter pools to start")
+    p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
+                   help="fleet: use this Redis instead of an embedded one")
+    p.add_argument("--ready-timeout", type=float, default=180.0, help="fleet: seconds to wait for it to start")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="rebuild the bundled models: corpus, tokenizer, target, drafters, card",
@@ -357,8 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from specfleet.fleet_cli import add_parsers as add_fleet_parsers
     from specfleet.sdk.cli import add_client_parser
+    from specfleet_operator.simulator.cli import add_parsers as add_simulate_parsers
 
     add_fleet_parsers(sub, fmt, DEFAULT_MODELS)
+    add_simulate_parsers(sub, fmt)
     add_client_parser(sub)
 
     p = sub.add_parser("models", help="measure the bundled models and regenerate their model card")

@@ -50,6 +50,15 @@ async def _serve(args) -> None:
         config = FleetConfig(drafters=_pools(args.drafters), verifiers=_addresses(args.verifiers),
                              fusion=args.fusion or None, k_max=args.k, adaptive=args.adaptive)
         running, _ = await fleet.start_router(opts, config, args.port, args.internal_token)
+    http = None
+    if args.role == "router" and args.http_port >= 0:
+        from specfleet.router.http import build_app, start_http_in_thread
+
+        # the HTTP front calls this process's gRPC router over loopback, with the public token
+        app = build_app(f"127.0.0.1:{running.port}", args.token)
+        server, thread, http_port = start_http_in_thread(app, args.host, args.http_port)
+        http = (server, thread)
+        print(f"specfleet router: OpenAI-compatible HTTP on http://{args.host}:{http_port}/v1", flush=True)
     print(f"specfleet {args.role}{' ' + args.pool if args.role == 'drafter' else ''} serving on "
           f"{args.host}:{running.port}", flush=True)
     stop = asyncio.Event()
@@ -58,6 +67,9 @@ async def _serve(args) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await running.stop(args.grace)  # readiness flips first, in-flight calls get the grace period
+    if http is not None:
+        http[0].should_exit = True
+        await asyncio.to_thread(http[1].join, 10)
 
 
 def cmd_serve(args) -> int:
@@ -200,6 +212,9 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
     p.add_argument("role", choices=ROLES)
     p.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=0, help="listen port (0: any free port, printed at start)")
+    p.add_argument("--http-port", type=int, default=-1,
+                   help="router only: also serve the OpenAI-compatible HTTP API (and /metrics) on --host:PORT "
+                        "(0: any free port; -1: none)")
     p.add_argument("--models", type=Path, default=models_default, help="folder of bundled models")
     p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
                    help="Redis for request state (verifier, router); env SPECFLEET_REDIS_URL")

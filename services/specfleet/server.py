@@ -21,6 +21,10 @@ from grpc_reflection.v1alpha import reflection
 log = logging.getLogger("specfleet")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# gRPC's reconnect backoff grows to two minutes while a peer is down or still starting; internal channels keep it
+# at most a second, so a restarted peer (or one slow to start on a loaded machine) is used within a second
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                  ("grpc.max_reconnect_backoff_ms", 1000)]
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # reachable without a token (probes, tooling)
 
 
@@ -220,7 +224,7 @@ class Batcher:
 async def wait_healthy(target: str, timeout: float = 60.0, service: str = "") -> None:
     """Waits until a server's health check answers SERVING (raises TimeoutError)."""
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(target, options=FAST_RECONNECT) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -64,3 +64,14 @@ def test_up_serves_the_target_greedy_output_and_stops_cleanly(load_model, tokeni
     keys = list(client.scan_iter(f"{prefix}:*"))
     if keys:
         client.delete(*keys)
+
+
+def test_demo_streams_through_the_fleet_and_prints_stats():
+    """`make demo`'s command: starts `up`, streams the demo prompts through the SDK, prints the stats table, stops."""
+    cmd = [sys.executable, "-m", "specfleet.cli", "demo", "--pools", "suffix", "--max-new-tokens", "8",
+           "--redis-url", "redis://127.0.0.1:6379/0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = done.stdout.split("tokens/round")[1].strip().splitlines()
+    assert len(table) == 1 + 3  # the rule and one row per demo prompt
+    assert all(int(row.split()[-7]) == 8 for row in table[1:])  # 8 tokens each

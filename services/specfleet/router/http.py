@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
+from specfleet.server import FAST_RECONNECT
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -248,8 +249,7 @@ def build_app(router_address: str, token: str | None = None, model_name: str = "
     def channel() -> grpc.aio.Channel:
         # made on first use, on the serving loop (a grpc.aio channel belongs to the loop it was made on)
         if "channel" not in state:
-            options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                       ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.max_receive_message_length", 16 << 20)]
+            options = [*FAST_RECONNECT, ("grpc.max_receive_message_length", 16 << 20)]
             state["channel"] = grpc.aio.insecure_channel(router_address, options=options)
         return state["channel"]  # type: ignore[return-value]
 

@@ -19,6 +19,7 @@ from specfleet.engine.engine import FixedK
 from specfleet.engine.sampling import SamplingParams
 from specfleet.engine.tree import TokenTree
 from specfleet.generation import TextDeltas
+from specfleet.server import FAST_RECONNECT
 from specfleet.wire import sampling_to_pb, tree_from_pb, tree_to_pb
 
 log = logging.getLogger("specfleet.router")
@@ -114,9 +115,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
             # reconnect quickly after a peer restarts (gRPC's default backoff grows to minutes)
-            options = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-                       ("grpc.max_reconnect_backoff_ms", 1000)]
-            self._channels[address] = grpc.aio.insecure_channel(address, options=options)
+            self._channels[address] = grpc.aio.insecure_channel(address, options=FAST_RECONNECT)
         return self._channels[address]
 
     def _drafter(self, pool: str, rid: str = ""):

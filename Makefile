@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specfleet-installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo test lint models acceptance card protos clean help
+.PHONY: setup demo test lint models acceptance card protos chart clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -34,6 +34,9 @@ models: setup  ## rebuild the model family from scratch or resume it (long: hour
 
 acceptance: setup  ## re-measure the drafter x domain acceptance matrix and rewrite models/README.md
 	$(VENV)/bin/specfleet models acceptance
+
+chart: setup  ## validate the Helm chart and Dockerfiles (helm lint, Kubernetes schemas, values schema, yamllint, hadolint)
+	$(PY) -m pytest -q tests/deploy
 
 protos: setup  ## regenerate the gRPC stubs in services/specfleet/api/v1/ from protos/
 	$(PY) services/specfleet/api/codegen.py

@@ -131,6 +131,8 @@ class LocalFleet:
     fusion: bool = True
     k_max: int = 4
     adaptive: bool = True
+    pipeline: bool = True
+    routing: bool = True
     router_port: int = 0
     internal_token: str | None = None
     servers: list[Running] = field(default_factory=list)
@@ -171,7 +173,7 @@ class LocalFleet:
             self._keep("fusion", running, service)
             fusion = f"127.0.0.1:{running.port}"
         config = FleetConfig(drafters=drafters, verifiers=verifiers, fusion=fusion, k_max=self.k_max,
-                             adaptive=self.adaptive)
+                             adaptive=self.adaptive, pipeline=self.pipeline, routing=self.routing)
         running, service = await start_router(self.opts, config, self.router_port, self.internal_token)
         self._keep("router", running, service)
         self.router_address = f"127.0.0.1:{running.port}"

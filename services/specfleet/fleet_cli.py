@@ -48,7 +48,8 @@ async def _serve(args) -> None:
         from specfleet.router.service import FleetConfig
 
         config = FleetConfig(drafters=_pools(args.drafters), verifiers=_addresses(args.verifiers),
-                             fusion=args.fusion or None, k_max=args.k, adaptive=args.adaptive)
+                             fusion=args.fusion or None, k_max=args.k, adaptive=args.adaptive,
+                             pipeline=args.pipeline, routing=args.routing)
         running, _ = await fleet.start_router(opts, config, args.port, args.internal_token)
     http = None
     if args.role == "router" and args.http_port >= 0:
@@ -128,13 +129,14 @@ def cmd_up(args) -> int:
         verifiers.append(f"127.0.0.1:{port}")
         plan.append((f"verifier-{i}", ["verifier", "--token", internal_token], port))
     fusion = ""
-    if len(pools) > 1:
+    if len(pools) > 1 and args.fusion:
         port = free_port()
         fusion = f"127.0.0.1:{port}"
         plan.append(("fusion", ["fusion", "--token", internal_token], port))
     router = ["router", "--drafters", ",".join(f"{p}={a}" for p, a in drafters.items()),
               "--verifiers", ",".join(verifiers), "--fusion", fusion, "--internal-token", internal_token,
-              "--k", str(args.k)] + ([] if args.adaptive else ["--no-adaptive"])
+              "--k", str(args.k)] + ([] if args.adaptive else ["--no-adaptive"]) + (
+              [] if args.pipeline else ["--no-pipeline"]) + ([] if args.routing else ["--no-routing"])
     if args.token:
         router += ["--token", args.token]
     plan.append(("router", router, args.grpc_port))
@@ -205,6 +207,15 @@ def cmd_up(args) -> int:
             embedded.stop()
 
 
+def _ablation_flags(p: argparse.ArgumentParser, scope: str) -> None:
+    """The CoSine switches a benchmark turns off one at a time."""
+    p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
+                   help=f"{scope}draft strictly after each verification (default: draft the next round while this "
+                        "one is verified, PipeInfer-style, dropping drafts the verification invalidates)")
+    p.add_argument("--no-routing", dest="routing", action="store_false",
+                   help=f"{scope}one drafter pool picked at random each round instead of expertise routing")
+
+
 def add_parsers(sub, fmt, models_default: Path) -> None:
     p = sub.add_parser("serve", formatter_class=fmt, help="run one fleet service (router, drafter, fusion, verifier)",
                        description="Runs one specfleet gRPC service in this process until SIGTERM / Ctrl-C, then stops "
@@ -230,6 +241,7 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
     p.add_argument("--k", type=int, default=4, help="router only: most draft levels per round")
     p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                    help="router only: always draft k levels with every pool (no speculation control)")
+    _ablation_flags(p, "router only: ")
     p.add_argument("--slots", type=int, default=32, help="requests with a KV cache per drafter / verifier")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
     p.set_defaults(func=cmd_serve)
@@ -252,6 +264,9 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
     p.add_argument("--k", type=int, default=4, help="most draft levels per round (0: plain decoding)")
     p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                    help="always draft k levels with every pool (no speculation control)")
+    _ablation_flags(p, "")
+    p.add_argument("--no-fusion", dest="fusion", action="store_false",
+                   help="no fusion service: each round drafts with the single best routed pool")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on Ctrl-C")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the router")
     p.add_argument("--exit-when-ready", action="store_true", help=argparse.SUPPRESS)

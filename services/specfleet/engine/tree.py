@@ -60,3 +60,39 @@ class TokenTree:
             torch.tensor(probs if probs is not None else [1.0] * n, dtype=torch.float32),
             draft_probs,
         )
+
+    def best_path(self) -> list[int]:
+        """Node indices of the most confident chain: the first child at every level (siblings are in confidence
+        order), i.e. the continuation a pipelined drafter speculates on."""
+        path: list[int] = []
+        parent = -1
+        for i in range(len(self)):
+            if int(self.parents[i]) == parent:
+                path.append(i)
+                parent = i
+        return path
+
+    def subtree(self, node: int) -> TokenTree:
+        """The descendants of `node`, re-rooted (its children become roots): the draft left once `node`'s token
+        has been committed."""
+        keep: list[int] = []
+        index = {node: -1}
+        for i in range(node + 1, len(self)):
+            p = int(self.parents[i])
+            if p in index:
+                index[i] = len(keep)
+                keep.append(i)
+        return self._select(keep, [index[int(self.parents[i])] for i in keep])
+
+    def prune_depth(self, k: int) -> TokenTree:
+        """The nodes less than k levels deep (a draft of at most k levels)."""
+        if self.max_depth <= k:
+            return self
+        keep = [i for i, d in enumerate(self.depth.tolist()) if d < k]
+        index = {old: new for new, old in enumerate(keep)}
+        return self._select(keep, [index.get(int(self.parents[i]), -1) for i in keep])
+
+    def _select(self, keep: list[int], parents: list[int]) -> TokenTree:
+        return TokenTree(self.tokens[keep], torch.tensor(parents, dtype=torch.long), self.probs[keep],
+                         None if self.draft_probs is None else self.draft_probs[keep],
+                         None if self.origins is None else tuple(self.origins[i] for i in keep))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 import zlib
@@ -20,6 +21,7 @@ from specfleet.engine.sampling import SamplingParams
 from specfleet.engine.tree import TokenTree
 from specfleet.generation import TextDeltas
 from specfleet.server import FAST_RECONNECT
+from specfleet.telemetry import client_interceptors
 from specfleet.wire import sampling_to_pb, tree_from_pb, tree_to_pb
 
 log = logging.getLogger("specfleet.router")
@@ -38,6 +40,8 @@ class FleetConfig:
     max_concurrent: int = 256  # admission control: more live requests than this get RESOURCE_EXHAUSTED
     adaptive: bool = True  # speculation control; False: always draft k_max levels with every asked pool
     discover_s: float = 1.0  # replicas are re-read from Redis heartbeats this often (0: static addresses only)
+    pipeline: bool = True  # draft the next round while this one is verified (PipeInfer); False: strictly in turn
+    routing: bool = True  # expertise routing; False: one drafter pool picked at random each round (ablation)
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -59,6 +63,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.live = 0
         self.rounds = 0
         self.tokens = 0
+        self.used_ahead = 0  # rounds whose draft was made during the previous verification
+        self.cancelled_ahead = 0  # drafts made ahead and dropped because verification invalidated them
         self.acceptance = 0.0  # EMA of tokens emitted per round
         # replicas found in heartbeats: role or "drafter:<pool>" -> live, non-draining addresses
         self.members: dict[str, list[str]] = {}
@@ -68,7 +74,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
     def snapshot(self) -> dict:
         """Heartbeat counters: live requests, rounds and committed tokens, mean tokens per round."""
         return {"live": self.live, "inflight": self.live, "queue_depth": 0, "rounds": self.rounds, "steps": self.rounds,
-                "tokens": self.tokens, "acceptance": round(self.acceptance, 3)}
+                "tokens": self.tokens, "acceptance": round(self.acceptance, 3), "drafts_ahead_used": self.used_ahead,
+                "drafts_ahead_cancelled": self.cancelled_ahead}
 
     # ------------------------------------------------------------------ membership
 
@@ -114,8 +121,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            # reconnect quickly after a peer restarts (gRPC's default backoff grows to minutes)
-            self._channels[address] = grpc.aio.insecure_channel(address, options=FAST_RECONNECT)
+            # reconnect quickly after a peer restarts (gRPC's default backoff grows to minutes); with tracing on,
+            # each call gets a client span whose trace context travels in its metadata
+            self._channels[address] = grpc.aio.insecure_channel(address, options=FAST_RECONNECT,
+                                                                interceptors=client_interceptors(address))
         return self._channels[address]
 
     def _drafter(self, pool: str, rid: str = ""):
@@ -198,6 +207,45 @@ class RouterService(router_pb2_grpc.RouterServicer):
             tree = tree_from_pb(fused.tree, self.vocab_size)
         return tree, time.perf_counter() - start
 
+    def _pools_for(self, rid: str, rnd: int, routed: list[str], asked: list[str]) -> list[str]:
+        """The pools that draft this round: the routed ones (expertise routing), or, with routing off, one pool
+        picked at random (seeded by request and round, so a rerun drafts the same); without fusion, one pool."""
+        if not self.config.routing:
+            return [asked[random.Random(f"{rid}:{rnd}").randrange(len(asked))]]
+        pools = [p for p in routed if p in asked] or asked
+        return pools[:1] if self.config.fusion is None else pools
+
+    def _draft_ahead(self, rid: str, context: list[int], tree: TokenTree, k: int, pools: list[str],
+                     remaining: int) -> tuple[asyncio.Task, list[int]] | None:
+        """PipeInfer-style continuous speculation: while the verifier checks `tree`, the drafters draft the next
+        round from the optimistic continuation (the tree's most confident path fully accepted), one level deeper so
+        its first level guesses the target's bonus token. Returns (task, the path's tokens) or None."""
+        if not self.config.pipeline or k <= 0 or not len(tree) or remaining <= tree.max_depth + 2:
+            return None
+        path = [int(tree.tokens[i]) for i in tree.best_path()]
+        return asyncio.get_running_loop().create_task(self._draft(rid, context + path, k + 1, pools)), path
+
+    async def _confirm_ahead(self, ahead: tuple[asyncio.Task, list[int]], committed: list[int],
+                             finished: bool) -> TokenTree | None:
+        """The draft made ahead, when the round committed exactly the path it assumed and a bonus token it drafted
+        (its subtree under that token is the next round's draft, drafted from the very context the next round has);
+        otherwise it is cancelled (early cancellation) and the next round drafts afresh."""
+        task, path = ahead
+        if finished or len(committed) != len(path) + 1 or committed[:-1] != path:
+            task.cancel()
+            self.cancelled_ahead += 1
+            return None
+        try:
+            tree, _ = await task
+        except Exception:  # a drafter failed: the next round drafts afresh
+            return None
+        for i in range(len(tree)):
+            if int(tree.parents[i]) == -1 and int(tree.tokens[i]) == committed[-1]:
+                self.used_ahead += 1
+                return tree.subtree(i)
+        self.cancelled_ahead += 1
+        return None
+
     async def _verify(self, rid: str, rnd: int, context: list[int], prompt_len: int, tree: TokenTree,
                       params: SamplingParams, remaining: int, ignore_eos: bool) -> internal_pb2.VerifyResponse:
         msg = internal_pb2.VerifyRequest(request_id=rid, round=rnd, context=context, prompt_len=prompt_len,
@@ -239,17 +287,30 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 await self.store.commit_round(rid, rnd, [], finished=True, finish_reason="stop")
                 finished = True
         pools_asked = [p for p in request.drafters] or list(self.config.drafters)
+        ready: TokenTree | None = None  # the next round's draft, made while this round was verified (pipelining)
         while not finished:
             remaining = request.max_new_tokens - len(output)
             plan = self.controller.decide([rid], max_k={rid: remaining - 1})[rid]
-            pools = [p for p in plan.drafters if p in pools_asked] or pools_asked
-            tree, draft_s = await self._draft(rid, prompt + output, plan.k, pools if plan.k > 0 else [])
+            pools = self._pools_for(rid, rnd, plan.drafters, pools_asked)
+            if ready is not None and plan.k > 0:
+                tree, draft_s = ready.prune_depth(plan.k), None  # drafted during the last verification
+            else:
+                tree, draft_s = await self._draft(rid, prompt + output, plan.k, pools if plan.k > 0 else [])
+            ready = None
+            ahead = self._draft_ahead(rid, prompt + output, tree, plan.k, pools, remaining)
             start = time.perf_counter()
-            reply = await self._verify(rid, rnd, prompt + output, len(prompt), tree, params, remaining,
-                                       request.ignore_eos)
+            try:
+                reply = await self._verify(rid, rnd, prompt + output, len(prompt), tree, params, remaining,
+                                           request.ignore_eos)
+            except BaseException:
+                if ahead is not None:
+                    ahead[0].cancel()
+                raise
             verify_s = time.perf_counter() - start
+            if ahead is not None:
+                ready = await self._confirm_ahead(ahead, list(reply.token_ids), reply.finished)
             if self.controller.cost is not None:
-                if plan.k > 0 and len(tree):
+                if plan.k > 0 and len(tree) and draft_s is not None:
                     self.controller.cost.observe_draft(1, max(1, len(pools)), plan.k, draft_s)
                 self.controller.cost.observe_verify(len(tree) + 1, verify_s)
             nodes = list(reply.accepted_nodes)

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specfleet-installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo test lint models acceptance card protos chart clean help
+.PHONY: setup demo test lint models acceptance card protos chart simulate bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -37,6 +37,12 @@ acceptance: setup  ## re-measure the drafter x domain acceptance matrix and rewr
 
 chart: setup  ## validate the Helm chart and Dockerfiles (helm lint, Kubernetes schemas, values schema, yamllint, hadolint)
 	$(PY) -m pytest -q tests/deploy
+
+simulate: setup  ## compare CoSine, SpecInfer, PipeInfer, DSI and plain decoding at 10-1,000 replicas -> bench/simulate.json + PNGs
+	$(VENV)/bin/specfleet simulate
+
+bench: setup  ## the fleet benchmark: round overhead, throughput vs the engine, the CoSine ablation -> bench/fleet.json
+	$(VENV)/bin/specfleet bench fleet --output bench/fleet.json
 
 protos: setup  ## regenerate the gRPC stubs in services/specfleet/api/v1/ from protos/
 	$(PY) services/specfleet/api/codegen.py

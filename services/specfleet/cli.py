@@ -234,8 +234,13 @@ def cmd_bench_fleet(args) -> int:
     from specfleet.bench.fleet_bench import format_table, run
 
     try:
+        stages = tuple(x.strip() for x in args.stages.split(",") if x.strip())
+        unknown = set(stages) - {"overhead", "throughput", "ablation"}
+        if unknown or not stages:
+            raise ValueError(f"--stages takes overhead, throughput, ablation; got {args.stages!r}")
         report = run(args.models, args.redis_url, args.max_new_tokens, args.limit, args.output,
-                     concurrency=tuple(args.concurrency))
+                     concurrency=tuple(args.concurrency), stages=stages,
+                     ablation_concurrency=args.ablation_concurrency)
     except (ValueError, FileNotFoundError, OSError) as exc:
         sys.exit(f"error: {exc}")
     print(format_table(report))
@@ -361,14 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=_positive_int, default=12, help="prompts")
     b.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens per prompt")
     b.add_argument("--concurrency", type=_positive_int, nargs="+", default=[1, 8, 32], help="concurrent streams")
+    b.add_argument("--stages", default="overhead,throughput,ablation",
+                   help="comma-separated: overhead (per-round gRPC + Redis cost), throughput (fleet vs engine), "
+                        "ablation (each CoSine switch off in turn, greedy and sampled)")
+    b.add_argument("--ablation-concurrency", type=_positive_int, default=8, help="streams at a time in the ablation")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "fleet.json", help="JSON result")
     b.set_defaults(func=cmd_bench_fleet)
 
     from specfleet.fleet_cli import add_parsers as add_fleet_parsers
     from specfleet.sdk.cli import add_client_parser
+    from specfleet_operator.cli import add_parsers as add_operator_parsers
     from specfleet_operator.simulator.cli import add_parsers as add_simulate_parsers
 
     add_fleet_parsers(sub, fmt, DEFAULT_MODELS)
+    add_operator_parsers(sub, fmt)
     add_simulate_parsers(sub, fmt)
     add_client_parser(sub)
 

@@ -36,6 +36,11 @@ def _pools(text: str | None) -> dict[str, str]:
 
 async def _serve(args) -> None:
     from specfleet import fleet
+    from specfleet.telemetry import configure_tracing, shutdown_tracing
+
+    # before any server or channel is made: they install their tracing interceptors when tracing is on
+    configure_tracing(f"specfleet-{args.role}" + (f"-{args.pool}" if args.role == "drafter" else ""),
+                      args.otlp_endpoint, args.trace_console)
 
     opts = ServeOptions(args.models, args.redis_url, args.host, args.token, args.slots, args.key_prefix)
     if args.role == "drafter":
@@ -71,6 +76,7 @@ async def _serve(args) -> None:
     if http is not None:
         http[0].should_exit = True
         await asyncio.to_thread(http[1].join, 10)
+    shutdown_tracing()  # exports the spans still buffered
 
 
 def cmd_serve(args) -> int:
@@ -116,7 +122,7 @@ def cmd_up(args) -> int:
         print(f"embedded Redis on {redis_url}", flush=True)
     internal_token = os.urandom(16).hex()  # internal services accept only the router (and each other)
     common = ["--models", str(args.models), "--redis-url", redis_url, "--key-prefix", args.key_prefix,
-              "--slots", str(args.slots)]
+              "--slots", str(args.slots), *_tracing_args(args)]
     plan: list[tuple[str, list[str], int]] = []
     drafters = {}
     for pool in pools:
@@ -167,6 +173,9 @@ def cmd_up(args) -> int:
         asyncio.run(all_healthy())
         http_note = ""
         if args.http_port >= 0:
+            from specfleet.telemetry import configure_tracing
+
+            configure_tracing("specfleet-http", args.otlp_endpoint, args.trace_console)  # the front runs here
             from specfleet.router.http import build_app, start_http_in_thread
 
             app = build_app(f"127.0.0.1:{args.grpc_port}", args.token)
@@ -193,8 +202,11 @@ def cmd_up(args) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if http is not None:
+            from specfleet.telemetry import shutdown_tracing
+
             http[0].should_exit = True
             http[1].join(timeout=10)
+            shutdown_tracing()
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
@@ -214,6 +226,20 @@ def _ablation_flags(p: argparse.ArgumentParser, scope: str) -> None:
                         "one is verified, PipeInfer-style, dropping drafts the verification invalidates)")
     p.add_argument("--no-routing", dest="routing", action="store_false",
                    help=f"{scope}one drafter pool picked at random each round instead of expertise routing")
+
+
+def _tracing_flags(p: argparse.ArgumentParser, scope: str) -> None:
+    p.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+                   help=f"export OpenTelemetry traces of {scope} over OTLP/gRPC to this collector, e.g. "
+                        "http://127.0.0.1:4317 (http: plaintext); needs opentelemetry-exporter-otlp-proto-grpc; "
+                        "env OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing (see docs/tracing.md)")
+    p.add_argument("--trace-console", action="store_true", help=f"print every span of {scope} to stdout")
+
+
+def _tracing_args(args) -> list[str]:
+    """The tracing flags `up` passes on to each service it starts."""
+    return ([f"--otlp-endpoint={args.otlp_endpoint}"] if args.otlp_endpoint else []) + (
+        ["--trace-console"] if args.trace_console else [])
 
 
 def add_parsers(sub, fmt, models_default: Path) -> None:
@@ -244,6 +270,7 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
     _ablation_flags(p, "router only: ")
     p.add_argument("--slots", type=int, default=32, help="requests with a KV cache per drafter / verifier")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
+    _tracing_flags(p, "this service")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("up", formatter_class=fmt, help="start the whole fleet as local processes",
@@ -270,4 +297,5 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on Ctrl-C")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the router")
     p.add_argument("--exit-when-ready", action="store_true", help=argparse.SUPPRESS)
+    _tracing_flags(p, "every service (and the HTTP front)")
     p.set_defaults(func=cmd_up)

@@ -18,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from specfleet.telemetry import server_interceptors
+
 log = logging.getLogger("specfleet")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -85,8 +87,10 @@ class Running:
 async def start_server(add: Sequence[tuple[Callable, object]], service_names: Sequence[str], host: str = "127.0.0.1",
                        port: int = 0, token: str | None = None,
                        tls: tuple[bytes, bytes] | None = None) -> Running:
-    """Starts a grpc.aio server with the given servicers plus health and reflection; port 0 picks a free port."""
-    interceptors = [BearerAuth(token)] if token else []
+    """Starts a grpc.aio server with the given servicers plus health and reflection; port 0 picks a free port.
+    With tracing on (specfleet.telemetry.configure_tracing, called before), every RPC but health and reflection
+    gets a span; tracing comes first so that calls the token check refuses are traced too."""
+    interceptors = [*server_interceptors(skip=OPEN_METHODS), *([BearerAuth(token)] if token else [])]
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(interceptors=interceptors, options=options)

@@ -4,7 +4,10 @@ delivers against the in-process engine on the same models and prompts, measured 
 - per-round overhead: plain decoding (no drafts) through both; the fleet's round time (gaps between streamed
   messages at concurrency 1) minus the engine's median round time, p50 and p99;
 - throughput at concurrency 1, 8, 32: the fleet (concurrent streams) against the engine (batch = concurrency),
-  greedy, with speculation on in both.
+  greedy, with speculation on in both;
+- the CoSine ablation on the mixed-domain held-out prompts at concurrency 8, each switch off in turn (routing ->
+  one random pool per round, fusion -> the single routed pool, pipelining, adaptive control), greedy and sampled
+  (T 0.8, top-p 0.95), with accepted tokens per round, throughput and the outputs' distinct-4.
 The fleet is started with `specfleet up` (each service its own process, gRPC on loopback, the given Redis)."""
 
 from __future__ import annotations
@@ -55,23 +58,86 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def _stream(address: str, ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
+async def _stream(address: str, ids: list[int], new_tokens: int, usage: dict | None = None,
+                  **sampling) -> tuple[list[int], list[float]]:
+    """Streams one request; returns (tokens, arrival times); adds its usage counts into `usage` when given."""
     import grpc
 
     from specfleet.api.v1 import router_pb2, router_pb2_grpc
 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
-        tokens, stamps = [], [time.perf_counter()]
-        async for message in stub.Generate(router_pb2.GenerateRequest(prompt_token_ids=ids,
-                                                                       max_new_tokens=new_tokens), timeout=600):
+        tokens, stamps, last = [], [time.perf_counter()], None
+        async for message in stub.Generate(router_pb2.GenerateRequest(prompt_token_ids=ids, max_new_tokens=new_tokens,
+                                                                       **sampling), timeout=600):
             tokens += message.token_ids
             stamps.append(time.perf_counter())
+            last = message
+        if usage is not None and last is not None:
+            for key in ("rounds", "draft_tokens", "accepted_tokens"):
+                usage[key] = usage.get(key, 0) + getattr(last.usage, key)
         return tokens, stamps
 
 
+# (name, `specfleet up` flags). Adaptive control chooses k per request and would mask what routing, fusion and
+# pipelining do to acceptance, so those three are switched off against the same system with k fixed; adaptive
+# control itself is the full system against that one.
+ABLATION = (("cosine, k fixed", ["--no-adaptive"]),
+            ("routing off (random pool)", ["--no-adaptive", "--no-routing"]),
+            ("fusion off (single routed pool)", ["--no-adaptive", "--no-fusion"]),
+            ("pipelining off", ["--no-adaptive", "--no-pipeline"]),
+            ("cosine, adaptive control on", []))
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}
+
+
+def ablation(models_dir: Path, redis_url: str, prefix: str, prompts: list[list[int]], new_tokens: int,
+             concurrency: int, bar) -> list[dict]:
+    """Each CoSine switch off in turn on the same prompts: greedy and sampled, `concurrency` streams at a time."""
+    from specfleet.training.acceptance import distinct_n
+
+    rows = []
+    for name, flags in ABLATION:
+        with fleet_processes(models_dir, redis_url, f"{prefix}-a{len(rows)}", concurrency + 8, flags) as fleet:
+            row: dict = {"system": name, "flags": " ".join(flags)}
+            for mode, sampling in (("greedy", {}), ("sampled", SAMPLED)):
+                usage: dict = {}
+
+                async def wave(batch, usage=usage, sampling=sampling):
+                    return await asyncio.gather(*(_stream(fleet, ids, new_tokens, usage, seed=j, **sampling)
+                                                  for j, ids in batch))
+
+                asyncio.run(wave(list(enumerate(prompts[:2]))))  # warm-up: caches, channels, cost model
+                usage.clear()
+                outs, start = [], time.perf_counter()
+                indexed = list(enumerate(prompts))
+                for i in range(0, len(indexed), concurrency):
+                    outs += [t for t, _ in asyncio.run(wave(indexed[i:i + concurrency]))]
+                seconds = time.perf_counter() - start
+                tokens = sum(map(len, outs))
+                row[mode] = {"tokens_per_s": round(tokens / seconds, 2),
+                             "tokens_per_round": round(tokens / max(1, usage.get("rounds", 0)), 3),
+                             "accepted_per_round": round(usage.get("accepted_tokens", 0) / max(1, usage["rounds"]), 3),
+                             "draft_tokens_per_round": round(usage.get("draft_tokens", 0) / max(1, usage["rounds"]), 2),
+                             "distinct_4": round(distinct_n(outs, 4), 3), "outputs": outs}
+            bar.update()
+        rows.append(row)
+    base = rows[0]
+    for row in rows:
+        for mode in ("greedy", "sampled"):
+            r, b = row[mode], base[mode]
+            r["accepted_vs_k_fixed"] = round(r["accepted_per_round"] / max(b["accepted_per_round"], 1e-9), 3)
+            r["throughput_vs_k_fixed"] = round(r["tokens_per_s"] / max(b["tokens_per_s"], 1e-9), 3)
+            r["identical_to_k_fixed"] = f"{sum(a == c for a, c in zip(r['outputs'], b['outputs'], strict=True))}/" \
+                                       f"{len(b['outputs'])}"
+    for row in rows:
+        for mode in ("greedy", "sampled"):
+            row[mode].pop("outputs")
+    return rows
+
+
 def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: Path,
-        concurrency: tuple[int, ...] = (1, 8, 32), progress: bool = True) -> dict:
+        concurrency: tuple[int, ...] = (1, 8, 32), progress: bool = True,
+        stages: tuple[str, ...] = ("overhead", "throughput", "ablation"), ablation_concurrency: int = 8) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -86,65 +152,74 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
     prompts = [p.ids for p in load_prompts(tok, None, limit, 64)]
     target = load_model(models_dir, "target")
     prefix = f"sfbench-{uuid.uuid4().hex[:8]}"
-    steps = 2 + 2 * len(concurrency)
+    steps = 2 * ("overhead" in stages) + 2 * len(concurrency) * ("throughput" in stages) + \
+        len(ABLATION) * ("ablation" in stages)
     bar = tqdm(total=steps, desc="bench fleet", unit="step", disable=not progress)
     results: dict = {"config": {"prompts": len(prompts), "max_new_tokens": new_tokens, "redis": redis_url,
-                                "pools": list(SYSTEM_POOLS), "fleet": "specfleet up: one process per service"}}
+                                "pools": list(SYSTEM_POOLS), "fleet": "specfleet up: one process per service",
+                                "cpu_count": os.cpu_count()}}
 
-    # 1. per-round overhead: plain decoding through the engine and through the fleet
-    engine = build_engine(models_dir, "none", batch_size=1, target=target)
-    engine_rounds: list[float] = []
-    for i, ids in enumerate(prompts):
-        stamps = [time.perf_counter()]
-
-        def stamp(rid, new, stamps=stamps):
-            stamps.append(time.perf_counter())
-
-        engine.generate([Request(f"e{i}", ids, new_tokens)], on_tokens=stamp)
-        engine_rounds += [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
-    bar.update()
     slots = max(concurrency) + 8
-    with fleet_processes(models_dir, redis_url, prefix, slots, ["--k", "0", "--no-adaptive"]) as plain:
-        fleet_rounds: list[float] = []
-        for ids in prompts:
-            _, stamps = asyncio.run(_stream(plain, ids, new_tokens))
-            fleet_rounds += [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
-    bar.update()
-    base = statistics.median(engine_rounds)
-    overhead = [r - base for r in fleet_rounds]
-    results["round_overhead_ms"] = {"engine_round_p50": round(base * 1e3, 3),
-                                    "fleet_round_p50": round(statistics.median(fleet_rounds) * 1e3, 3),
-                                    "p50": round(_percentile(overhead, 0.5) * 1e3, 3),
-                                    "p99": round(_percentile(overhead, 0.99) * 1e3, 3)}
+    if "overhead" in stages:
+        # 1. per-round overhead: plain decoding through the engine and through the fleet
+        engine = build_engine(models_dir, "none", batch_size=1, target=target)
+        engine_rounds: list[float] = []
+        for i, ids in enumerate(prompts):
+            stamps = [time.perf_counter()]
 
-    # 2. throughput at each concurrency, speculation on in both
+            def stamp(rid, new, stamps=stamps):
+                stamps.append(time.perf_counter())
+
+            engine.generate([Request(f"e{i}", ids, new_tokens)], on_tokens=stamp)
+            engine_rounds += [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
+        bar.update()
+        with fleet_processes(models_dir, redis_url, prefix, slots, ["--k", "0", "--no-adaptive"]) as plain:
+            fleet_rounds: list[float] = []
+            for ids in prompts:
+                _, stamps = asyncio.run(_stream(plain, ids, new_tokens))
+                fleet_rounds += [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
+        bar.update()
+        base = statistics.median(engine_rounds)
+        overhead = [r - base for r in fleet_rounds]
+        results["round_overhead_ms"] = {"engine_round_p50": round(base * 1e3, 3),
+                                        "fleet_round_p50": round(statistics.median(fleet_rounds) * 1e3, 3),
+                                        "p50": round(_percentile(overhead, 0.5) * 1e3, 3),
+                                        "p99": round(_percentile(overhead, 0.99) * 1e3, 3)}
+
     rows = []
-    with fleet_processes(models_dir, redis_url, prefix + "-t", slots, []) as fleet:
-        for c in concurrency:
-            batch = [prompts[i % len(prompts)] for i in range(c)]
-            eng = build_engine(models_dir, "fused", batch_size=c, target=target)
-            start = time.perf_counter()
-            outs = eng.generate([Request(f"t{c}-{i}", ids, new_tokens) for i, ids in enumerate(batch)])
-            engine_s = time.perf_counter() - start
-            bar.update()
+    if "throughput" in stages:
+        # 2. throughput at each concurrency, speculation on in both
+        with fleet_processes(models_dir, redis_url, prefix + "-t", slots, []) as fleet:
+            for c in concurrency:
+                batch = [prompts[i % len(prompts)] for i in range(c)]
+                eng = build_engine(models_dir, "fused", batch_size=c, target=target)
+                start = time.perf_counter()
+                outs = eng.generate([Request(f"t{c}-{i}", ids, new_tokens) for i, ids in enumerate(batch)])
+                engine_s = time.perf_counter() - start
+                bar.update()
 
-            async def all_streams(batch=batch):
-                return await asyncio.gather(*(_stream(fleet, ids, new_tokens) for ids in batch))
+                async def all_streams(batch=batch):
+                    return await asyncio.gather(*(_stream(fleet, ids, new_tokens) for ids in batch))
 
-            start = time.perf_counter()
-            streams = asyncio.run(all_streams())
-            fleet_s = time.perf_counter() - start
-            bar.update()
-            tokens = sum(len(o.token_ids) for o in outs)
-            same = sum(list(s[0]) == o.token_ids for s, o in zip(streams, outs, strict=True))
-            rows.append({"concurrency": c, "engine_tokens_per_s": round(tokens / engine_s, 2),
-                         "fleet_tokens_per_s": round(sum(len(s[0]) for s in streams) / fleet_s, 2),
-                         "fleet_vs_engine": round(sum(len(s[0]) for s in streams) / fleet_s / (tokens / engine_s), 3),
-                         "identical_outputs": f"{same}/{c}"})
+                start = time.perf_counter()
+                streams = asyncio.run(all_streams())
+                fleet_s = time.perf_counter() - start
+                bar.update()
+                tokens = sum(len(o.token_ids) for o in outs)
+                fleet_tokens = sum(len(s[0]) for s in streams)
+                same = sum(list(s[0]) == o.token_ids for s, o in zip(streams, outs, strict=True))
+                rows.append({"concurrency": c, "engine_tokens_per_s": round(tokens / engine_s, 2),
+                             "fleet_tokens_per_s": round(fleet_tokens / fleet_s, 2),
+                             "fleet_vs_engine": round(fleet_tokens / fleet_s / (tokens / engine_s), 3),
+                             "identical_outputs": f"{same}/{c}"})
+        results["throughput"] = rows
+    if "ablation" in stages:
+        results["ablation"] = {"concurrency": ablation_concurrency, "prompts": len(prompts),
+                               "sampled": SAMPLED, "systems": ablation(models_dir, redis_url, prefix, prompts,
+                                                                       new_tokens, ablation_concurrency, bar)}
     bar.close()
-    results["throughput"] = rows
-    _cleanup(redis_url, prefix)
-    _cleanup(redis_url, prefix + "-t")
+    for suffix in ("", "-t", *(f"-a{i}" for i in range(len(ABLATION)))):
+        _cleanup(redis_url, prefix + suffix)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -160,11 +235,26 @@ def _cleanup(redis_url: str, prefix: str) -> None:
 
 
 def format_table(report: dict) -> str:
-    o = report["round_overhead_ms"]
-    lines = [f"per-round fleet overhead (gRPC + Redis): p50 {o['p50']:.2f} ms, p99 {o['p99']:.2f} ms "
-             f"(engine round {o['engine_round_p50']:.2f} ms, fleet round {o['fleet_round_p50']:.2f} ms)", "",
-             f"{'concurrency':>12}{'engine tok/s':>14}{'fleet tok/s':>13}{'fleet/engine':>14}{'identical':>11}"]
-    for r in report["throughput"]:
-        lines.append(f"{r['concurrency']:>12}{r['engine_tokens_per_s']:>14.1f}{r['fleet_tokens_per_s']:>13.1f}"
-                     f"{r['fleet_vs_engine']:>13.2f}x{r['identical_outputs']:>11}")
+    lines = []
+    if "round_overhead_ms" in report:
+        o = report["round_overhead_ms"]
+        lines += [f"per-round fleet overhead (gRPC + Redis): p50 {o['p50']:.2f} ms, p99 {o['p99']:.2f} ms "
+                  f"(engine round {o['engine_round_p50']:.2f} ms, fleet round {o['fleet_round_p50']:.2f} ms)", ""]
+    if report.get("throughput"):
+        lines.append(f"{'concurrency':>12}{'engine tok/s':>14}{'fleet tok/s':>13}{'fleet/engine':>14}{'identical':>11}")
+        for r in report["throughput"]:
+            lines.append(f"{r['concurrency']:>12}{r['engine_tokens_per_s']:>14.1f}{r['fleet_tokens_per_s']:>13.1f}"
+                         f"{r['fleet_vs_engine']:>13.2f}x{r['identical_outputs']:>11}")
+    if "ablation" in report:
+        a = report["ablation"]
+        lines += ["", f"CoSine ablation: {a['prompts']} mixed-domain held-out prompts, {a['concurrency']} streams at a "
+                      f"time; accepted = drafted tokens accepted per round, x = against 'cosine, k fixed'"]
+        lines.append(f"{'system':<34}{'mode':<9}{'tok/s':>8}{'x':>7}{'accepted':>10}{'x':>7}{'distinct-4':>12}"
+                     f"{'same out':>10}")
+        for row in a["systems"]:
+            for mode in ("greedy", "sampled"):
+                r = row[mode]
+                lines.append(f"{row['system']:<34}{mode:<9}{r['tokens_per_s']:>8.1f}{r['throughput_vs_k_fixed']:>7.2f}"
+                             f"{r['accepted_per_round']:>10.2f}{r['accepted_vs_k_fixed']:>7.2f}{r['distinct_4']:>12.2f}"
+                             f"{r['identical_to_k_fixed']:>10}")
     return "\n".join(lines)

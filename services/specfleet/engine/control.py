@@ -215,7 +215,8 @@ class SpeculationController:
 
     def __init__(self, drafters: list[str], k_max: int = 8, cost: CostModel | None = None, *,
                  max_width: int = 3, keep_share: float = 0.2, explore_every: int = 8, probe_every: int = 16,
-                 probe_k: int = 2, min_gain: float = 1.02, alpha_prior: float = 0.6, decay: float = 0.9):
+                 probe_k: int = 2, min_gain: float = 1.02, alpha_prior: float = 0.6, decay: float = 0.9,
+                 fixed_k: bool = False):
         if not drafters:
             raise ValueError("SpeculationController needs at least one drafter name")
         self.drafters = list(drafters)
@@ -226,6 +227,7 @@ class SpeculationController:
         self.probe_every, self.probe_k = probe_every, probe_k
         self.min_gain = min_gain
         self.alpha_prior, self.decay = alpha_prior, decay
+        self.fixed_k = fixed_k  # always draft the most levels allowed (routing still picks the drafters)
         self.trackers: dict[str, AcceptanceTracker] = {}
         # Every request's rounds, slowly forgotten: a new request starts from what recent ones saw, not the prior.
         self.overall = AcceptanceTracker(alpha_prior, prior_weight=4.0, decay=0.98)
@@ -260,6 +262,11 @@ class SpeculationController:
         # Costs are planned for the routed drafters; exploration rounds add the others on top (their price is
         # the exploration's cost, and planning with it would switch speculation off before anyone is ranked).
         drafters_of = {rid: self.tracker(rid).routed_drafters(self.drafters, self.keep_share) for rid in requests}
+        if self.fixed_k:
+            return {rid: Plan(k, self.trackers[rid].active_drafters(self.drafters, self.keep_share,
+                                                                    self.explore_every) if k > 0 else [])
+                    for rid in requests
+                    for k in [self.k_max if max_k is None else max(0, min(self.k_max, max_k.get(rid, self.k_max)))]}
         used = {name for names in drafters_of.values() for name in names}
         candidates = []
         for rid in requests:

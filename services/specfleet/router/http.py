@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
 from specfleet.server import FAST_RECONNECT
+from specfleet.telemetry import HttpTracing, tracing_enabled, with_trace_context
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -290,11 +291,14 @@ def build_app(router_address: str, token: str | None = None, model_name: str = "
                 metrics.seconds.labels(endpoint).observe(time.perf_counter() - start)
         return response
 
+    if tracing_enabled():  # outermost: its span covers auth, metrics and the whole (streamed) response
+        app.add_middleware(HttpTracing)
+
     def _metadata(request: Request) -> tuple:
         if token:
-            return (("authorization", f"Bearer {token}"),)
+            return with_trace_context((("authorization", f"Bearer {token}"),))
         given = request.headers.get("authorization")
-        return (("authorization", given),) if given else ()
+        return with_trace_context((("authorization", given),) if given else ())  # the request's span, when traced
 
     @app.get("/health")
     async def health():

@@ -16,7 +16,6 @@ import grpc
 
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc, router_pb2, router_pb2_grpc
 from specfleet.engine.control import CostModel, SpeculationController
-from specfleet.engine.engine import FixedK
 from specfleet.engine.sampling import SamplingParams
 from specfleet.engine.tree import TokenTree
 from specfleet.generation import TextDeltas
@@ -38,7 +37,7 @@ class FleetConfig:
     max_fused_nodes: int = 24
     rpc_timeout_s: float = 30.0
     max_concurrent: int = 256  # admission control: more live requests than this get RESOURCE_EXHAUSTED
-    adaptive: bool = True  # speculation control; False: always draft k_max levels with every asked pool
+    adaptive: bool = True  # speculation control; False: always draft k_max levels (pools still routed)
     discover_s: float = 1.0  # replicas are re-read from Redis heartbeats this often (0: static addresses only)
     pipeline: bool = True  # draft the next round while this one is verified (PipeInfer); False: strictly in turn
     routing: bool = True  # expertise routing; False: one drafter pool picked at random each round (ablation)
@@ -55,11 +54,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self._metadata = metadata
         self._channels: dict[str, grpc.aio.Channel] = {}
         names = list(config.drafters) or ["none"]
-        if config.adaptive:
-            # drafter pools run side by side (separate services): a level costs one pool's step, not the sum
-            self.controller = SpeculationController(names, k_max=config.k_max, cost=CostModel(parallel_drafters=True))
-        else:
-            self.controller = FixedK(config.k_max)
+        # drafter pools run side by side (separate services): a level costs one pool's step, not the sum; without
+        # adaptive control every round drafts k_max levels, with the drafters still chosen by expertise routing
+        self.controller = SpeculationController(names, k_max=config.k_max, cost=CostModel(parallel_drafters=True),
+                                                fixed_k=not config.adaptive)
         self.live = 0
         self.rounds = 0
         self.tokens = 0

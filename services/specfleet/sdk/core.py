@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from specfleet.api.v1 import router_pb2
+from specfleet.telemetry import with_trace_context
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_BACKOFF_S = 5.0  # cap of one wait between attempts
@@ -149,7 +150,9 @@ class ClientOptions:
         return grpc.ssl_channel_credentials(root_certificates=self.root_certificates) if self.tls else None
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        """A call's metadata: the bearer token, plus the caller's W3C trace context when the caller has a current
+        span (any OpenTelemetry tracer provider, or none), so the fleet's spans join the caller's trace."""
+        return with_trace_context((("authorization", f"Bearer {self.token}"),) if self.token else ())
 
 
 def _read_root_certificates(value) -> bytes | None:

@@ -1,0 +1,175 @@
+{{/*
+Names, labels and shared pod fragments of the specfleet chart. The label and port contract with the operator is
+docs/kubernetes.md: the operator labels role pods with app.kubernetes.io/name=specfleet and
+app.kubernetes.io/instance=<fleet>, and the fleet is named after the release, so one selector
+(specfleet.releasePodSelector) matches every pod of the release: the chart's and the operator's.
+*/}}
+
+{{- define "specfleet.name" -}}
+specfleet
+{{- end }}
+
+{{/* Prefix of the chart's own objects: the release name, or "<release>-specfleet" when it lacks the chart name. */}}
+{{- define "specfleet.fullname" -}}
+{{- if contains "specfleet" .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-specfleet" .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+The SpecFleet resource's name. The operator names its objects <fleet>-drafter-<pool> (Services: DNS-1035 labels
+of at most 63 characters), so the release name must start with a letter and leave room for the longest suffix.
+*/}}
+{{- define "specfleet.fleetName" -}}
+{{- $name := .Release.Name -}}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) -}}
+{{- fail (printf "release name %q must start with a letter and hold only a-z, 0-9 and '-' (it names the SpecFleet and its Services); install under another name" $name) -}}
+{{- end -}}
+{{- $longestPool := 0 -}}
+{{- range .Values.drafter -}}
+{{- if gt (len .name) $longestPool -}}{{- $longestPool = len .name -}}{{- end -}}
+{{- end -}}
+{{- if gt (add (len $name) (len "-drafter-") $longestPool) 63 -}}
+{{- fail (printf "release name %q is too long: %s-drafter-<pool> must fit in 63 characters; use a shorter release name or pool names" $name $name) -}}
+{{- end -}}
+{{- $name -}}
+{{- end }}
+
+{{- define "specfleet.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end }}
+
+{{/* Labels on every object the chart creates. */}}
+{{- define "specfleet.labels" -}}
+helm.sh/chart: {{ include "specfleet.chart" . }}
+app.kubernetes.io/name: {{ include "specfleet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: specfleet
+{{- end }}
+
+{{/* Selects every pod of this release: the chart's (operator, Redis, helm test) and the operator's role pods. */}}
+{{- define "specfleet.releasePodSelector" -}}
+app.kubernetes.io/name: {{ include "specfleet.name" . }}
+app.kubernetes.io/instance: {{ include "specfleet.fleetName" . }}
+{{- end }}
+
+{{/* Selector labels of one chart-owned component; call with (dict "root" $ "component" "redis"). */}}
+{{- define "specfleet.componentSelector" -}}
+{{ include "specfleet.releasePodSelector" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Selector of one role's pods created by the operator; call with (dict "root" $ "component" "router"). */}}
+{{- define "specfleet.roleSelector" -}}
+{{ include "specfleet.releasePodSelector" .root }}
+app.kubernetes.io/component: {{ .component }}
+specfleet.io/fleet: {{ include "specfleet.fleetName" .root }}
+{{- end }}
+
+{{- define "specfleet.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end }}
+
+{{- define "specfleet.serviceAccountName" -}}
+{{- printf "%s-operator" (include "specfleet.fullname" .) -}}
+{{- end }}
+
+{{- define "specfleet.redisHost" -}}
+{{- printf "%s-redis" (include "specfleet.fullname" .) -}}
+{{- end }}
+
+{{/* The Secret and key that hold the Redis URL every pod reads as SPECFLEET_REDIS_URL. */}}
+{{- define "specfleet.redisUrlSecretName" -}}
+{{- if and (eq .Values.redis.mode "external") .Values.redis.external.existingSecret.name -}}
+{{- .Values.redis.external.existingSecret.name -}}
+{{- else -}}
+{{- printf "%s-redis" (include "specfleet.fullname" .) -}}
+{{- end -}}
+{{- end }}
+
+{{- define "specfleet.redisUrlSecretKey" -}}
+{{- if and (eq .Values.redis.mode "external") .Values.redis.external.existingSecret.name -}}
+{{- .Values.redis.external.existingSecret.key -}}
+{{- else -}}
+url
+{{- end -}}
+{{- end }}
+
+{{/* The Secret and key of the router's public bearer token; empty name when auth is off. */}}
+{{- define "specfleet.authSecretName" -}}
+{{- if .Values.auth.enabled -}}
+{{- default (printf "%s-auth" (include "specfleet.fullname" .)) .Values.auth.existingSecret.name -}}
+{{- end -}}
+{{- end }}
+
+{{- define "specfleet.authSecretKey" -}}
+{{- if .Values.auth.existingSecret.name -}}
+{{- .Values.auth.existingSecret.key -}}
+{{- else -}}
+token
+{{- end -}}
+{{- end }}
+
+{{/*
+A value kept across upgrades: the stored one when the Secret already exists (lookup returns nothing under
+`helm template`), else a new random one. Call with (dict "root" $ "secret" NAME "key" KEY "length" N).
+*/}}
+{{- define "specfleet.stableRandom" -}}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .secret -}}
+{{- if and $existing $existing.data (hasKey $existing.data .key) -}}
+{{- index $existing.data .key | b64dec -}}
+{{- else -}}
+{{- randAlphaNum (int .length) -}}
+{{- end -}}
+{{- end }}
+
+{{- define "specfleet.podSecurityContext" -}}
+{{ toYaml .Values.podSecurityContext }}
+{{- end }}
+
+{{- define "specfleet.securityContext" -}}
+{{ toYaml .Values.securityContext }}
+{{- end }}
+
+{{/* nodeSelector / tolerations / affinity of a component's values; call with the component's values. */}}
+{{- define "specfleet.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks what values.schema.json cannot express: minReplicas <= maxReplicas per role and unique drafter pool names.
+Renders nothing; fails the install with a message naming the value to fix.
+*/}}
+{{- define "specfleet.checkRoles" -}}
+{{- $roles := dict "router" .Values.router "fusion" .Values.fusion "verifier" .Values.verifier -}}
+{{- range $i, $pool := .Values.drafter -}}
+{{- $_ := set $roles (printf "drafter[%d] (%s)" $i $pool.name) $pool -}}
+{{- end -}}
+{{- range $where, $role := $roles -}}
+{{- if gt (int $role.minReplicas) (int $role.maxReplicas) -}}
+{{- fail (printf "%s: minReplicas (%d) must be <= maxReplicas (%d)" $where (int $role.minReplicas) (int $role.maxReplicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- $seen := dict -}}
+{{- range .Values.drafter -}}
+{{- if hasKey $seen .name -}}
+{{- fail (printf "drafter: pool name %q appears twice; each pool needs its own name" .name) -}}
+{{- end -}}
+{{- $_ := set $seen .name true -}}
+{{- end -}}
+{{- end }}

@@ -1,0 +1,239 @@
+"""Cost models for the simulator: how long a target or drafter forward takes, what a fleet round costs on the wire,
+and how often drafts are accepted (per position, per drafter and domain).
+
+Two kinds of source:
+- `local`: measured on this machine, read from the committed `bench/engine.json`, `bench/fleet.json` and
+  `bench/acceptance.json` (`specfleet bench engine|fleet`, `specfleet models acceptance`);
+- `a100-70b`, `h100-70b`: paper-scale deployments built from public figures (a Llama-2-70B-class target, 1B
+  drafters). Those numbers are estimates, derived from a roofline and checked against the ranges the SpecInfer,
+  PipeInfer, DSI and CoSine papers report; each constant says where it comes from. docs/simulator.md has the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_BENCH = Path(__file__).resolve().parents[3] / "bench"
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Milliseconds of one forward of one model instance over `tokens` tokens in `seqs` sequences (a roofline):
+    fixed + max(memory, compute_per_token * tokens) + kv_per_seq * seqs. `memory_ms` is reading the weights once
+    (decode is memory-bound until a batch holds enough tokens), `kv_ms_per_seq` reading one sequence's KV cache."""
+
+    fixed_ms: float
+    memory_ms: float
+    compute_ms_per_token: float
+    kv_ms_per_seq: float = 0.0
+
+    def ms(self, tokens, seqs):
+        """Vectorised over numpy arrays; zero tokens cost nothing (the instance is idle)."""
+        tokens = np.asarray(tokens, dtype=np.float64)
+        cost = (self.fixed_ms + np.maximum(self.memory_ms, self.compute_ms_per_token * tokens)
+                + self.kv_ms_per_seq * np.asarray(seqs, dtype=np.float64))
+        return np.where(tokens > 0, cost, 0.0)
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    """Prompt and output lengths of the simulated requests (output ~ lognormal around the mean, clipped)."""
+
+    prompt_tokens: int
+    output_tokens_mean: float
+    output_tokens_max: int
+    output_sigma: float = 0.5  # lognormal sigma; 0 gives every request the mean
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Everything the systems need to know about one deployment."""
+
+    name: str
+    source: str
+    target: StepCost
+    drafter: StepCost
+    target_gpus: float  # GPUs per target instance (tensor parallel degree)
+    drafter_gpus: float  # GPUs per drafter instance
+    network_ms: float  # per fleet round: gRPC hops + Redis commit between router, drafters, fusion, verifier
+    max_batch: int  # sequences per target forward (KV-cache and latency bound)
+    k: int  # draft tokens per round (the most, for adaptive systems)
+    domains: tuple[str, ...]
+    domain_weights: tuple[float, ...]
+    # alpha[drafter][domain]: probability that a drafted token is accepted given its predecessors were
+    alpha: dict[str, dict[str, float]] = field(default_factory=dict)
+    general_drafter: str = ""  # the drafter single-drafter systems (SpecInfer, PipeInfer, DSI) use
+    tree_width: int = 2  # SpecInfer's token-tree branches per level
+    cosine_drafters_per_request: int = 2  # CoSine's router picks this many drafters per request
+    cosine_drafter_ratio: float = 1.0  # CoSine drafter instances per verifier (the pools are sized independently)
+    fusion_independence: float = 0.35  # 0: drafters always err together, 1: independent errors
+    request: RequestShape = RequestShape(512, 256, 1024)
+
+    def with_alpha(self, value: float) -> CostModel:
+        """The same deployment with every drafter accepted at `value` per position (tests, what-ifs)."""
+        return replace(self, alpha={d: dict.fromkeys(self.domains, value) for d in self.alpha})
+
+    def best_drafters(self, domain: str, count: int) -> list[str]:
+        ranked = sorted(self.alpha, key=lambda d: -self.alpha[d][domain])
+        return ranked[:count]
+
+
+def alpha_from_accepted(accepted_per_round: float, k: int) -> float:
+    """Per-position acceptance alpha such that alpha + alpha^2 + ... + alpha^k = the measured mean accepted draft
+    tokens per round (each position is accepted only if all earlier ones were). Bisection: the sum is monotone."""
+    if accepted_per_round <= 0:
+        return 0.0
+    if accepted_per_round >= k:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        if sum(mid ** i for i in range(1, k + 1)) < accepted_per_round:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+def fuse_alpha(alphas: list[float], independence: float) -> float:
+    """Acceptance of a token tree whose branches come from several drafts (CoSine fusion, SpecInfer trees): a
+    position fails only if every branch misses. Drafts of similar models err together, so each extra branch removes
+    only part of the remaining miss: miss = (1 - best) * prod((1 - other) ** independence)."""
+    if not alphas:
+        return 0.0
+    ordered = sorted(alphas, reverse=True)
+    miss = 1.0 - ordered[0]
+    for other in ordered[1:]:
+        miss *= (1.0 - other) ** independence
+    return 1.0 - miss
+
+
+def expected_gain(alpha, k):
+    """Mean tokens a request gains per verified round with k drafted tokens: 1 + alpha + ... + alpha^k (the bonus
+    token from the target plus the accepted prefix). Vectorised over alpha and k."""
+    alpha = np.asarray(alpha, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    return np.where(np.isclose(alpha, 1.0), k + 1, (1 - alpha ** (k + 1)) / np.maximum(1 - alpha, 1e-12))
+
+
+# --- paper-scale presets ---------------------------------------------------------------------------------------
+# Llama-2-70B in fp16: 140 GB of weights, GQA with 8 KV heads x 128 dims x 80 layers -> 320 KB of KV per token.
+# A decode step reads every weight once: 140 GB / (4 GPUs x HBM bandwidth x ~60% achieved) plus a few ms of
+# kernel launches and tensor-parallel all-reduce. A100-80G (2.0 TB/s): ~29 + 5 = 34 ms; H100-SXM (3.35 TB/s):
+# ~17 + 4 = 21 ms. Those agree with the 30-40 ms (A100) and 20-25 ms (H100) per-token latencies that vLLM and
+# TensorRT-LLM report for 70B at batch 1 with TP4, and with the 70B step times in the PipeInfer and DSI papers.
+# Compute: 2 x 70e9 FLOP per token over 4 GPUs at ~50% of peak (312 / 989 TFLOP/s) -> 0.22 / 0.07 ms per token, so
+# a batch turns compute-bound past ~130 / ~250 tokens. KV reads: 320 KB x ~768 tokens of context per sequence.
+# Drafters (1.1B, TinyLlama / Llama-3.2-1B class, one GPU each): launch-bound, ~5 ms (A100) / ~3.5 ms (H100) per
+# step, the figure SpecInfer and DSI use for ~1B drafters. Acceptance per position 0.6-0.8: the range SpecInfer
+# (LLaMA-68M/160M drafters, 2-3.5 tokens per step), PipeInfer (TinyLlama drafting for 70B targets), DSI and CoSine
+# (specialised drafters accepted more in their own domain) report. All of these are estimates, not measurements.
+PAPER_DOMAINS = ("code", "chat", "math")
+PAPER_ALPHA = {  # general drafter ~0.68; a specialist ~0.80 in its domain and ~0.55 elsewhere
+    "general-1b": {"code": 0.68, "chat": 0.70, "math": 0.62},
+    "code-1b": {"code": 0.80, "chat": 0.55, "math": 0.55},
+    "chat-1b": {"code": 0.55, "chat": 0.80, "math": 0.58},
+    "math-1b": {"code": 0.55, "chat": 0.58, "math": 0.78},
+}
+KV_BYTES_PER_TOKEN_70B = 320e3
+CONTEXT_TOKENS = 768
+
+
+def _paper_preset(name: str, hbm_tb_s: float, peak_tflops: float, launch_ms: float, drafter_ms: float) -> CostModel:
+    gpus = 4
+    bandwidth = gpus * hbm_tb_s * 1e12 * 0.6  # bytes/s achieved over the tensor-parallel group
+    memory_ms = 140e9 / bandwidth * 1e3
+    compute_ms_per_token = 2 * 70e9 / (gpus * peak_tflops * 1e12 * 0.5) * 1e3
+    kv_ms_per_seq = KV_BYTES_PER_TOKEN_70B * CONTEXT_TOKENS / bandwidth * 1e3
+    target = StepCost(launch_ms, memory_ms, compute_ms_per_token, kv_ms_per_seq)
+    # a 1B drafter: 2.2 GB of weights on one GPU, ~2 GFLOP per token
+    drafter = StepCost(drafter_ms - 2.2e9 / (hbm_tb_s * 1e12 * 0.5) * 1e3, 2.2e9 / (hbm_tb_s * 1e12 * 0.5) * 1e3,
+                       2 * 1.1e9 / (peak_tflops * 1e12 * 0.4) * 1e3, 0.0)
+    return CostModel(
+        name=name, source="estimates from public figures (see costs.py comments and docs/simulator.md)",
+        target=target, drafter=drafter, target_gpus=gpus, drafter_gpus=1, network_ms=1.0, max_batch=64, k=4,
+        domains=PAPER_DOMAINS, domain_weights=(0.4, 0.4, 0.2), alpha=PAPER_ALPHA, general_drafter="general-1b",
+        request=RequestShape(prompt_tokens=512, output_tokens_mean=256, output_tokens_max=1024))
+
+
+def a100_70b() -> CostModel:
+    return _paper_preset("a100-70b", hbm_tb_s=2.0, peak_tflops=312, launch_ms=5.0, drafter_ms=5.0)
+
+
+def h100_70b() -> CostModel:
+    return _paper_preset("h100-70b", hbm_tb_s=3.35, peak_tflops=989, launch_ms=4.0, drafter_ms=3.5)
+
+
+# --- the local preset: this machine's committed measurements ----------------------------------------------------
+# The committed JSON holds the plain target step at batch 1 (fleet.json round_overhead_ms.engine_round_p50), the
+# fleet's per-round overhead (round_overhead_ms.p50), the acceptance matrix (acceptance.json) and throughputs.
+# It does not yet hold the target forward at several (batch, tokens) shapes nor a drafter step; until it does the
+# two constants below are estimates (see docs/simulator.md for the fields that would replace them).
+LOCAL_COMPUTE_MS_PER_TOKEN = 0.6  # estimate: the plain batch-16 row of engine.json minus its batch-1 step
+LOCAL_DRAFTER_STEP_MS = 1.2  # estimate: a ~1.7M-parameter drafter is ~12x smaller than the ~21M target
+
+
+def _read(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; the local preset reads the committed benchmarks. Run "
+                                f"`specfleet bench engine`, `specfleet bench fleet` and `specfleet models "
+                                f"acceptance`, or pick --preset a100-70b")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def local(bench_dir: Path = DEFAULT_BENCH) -> CostModel:
+    fleet = _read(bench_dir / "fleet.json")
+    acceptance = _read(bench_dir / "acceptance.json")
+    engine = _read(bench_dir / "engine.json")
+    step_ms = float(fleet["round_overhead_ms"]["engine_round_p50"])
+    k = int(acceptance["config"]["k"])
+    matrix = {name: {domain: alpha_from_accepted(cell["accepted_per_round"], k) for domain, cell in row.items()}
+              for name, row in acceptance["matrix"].items() if name != "target"}
+    domains = tuple(sorted(next(iter(matrix.values()))))
+    prompts = engine["config"]
+    plain = next(r for r in engine["results"] if r["system"] == "specfleet-none" and r["batch"] == 1
+                 and r["mode"] == "greedy")
+    target = StepCost(fixed_ms=step_ms - LOCAL_COMPUTE_MS_PER_TOKEN, memory_ms=0.0,
+                      compute_ms_per_token=LOCAL_COMPUTE_MS_PER_TOKEN)
+    drafter = StepCost(fixed_ms=LOCAL_DRAFTER_STEP_MS * 0.8, memory_ms=0.0,
+                       compute_ms_per_token=LOCAL_DRAFTER_STEP_MS * 0.2)
+    return CostModel(
+        name="local", source=f"measured on this machine: {bench_dir}/fleet.json, engine.json, acceptance.json",
+        target=target, drafter=drafter, target_gpus=1.0, drafter_gpus=1.0,  # devices: one CPU process each
+        network_ms=float(fleet["round_overhead_ms"]["p50"]), max_batch=16, k=k, domains=domains,
+        domain_weights=tuple(1.0 / len(domains) for _ in domains), alpha=matrix, general_drafter="drafter-general",
+        request=RequestShape(prompt_tokens=int(prompts["prompt_tokens"]),
+                             output_tokens_mean=plain["tokens"] / prompts["prompts"],
+                             output_tokens_max=int(prompts["max_new_tokens"]), output_sigma=0.0))
+
+
+PRESETS = {"local": local, "a100-70b": a100_70b, "h100-70b": h100_70b}
+
+
+def get_preset(name: str, bench_dir: Path = DEFAULT_BENCH) -> CostModel:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return local(bench_dir) if name == "local" else PRESETS[name]()
+
+
+def dsi_parallelism(costs: CostModel) -> int:
+    """DSI's rule: enough target instances that one is always free when the drafter has the next k tokens ready,
+    SP >= ceil(t_target / (k * t_draft)), at batch 1."""
+    target_ms = float(costs.target.ms(1, 1))
+    draft_ms = max(float(costs.drafter.ms(1, 1)), 1e-6)
+    return max(1, math.ceil(target_ms / (costs.k * draft_ms)))
+
+
+def plain_capacity_tokens_per_s(costs: CostModel) -> float:
+    """Tokens per second one plain-decoding replica sustains with every slot busy: each request costs its decode
+    steps' share of a full batch plus its prefill's extra compute. The unit `--load` is measured in."""
+    batch = costs.max_batch
+    step_s = float(costs.target.ms(batch, batch)) / 1e3
+    out = costs.request.output_tokens_mean
+    prefill_s = costs.target.compute_ms_per_token * costs.request.prompt_tokens / 1e3
+    return out / (out * step_s / batch + prefill_s)

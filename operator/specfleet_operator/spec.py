@@ -1,0 +1,256 @@
+"""The SpecFleet spec as typed, defaulted Python objects.
+
+The API server fills in the CRD's defaults, but the operator must not depend on that (a kmock test server, an old
+object, a local `specfleet up --autoscale` have none), so `FleetSpec.from_dict` applies the same defaults; a test
+checks the two agree. Role keys name one scalable unit: `router`, `fusion`, `verifier`, `drafter-<pool>`."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ROUTER, FUSION, VERIFIER, DRAFTER = "router", "fusion", "verifier", "drafter"
+DRAFTER_PREFIX = "drafter-"
+_POOL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class SpecError(ValueError):
+    """The SpecFleet spec is invalid; the message names the field and what to write instead."""
+
+
+def drafter_key(pool: str) -> str:
+    return DRAFTER_PREFIX + pool
+
+
+def component_of(role_key: str) -> str:
+    """`drafter-python` -> `drafter`; other role keys are their own component."""
+    return DRAFTER if role_key.startswith(DRAFTER_PREFIX) else role_key
+
+
+def pool_of(role_key: str) -> str | None:
+    return role_key[len(DRAFTER_PREFIX):] if role_key.startswith(DRAFTER_PREFIX) else None
+
+
+def _int(raw: Mapping[str, Any], name: str, default: int, where: str, minimum: int = 0) -> int:
+    value = raw.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpecError(f"{where}.{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(raw: Mapping[str, Any], name: str, default: float, where: str, maximum: float | None = None) -> float:
+    value = raw.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise SpecError(f"{where}.{name} must be a number > 0, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise SpecError(f"{where}.{name} must be <= {maximum}, got {value!r}")
+    return float(value)
+
+
+def _str(raw: Mapping[str, Any], name: str, default: str, where: str, choices: tuple[str, ...] = ()) -> str:
+    value = raw.get(name, default)
+    if not isinstance(value, str) or (choices and value not in choices):
+        wanted = f"one of {', '.join(choices)}" if choices else "a string"
+        raise SpecError(f"{where}.{name} must be {wanted}, got {value!r}")
+    return value
+
+
+def _section(raw: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{where}.{name} must be an object, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """One scalable role (or drafter pool): replica bounds and scheduling."""
+
+    key: str  # router | fusion | verifier | drafter-<pool>
+    replicas: int = 1
+    min_replicas: int = 1
+    max_replicas: int = 4
+    gpu: bool = False
+    model: str = ""  # drafter pools: the model folder under models.path ("" for model-free pools)
+    resources: dict[str, Any] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    affinity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def component(self) -> str:
+        return component_of(self.key)
+
+    @property
+    def pool(self) -> str | None:
+        return pool_of(self.key)
+
+    def clamp(self, replicas: int) -> int:
+        return max(self.min_replicas, min(self.max_replicas, int(replicas)))
+
+    @classmethod
+    def from_dict(cls, key: str, raw: Mapping[str, Any], where: str, max_default: int, gpu_default: bool,
+                  model_default: str = "") -> RoleSpec:
+        if not isinstance(raw, Mapping):
+            raise SpecError(f"{where} must be an object, got {type(raw).__name__}")
+        role = cls(
+            key=key,
+            replicas=_int(raw, "replicas", 1, where),
+            min_replicas=_int(raw, "minReplicas", 1, where),
+            max_replicas=_int(raw, "maxReplicas", max_default, where, minimum=1),
+            gpu=bool(raw.get("gpu", gpu_default)),
+            model=_str(raw, "model", model_default, where),
+            resources=copy.deepcopy(dict(raw.get("resources") or {})),
+            node_selector=dict(raw.get("nodeSelector") or {}),
+            tolerations=copy.deepcopy(list(raw.get("tolerations") or [])),
+            affinity=copy.deepcopy(dict(raw.get("affinity") or {})),
+        )
+        if role.min_replicas > role.max_replicas:
+            raise SpecError(f"{where}: minReplicas ({role.min_replicas}) must be <= maxReplicas ({role.max_replicas})")
+        return role
+
+
+@dataclass(frozen=True)
+class Targets:
+    queue_wait_ms: float = 50.0
+    gpu_utilization_percent: float = 80.0
+    drafter_verifier_balance: float = 1.0
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    enabled: bool = True
+    speculation_parallelism: bool = False
+    k: int = 4
+    targets: Targets = field(default_factory=Targets)
+    window_up_s: int = 30
+    window_down_s: int = 300
+    max_step: int = 2
+    cooldown_s: int = 60
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Autoscaling:
+        where = "spec.autoscaling"
+        targets = _section(raw, "targets", where)
+        windows = _section(raw, "stabilizationWindowSeconds", where)
+        return cls(
+            enabled=bool(raw.get("enabled", True)),
+            speculation_parallelism=bool(raw.get("speculationParallelism", False)),
+            k=_int(raw, "k", 4, where, minimum=1),
+            targets=Targets(
+                queue_wait_ms=_number(targets, "queueWaitMs", 50, f"{where}.targets"),
+                gpu_utilization_percent=_number(targets, "gpuUtilizationPercent", 80, f"{where}.targets", 100),
+                drafter_verifier_balance=_number(targets, "drafterVerifierBalance", 1.0, f"{where}.targets"),
+            ),
+            window_up_s=_int(windows, "up", 30, f"{where}.stabilizationWindowSeconds"),
+            window_down_s=_int(windows, "down", 300, f"{where}.stabilizationWindowSeconds"),
+            max_step=_int(raw, "maxStep", 2, where, minimum=1),
+            cooldown_s=_int(raw, "cooldownSeconds", 60, where),
+        )
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    name: str = ""
+    key: str = "url"
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """A whole SpecFleet spec; `roles` lists every scalable unit in a fixed order (router, fusion, pools, verifier)."""
+
+    name: str
+    roles: tuple[RoleSpec, ...]
+    autoscaling: Autoscaling = field(default_factory=Autoscaling)
+    image_repository: str = "ghcr.io/specfleet/specfleet"
+    image_tag: str = "0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    models_source: str = "image"
+    models_path: str = "/models"
+    models_claim: str = ""
+    redis_mode: str = "inCluster"
+    redis_url: str = ""  # only when the spec carries it inline; pods still read it from a Secret
+    redis_secret: SecretRef = field(default_factory=SecretRef)
+    token_secret: SecretRef = field(default_factory=lambda: SecretRef("", "token"))
+    otlp_endpoint: str = ""
+
+    def role(self, key: str) -> RoleSpec:
+        for role in self.roles:
+            if role.key == key:
+                return role
+        raise KeyError(f"fleet {self.name!r} has no role {key!r} (it has {', '.join(self.role_keys)})")
+
+    @property
+    def role_keys(self) -> tuple[str, ...]:
+        return tuple(role.key for role in self.roles)
+
+    @property
+    def pools(self) -> tuple[RoleSpec, ...]:
+        return tuple(role for role in self.roles if role.component == DRAFTER)
+
+    @property
+    def redis_secret_name(self) -> str:
+        """The Secret pods read SPECFLEET_REDIS_URL from: secretRef.name, else `<fleet>-redis`."""
+        return self.redis_secret.name or f"{self.name}-redis"
+
+    @classmethod
+    def from_dict(cls, name: str, raw: Mapping[str, Any] | None) -> FleetSpec:
+        """Parse and default a SpecFleet `spec`; raises SpecError naming the bad field."""
+        raw = raw or {}
+        if not isinstance(raw, Mapping):
+            raise SpecError(f"spec must be an object, got {type(raw).__name__}")
+        image, models = _section(raw, "image", "spec"), _section(raw, "models", "spec")
+        redis, auth = _section(raw, "redis", "spec"), _section(raw, "auth", "spec")
+        secret, token = _section(redis, "secretRef", "spec.redis"), _section(auth, "tokenSecretRef", "spec.auth")
+        pools_raw = raw.get("drafters")
+        if pools_raw is None:
+            pools_raw = [{"name": "python", "model": "drafter-python"}]
+        if not isinstance(pools_raw, list) or not pools_raw:
+            raise SpecError("spec.drafters must be a non-empty list of pools, e.g. [{name: python, model: "
+                            "drafter-python}]")
+        pools = []
+        for index, pool in enumerate(pools_raw):
+            where = f"spec.drafters[{index}]"
+            pool_name = pool.get("name") if isinstance(pool, Mapping) else None
+            if not isinstance(pool_name, str) or not _POOL_NAME.match(pool_name) or len(pool_name) > 40:
+                raise SpecError(f"{where}.name must be a DNS label of at most 40 characters, got {pool_name!r}")
+            if drafter_key(pool_name) in {p.key for p in pools}:
+                raise SpecError(f"{where}.name {pool_name!r} is used by two pools: give each pool its own name")
+            pools.append(RoleSpec.from_dict(drafter_key(pool_name), pool, where, max_default=8, gpu_default=True))
+        roles = (
+            RoleSpec.from_dict(ROUTER, _section(raw, "router", "spec"), "spec.router", 4, False),
+            RoleSpec.from_dict(FUSION, _section(raw, "fusion", "spec"), "spec.fusion", 4, False),
+            *pools,
+            RoleSpec.from_dict(VERIFIER, _section(raw, "verifier", "spec"), "spec.verifier", 8, True),
+        )
+        spec = cls(
+            name=name,
+            roles=roles,
+            autoscaling=Autoscaling.from_dict(_section(raw, "autoscaling", "spec")),
+            image_repository=_str(image, "repository", "ghcr.io/specfleet/specfleet", "spec.image"),
+            image_tag=_str(image, "tag", "0.1.0", "spec.image"),
+            image_pull_policy=_str(image, "pullPolicy", "IfNotPresent", "spec.image",
+                                   ("Always", "IfNotPresent", "Never")),
+            models_source=_str(models, "source", "image", "spec.models", ("image", "pvc")),
+            models_path=_str(models, "path", "/models", "spec.models"),
+            models_claim=_str(models, "claimName", "", "spec.models"),
+            redis_mode=_str(redis, "mode", "inCluster", "spec.redis", ("inCluster", "external")),
+            redis_url=_str(redis, "url", "", "spec.redis"),
+            redis_secret=SecretRef(_str(secret, "name", "", "spec.redis.secretRef"),
+                                   _str(secret, "key", "url", "spec.redis.secretRef")),
+            token_secret=SecretRef(_str(token, "name", "", "spec.auth.tokenSecretRef"),
+                                   _str(token, "key", "token", "spec.auth.tokenSecretRef")),
+            otlp_endpoint=_str(_section(raw, "telemetry", "spec"), "otlpEndpoint", "", "spec.telemetry"),
+        )
+        if spec.models_source == "pvc" and not spec.models_claim:
+            raise SpecError("spec.models.source is pvc but spec.models.claimName is empty: name the PVC holding the "
+                            "models, or use source: image")
+        if not spec.models_path.startswith("/"):
+            raise SpecError(f"spec.models.path must be an absolute path, got {spec.models_path!r}")
+        if spec.redis_mode == "external" and not (spec.redis_url or spec.redis_secret.name):
+            raise SpecError("spec.redis.mode is external but neither spec.redis.url nor spec.redis.secretRef.name is "
+                            "set: give the Redis URL or the Secret that holds it")
+        return spec

@@ -1,0 +1,255 @@
+"""The scaling policy: table-driven cases for each rule, and hypothesis properties (always within bounds, monotone
+in load, no flapping under noisy steady load, never removes a pod with work in flight)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import Phase, example, given, settings
+from hypothesis import strategies as st
+
+from specfleet_operator.metrics import PodLoad, aggregate
+from specfleet_operator.policy import PolicyMemory, decide, drain_plan
+from specfleet_operator.spec import FleetSpec
+
+NO_DAMPING = {"stabilizationWindowSeconds": {"up": 0, "down": 0}, "cooldownSeconds": 0, "maxStep": 2}
+
+
+def fleet(autoscaling: dict | None = None, **roles) -> FleetSpec:
+    spec = {"autoscaling": {**NO_DAMPING, **(autoscaling or {})},
+            "drafters": roles.pop("drafters", [{"name": "python", "model": "drafter-python"}])}
+    spec.update(roles)
+    return FleetSpec.from_dict("demo", spec)
+
+
+def sample(t: float, pods: dict[str, int], live: int = 1, **per_role: dict) -> object:
+    """A MetricsSample built from heartbeat records, as the metrics reader would see them: `pods` pods per role key,
+    each publishing the per-role fields given (e.g. verifier={"queue_wait_ms": 80, "busy_frac": 0.5})."""
+    records = [{"role": "router", "pod": "router-0", "live": live, "inflight": live, "busy_frac": 0.1}]
+    for key, count in pods.items():
+        role, _, pool = key.partition("-")
+        for index in range(count):
+            record = {"role": role, "pod": f"{key}-{index}", "inflight": 1, **per_role.get(key.replace("-", "_"), {})}
+            if pool:
+                record["pool"] = pool
+            records.append(record)
+    return aggregate(records, {"depth": 0, "pending": 0}, t)
+
+
+CURRENT = {"router": 1, "fusion": 1, "drafter-python": 2, "verifier": 2}
+
+
+@pytest.mark.parametrize(
+    ("name", "spec_kwargs", "verifier_fields", "current_verifiers", "expected", "reason_has"),
+    [
+        ("queue wait twice the target doubles", {}, {"queue_wait_ms": 100}, 2, 4, "queue wait"),
+        ("step limit caps one change", {}, {"queue_wait_ms": 200}, 2, 4, "queue wait"),
+        ("within the tolerance band nothing moves", {}, {"queue_wait_ms": 54, "busy_frac": 0.8}, 2, 2, "steady"),
+        ("low utilisation halves", {}, {"busy_frac": 0.4, "queue_wait_ms": 1}, 4, 2, "utilisation"),
+        ("gpu utilisation wins over busy fraction", {}, {"busy_frac": 0.9, "gpu": {"util": 40.0}}, 4, 2,
+         "utilisation"),
+        ("bounds cap the step", {"verifier": {"maxReplicas": 3}}, {"queue_wait_ms": 500}, 2, 3, "bounds"),
+        ("bounds lift a count below minReplicas", {"verifier": {"minReplicas": 3}}, {"queue_wait_ms": 50,
+                                                                                      "busy_frac": 0.8}, 1, 3,
+         "bounds"),
+        ("autoscaling off keeps spec replicas", {"autoscaling": {"enabled": False}, "verifier": {"replicas": 3}},
+         {"queue_wait_ms": 500}, 1, 3, "autoscaling off"),
+    ],
+)
+def test_verifier_rules(name, spec_kwargs, verifier_fields, current_verifiers, expected, reason_has):
+    spec = fleet(**spec_kwargs)
+    history = [sample(0.0, {"verifier": current_verifiers, "drafter-python": 2}, verifier=verifier_fields)]
+    result = decide(history, spec, {**CURRENT, "verifier": current_verifiers}, now=0.0)
+    assert result.desired["verifier"] == expected, name
+    assert reason_has in result.reasons["verifier"], result.reasons["verifier"]
+    if expected != current_verifiers:
+        (decision,) = [d for d in result.decisions if d.role == "verifier"]
+        assert (decision.from_replicas, decision.to_replicas) == (current_verifiers, expected)
+
+
+def test_decision_records_the_metrics_behind_it():
+    history = [sample(0.0, {"verifier": 2}, verifier={"queue_wait_ms": 100, "busy_frac": 0.5})]
+    (decision,) = [d for d in decide(history, fleet(), CURRENT, now=0.0).decisions if d.role == "verifier"]
+    assert decision.metrics["queue_wait_ms"] == 100 and decision.metrics["target_queue_wait_ms"] == 50
+
+
+def test_idle_fleet_scales_every_role_to_min():
+    spec = fleet(verifier={"minReplicas": 1}, router={"minReplicas": 1})
+    records = [{"role": "verifier", "pod": "v-0"}, {"role": "router", "pod": "r-0", "live": 0}]
+    result = decide([aggregate(records, {}, 0.0)], spec, {**CURRENT, "verifier": 3, "drafter-python": 3}, now=0.0)
+    assert result.desired == {"router": 1, "fusion": 1, "drafter-python": 1, "verifier": 1}
+    assert all("idle" in result.reasons[key] for key in ("drafter-python", "verifier"))
+
+
+def test_dsi_floor_when_speculation_parallelism_is_on():
+    spec = fleet({"speculationParallelism": True, "k": 4, "maxStep": 8})
+    fields = {"verifier": {"step_ms": 40.0, "busy_frac": 0.8, "queue_wait_ms": 50},
+              "drafter_python": {"step_ms": 2.0, "busy_frac": 0.8}}
+    history = [sample(0.0, {"verifier": 1, "drafter-python": 2}, **fields)]
+    result = decide(history, spec, {**CURRENT, "verifier": 1}, now=0.0)
+    assert result.desired["verifier"] == 5  # ceil(40 / (4 * 2))
+    assert "DSI" in result.reasons["verifier"]
+    off = decide(history, fleet({"maxStep": 8}), {**CURRENT, "verifier": 1}, now=0.0)
+    assert off.desired["verifier"] == 1
+
+
+def test_cosine_balance_grows_drafters_with_the_verifiers():
+    fields = {"verifier": {"queue_wait_ms": 100, "busy_frac": 0.8, "tokens_per_s": 400.0},
+              "drafter_python": {"busy_frac": 0.7, "tokens_per_s": 200.0}}  # 2 pods, 100 tok/s each at 70 % busy
+    history = [sample(0.0, {"verifier": 2, "drafter-python": 2}, **fields)]
+    result = decide(history, fleet({"maxStep": 8}), CURRENT, now=0.0)
+    # verifiers double (queue wait 2x): verification grows to 800 tok/s; a drafter drafts 200/(2*0.7) tok/s at
+    # full busy, so the pool needs ceil(800 / 142.9) = 6 pods for a balance of 1.0
+    assert result.desired["verifier"] == 4
+    assert result.desired["drafter-python"] == 6 and "CoSine balance" in result.reasons["drafter-python"]
+
+
+def test_spec_replicas_change_is_adopted_then_cooled_down():
+    spec = fleet({"cooldownSeconds": 60}, verifier={"replicas": 2})
+    history = [sample(0.0, {"verifier": 2}, verifier={"queue_wait_ms": 50, "busy_frac": 0.8})]
+    first = decide(history, spec, CURRENT, now=0.0)
+    assert first.desired["verifier"] == 2
+    scaled = fleet({"cooldownSeconds": 60}, verifier={"replicas": 5})  # kubectl scale specfleet/demo --replicas=5
+    busy = [sample(10.0, {"verifier": 2}, verifier={"queue_wait_ms": 500})]
+    second = decide(busy, scaled, first.desired, first.memory, now=10.0)
+    assert second.desired["verifier"] == 5 and "spec replicas set to 5" in second.reasons["verifier"]
+    third = decide([sample(20.0, {"verifier": 5}, verifier={"queue_wait_ms": 500})], scaled, second.desired,
+                   second.memory, now=20.0)
+    assert third.desired["verifier"] == 5 and "cooldown" in third.reasons["verifier"]
+    later = decide([sample(80.0, {"verifier": 5}, verifier={"queue_wait_ms": 500})], scaled, third.desired,
+                   third.memory, now=80.0)
+    assert later.desired["verifier"] == 7
+
+
+def test_scale_up_waits_for_the_whole_up_window():
+    spec = fleet({"stabilizationWindowSeconds": {"up": 30, "down": 300}, "maxStep": 4})
+    current, memory = dict(CURRENT), PolicyMemory()
+    changes = []
+    for t in range(0, 45, 5):
+        wait = 100 if t >= 5 else 50  # high from t=5 on
+        result = decide([sample(float(t), {"verifier": 2}, verifier={"queue_wait_ms": wait, "busy_frac": 0.8})],
+                        spec, current, memory, now=float(t))
+        current, memory = result.desired, result.memory
+        changes += [(t, d.to_replicas) for d in result.decisions if d.role == "verifier"]
+    assert changes == [(35, 4)]  # the first time the last 30 s all recommended 4
+
+
+def test_fresh_memory_never_scales_down_before_the_down_window():
+    spec = fleet({"stabilizationWindowSeconds": {"up": 0, "down": 60}})
+    low = {"queue_wait_ms": 1, "busy_frac": 0.1}
+    current, memory = {**CURRENT, "verifier": 4}, PolicyMemory()
+    for t in range(0, 60, 10):
+        result = decide([sample(float(t), {"verifier": 4}, verifier=low)], spec, current, memory, now=float(t))
+        assert result.desired["verifier"] == 4
+        current, memory = result.desired, result.memory
+    result = decide([sample(60.0, {"verifier": 4}, verifier=low)], spec, current, memory, now=60.0)
+    assert result.desired["verifier"] == 2  # ceil(4 * 10 / 80) = 1, limited by maxStep 2
+
+
+# ---- properties ------------------------------------------------------------------------------------------------
+
+load_fields = st.fixed_dictionaries({
+    "queue_wait_ms": st.floats(0, 2000), "busy_frac": st.floats(0, 1), "tokens_per_s": st.floats(0, 5000),
+    "step_ms": st.floats(0.1, 200),
+})
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    bounds=st.tuples(st.integers(0, 6), st.integers(0, 6)).map(sorted),
+    current=st.integers(0, 20),
+    verifier=load_fields, drafter=load_fields,
+    parallel=st.booleans(), step=st.integers(1, 5), live=st.integers(0, 3),
+)
+def test_always_within_bounds(bounds, current, verifier, drafter, parallel, step, live):
+    low, high = bounds[0], max(bounds[1], 1)
+    role = {"minReplicas": low, "maxReplicas": high}
+    spec = fleet({"speculationParallelism": parallel, "maxStep": step}, verifier=role,
+                 drafters=[{"name": "python", **role}], router=role, fusion=role)
+    history = [sample(0.0, {"verifier": 2, "drafter-python": 2}, live=live, verifier=verifier,
+                      drafter_python=drafter)]
+    result = decide(history, spec, dict.fromkeys(spec.role_keys, current), now=0.0)
+    assert all(low <= n <= high for n in result.desired.values()), result
+
+
+def loaded(load: float, t: float = 0.0):
+    """Figures that all grow with one load factor."""
+    return sample(t, {"verifier": 3, "drafter-python": 3}, live=1,
+                  verifier={"queue_wait_ms": 25 * load, "busy_frac": min(1.0, 0.2 * load), "tokens_per_s": 100 * load,
+                            "step_ms": 20.0},
+                  drafter_python={"busy_frac": min(1.0, 0.2 * load), "tokens_per_s": 100 * load, "step_ms": 2.0})
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.floats(0.01, 50), st.floats(0.01, 50), st.integers(1, 8), st.booleans())
+def test_monotone_in_load(load_a, load_b, current, parallel):
+    low, high = sorted((load_a, load_b))
+    spec = fleet({"maxStep": 10, "speculationParallelism": parallel}, verifier={"maxReplicas": 50},
+                 drafters=[{"name": "python", "maxReplicas": 50}], router={"maxReplicas": 50})
+    counts = {**CURRENT, "verifier": current, "drafter-python": current}
+    at_low = decide([loaded(low)], spec, counts, now=0.0).desired
+    at_high = decide([loaded(high)], spec, counts, now=0.0).desired
+    assert all(at_low[key] <= at_high[key] for key in spec.role_keys), (at_low, at_high)
+
+
+@settings(max_examples=12, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no slow shrink
+@given(work=st.floats(50, 1500), noise=st.floats(0, 0.2), seed=st.integers(0, 2**32 - 1))
+@example(work=772.53, noise=0.1977, seed=3304)  # a late last step up once found here: allowed, it never reverses
+def test_no_flapping_under_noisy_steady_load(work, noise, seed):
+    """Two hours of steady demand (`work` tokens/s) with +-noise jitter, in closed loop: each replica's share of the
+    load falls as replicas are added. Counts converge and then stay put: no back-and-forth."""
+    rng = random.Random(seed)
+    spec = FleetSpec.from_dict("demo", {"drafters": [{"name": "python"}]})  # the default damping
+    current, memory, changes = None, None, []
+    for tick in range(720):
+        t = tick * 10.0
+        counts = current or {key: 1 for key in spec.role_keys}
+        verifiers, drafters = counts["verifier"], counts["drafter-python"]
+        jitter = 1 + rng.uniform(-noise, noise)
+        rho = work / (verifiers * 100.0) * jitter  # a verifier verifies 100 tok/s, a drafter drafts 200 tok/s
+        drafter_rho = work / (drafters * 200.0) * jitter
+        history = [sample(t, {"verifier": verifiers, "drafter-python": drafters},
+                          verifier={"busy_frac": min(1.0, rho), "queue_wait_ms": 50 * rho / 0.8,
+                                    "tokens_per_s": min(work, verifiers * 100.0) * jitter / verifiers},
+                          drafter_python={"busy_frac": min(1.0, drafter_rho),
+                                          "tokens_per_s": min(work, drafters * 200.0) * jitter / drafters})]
+        result = decide(history, spec, counts, memory, now=t)
+        current, memory = result.desired, result.memory
+        changes += [(t, d.role, d.from_replicas, d.to_replicas) for d in result.decisions]
+    assert len(changes) <= 12, changes
+    for role in spec.role_keys:
+        steps = [to - before for _, r, before, to in changes if r == role]
+        reversals = sum(1 for a, b in zip(steps, steps[1:], strict=False) if (a > 0) != (b > 0))
+        assert reversals <= 1, (role, changes)  # up-then-down once (an overshoot) at most, never back and forth
+        late = [c for c in changes if c[1] == role and c[0] >= 3600]
+        assert len(late) <= 1, (role, changes)  # converged: a rare last step from noise, no more
+
+
+pods_strategy = st.lists(
+    st.builds(PodLoad, pod=st.text("abcdef", min_size=1, max_size=4), inflight=st.integers(0, 3),
+              queue_depth=st.integers(0, 2), draining=st.booleans()),
+    max_size=8, unique_by=lambda p: p.pod)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pods=pods_strategy, desired=st.integers(0, 10), ages=st.dictionaries(st.text("abcdef", min_size=1,
+                                                                                     max_size=4), st.floats(0, 30)))
+def test_drain_plan_never_removes_a_pod_with_work(pods, desired, ages):
+    plan = drain_plan(pods, desired, {pod: 100.0 - age for pod, age in ages.items()}, now=100.0, grace_s=5.0)
+    by_name = {p.pod: p for p in pods}
+    for name in plan.remove:
+        assert by_name[name].idle and by_name[name].draining
+        assert ages.get(name, 0.0) >= 5.0
+    assert set(plan.drain).isdisjoint(plan.undrain) and set(plan.remove).isdisjoint(plan.drain)
+    retiring = {p.pod for p in pods if p.draining} - set(plan.undrain) | set(plan.drain)
+    assert len(retiring) == max(0, len(pods) - desired)
+
+
+def test_drain_plan_prefers_idle_pods_and_puts_drained_back_when_load_returns():
+    pods = [PodLoad("a", inflight=2), PodLoad("b"), PodLoad("c", inflight=1)]
+    assert drain_plan(pods, 2, {}, now=0.0, grace_s=4.0).drain == ("b",)
+    draining = [PodLoad("a", inflight=2), PodLoad("b", draining=True), PodLoad("c", inflight=1)]
+    assert drain_plan(draining, 2, {"b": 0.0}, now=2.0, grace_s=4.0).remove == ()  # still in its grace period
+    assert drain_plan(draining, 2, {"b": 0.0}, now=5.0, grace_s=4.0).remove == ("b",)
+    assert drain_plan(draining, 3, {"b": 0.0}, now=5.0, grace_s=4.0).undrain == ("b",)

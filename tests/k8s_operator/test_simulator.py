@@ -1,0 +1,170 @@
+"""The scale simulator (`specfleet simulate`): determinism, a closed-form case, the orderings the papers' systems
+must keep (speculation that never hits is not faster than plain decoding; DSI is never slower), monotone capacity,
+agreement with this machine's committed measurements, policy scoring and the command itself."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from specfleet_operator.simulator import autoscale, costs, engine, systems, traces
+from specfleet_operator.simulator.cli import main as simulate_main
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+SPECULATIVE = ("specinfer", "pipeinfer", "cosine")
+
+
+def _steady(cost_model, replicas, load=0.7, duration=20.0, seed=3):
+    rate = load * costs.plain_capacity_tokens_per_s(cost_model) * replicas / cost_model.request.output_tokens_mean
+    return traces.make("steady", cost_model, rate, duration, seed)
+
+
+def _run(name, cost_model, trace, replicas, seed=0, **kwargs):
+    return engine.simulate(systems.build(name, cost_model), trace, replicas, seed=seed, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def a100():
+    return costs.a100_70b()
+
+
+def test_same_seed_gives_the_same_report(a100):
+    first = _run("cosine", a100, _steady(a100, 4), 4, seed=5).summary()
+    again = _run("cosine", a100, _steady(a100, 4), 4, seed=5).summary()
+    other = _run("cosine", a100, _steady(a100, 4, seed=4), 4, seed=6).summary()
+    assert first == again
+    assert first != other
+
+
+def test_bursty_trace_keeps_the_mean_rate_and_bursts(a100):
+    steady = traces.make("steady", a100, 50.0, 600.0, seed=1)
+    bursty = traces.make("bursty", a100, 50.0, 600.0, seed=1)
+    assert len(bursty) == pytest.approx(len(steady), rel=0.05)
+    per_10s = [np.bincount((t.arrival_s // 10).astype(int), minlength=60) for t in (steady, bursty)]
+    assert per_10s[1].var() > 3 * per_10s[0].var()  # Poisson: variance = mean; bursts add the modulation's
+    assert (np.diff(bursty.arrival_s) >= 0).all() and bursty.arrival_s.max() < 600.0
+
+
+def test_power_of_two_routing_spreads_work_more_evenly(a100):
+    trace = _steady(a100, 50, duration=30.0)
+    rng = np.random.default_rng(0)
+    balanced = engine.assign_power_of_two(trace, 50, costs.plain_capacity_tokens_per_s(a100), rng)
+    spread = rng.integers(0, 50, len(trace))
+    work = [np.bincount(a, weights=trace.output_tokens, minlength=50) for a in (balanced, spread)]
+    assert work[0].std() < 0.75 * work[1].std()
+    assert work[0].sum() == work[1].sum()
+
+
+def test_plain_decoding_matches_the_closed_form():
+    # every forward costs 10 ms whatever its size: 8 requests of 50 tokens finish after 50 rounds with 8 slots
+    # (the prefill round yields the first token), and after two waves of 50 rounds with 4 slots
+    flat = replace(costs.a100_70b(), target=costs.StepCost(10.0, 0.0, 0.0),
+                   request=costs.RequestShape(prompt_tokens=16, output_tokens_mean=50, output_tokens_max=50,
+                                              output_sigma=0.0))
+    trace = traces.batch(flat, 8)
+    wide = _run("plain", flat, trace, 1, max_batch=8)
+    np.testing.assert_allclose(wide.finish_s, 0.5)
+    np.testing.assert_allclose(wide.first_token_s, 0.01)
+    assert wide.summary()["batch_tokens_per_s"] == pytest.approx(800.0)
+    narrow = _run("plain", flat, trace, 1, max_batch=4).summary()
+    assert narrow["batch_tokens_per_s"] == pytest.approx(400.0)
+    assert narrow["makespan_s"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", SPECULATIVE)
+def test_speculation_that_is_never_accepted_is_not_faster_than_plain(a100, name):
+    never = a100.with_alpha(0.0)
+    trace = _steady(never, 8)
+    plain = _run("plain", never, trace, 8).summary()
+    spec = _run(name, never, trace, 8).summary()
+    assert spec["p50_latency_s"] >= plain["p50_latency_s"]
+    assert spec["p99_latency_s"] >= plain["p99_latency_s"]
+    offline = traces.batch(never, 64)
+    assert (_run(name, never, offline, 1).summary()["batch_tokens_per_s"]
+            <= _run("plain", never, offline, 1).summary()["batch_tokens_per_s"] + 1e-9)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.8])
+def test_dsi_is_never_slower_than_plain(a100, alpha):
+    model = a100.with_alpha(alpha)
+    trace = _steady(model, 8, load=0.9)
+    plain = _run("plain", model, trace, 8)
+    dsi = _run("dsi", model, trace, 8)
+    assert np.isfinite(dsi.finish_s).all()
+    plain_latency = plain.finish_s - trace.arrival_s
+    dsi_latency = dsi.finish_s - trace.arrival_s
+    assert dsi_latency.mean() <= plain_latency.mean() + 1e-9
+    assert np.percentile(dsi_latency, 99) <= np.percentile(plain_latency, 99) + 1e-9
+    if alpha == 0.0:  # nothing accepted: DSI's non-speculative thread is plain decoding
+        np.testing.assert_allclose(dsi_latency, plain_latency)
+
+
+@pytest.mark.parametrize("name", ["plain", "cosine"])
+def test_more_replicas_never_lower_throughput(a100, name):
+    # the same overloading trace (a fixed total rate) on more and more replicas
+    trace = _steady(a100, 8, load=2.0, duration=15.0)
+    served = [_run(name, a100, trace, r).summary()["tokens_per_s"] for r in (2, 4, 8)]
+    assert served == sorted(served)
+
+
+def test_cosine_beats_plain_at_moderate_load(a100):
+    trace = _steady(a100, 8, load=0.6)
+    assert (_run("cosine", a100, trace, 8).summary()["p50_latency_s"]
+            < _run("plain", a100, trace, 8).summary()["p50_latency_s"])
+
+
+def test_reproduces_the_engines_measured_plain_throughput_within_15_percent():
+    # the target step comes from bench/fleet.json (round_overhead_ms.engine_round_p50, measured by `bench fleet`);
+    # the throughput it must reproduce is `bench engine`'s plain batch-1 row, a different run of another benchmark
+    local = costs.local(BENCH)
+    measured = json.loads((BENCH / "engine.json").read_text())
+    row = next(r for r in measured["results"]
+               if r["system"] == "specfleet-none" and r["batch"] == 1 and r["mode"] == "greedy")
+    trace = traces.batch(local, measured["config"]["prompts"])
+    simulated = _run("plain", local, trace, 1, max_batch=1).summary()["batch_tokens_per_s"]
+    assert simulated == pytest.approx(row["tokens_per_s"], rel=0.15)
+
+
+def test_acceptance_alphas_come_from_the_measured_matrix():
+    local = costs.local(BENCH)
+    matrix = json.loads((BENCH / "acceptance.json").read_text())["matrix"]
+    k = local.k
+    for drafter, row in local.alpha.items():
+        for domain, alpha in row.items():
+            assert sum(alpha ** i for i in range(1, k + 1)) == pytest.approx(
+                matrix[drafter][domain]["accepted_per_round"], abs=1e-6)
+    # the routed specialists beat the generalist in their own domain, so CoSine's fused alpha is the highest
+    cosine = systems.build("cosine", local).request_alpha(np.arange(len(local.domains)))
+    single = systems.build("pipeinfer", local).request_alpha(np.arange(len(local.domains)))
+    assert (cosine > single).all()
+
+
+def test_autoscaling_scores_rank_the_static_policies_and_run_the_operators():
+    local = costs.local(BENCH)
+    fleet, slo_ms, results = autoscale.score_policies(local, 1, 8, 900.0, seed=1)
+    by = {r.policy: r for r in results}
+    assert set(by) == set(autoscale.POLICIES)
+    assert by["static-max"].slo_attainment >= by["static-min"].slo_attainment
+    assert by["static-max"].slo_attainment > 0.95
+    assert by["static-min"].gpu_hours < by["operator"].gpu_hours < by["static-max"].gpu_hours
+    assert by["static-max"].scaling_actions == by["static-min"].scaling_actions == 0
+    assert by["operator"].scaling_actions > 0
+    assert max(by["operator"].timeline["requested"]) <= 8
+    assert slo_ms > 0 and fleet.capacity_tokens_per_s > 0
+
+
+def test_the_command_writes_the_report_and_plots(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    assert simulate_main(["--preset", "h100-70b", "--replicas", "1,2", "--trace", "steady,bursty", "--duration", "5",
+                          "--autoscale-min", "2", "--autoscale-max", "20", "--autoscale-duration", "600",
+                          "--output", str(out), "--plot", str(tmp_path / "sim.png"), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert {(r["trace"], r["replicas"], r["system"]) for r in report["results"]} == {
+        (t, n, s) for t in ("steady", "bursty") for n in (1, 2) for s in systems.SYSTEMS}
+    assert all(r["speedup_p50"] for r in report["results"])
+    assert [r["policy"] for r in report["autoscale"]["results"]] == list(autoscale.POLICIES)
+    assert (tmp_path / "sim.png").stat().st_size > 0 and (tmp_path / "sim-autoscale.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "at 2 replicas" in printed and "GPU-hours" in printed

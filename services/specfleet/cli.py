@@ -248,6 +248,34 @@ def cmd_bench_fleet(args) -> int:
     return 0
 
 
+def cmd_bench_autoscale(args) -> int:
+    from specfleet.bench.autoscale_bench import format_table, run
+
+    try:
+        ramp = tuple(int(x) for x in args.ramp.split(","))
+        if not ramp or min(ramp) < 0:
+            raise ValueError(f"--ramp wants comma-separated client counts >= 0, got {args.ramp!r}")
+        report = run(args.models, args.redis_url, args.output, ramp, args.phase_s, args.max_new_tokens, args.pools,
+                     args.max_verifiers, args.interval)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+        sys.exit(f"error: {exc}")
+    print(format_table(report))
+    print(f"\nwrote {args.output} and {args.output.with_suffix('.png')}")
+    return 0
+
+
+def cmd_bench_reliability(args) -> int:
+    from specfleet.bench.reliability import format_table, run
+
+    try:
+        report = run(args.models, args.redis_url, args.output, streams=args.streams, seconds=args.seconds)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+        sys.exit(f"error: {exc}")
+    print(format_table(report))
+    print(f"\nwrote {args.output}")
+    return 0 if report["faults"]["requests_lost"] == report["server_crashes"] == 0 else 1
+
+
 # ---------------------------------------------------------------- parser
 
 def _engine_options(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
@@ -372,6 +400,36 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ablation-concurrency", type=_positive_int, default=8, help="streams at a time in the ablation")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "fleet.json", help="JSON result")
     b.set_defaults(func=cmd_bench_fleet)
+    b = bsub.add_parser("reliability", formatter_class=fmt, help="faults, bad input and load against the fleet",
+                        description="The fleet as one process per service: kill -9 of a drafter, fusion, a verifier "
+                                    "and the router and SIGSTOP of a verifier mid-stream (outputs vs the unfaulted "
+                                    "run), a fuzz of the gRPC and HTTP APIs, then a bounded load run with each "
+                                    "service's memory before and after. Exits 1 when a request was lost or a server "
+                                    "crashed.")
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    b.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                   help="Redis for the fleet's state (keys under a fresh prefix, removed afterwards)")
+    b.add_argument("--streams", type=_positive_int, default=200, help="concurrent streams in the load run")
+    b.add_argument("--seconds", type=float, default=60.0, help="how long the load run sends new requests")
+    b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "reliability.json", help="JSON result")
+    b.set_defaults(func=cmd_bench_reliability)
+
+    b = bsub.add_parser("autoscale", formatter_class=fmt,
+                        help="a load ramp up and down on `specfleet up --autoscale`: replicas over time, nothing lost",
+                        description="Starts the local fleet with the operator's autoscaling loop, ramps concurrent "
+                                    "clients up and down, samples replicas per role from Redis heartbeats, and checks "
+                                    "that no request is lost and every output equals the target's greedy decoding.")
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    b.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                   help="Redis the fleet uses")
+    b.add_argument("--ramp", default="1,4,12,12,4,1,0,0", help="concurrent clients in each phase")
+    b.add_argument("--phase-s", type=float, default=20.0, help="seconds per phase")
+    b.add_argument("--max-new-tokens", type=_positive_int, default=24, help="tokens per request")
+    b.add_argument("--pools", default="suffix", help="drafter pools")
+    b.add_argument("--max-verifiers", type=_positive_int, default=3, help="most verifier processes")
+    b.add_argument("--interval", type=float, default=1.0, help="seconds between autoscaling steps")
+    b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "autoscale.json", help="JSON result (+ .png)")
+    b.set_defaults(func=cmd_bench_autoscale)
 
     from specfleet.fleet_cli import add_parsers as add_fleet_parsers
     from specfleet.sdk.cli import add_client_parser

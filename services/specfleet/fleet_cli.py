@@ -54,7 +54,7 @@ async def _serve(args) -> None:
 
         config = FleetConfig(drafters=_pools(args.drafters), verifiers=_addresses(args.verifiers),
                              fusion=args.fusion or None, k_max=args.k, adaptive=args.adaptive,
-                             pipeline=args.pipeline, routing=args.routing)
+                             pipeline=args.pipeline, routing=args.routing, rpc_timeout_s=args.rpc_timeout)
         running, _ = await fleet.start_router(opts, config, args.port, args.internal_token)
     http = None
     if args.role == "router" and args.http_port >= 0:
@@ -146,22 +146,31 @@ def cmd_up(args) -> int:
     if args.token:
         router += ["--token", args.token]
     plan.append(("router", router, args.grpc_port))
-    children: list[subprocess.Popen] = []
     http = None
+    autoscaler_stop = None
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+
+    def spawn(name: str, role_args: list[str], port: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "specfleet.cli", "serve", *role_args, "--port", str(port), *common]
+        child_env = {**env, "SPECFLEET_POD_NAME": name}  # the heartbeat id the autoscaler knows it by
+        if not name.startswith("verifier"):
+            # small models: one thread each, idle threads sleeping instead of spinning, so the verifier keeps
+            # the cores (measured: 2.4x the fleet's throughput at concurrency 32 on 2 cores)
+            child_env.setdefault("OMP_NUM_THREADS", "1")
+            child_env.setdefault("OMP_WAIT_POLICY", "passive")
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env)
+        threading.Thread(target=_pipe, args=(name, child.stdout, sys.stdout), daemon=True).start()
+        return child
+
+    from specfleet.local_autoscale import LocalReplicas, role_args
+
+    replicas = LocalReplicas(lambda role, pod: spawn(pod, role_args(role) + ["--token", internal_token], free_port()),
+                             grace_s=args.grace)
     try:
-        for name, role_args, port in plan:
-            cmd = [sys.executable, "-m", "specfleet.cli", "serve", *role_args, "--port", str(port), *common]
-            child_env = dict(env)
-            if not name.startswith("verifier"):
-                # small models: one thread each, idle threads sleeping instead of spinning, so the verifier keeps
-                # the cores (measured: 2.4x the fleet's throughput at concurrency 32 on 2 cores)
-                child_env.setdefault("OMP_NUM_THREADS", "1")
-                child_env.setdefault("OMP_WAIT_POLICY", "passive")
-            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env)
-            children.append(child)
-            threading.Thread(target=_pipe, args=(name, child.stdout, sys.stdout), daemon=True).start()
+        for name, role_cmd, port in plan:
+            role = "verifier" if name.startswith("verifier-") else name
+            replicas.add(role, name, spawn(name, role_cmd, port))
         from specfleet.server import wait_healthy
 
         started = time.monotonic()
@@ -187,10 +196,18 @@ def cmd_up(args) -> int:
               f"  try: specfleet client generate 'def main():' --target 127.0.0.1:{args.grpc_port}", flush=True)
         if args.exit_when_ready:
             return 0
-        while all(c.poll() is None for c in children):
+        if args.autoscale:
+            from specfleet.local_autoscale import local_spec, start_autoscaler
+
+            spec = local_spec(pools, args.verifiers, args.max_verifiers, args.max_drafters, args.autoscale_interval,
+                              fusion=bool(fusion))
+            _, autoscaler_stop = start_autoscaler(replicas, redis_url, args.key_prefix, spec, args.autoscale_interval,
+                                                  lambda line: print(f"{'autoscale':>16} | {line}", flush=True))
+            print(f"autoscaling: verifiers 1-{max(args.verifiers, args.max_verifiers)}, each drafter pool "
+                  f"1-{args.max_drafters}, a step every {args.autoscale_interval:g}s", flush=True)
+        while not replicas.failed():
             time.sleep(0.5)
-        failed = [name for (name, _, _), c in zip(plan, children, strict=True) if c.poll() is not None]
-        print(f"error: {', '.join(failed)} exited; stopping the fleet", file=sys.stderr)
+        print(f"error: {', '.join(replicas.failed())} exited; stopping the fleet", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
@@ -201,12 +218,15 @@ def cmd_up(args) -> int:
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if autoscaler_stop is not None:
+            autoscaler_stop()
         if http is not None:
             from specfleet.telemetry import shutdown_tracing
 
             http[0].should_exit = True
             http[1].join(timeout=10)
             shutdown_tracing()
+        children = [child for _, child in replicas.all()]
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
@@ -265,6 +285,9 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
     p.add_argument("--verifiers", help="router only: HOST:PORT,... of the verifiers")
     p.add_argument("--fusion", help="router only: HOST:PORT of the fusion service")
     p.add_argument("--k", type=int, default=4, help="router only: most draft levels per round")
+    p.add_argument("--rpc-timeout", type=float, default=30.0,
+                   help="router only: deadline in seconds of each call to a drafter, fusion or verifier; a hung "
+                        "verifier's round moves to the next one after it")
     p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                    help="router only: always draft k levels with every pool (no speculation control)")
     _ablation_flags(p, "router only: ")
@@ -294,6 +317,12 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
     _ablation_flags(p, "")
     p.add_argument("--no-fusion", dest="fusion", action="store_false",
                    help="no fusion service: each round drafts with the single best routed pool")
+    p.add_argument("--autoscale", action="store_true",
+                   help="run the operator's autoscaling loop on these processes: verifiers and drafter pools grow "
+                        "with load and shrink (drained first, nothing lost) when it falls")
+    p.add_argument("--max-verifiers", type=int, default=3, help="with --autoscale: most verifier processes")
+    p.add_argument("--max-drafters", type=int, default=2, help="with --autoscale: most processes per drafter pool")
+    p.add_argument("--autoscale-interval", type=float, default=2.0, help="with --autoscale: seconds between steps")
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get on Ctrl-C")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the router")
     p.add_argument("--exit-when-ready", action="store_true", help=argparse.SUPPRESS)

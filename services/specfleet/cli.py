@@ -298,6 +298,13 @@ def _engine_options(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> Non
                    help="always draft k levels with every drafter (default: adaptive speculation control)")
 
 
+def _fleet_bench_options(b: argparse.ArgumentParser) -> None:
+    """What every benchmark that starts a fleet takes: the models and the Redis it keeps state in."""
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    b.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                   help="Redis for the fleet's state (keys under a fresh prefix, removed afterwards)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -388,9 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Plain decoding through the in-process engine and through the fleet (gRPC + "
                                     "Redis) for the per-round overhead (p50/p99), then throughput at each "
                                     "concurrency, fleet vs engine, same models and held-out prompts.")
-    b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
-    b.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
-                   help="Redis for the fleet's state (keys under a fresh prefix, removed afterwards)")
+    _fleet_bench_options(b)
     b.add_argument("--limit", type=_positive_int, default=12, help="prompts")
     b.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens per prompt")
     b.add_argument("--concurrency", type=_positive_int, nargs="+", default=[1, 8, 32], help="concurrent streams")
@@ -406,9 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "run), a fuzz of the gRPC and HTTP APIs, then a bounded load run with each "
                                     "service's memory before and after. Exits 1 when a request was lost or a server "
                                     "crashed.")
-    b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
-    b.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
-                   help="Redis for the fleet's state (keys under a fresh prefix, removed afterwards)")
+    _fleet_bench_options(b)
     b.add_argument("--streams", type=_positive_int, default=200, help="concurrent streams in the load run")
     b.add_argument("--seconds", type=float, default=60.0, help="how long the load run sends new requests")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "reliability.json", help="JSON result")
@@ -419,9 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Starts the local fleet with the operator's autoscaling loop, ramps concurrent "
                                     "clients up and down, samples replicas per role from Redis heartbeats, and checks "
                                     "that no request is lost and every output equals the target's greedy decoding.")
-    b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
-    b.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
-                   help="Redis the fleet uses")
+    _fleet_bench_options(b)
     b.add_argument("--ramp", default="1,4,12,12,4,1,0,0", help="concurrent clients in each phase")
     b.add_argument("--phase-s", type=float, default=20.0, help="seconds per phase")
     b.add_argument("--max-new-tokens", type=_positive_int, default=24, help="tokens per request")

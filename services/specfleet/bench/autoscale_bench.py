@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+from specfleet.bench.fleet_bench import delete_prefix
 from specfleet.state.embedded import free_port
 
 DEFAULT_RAMP = (1, 4, 12, 12, 4, 1, 0, 0)  # concurrent clients per phase
@@ -179,17 +180,8 @@ def run(models_dir: Path, redis_url: str, output: Path, ramp=DEFAULT_RAMP, phase
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, output.with_suffix(".png"))
-    _cleanup(redis_url, prefix)
+    delete_prefix(redis_url, prefix)
     return report
-
-
-def _cleanup(redis_url: str, prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
 
 
 def plot(report: dict, path: Path) -> None:

@@ -219,13 +219,13 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
                                                                        new_tokens, ablation_concurrency, bar)}
     bar.close()
     for suffix in ("", "-t", *(f"-a{i}" for i in range(len(ABLATION)))):
-        _cleanup(redis_url, prefix + suffix)
+        delete_prefix(redis_url, prefix + suffix)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
-def _cleanup(redis_url: str, prefix: str) -> None:
+def delete_prefix(redis_url: str, prefix: str) -> None:
     import redis
 
     client = redis.Redis.from_url(redis_url)

@@ -29,6 +29,9 @@ class ServeOptions:
     key_prefix: str = "sf"
     heartbeat_s: float = 2.0  # load published to Redis this often (when a Redis URL is given); 0: never
     pod: str | None = None  # heartbeat id; default SPECFLEET_POD_NAME or host-role-port
+    profile: Path | None = None  # verifier: `specfleet profile` output; caps a forward's tokens to max_batch_latency_ms
+    max_batch_latency_ms: float = 50.0
+    max_batch_tokens: int = 0  # verifier: an explicit token cap per forward (overrides the profile's)
 
 
 async def _publish(opts: ServeOptions, role: str, running: Running, snapshot, extra: dict | None = None,
@@ -95,7 +98,14 @@ async def start_verifier(opts: ServeOptions, port: int = 0) -> tuple[Running, ob
 
     target = _load(opts.models, "target")  # on the serving thread: see Batcher
     store = await _store(opts)
-    service = VerifierService(target, slots=opts.slots, store=store)
+    cap = opts.max_batch_tokens
+    if not cap and opts.profile is not None:
+        from specfleet.profile import load, max_batch_tokens
+
+        cap = max_batch_tokens(load(opts.profile), opts.max_batch_latency_ms)
+        log.info("verifier: at most %d tokens per forward (profile %s, %.0f ms bound)", cap, opts.profile,
+                 opts.max_batch_latency_ms)
+    service = VerifierService(target, slots=opts.slots, store=store, max_batch_tokens=cap)
     running = await start_server([(internal_pb2_grpc.add_VerifierServicer_to_server, service)],
                                  ["specfleet.api.v1.Verifier"], opts.host, port, opts.token)
     await _publish(opts, "verifier", running, service.snapshot, store=store)

@@ -42,7 +42,9 @@ async def _serve(args) -> None:
     configure_tracing(f"specfleet-{args.role}" + (f"-{args.pool}" if args.role == "drafter" else ""),
                       args.otlp_endpoint, args.trace_console)
 
-    opts = ServeOptions(args.models, args.redis_url, args.host, args.token, args.slots, args.key_prefix)
+    opts = ServeOptions(args.models, args.redis_url, args.host, args.token, args.slots, args.key_prefix,
+                        profile=args.profile, max_batch_latency_ms=args.max_batch_latency_ms,
+                        max_batch_tokens=args.max_batch_tokens)
     if args.role == "drafter":
         running, _ = await fleet.start_drafter(args.pool, opts, args.port)
     elif args.role == "fusion":
@@ -291,6 +293,13 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
     p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                    help="router only: always draft k levels with every pool (no speculation control)")
     _ablation_flags(p, "router only: ")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="verifier only: a `specfleet profile` JSON; each forward is capped to the tokens that fit "
+                        "in --max-batch-latency-ms by its cost model")
+    p.add_argument("--max-batch-latency-ms", type=float, default=50.0,
+                   help="verifier only, with --profile: the latency bound of one batched forward")
+    p.add_argument("--max-batch-tokens", type=int, default=0,
+                   help="verifier only: at most this many tokens per forward (0: the profile's cap, or none)")
     p.add_argument("--slots", type=int, default=32, help="requests with a KV cache per drafter / verifier")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
     _tracing_flags(p, "this service")

@@ -62,6 +62,50 @@ class BearerAuth(grpc.aio.ServerInterceptor):
                                                    handler.response_serializer)
 
 
+class _Malformed:
+    """Stands in for a request whose bytes did not parse; the guarded handler answers it INVALID_ARGUMENT."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Answers a request whose bytes do not parse as the method's message (corrupt wire format, bad UTF-8 in a string
+    field) with INVALID_ARGUMENT saying so; gRPC itself would answer UNKNOWN with a parser traceback."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, details.method
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except Exception as exc:  # noqa: BLE001  (protobuf's DecodeError, or anything a parser raises)
+                return _Malformed(f"the request bytes are not a valid message for {method} ({exc}); build the "
+                                  "request from the published .proto (protos/specfleet/api/v1/)")
+
+        if handler.response_streaming:
+            stream = handler.unary_stream
+
+            async def guarded_stream(request, context):
+                if isinstance(request, _Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                async for message in stream(request, context):
+                    yield message
+
+            return grpc.unary_stream_rpc_method_handler(guarded_stream, tolerant, handler.response_serializer)
+        unary = handler.unary_unary
+
+        async def guarded(request, context):
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(guarded, tolerant, handler.response_serializer)
+
+
 @dataclass
 class Running:
     server: grpc.aio.Server
@@ -90,7 +134,9 @@ async def start_server(add: Sequence[tuple[Callable, object]], service_names: Se
     """Starts a grpc.aio server with the given servicers plus health and reflection; port 0 picks a free port.
     With tracing on (specfleet.telemetry.configure_tracing, called before), every RPC but health and reflection
     gets a span; tracing comes first so that calls the token check refuses are traced too."""
-    interceptors = [*server_interceptors(skip=OPEN_METHODS), *([BearerAuth(token)] if token else [])]
+    # innermost: malformed bytes are answered INVALID_ARGUMENT only to callers that passed the token check
+    interceptors = [*server_interceptors(skip=OPEN_METHODS), *([BearerAuth(token)] if token else []),
+                    MalformedRequests()]
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(interceptors=interceptors, options=options)
@@ -151,8 +197,13 @@ class Batcher:
     so a service loads its model and serves on its main thread; calls that arrive during a batch wait in the
     transport and form the next one. inline=False runs it on one dedicated worker thread instead."""
 
-    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_s: float = 0.0, inline: bool = True):
+    def __init__(self, run: Callable[[list], list], max_batch: int, max_wait_s: float = 0.0, inline: bool = True,
+                 weight: Callable[[object], int] | None = None, max_weight: int = 0):
         self._run, self.max_batch, self.max_wait_s, self.inline = run, max_batch, max_wait_s, inline
+        # a token cap: a batch closes before its items' summed weight (e.g. tokens in one forward) passes max_weight;
+        # the item that did not fit opens the next batch (a single item is never refused)
+        self.weight, self.max_weight = weight, max_weight
+        self._carry: tuple | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._executor = None if inline else ThreadPoolExecutor(max_workers=1, thread_name_prefix="specfleet-batch")
         self._task: asyncio.Task | None = None
@@ -173,7 +224,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return self._queue.qsize() + (self._carry is not None)
 
     def snapshot(self) -> dict[str, float]:
         """Cumulative counters and gauges for heartbeats (see state.heartbeat.rates)."""
@@ -184,17 +235,28 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            if self._carry is not None:
+                batch, self._carry = [self._carry], None
+            else:
+                batch = [await self._queue.get()]
+            capped = self.weight is not None and self.max_weight > 0
+            total = self.weight(batch[0][0]) if capped else 0
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0 and self._queue.empty():
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), max(timeout, 0)) if timeout > 0
-                                 else self._queue.get_nowait())
+                    entry = (await asyncio.wait_for(self._queue.get(), max(timeout, 0)) if timeout > 0
+                             else self._queue.get_nowait())
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
+                if capped:
+                    total += self.weight(entry[0])
+                    if total > self.max_weight:
+                        self._carry = entry
+                        break
+                batch.append(entry)
             live = [(item, fut) for item, fut in batch if not fut.cancelled()]
             if not live:
                 continue

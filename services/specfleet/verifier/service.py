@@ -24,13 +24,18 @@ def stream_seed(rid: str) -> int:
 
 
 class VerifierService(internal_pb2_grpc.VerifierServicer):
-    def __init__(self, target, slots: int, store=None, eos_token_id: int | None = None, max_wait_s: float = 0.0005):
+    def __init__(self, target, slots: int, store=None, eos_token_id: int | None = None, max_wait_s: float = 0.0005,
+                 max_batch_tokens: int = 0):
         self.verifier = TargetVerifier(target, slots=slots)
         self.store = store
         self.eos_token_id = target.config.eos_token_id if eos_token_id is None else eos_token_id
         self.recent = RecentRequests()
         self.lock = threading.Lock()
-        self.batcher = Batcher(self._verify_batch, max_batch=slots, max_wait_s=max_wait_s)
+        # batch scheduling: up to `slots` requests per forward, and (from the profiled cost model) at most
+        # max_batch_tokens tokens, so one forward stays within its latency bound; 0: no token cap
+        self.max_batch_tokens = max_batch_tokens
+        self.batcher = Batcher(self._verify_batch, max_batch=slots, max_wait_s=max_wait_s,
+                               weight=lambda item: len(item.tree) + 1, max_weight=max_batch_tokens)
         self.rounds = 0
         self.tokens = 0
 

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specfleet-installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo test lint models acceptance card protos chart simulate bench clean help
+.PHONY: setup demo test lint models acceptance card protos chart simulate bench bench-reliability bench-autoscale clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -43,6 +43,12 @@ simulate: setup  ## compare CoSine, SpecInfer, PipeInfer, DSI and plain decoding
 
 bench: setup  ## the fleet benchmark: round overhead, throughput vs the engine, the CoSine ablation -> bench/fleet.json
 	$(VENV)/bin/specfleet bench fleet --output bench/fleet.json
+
+bench-reliability: setup  ## kill -9 / SIGSTOP mid-stream, API fuzz, 200-stream load -> bench/reliability.json
+	$(VENV)/bin/specfleet bench reliability --output bench/reliability.json
+
+bench-autoscale: setup  ## a load ramp on specfleet up --autoscale -> bench/autoscale.json + .png
+	$(VENV)/bin/specfleet bench autoscale --output bench/autoscale.json
 
 protos: setup  ## regenerate the gRPC stubs in services/specfleet/api/v1/ from protos/
 	$(PY) services/specfleet/api/codegen.py

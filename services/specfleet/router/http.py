@@ -29,6 +29,7 @@ from specfleet.telemetry import HttpTracing, tracing_enabled, with_trace_context
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1  # the gRPC fields' ranges: larger values cannot even be sent on
 
 _GRPC_TO_HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -110,7 +111,7 @@ class _Metrics:
                     self.per_pos.labels(m, str(pos)).inc()
 
 
-def _check_int(body: dict, name: str, default, low: int | None = None) -> int | None:
+def _check_int(body: dict, name: str, default, low: int | None = None, high: int = INT32_MAX) -> int | None:
     value = body.get(name, default)
     if value is None:
         return default
@@ -118,6 +119,8 @@ def _check_int(body: dict, name: str, default, low: int | None = None) -> int | 
         raise ApiError(400, f"{name} must be an integer, got {value!r}", param=name)
     if low is not None and value < low:
         raise ApiError(400, f"{name} must be >= {low}, got {value}", param=name)
+    if value > high:
+        raise ApiError(400, f"{name} must be <= {high}, got {value}", param=name)
     return value
 
 
@@ -125,9 +128,15 @@ def _check_float(body: dict, name: str, default: float | None) -> float | None:
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(400, f"{name} must be a finite number, got {value!r}", param=name)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer with hundreds of digits
+        number = math.inf
+    if not math.isfinite(number):
+        raise ApiError(400, f"{name} must be a finite number, got {str(value)[:40]}", param=name)
+    return number
 
 
 def _unsupported(body: dict, name: str, allowed, why: str) -> None:
@@ -157,6 +166,9 @@ class _Completion:
             self.text = prompt
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
                                                          for t in prompt):
+            if not all(0 <= t <= INT32_MAX for t in prompt):
+                raise ApiError(400, "prompt token ids must be integers >= 0 (ids of the model's vocabulary)",
+                               param="prompt")
             self.ids = prompt
         elif isinstance(prompt, list) and len(prompt) > 1:
             raise ApiError(400, f"batched prompts are not supported: got {len(prompt)} prompts; send one request "
@@ -175,7 +187,7 @@ class _Completion:
         self.top_p = top_p
         self.top_k = _check_int(body, "top_k", 0, low=-1)  # vLLM extension; -1 / 0 = off
         self.top_k = max(self.top_k, 0)
-        seed = _check_int(body, "seed", None)
+        seed = _check_int(body, "seed", None, low=-INT64_MAX - 1, high=INT64_MAX)
         self.seed = seed if seed is not None else secrets.randbits(62)  # no seed: a fresh sampling stream
         stop = body.get("stop")
         if stop is None:
@@ -334,6 +346,8 @@ def build_app(router_address: str, token: str | None = None, model_name: str = "
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:  # json.loads recurses per nesting level
+            raise ApiError(400, "the request body nests JSON too deeply; send a flat completions object") from None
         req = _Completion(body, model_name)
         rid = uuid.uuid4().hex
         cid, created = f"cmpl-{rid}", int(time.time())

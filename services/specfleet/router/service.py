@@ -13,6 +13,8 @@ import zlib
 from dataclasses import dataclass
 
 import grpc
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc, router_pb2, router_pb2_grpc
 from specfleet.engine.control import CostModel, SpeculationController
@@ -25,6 +27,9 @@ from specfleet.wire import sampling_to_pb, tree_from_pb, tree_to_pb
 
 log = logging.getLogger("specfleet.router")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+SUSPECT_S = 10.0  # a verifier that just failed or timed out is tried last this long (a heartbeat's lifetime)
+MIN_TEMPERATURE = 1e-4  # below this (but > 0) logits / temperature overflow float32 and sampling yields NaN
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256  # each stop string is searched for after every round
 
 
 @dataclass
@@ -67,6 +72,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         # replicas found in heartbeats: role or "drafter:<pool>" -> live, non-draining addresses
         self.members: dict[str, list[str]] = {}
         self.draining: set[str] = set()
+        self._suspect: dict[str, float] = {}  # verifier address -> monotonic time until which it is tried last
         self._discovery: asyncio.Task | None = None
 
     def snapshot(self) -> dict:
@@ -136,7 +142,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         vs = self._replicas("verifier", self.config.verifiers)
         first = zlib.crc32(rid.encode()) % len(vs)
         spare = [v for v in self.config.verifiers if v in self.draining and v not in vs]
-        return vs[first:] + vs[:first] + spare
+        ordered = vs[first:] + vs[:first] + spare
+        now = time.monotonic()  # one that just failed (a hung one costs a whole deadline) goes last, keeping the order
+        return sorted(ordered, key=lambda v: self._suspect.get(v, 0.0) > now)
 
     async def close(self) -> None:
         if self._discovery is not None:
@@ -169,6 +177,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
                              f"{', '.join(self.config.drafters) or 'none'}")
         if len(request.request_id) > 128:
             raise ValueError("request_id is longer than 128 characters")
+        if len(request.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in request.stop):
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
+        if 0 < request.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {request.temperature!r}: "
+                             "smaller ones overflow the logits")
         # seed has no presence in proto3: 0 is a seed like any other, so equal requests give equal samples
         params = SamplingParams(request.temperature, request.top_p or 1.0, request.top_k, request.seed)
         params.validate()
@@ -199,10 +212,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
             tree = TokenTree(tree.tokens, tree.parents, tree.probs, None, tuple((names[0],) for _ in range(len(tree))))
         else:
             stub = internal_pb2_grpc.FusionStub(self._channel(self.config.fusion))
-            fused = await stub.Fuse(internal_pb2.FuseRequest(request_id=rid, drafts=trees, drafters=names,
-                                                             max_nodes=self.config.max_fused_nodes),
-                                    timeout=self.config.rpc_timeout_s, metadata=self._metadata)
-            tree = tree_from_pb(fused.tree, self.vocab_size)
+            try:
+                fused = await stub.Fuse(internal_pb2.FuseRequest(request_id=rid, drafts=trees, drafters=names,
+                                                                 max_nodes=self.config.max_fused_nodes),
+                                        timeout=self.config.rpc_timeout_s, metadata=self._metadata)
+                tree = tree_from_pb(fused.tree, self.vocab_size)
+            except grpc.aio.AioRpcError as exc:  # fusion down costs speed, never output: the best-routed draft alone
+                log.warning("fusion failed for %s: %s; using the %s draft alone", rid, exc.code().name, names[0])
+                tree = tree_from_pb(trees[0], self.vocab_size)
+                tree = TokenTree(tree.tokens, tree.parents, tree.probs, None,
+                                 tuple((names[0],) for _ in range(len(tree))))
         return tree, time.perf_counter() - start
 
     def _pools_for(self, rid: str, rnd: int, routed: list[str], asked: list[str]) -> list[str]:
@@ -257,6 +276,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in RETRYABLE:
                     raise
+                self._suspect[address] = time.monotonic() + SUSPECT_S
                 last = exc
         raise last  # type: ignore[misc]
 
@@ -358,6 +378,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
         try:
             async for message in self._run(request, context):
                 yield message
+        except grpc.aio.AioRpcError as exc:  # every replica of a role failed: say so with a code the client retries
+            code = grpc.StatusCode.UNAVAILABLE if exc.code() in RETRYABLE else grpc.StatusCode.INTERNAL
+            await context.abort(code, f"an internal service failed ({exc.code().name}: {exc.details()}); retry with "
+                                      "the same request_id to resume where the stream stopped")
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the state store (Redis) is unreachable ({exc}); retry "
+                                                             "with the same request_id to resume")
         finally:
             self.live -= 1
 

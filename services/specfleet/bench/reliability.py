@@ -1,0 +1,510 @@
+"""`specfleet bench reliability` and the fault harness its tests share: the fleet as real processes (one
+`specfleet serve ROLE` each, gRPC on loopback, one Redis), faults injected into a live stream (kill -9 of a drafter,
+the fusion service, a verifier or the router; SIGSTOP of a verifier), a seeded fuzz of the public gRPC and HTTP
+APIs, and a bounded load run with each service's memory before and after.
+
+The report counts faults injected and survived, requests lost and outputs that differ from the unfaulted run (both
+must be 0), inputs fuzzed and how they were answered, server crashes (must be 0), the load held (streams, p50/p99
+latency, errors) and the services' RSS growth over the load."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specfleet.state.embedded import free_port
+
+READY_TIMEOUT_S = 240.0  # a 2-core machine starting six torch processes at once is slow
+
+
+@dataclass
+class ServiceProcess:
+    """One `specfleet serve ROLE` process; restartable on the same port (so every address stays valid)."""
+
+    name: str
+    argv: list[str]
+    port: int
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    log: deque = field(default_factory=lambda: deque(maxlen=200))
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=self.env)
+        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
+
+    def _drain(self, proc: subprocess.Popen) -> None:  # keeps the pipe from filling; the tail explains failures
+        for line in proc.stdout:
+            self.log.append(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def rss_mb(self) -> float | None:
+        """Resident memory (Linux /proc), None where unavailable."""
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            return None
+        return None
+
+
+class ProcessFleet:
+    """The fleet as `specfleet up` lays it out (drafter pools, verifiers, fusion when there are two pools or more,
+    a router with the internal token), but every process is the caller's to kill, stop and restart: `up` itself
+    stops the whole fleet when one service exits. Secrets travel in the environment, never in arguments."""
+
+    def __init__(self, models_dir: Path, redis_url: str, pools: tuple[str, ...] = ("python", "prose"),
+                 verifiers: int = 2, fusion: bool = True, token: str | None = None, slots: int = 32,
+                 router_flags: tuple[str, ...] = ("--rpc-timeout", "3"), http: bool = False, prefix: str | None = None):
+        self.redis_url, self.token = redis_url, token
+        self.prefix = prefix or f"sfrel-{uuid.uuid4().hex[:8]}"
+        internal = os.urandom(16).hex()
+        base = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "passive",
+                "SPECFLEET_REDIS_URL": redis_url}
+        for name in ("SPECFLEET_TOKEN", "SPECFLEET_INTERNAL_TOKEN"):
+            base.pop(name, None)
+        common = ["--models", str(models_dir), "--key-prefix", self.prefix, "--slots", str(slots), "--grace", "5"]
+        serve = [sys.executable, "-m", "specfleet.cli", "serve"]
+        inner_env = {**base, "SPECFLEET_TOKEN": internal}
+        self.services: dict[str, ServiceProcess] = {}
+
+        def add(name: str, args: list[str], env: dict) -> str:
+            port = free_port()
+            self.services[name] = ServiceProcess(name, [*serve, *args, "--port", str(port), *common], port, env)
+            return f"127.0.0.1:{port}"
+
+        drafters = {pool: add(f"drafter-{pool}", ["drafter", "--pool", pool], inner_env) for pool in pools}
+        verifier_addresses = [add(f"verifier-{i}", ["verifier"], inner_env) for i in range(verifiers)]
+        fusion_address = add("fusion", ["fusion"], inner_env) if fusion and len(pools) > 1 else ""
+        self.http_port = free_port() if http else -1
+        router_env = {**base, "SPECFLEET_INTERNAL_TOKEN": internal, **({"SPECFLEET_TOKEN": token} if token else {})}
+        self.router_address = add("router", ["router", "--drafters", ",".join(f"{p}={a}" for p, a in drafters.items()),
+                                             "--verifiers", ",".join(verifier_addresses), "--fusion", fusion_address,
+                                             "--http-port", str(self.http_port), *router_flags], router_env)
+        self.verifier_addresses = verifier_addresses
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> ProcessFleet:
+        for service in self.services.values():
+            service.start()
+        self.wait_ready(list(self.services))
+        return self
+
+    def wait_ready(self, names: list[str], timeout: float = READY_TIMEOUT_S) -> None:
+        """Until every named service's health check answers SERVING; raises with the log tail of one that died."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        waiting = list(names)
+        while waiting:
+            name = waiting[0]
+            service = self.services[name]
+            if not service.alive():
+                raise RuntimeError(f"{name} exited with {service.proc.returncode}:\n{''.join(service.log)}")
+            with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+                try:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        waiting.pop(0)
+                        continue
+                except grpc.RpcError:
+                    pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} was not SERVING within {timeout:.0f}s:\n{''.join(service.log)}")
+            time.sleep(0.2)
+        if self.http_port > 0 and "router" in names:
+            self._wait_http(deadline)
+
+    def _wait_http(self, deadline: float) -> None:
+        import httpx
+
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.http_url}/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"the router's HTTP front on {self.http_url} did not answer")
+
+    def signal(self, name: str, sig: int) -> None:
+        os.kill(self.services[name].pid, sig)
+        if sig == signal.SIGKILL:
+            self.services[name].proc.wait(30)
+
+    def restart(self, name: str) -> None:
+        """Starts a fresh process on the service's port (killing the old one if it still runs) and waits for it."""
+        service = self.services[name]
+        if service.alive():
+            os.kill(service.pid, signal.SIGCONT)
+            self.signal(name, signal.SIGKILL)
+        service.start()
+        self.wait_ready([name])
+
+    def crashed(self) -> list[str]:
+        """Services that exited on their own (none was killed here since its last start)."""
+        return [name for name, s in self.services.items() if not s.alive()]
+
+    def rss_mb(self) -> dict[str, float | None]:
+        return {name: s.rss_mb() for name, s in self.services.items()}
+
+    def stop(self) -> None:
+        for service in self.services.values():
+            if service.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(service.pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+                    service.proc.send_signal(signal.SIGTERM)
+        for service in self.services.values():
+            if service.proc is None:
+                continue
+            try:
+                service.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                service.proc.kill()
+                service.proc.wait(10)
+        purge(self.redis_url, self.prefix)
+
+    def __enter__(self) -> ProcessFleet:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def purge(redis_url: str, prefix: str) -> None:
+    from specfleet.bench.fleet_bench import delete_prefix
+
+    delete_prefix(redis_url, prefix)
+
+
+# ---------------------------------------------------------------- faults
+
+@dataclass
+class FaultRun:
+    """One stream with a fault injected after its first tokens arrived."""
+
+    fault: str
+    tokens: list[int]
+    text: str
+    offsets: list[int]  # each chunk's offset: consecutive, so no token was missing or repeated
+    injected_at: int  # tokens the client had when the fault was injected (-1: never, the stream ended first)
+    seconds: float
+    error: str = ""
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.offsets == sorted(self.offsets) and len(set(self.offsets)) == len(self.offsets)
+
+
+def stream_with_fault(address: str, ids: list[int], new_tokens: int, fault: str = "none", inject=None,
+                      token: str | None = None, after_tokens: int = 1, timeout: float = 120.0,
+                      request_id: str | None = None) -> FaultRun:
+    """Streams one greedy request through the SDK (retries resume by request id) and calls `inject()` once the
+    client holds `after_tokens` tokens and the stream is not finished; SDK errors are recorded, not raised."""
+    from specfleet.sdk import Client, SpecfleetError
+
+    tokens, texts, offsets, injected_at = [], [], [], -1
+    start = time.perf_counter()
+    error = ""
+    with Client(address, token=token, timeout=timeout, retries=12, backoff=0.5) as client:
+        try:
+            for chunk in client.generate(prompt_token_ids=ids, max_new_tokens=new_tokens, request_id=request_id):
+                if chunk.token_ids:
+                    offsets.append(chunk.offset)
+                tokens += chunk.token_ids
+                texts.append(chunk.text)
+                if inject is not None and injected_at < 0 and len(tokens) >= after_tokens and not chunk.finished:
+                    injected_at = len(tokens)
+                    inject()
+        except SpecfleetError as exc:
+            error = str(exc)
+    return FaultRun(fault, tokens, "".join(texts), offsets, injected_at, time.perf_counter() - start, error)
+
+
+def request_id_for(fleet: ProcessFleet, verifier: str) -> str:
+    """A fresh request id whose rounds the router sends to `verifier` first (it picks verifiers by a hash of the id,
+    sorted by address), so the fault hits the verifier serving the stream."""
+    import zlib
+
+    ordered = sorted(fleet.verifier_addresses)
+    wanted = ordered.index(f"127.0.0.1:{fleet.services[verifier].port}")
+    while True:
+        rid = f"rel-{uuid.uuid4().hex}"
+        if zlib.crc32(rid.encode()) % len(ordered) == wanted:
+            return rid
+
+
+def fault_actions(fleet: ProcessFleet) -> dict[str, tuple]:
+    """name -> (inject, recover): `inject` runs mid-stream; `recover` runs after the stream (restart / SIGCONT)."""
+    drafter = next(n for n in fleet.services if n.startswith("drafter-"))
+    actions = {
+        f"kill -9 {drafter}": (lambda: fleet.signal(drafter, signal.SIGKILL), lambda: fleet.restart(drafter)),
+        "kill -9 verifier-0": (lambda: fleet.signal("verifier-0", signal.SIGKILL),
+                               lambda: fleet.restart("verifier-0")),
+        "SIGSTOP verifier-1": (lambda: fleet.signal("verifier-1", signal.SIGSTOP),
+                               lambda: fleet.signal("verifier-1", signal.SIGCONT)),
+        # the router is the stream's own server: a new one on the same port resumes it from Redis
+        "kill -9 router": (lambda: (fleet.signal("router", signal.SIGKILL), fleet.restart("router")), lambda: None),
+    }
+    if "fusion" in fleet.services:
+        actions["kill -9 fusion"] = (lambda: fleet.signal("fusion", signal.SIGKILL), lambda: fleet.restart("fusion"))
+    return actions
+
+
+def run_fault(fleet: ProcessFleet, name: str, ids: list[int], new_tokens: int) -> FaultRun:
+    """One stream with the named fault (see fault_actions) injected mid-stream, then the fleet made whole again."""
+    inject, recover = fault_actions(fleet)[name]
+    verifier = next((v for v in ("verifier-0", "verifier-1") if name.endswith(v)), None)
+    rid = request_id_for(fleet, verifier) if verifier else None
+    try:
+        return stream_with_fault(fleet.router_address, ids, new_tokens, name, inject, fleet.token, request_id=rid)
+    finally:
+        recover()
+
+
+# ---------------------------------------------------------------- bad input
+
+# (field, bad value, what the router's message must say): one field of an otherwise valid request made wrong
+BAD_FIELDS = (
+    ("prompt", "", "the prompt is empty"),
+    ("prompt_token_ids", [-1], "prompt_token_ids must be in"),
+    ("prompt_token_ids", [2**31 - 1], "prompt_token_ids must be in"),
+    ("prompt_token_ids", [5] * 1100, "exceeds the model's context"),
+    ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
+    ("max_new_tokens", -7, "max_new_tokens must be >= 1"),
+    ("max_new_tokens", 2**31 - 1, "exceeds the model's context"),
+    ("temperature", math.nan, "temperature must be"),
+    ("temperature", -0.5, "temperature must be"),
+    ("temperature", math.inf, "temperature must be"),
+    ("temperature", 1e-30, "temperature must be"),
+    ("top_p", -0.1, "top_p must be in (0, 1]"),
+    ("top_p", 1.5, "top_p must be in (0, 1]"),
+    ("top_p", math.nan, "top_p must be in (0, 1]"),
+    ("top_k", -3, "top_k must be"),
+    ("drafters", ["no-such-pool"], "unknown drafter pool"),
+    ("request_id", "x" * 300, "request_id is longer"),
+    ("request_id", "has white space", "bad request id"),
+    ("stop", ["s"] * 100, "stop takes at most"),
+)
+# HTTP bodies (beside a valid prompt) and the status each must get
+BAD_BODIES = (
+    ({"max_tokens": -1}, 400), ({"max_tokens": "ten"}, 400), ({"max_tokens": 2**40}, 400),
+    ({"max_tokens": 5000}, 400), ({"temperature": "hot"}, 400), ({"temperature": -1}, 400),
+    ({"top_p": 0}, 400), ({"top_p": 2}, 400), ({"seed": 2**70}, 400), ({"model": "gpt-99"}, 404),
+    ({"prompt": [2**40]}, 400), ({"prompt": [-4, 5]}, 400), ({"prompt": ""}, 400), ({"prompt": None}, 400),
+    ({"prompt": {"a": 1}}, 400), ({"n": 3}, 400), ({"stop": [1, 2]}, 400), ({"stream": "yes"}, 400),
+    ({"logit_bias": {"1": 5}}, 400), ({"prompt": ["a", "b"]}, 400),
+)
+BAD_BYTES = (b"\xff\xfe not protobuf", b"\x12\x04\xff\xfe\xfd\xfc", b"\x0a\xff\xff\xff\xff\x0f", b"\x20")
+
+
+def fuzz(fleet: ProcessFleet, seed: int, rounds: int) -> dict:
+    """Sends every bad field, body and byte string (and `rounds` random mixes of two bad fields) to the router
+    process; counts answers that were not INVALID_ARGUMENT / the expected HTTP status, then checks that every
+    service is alive and the router still answers a valid request."""
+    import grpc
+    import httpx
+
+    from specfleet.api.v1 import router_pb2, router_pb2_grpc
+
+    rng = random.Random(seed)
+    metadata = (("authorization", f"Bearer {fleet.token}"),) if fleet.token else ()
+    cases = [[case] for case in BAD_FIELDS] + [rng.sample(BAD_FIELDS, 2) for _ in range(rounds)]
+    wrong: list[str] = []
+    with grpc.insecure_channel(fleet.router_address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        for case in cases:
+            fields = {"prompt_token_ids": [5, 6, 7], "max_new_tokens": 2}
+            for name, value, _ in case:
+                fields[name] = value
+                if name == "prompt":
+                    fields.pop("prompt_token_ids")
+            try:
+                stub.Complete(router_pb2.GenerateRequest(**fields), timeout=60, metadata=metadata)
+                wrong.append(f"{case}: accepted")
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or not any(f in exc.details() for *_, f in case):
+                    wrong.append(f"{[c[:2] for c in case]}: {exc.code().name} {exc.details()}")
+        raw = channel.unary_unary("/specfleet.api.v1.Router/Complete")  # identity serializers: bytes as they are
+        for data in BAD_BYTES:
+            try:
+                raw(data, timeout=30, metadata=metadata)
+                wrong.append(f"{data!r}: accepted")
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    wrong.append(f"{data!r}: {exc.code().name} {exc.details()}")
+    http_cases = 0
+    if fleet.http_port > 0:
+        headers = {"Authorization": f"Bearer {fleet.token}"} if fleet.token else {}
+        bodies = [(json.dumps({"prompt": "def f(x):", "max_tokens": 2, **b}).encode(), s) for b, s in BAD_BODIES]
+        bodies += [(b"{not json", 400), (b"\xff\xfe", 400), (b"[" * 200_000, 400), (b"x" * (2 << 20), 413)]
+        for data, status in bodies:
+            reply = httpx.post(f"{fleet.http_url}/v1/completions", content=data, headers=headers, timeout=60)
+            if reply.status_code != status or not reply.json().get("error", {}).get("message"):
+                wrong.append(f"HTTP {data[:60]!r}: {reply.status_code} {reply.text[:200]}")
+        http_cases = len(bodies)
+    crashed = fleet.crashed()
+    valid = stream_with_fault(fleet.router_address, [5, 6, 7], 4, token=fleet.token)
+    return {"grpc_requests": len(cases), "malformed_protobuf": len(BAD_BYTES), "http_bodies": http_cases,
+            "inputs_fuzzed": len(cases) + len(BAD_BYTES) + http_cases, "wrong_answers": len(wrong),
+            "wrong_examples": wrong[:5], "server_crashes": len(crashed), "crashed": crashed,
+            "valid_request_after": not valid.error and len(valid.tokens) > 0}
+
+
+# ---------------------------------------------------------------- load
+
+def load_run(fleet: ProcessFleet, prompts: list[list[int]], expected: list[list[int]], streams: int, seconds: float,
+             new_tokens: int) -> dict:
+    """`streams` concurrent SDK clients (retries resume by request id, as real clients do), each sending greedy
+    requests back to back until `seconds` are up (requests in flight then finish): latency per request, errors
+    (calls that failed after the SDK's retries), and outputs that differ from the unloaded run."""
+    import asyncio
+
+    from specfleet.sdk import AsyncClient, SpecfleetError
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    differing = 0
+
+    async def client(i: int, sdk, deadline: float) -> None:
+        nonlocal differing
+        n = i
+        while time.monotonic() < deadline:
+            which = n % len(prompts)
+            n += streams
+            start = time.perf_counter()
+            try:
+                reply = await sdk.complete(prompt_token_ids=prompts[which], max_new_tokens=new_tokens)
+            except SpecfleetError as exc:
+                errors.append(str(exc))
+                continue
+            latencies.append(time.perf_counter() - start)
+            differing += list(reply.token_ids) != expected[which]
+
+    async def main() -> float:
+        async with AsyncClient(fleet.router_address, token=fleet.token, timeout=600) as sdk:
+            start = time.monotonic()
+            await asyncio.gather(*(client(i, sdk, start + seconds) for i in range(streams)))
+            return time.monotonic() - start
+
+    wall = asyncio.run(main())
+    ordered = sorted(latencies)
+
+    def pct(q: float) -> float | None:
+        if not ordered:
+            return None
+        return round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000, 1)
+
+    return {"streams": streams, "seconds": round(wall, 1), "requests": len(latencies) + len(errors),
+            "completed": len(latencies), "errors": len(errors), "error_examples": errors[:3],
+            "outputs_differing": differing, "tokens_per_s": round(len(latencies) * new_tokens / wall, 1),
+            "latency_ms": {"p50": pct(0.5), "p99": pct(0.99)}}
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seconds: float = 60.0,
+        new_tokens: int = 96, load_tokens: int = 16, fuzz_rounds: int = 40, seed: int = 0, rpc_timeout: float = 30.0,
+        progress: bool = True) -> dict:
+    from transformers import AutoTokenizer
+
+    from specfleet.bench.engine_bench import load_prompts
+
+    def say(text: str) -> None:
+        if progress:
+            print(f"[bench reliability] {text}", file=sys.stderr, flush=True)
+
+    tok = AutoTokenizer.from_pretrained(str(models_dir / "target"))
+    prompts = [p.ids for p in load_prompts(tok, None, 12, 48)]
+    token = os.urandom(12).hex()
+    say("starting the fleet: drafters python, prose; fusion; 2 verifiers; router (one process each)")
+    # slots: every live request keeps its KV cache on its verifier (fewer slots than streams thrash the caches);
+    # the router's default 30 s deadline: a verifier round under 200 streams on 2 cores takes ~10 s, and a round that
+    # times out is verified again elsewhere (10 s measured: every request failed, the load doubled by failovers)
+    slots = max(32, streams // 2 + 12)
+    with ProcessFleet(models_dir, redis_url, pools=("python", "prose"), verifiers=2, token=token, http=True,
+                      slots=slots, router_flags=("--rpc-timeout", str(rpc_timeout), "--no-adaptive")) as fleet:
+        names = list(fault_actions(fleet))
+        say(f"unfaulted runs of {len(prompts)} prompts")
+        baseline = [stream_with_fault(fleet.router_address, ids, new_tokens, token=token).tokens for ids in prompts]
+        faults = []
+        for i, name in enumerate(names):
+            say(f"fault {i + 1}/{len(names)}: {name}")
+            r = run_fault(fleet, name, prompts[i % len(prompts)], new_tokens)
+            want = baseline[i % len(prompts)]
+            faults.append({"fault": name, "injected_after_tokens": r.injected_at, "seconds": round(r.seconds, 2),
+                           "completed": not r.error and len(r.tokens) == len(want), "identical": r.tokens == want,
+                           "error": r.error})
+        say("fuzzing the gRPC and HTTP APIs")
+        fuzzed = fuzz(fleet, seed, fuzz_rounds)
+        load_baseline = [stream_with_fault(fleet.router_address, ids, load_tokens, token=token).tokens
+                         for ids in prompts]
+        rss_before = fleet.rss_mb()
+        say(f"load: {streams} concurrent streams for {seconds:.0f} s")
+        load = load_run(fleet, prompts, load_baseline, streams, seconds, load_tokens)
+        rss_after = fleet.rss_mb()
+        crashed = fleet.crashed()
+    growth = {n: round(rss_after[n] - rss_before[n], 1) for n in rss_before
+              if rss_before[n] is not None and rss_after.get(n) is not None}
+    report = {
+        "config": {"fleet": "one `specfleet serve` process per service on loopback, SDK clients with retries",
+                   "pools": ["python", "prose"], "verifiers": 2, "fusion": True, "max_new_tokens": new_tokens,
+                   "router_rpc_timeout_s": rpc_timeout, "slots": slots, "cpu_count": os.cpu_count(),
+                   "redis": redis_url},
+        "faults": {"injected": len(faults), "survived": sum(f["completed"] and f["identical"] for f in faults),
+                   "requests_lost": sum(not f["completed"] for f in faults),
+                   "outputs_differing_from_unfaulted": sum(f["completed"] and not f["identical"] for f in faults),
+                   "runs": faults},
+        "bad_input": fuzzed,
+        "server_crashes": len(crashed) + fuzzed["server_crashes"],
+        "load": load,
+        "memory_mb": {"before_load": rss_before, "after_load": rss_after, "growth": growth,
+                      "max_growth": max(growth.values(), default=0.0)},
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_table(report: dict) -> str:
+    f, b, load, mem = report["faults"], report["bad_input"], report["load"], report["memory_mb"]
+    lines = [f"faults injected {f['injected']}, survived {f['survived']}, requests lost {f['requests_lost']}, "
+             f"outputs differing from the unfaulted run {f['outputs_differing_from_unfaulted']}"]
+    lines += [f"  {r['fault']:<26} after {r['injected_after_tokens']:>3} tokens  {r['seconds']:>6.2f} s  "
+              f"{'identical' if r['identical'] else 'DIFFERENT'}{'  ' + r['error'] if r['error'] else ''}"
+              for r in f["runs"]]
+    lines.append(f"inputs fuzzed {b['inputs_fuzzed']} (gRPC {b['grpc_requests']}, malformed protobuf "
+                 f"{b['malformed_protobuf']}, HTTP {b['http_bodies']}): wrong answers {b['wrong_answers']}; "
+                 f"server crashes {report['server_crashes']}")
+    lines.append(f"load: {load['streams']} streams for {load['seconds']} s: {load['completed']} requests, "
+                 f"{load['errors']} errors, {load['outputs_differing']} differing, p50 {load['latency_ms']['p50']} ms, "
+                 f"p99 {load['latency_ms']['p99']} ms, {load['tokens_per_s']} tok/s")
+    growth = ", ".join(f"{name} {mb:+.1f}" for name, mb in mem["growth"].items())
+    lines.append(f"memory growth over the load (MB RSS): {growth}")
+    return "\n".join(lines)

@@ -11,6 +11,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
+from specfleet.bench.fleet_bench import delete_prefix
 from specfleet.bench.prompts import build_prompts
 from specfleet.fleet import LocalFleet, ServeOptions
 
@@ -24,12 +25,7 @@ def fleet(models_dir):
     with LocalFleet(ServeOptions(models_dir, redis_url=REDIS_URL, key_prefix=prefix, slots=40),
                     pools=("python", "prose", "c", "suffix"), adaptive=False) as running:  # always draft + fuse
         yield running
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
+    delete_prefix(REDIS_URL, prefix)
 
 
 @pytest.fixture(scope="module")

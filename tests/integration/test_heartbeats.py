@@ -11,6 +11,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
+from specfleet.bench.fleet_bench import delete_prefix
 from specfleet.fleet import LocalFleet, ServeOptions
 from specfleet.state import StateStore, connect
 from specfleet.state.heartbeat import advertised_address, gpu_readings, rates
@@ -43,12 +44,7 @@ def fleet(models_dir):
     opts = ServeOptions(models_dir, redis_url=REDIS_URL, key_prefix=prefix, slots=8, heartbeat_s=0.2)
     with LocalFleet(opts, pools=("suffix",), verifiers=2) as running:
         yield running, prefix
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
+    delete_prefix(REDIS_URL, prefix)
 
 
 async def _beats(prefix, role=None):

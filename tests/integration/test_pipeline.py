@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
+from specfleet.bench.fleet_bench import delete_prefix
 from specfleet.engine.engine import Request
 from specfleet.engine.factory import build_engine
 from specfleet.engine.sampling import SamplingParams
@@ -31,12 +32,7 @@ def fleet(request, models_dir):
     opts = ServeOptions(models_dir, redis_url=REDIS_URL, key_prefix=prefix, slots=8, heartbeat_s=0)
     with LocalFleet(opts, pools=("python", "suffix"), **request.param) as running:
         yield running
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
+    delete_prefix(REDIS_URL, prefix)
 
 
 @pytest.fixture(scope="module")

@@ -164,14 +164,16 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
         # 1. per-round overhead: plain decoding through the engine and through the fleet
         engine = build_engine(models_dir, "none", batch_size=1, target=target)
         engine_rounds: list[float] = []
+        engine_tokens, engine_start = 0, time.perf_counter()
         for i, ids in enumerate(prompts):
             stamps = [time.perf_counter()]
 
             def stamp(rid, new, stamps=stamps):
                 stamps.append(time.perf_counter())
 
-            engine.generate([Request(f"e{i}", ids, new_tokens)], on_tokens=stamp)
+            engine_tokens += len(engine.generate([Request(f"e{i}", ids, new_tokens)], on_tokens=stamp)[0].token_ids)
             engine_rounds += [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
+        engine_plain_tps = engine_tokens / (time.perf_counter() - engine_start)
         bar.update()
         with fleet_processes(models_dir, redis_url, prefix, slots, ["--k", "0", "--no-adaptive"]) as plain:
             fleet_rounds: list[float] = []
@@ -182,6 +184,8 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
         base = statistics.median(engine_rounds)
         overhead = [r - base for r in fleet_rounds]
         results["round_overhead_ms"] = {"engine_round_p50": round(base * 1e3, 3),
+                                        # plain decoding at batch 1 in this same run (the simulator's check)
+                                        "engine_plain_tokens_per_s": round(engine_plain_tps, 2),
                                         "fleet_round_p50": round(statistics.median(fleet_rounds) * 1e3, 3),
                                         "p50": round(_percentile(overhead, 0.5) * 1e3, 3),
                                         "p99": round(_percentile(overhead, 0.99) * 1e3, 3)}

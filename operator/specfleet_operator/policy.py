@@ -13,8 +13,9 @@ does, and finally enforces the spec's bounds:
 - idle fleet (no live request, nothing in flight or queued): every role goes to its minReplicas.
 - damping: a tolerance band (no change while metric/target is within 1 +- tolerance); stabilisation windows
   (scale up only to the lowest recommendation of the last `up` seconds, down only to the highest of the last `down`
-  seconds, and not before the window has been observed); at most `maxStep` replicas per change; `cooldownSeconds`
-  between changes of one role.
+  seconds, and not before the window has been observed); at most `maxStep` replicas per change; after a change of
+  one role, `cooldownSeconds` before it scales up again and `scaleDownCooldownSeconds` before it scales down (capacity
+  is removed in fewer, larger steps than it is added).
 
 `spec.<role>.replicas` is the user's request (`kubectl scale specfleet/NAME` sets the verifier's): when it changes,
 the role jumps to it (within bounds) and autoscaling carries on from there after a cooldown; with autoscaling off it
@@ -214,14 +215,18 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
                 raw, why, metrics = _recommend(role, count, figures, spec, verifier_growth, tolerance)
             memory = _remember(memory, key, raw, now, spec)
             stable = _stabilize(key, raw, count, memory, spec, now)
-            cooling = key in last_change and now - last_change[key] < auto.cooldown_s
+            # a scale-down waits the longer cooldown: capacity is removed in fewer, larger steps (each change
+            # restarts pods' share of work), while a scale-up only waits the short one
+            cooldown_s = auto.cooldown_s if stable > count else auto.scale_down_cooldown_s
+            cooling = key in last_change and now - last_change[key] < cooldown_s
             if stable != count and not cooling:
                 step = max(-auto.max_step, min(auto.max_step, stable - count))
                 count, reason = count + step, f"{why}: recommends {raw}, stabilised {stable}"
             elif stable != count:
-                reason = f"cooldown: {why} recommends {raw}, next change after {auto.cooldown_s} s"
-            if key == VERIFIER:  # growth the pools must follow: what the verifiers may reach within their bounds
-                verifier_growth = max(role.clamp(raw), 1) / max(before or count, 1)
+                reason = f"cooldown: {why} recommends {raw}, next change after {cooldown_s} s"
+            if key == VERIFIER:  # growth the pools must follow: what the verifiers may reach within their bounds,
+                # by their stabilised recommendation (one noisy sample must not move the pools either)
+                verifier_growth = max(role.clamp(stable), 1) / max(before or count, 1)
         bounded = role.clamp(count)
         if bounded != count:
             count, reason = bounded, f"{reason}; held to bounds [{role.min_replicas}, {role.max_replicas}]"

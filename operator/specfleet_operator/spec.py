@@ -116,7 +116,7 @@ class RoleSpec:
 @dataclass(frozen=True)
 class Targets:
     queue_wait_ms: float = 50.0
-    gpu_utilization_percent: float = 80.0
+    gpu_utilization_percent: float = 90.0
     drafter_verifier_balance: float = 1.0
 
 
@@ -126,10 +126,15 @@ class Autoscaling:
     speculation_parallelism: bool = False
     k: int = 4
     targets: Targets = field(default_factory=Targets)
-    window_up_s: int = 30
-    window_down_s: int = 300
+    # Defaults tuned with `specfleet simulate`'s policy scoring (docs/simulator.md): an up window of 15 s is two
+    # agreeing samples at the operator's 10-s interval (one noisy sample never adds pods, yet a surge is answered at
+    # once); the 210-s down window keeps noise from removing pods; a scale-up may follow 45 s after a change, a
+    # scale-down only 120 s after one, so capacity is removed in fewer, larger steps.
+    window_up_s: int = 15
+    window_down_s: int = 210
     max_step: int = 2
-    cooldown_s: int = 60
+    cooldown_s: int = 45  # after a change, before a scale-up
+    scale_down_cooldown_s: int = 120  # after a change, before a scale-down
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Autoscaling:
@@ -142,13 +147,14 @@ class Autoscaling:
             k=_int(raw, "k", 4, where, minimum=1),
             targets=Targets(
                 queue_wait_ms=_number(targets, "queueWaitMs", 50, f"{where}.targets"),
-                gpu_utilization_percent=_number(targets, "gpuUtilizationPercent", 80, f"{where}.targets", 100),
+                gpu_utilization_percent=_number(targets, "gpuUtilizationPercent", 90, f"{where}.targets", 100),
                 drafter_verifier_balance=_number(targets, "drafterVerifierBalance", 1.0, f"{where}.targets"),
             ),
-            window_up_s=_int(windows, "up", 30, f"{where}.stabilizationWindowSeconds"),
-            window_down_s=_int(windows, "down", 300, f"{where}.stabilizationWindowSeconds"),
+            window_up_s=_int(windows, "up", 15, f"{where}.stabilizationWindowSeconds"),
+            window_down_s=_int(windows, "down", 210, f"{where}.stabilizationWindowSeconds"),
             max_step=_int(raw, "maxStep", 2, where, minimum=1),
-            cooldown_s=_int(raw, "cooldownSeconds", 60, where),
+            cooldown_s=_int(raw, "cooldownSeconds", 45, where),
+            scale_down_cooldown_s=_int(raw, "scaleDownCooldownSeconds", 120, where),
         )
 
 

@@ -99,6 +99,7 @@ def local_spec(pools: list[str], verifiers: int, max_verifiers: int, max_drafter
         "drafters": [{"name": p, "model": f"drafter-{p}", "replicas": 1, "minReplicas": 1,
                       "maxReplicas": max_drafters} for p in pools],
         "autoscaling": {"enabled": True, "maxStep": 1, "cooldownSeconds": int(max(2, 3 * interval_s)),
+                        "scaleDownCooldownSeconds": int(max(4, 6 * interval_s)),
                         "stabilizationWindowSeconds": {"up": int(max(2, 2 * interval_s)),
                                                        "down": int(max(10, 10 * interval_s))}},
     })

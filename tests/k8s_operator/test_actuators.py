@@ -88,7 +88,8 @@ def with_store(body):
 SPEC = FleetSpec.from_dict("demo", {
     "drafters": [{"name": "python", "minReplicas": 1, "maxReplicas": 2}],
     "verifier": {"replicas": 1, "minReplicas": 1, "maxReplicas": 4},
-    "autoscaling": {"stabilizationWindowSeconds": {"up": 0, "down": 0}, "cooldownSeconds": 0, "maxStep": 4},
+    "autoscaling": {"stabilizationWindowSeconds": {"up": 0, "down": 0}, "cooldownSeconds": 0,
+                    "scaleDownCooldownSeconds": 0, "maxStep": 4},
 })
 
 

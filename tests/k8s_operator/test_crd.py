@@ -72,9 +72,10 @@ def test_empty_spec_gets_every_default(schema):
     assert (spec["verifier"]["maxReplicas"], spec["verifier"]["gpu"]) == (8, True)
     assert [(p["name"], p["model"], p["gpu"]) for p in spec["drafters"]] == [("python", "drafter-python", True)]
     autoscaling = spec["autoscaling"]
-    assert autoscaling["targets"] == {"queueWaitMs": 50, "gpuUtilizationPercent": 80, "drafterVerifierBalance": 1.0}
-    assert autoscaling["stabilizationWindowSeconds"] == {"up": 30, "down": 300}
-    assert (autoscaling["k"], autoscaling["maxStep"], autoscaling["cooldownSeconds"]) == (4, 2, 60)
+    assert autoscaling["targets"] == {"queueWaitMs": 50, "gpuUtilizationPercent": 90, "drafterVerifierBalance": 1.0}
+    assert autoscaling["stabilizationWindowSeconds"] == {"up": 15, "down": 210}
+    assert (autoscaling["k"], autoscaling["maxStep"], autoscaling["cooldownSeconds"],
+            autoscaling["scaleDownCooldownSeconds"]) == (4, 2, 45, 120)
     assert spec["redis"] == {"mode": "inCluster", "url": "", "secretRef": {"name": "", "key": "url"}}
     assert spec["auth"] == {"tokenSecretRef": {"name": "", "key": "token"}}
 

@@ -13,7 +13,8 @@ from specfleet_operator.metrics import PodLoad, aggregate
 from specfleet_operator.policy import PolicyMemory, decide, drain_plan
 from specfleet_operator.spec import FleetSpec
 
-NO_DAMPING = {"stabilizationWindowSeconds": {"up": 0, "down": 0}, "cooldownSeconds": 0, "maxStep": 2}
+NO_DAMPING = {"stabilizationWindowSeconds": {"up": 0, "down": 0}, "cooldownSeconds": 0, "scaleDownCooldownSeconds": 0,
+              "maxStep": 2}
 
 
 def fleet(autoscaling: dict | None = None, **roles) -> FleetSpec:
@@ -145,6 +146,26 @@ def test_fresh_memory_never_scales_down_before_the_down_window():
         current, memory = result.desired, result.memory
     result = decide([sample(60.0, {"verifier": 4}, verifier=low)], spec, current, memory, now=60.0)
     assert result.desired["verifier"] == 2  # ceil(4 * 10 / 80) = 1, limited by maxStep 2
+
+
+def test_scale_down_waits_the_longer_cooldown_scale_up_the_shorter():
+    spec = fleet({"cooldownSeconds": 20, "scaleDownCooldownSeconds": 60})
+    high, low = {"queue_wait_ms": 100, "busy_frac": 0.8}, {"queue_wait_ms": 1, "busy_frac": 0.1}
+    first = decide([sample(0.0, {"verifier": 2}, verifier=high)], spec, CURRENT, now=0.0)
+    assert first.desired["verifier"] == 4
+    # a scale-up 20 s after a change is allowed; a scale-down 20 s after one is not
+    up = decide([sample(20.0, {"verifier": 4}, verifier=high)], spec, first.desired, first.memory, now=20.0)
+    assert up.desired["verifier"] == 6
+    down = decide([sample(40.0, {"verifier": 6}, verifier=low)], spec, up.desired, up.memory, now=40.0)
+    assert down.desired["verifier"] == 6 and "cooldown" in down.reasons["verifier"]
+    later = decide([sample(80.0, {"verifier": 6}, verifier=low)], spec, down.desired, down.memory, now=80.0)
+    assert later.desired["verifier"] == 4
+
+
+def test_defaults_are_the_tuned_ones():
+    auto = FleetSpec.from_dict("demo", {}).autoscaling
+    assert (auto.window_up_s, auto.window_down_s, auto.cooldown_s, auto.scale_down_cooldown_s) == (15, 210, 45, 120)
+    assert auto.targets.gpu_utilization_percent == 90.0
 
 
 # ---- properties ------------------------------------------------------------------------------------------------

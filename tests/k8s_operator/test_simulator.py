@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from specfleet_operator.simulator import autoscale, costs, engine, systems, traces
+from specfleet_operator.simulator import autoscale, costs, engine, reproduce, systems, traces
 from specfleet_operator.simulator.cli import main as simulate_main
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -115,15 +115,50 @@ def test_cosine_beats_plain_at_moderate_load(a100):
             < _run("plain", a100, trace, 8).summary()["p50_latency_s"])
 
 
-def test_reproduces_the_engines_measured_plain_throughput_within_15_percent():
-    # the target step (round_overhead_ms.engine_round_p50) and the plain batch-1 throughput it must reproduce
-    # (engine_plain_tokens_per_s) come from the same `bench fleet` run, so both are of one machine on one day
+@pytest.fixture(scope="module")
+def reproduction():
+    return {r["figure"]: r for r in reproduce.reproduce(BENCH)}
+
+
+def test_local_costs_come_from_the_profile_and_the_fleet_benchmark():
     local = costs.local(BENCH)
+    profile = json.loads((BENCH / "profile.json").read_text())
     fleet = json.loads((BENCH / "fleet.json").read_text())
-    measured = fleet["round_overhead_ms"]["engine_plain_tokens_per_s"]
-    trace = traces.batch(local, fleet["config"]["prompts"])
-    simulated = _run("plain", local, trace, 1, max_batch=1).summary()["batch_tokens_per_s"]
-    assert simulated == pytest.approx(measured, rel=0.15)
+    for point in profile["target_forward_ms"]:  # every profiled shape, plus the engine's per-request work
+        b = point["batch"]
+        assert float(local.target.ms(b * point["tokens"], b)) == pytest.approx(
+            point["ms"] + b * local.target.overhead_ms)
+    assert float(local.target.ms(1, 1)) == pytest.approx(fleet["round_overhead_ms"]["engine_round_p50"])
+    between = float(local.target.ms(8 * 3, 8)) - 8 * local.target.overhead_ms  # inside the grid: interpolated
+    grid = {(p["batch"], p["tokens"]): p["ms"] for p in profile["target_forward_ms"]}
+    assert min(grid[4, 1], grid[16, 5]) < between < max(grid[4, 5], grid[16, 5])
+    steps = profile["drafter_step_ms"]
+    assert float(local.drafter.ms(4, 4)) == pytest.approx(np.mean([[p["ms"] for p in v if p["batch"] == 4][0]
+                                                                   for v in steps.values()]))
+    assert local.network_ms == pytest.approx(costs.SPECULATIVE_ROUND_HOPS * fleet["round_overhead_ms"]["p50"])
+
+
+@pytest.mark.parametrize("figure", ["plain decoding, engine, batch 1", "speculative engine, concurrency 1",
+                                    "speculative engine, concurrency 8", "fleet, concurrency 1"])
+def test_reproduces_the_measured_figures_within_15_percent(reproduction, figure):
+    # every measured figure comes from one machine's session: fleet.json (engine and fleet, plain and speculative,
+    # with the measured round shape of its ablation) and profile.json (per-shape forward costs)
+    row = reproduction[figure]
+    print(f"{figure}: measured {row['measured']}, simulated {row['simulated']} ({100 * row['gap']:+.1f}%)")
+    assert row["simulated"] == pytest.approx(row["measured"], rel=0.15)
+
+
+def test_the_fleet_at_concurrency_8_falls_between_its_two_measurements(reproduction):
+    # fleet.json measures the same fleet configuration at concurrency 8 twice (throughput stage: 8 prompts; ablation,
+    # adaptive control on: 12 prompts) and the two differ by ~40%, more than the 15% band: no one model lands within
+    # 15% of both, so the check is that the simulation sits between them (docs/simulator.md)
+    rows = [r for name, r in reproduction.items() if name.startswith("fleet, concurrency 8")]
+    assert len(rows) == 2
+    low, high = sorted(r["measured"] for r in rows)
+    assert high / low > 1.3
+    for r in rows:
+        print(f"{r['figure']}: measured {r['measured']}, simulated {r['simulated']} ({100 * r['gap']:+.1f}%)")
+        assert low < r["simulated"] < high
 
 
 def test_acceptance_alphas_come_from_the_measured_matrix():
@@ -152,6 +187,18 @@ def test_autoscaling_scores_rank_the_static_policies_and_run_the_operators():
     assert by["operator"].scaling_actions > 0
     assert max(by["operator"].timeline["requested"]) <= 8
     assert slo_ms > 0 and fleet.capacity_tokens_per_s > 0
+
+
+def test_the_operators_default_policy_beats_the_threshold_rule_at_paper_scale(a100):
+    # the committed scoring (bench/simulate.json): 10 -> 1,000 verifiers on an hour's ramp; the operator's tuned
+    # defaults meet the SLO at least as often as the threshold rule, with fewer scaling actions and at most ~5% more
+    # GPU-hours (docs/operator.md, "Why these defaults")
+    _, _, results = autoscale.score_policies(a100, 10, 1000, 3600.0, seed=0, policies=("threshold", "operator"))
+    threshold, operator = results
+    print(threshold.summary(), operator.summary())
+    assert operator.slo_attainment >= threshold.slo_attainment
+    assert operator.gpu_hours <= 1.05 * threshold.gpu_hours
+    assert operator.scaling_actions < threshold.scaling_actions
 
 
 def test_the_command_writes_the_report_and_plots(tmp_path, capsys):

@@ -105,6 +105,11 @@ def run(preset: str = "a100-70b", replicas: tuple[int, ...] = (10, 100, 1000), t
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    if args.reproduce:
+        from specfleet_operator.simulator.reproduce import format_rows, reproduce
+
+        print(format_rows(reproduce(args.bench)))
+        return 0
     profile = None
     if args.profile:
         from specfleet_operator.simulator.profile import profile_models
@@ -164,6 +169,9 @@ def add_parsers(sub, fmt) -> None:
     p.add_argument("--provision-s", type=float, default=60.0, help="seconds before a new GPU pod serves")
     p.add_argument("--profile", action="store_true",
                    help="with --preset local: time the bundled models now instead of using bench/*.json steps")
+    p.add_argument("--reproduce", action="store_true",
+                   help="only replay this machine's measured runs (bench/fleet.json, bench/profile.json) through the "
+                        "simulator and print measured vs simulated tokens/s per figure")
     p.add_argument("--models", type=Path, default=DEFAULT_BENCH.parent / "models", help="bundled models (--profile)")
     p.add_argument("--bench", type=Path, default=DEFAULT_BENCH, help="folder of the committed benchmark JSON")
     p.add_argument("--output", type=Path, default=DEFAULT_BENCH / "simulate.json", help="JSON report")

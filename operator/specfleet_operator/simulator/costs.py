@@ -41,6 +41,62 @@ class StepCost:
 
 
 @dataclass(frozen=True)
+class GridCost:
+    """Milliseconds of one forward interpolated from a profiled grid (`specfleet profile`: `bench/profile.json`):
+    `ms_grid[i][j]` is a forward of `batches[i]` sequences with `tokens[j]` tokens each. Between grid points the
+    cost is linear in the batch and in the tokens per sequence; past the last tokens column it grows with the last
+    column's slope per token (a long prefill), past the last batch row with the last rows' slope per sequence.
+    `overhead_ms` per sequence is added to every non-empty forward (the engine's per-round Python work around it,
+    done request by request: sampling, acceptance, tree building, commit). Same `ms(tokens, seqs)` interface as
+    StepCost, vectorised."""
+
+    batches: tuple[float, ...]
+    tokens: tuple[float, ...]
+    ms_grid: tuple[tuple[float, ...], ...]  # [len(batches)][len(tokens)]
+    overhead_ms: float = 0.0  # per sequence in the forward
+    compute_ms_per_token: float = 0.0  # the fitted line's slope (verify_cost.per_token_ms): the prefill unit
+
+    @classmethod
+    def from_points(cls, points: list[dict], overhead_ms: float = 0.0, per_token_ms: float = 0.0) -> GridCost:
+        """`points`: [{"batch": B, "tokens": T, "ms": x}, ...] covering a full batch x tokens grid."""
+        batches = sorted({float(p["batch"]) for p in points})
+        tokens = sorted({float(p.get("tokens", 1)) for p in points})
+        by = {(float(p["batch"]), float(p.get("tokens", 1))): float(p["ms"]) for p in points}
+        missing = [(b, t) for b in batches for t in tokens if (b, t) not in by]
+        if missing:
+            raise ValueError(f"the profile's grid lacks (batch, tokens) {missing}; rerun `specfleet profile`")
+        return cls(tuple(batches), tuple(tokens), tuple(tuple(by[b, t] for t in tokens) for b in batches),
+                   overhead_ms, per_token_ms)
+
+    @staticmethod
+    def _interp(x: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Piecewise linear through (xs, ys) at x, vectorised: ys is [n] or [len(x), n] (one curve per x). Below
+        xs[0] the first value; past xs[-1] the last segment's slope (never negative) carries on."""
+        if len(xs) == 1:
+            return np.broadcast_to(ys[..., 0], x.shape).astype(np.float64)
+        x = np.maximum(x, xs[0])
+        i = np.clip(np.searchsorted(xs, x, side="right") - 1, 0, len(xs) - 2)
+        if ys.ndim == 1:
+            low, high = ys[i], ys[i + 1]
+        else:
+            low = np.take_along_axis(ys, i[:, None], 1)[:, 0]
+            high = np.take_along_axis(ys, i[:, None] + 1, 1)[:, 0]
+        slope = (high - low) / (xs[i + 1] - xs[i])
+        slope = np.where(x > xs[-1], np.maximum(slope, 0.0), slope)
+        return low + slope * (x - xs[i])
+
+    def ms(self, tokens, seqs):
+        tokens = np.asarray(tokens, dtype=np.float64)
+        tokens, seqs = np.broadcast_arrays(tokens, np.maximum(np.asarray(seqs, dtype=np.float64), 1.0))
+        per_seq = np.maximum(tokens / seqs, 1.0).reshape(-1)  # [N]
+        grid = np.asarray(self.ms_grid)  # [batches, tokens]
+        xs_t = np.asarray(self.tokens)
+        rows = np.stack([self._interp(per_seq, xs_t, grid[b]) for b in range(len(self.batches))], 1)  # [N, batches]
+        cost = self._interp(seqs.reshape(-1), np.asarray(self.batches), rows).reshape(tokens.shape)
+        return np.where(tokens > 0, cost + self.overhead_ms * seqs, 0.0)
+
+
+@dataclass(frozen=True)
 class RequestShape:
     """Prompt and output lengths of the simulated requests (output ~ lognormal around the mean, clipped)."""
 
@@ -56,8 +112,8 @@ class CostModel:
 
     name: str
     source: str
-    target: StepCost
-    drafter: StepCost
+    target: StepCost | GridCost
+    drafter: StepCost | GridCost
     target_gpus: float  # GPUs per target instance (tensor parallel degree)
     drafter_gpus: float  # GPUs per drafter instance
     network_ms: float  # per fleet round: gRPC hops + Redis commit between router, drafters, fusion, verifier
@@ -73,6 +129,10 @@ class CostModel:
     cosine_drafter_ratio: float = 1.0  # CoSine drafter instances per verifier (the pools are sized independently)
     fusion_independence: float = 0.35  # 0: drafters always err together, 1: independent errors
     request: RequestShape = RequestShape(512, 256, 1024)
+    # True where every service is a process on one machine's few cores (the local preset): the fleet's drafting,
+    # verification and per-request RPC handling (CPU-bound Python) queue on the same CPUs instead of overlapping,
+    # so a fleet round costs the sum of its parts and `network_ms` is paid once per request in the round
+    shared_cores: bool = False
 
     def with_alpha(self, value: float) -> CostModel:
         """The same deployment with every drafter accepted at `value` per position (tests, what-ifs)."""
@@ -170,20 +230,44 @@ def h100_70b() -> CostModel:
 
 
 # --- the local preset: this machine's committed measurements ----------------------------------------------------
-# The committed JSON holds the plain target step at batch 1 (fleet.json round_overhead_ms.engine_round_p50), the
-# fleet's per-round overhead (round_overhead_ms.p50), the acceptance matrix (acceptance.json) and throughputs.
-# It does not yet hold the target forward at several (batch, tokens) shapes nor a drafter step; until it does the
-# two constants below are estimates (see docs/simulator.md for the fields that would replace them).
-LOCAL_COMPUTE_MS_PER_TOKEN = 0.6  # estimate: the plain batch-16 row of engine.json minus its batch-1 step
-LOCAL_DRAFTER_STEP_MS = 1.2  # estimate: a ~1.7M-parameter drafter is ~12x smaller than the ~21M target
+# bench/profile.json (`specfleet profile`) holds the target forward over a grid of batch x tokens per sequence and
+# each drafter's step over batch sizes; bench/fleet.json (`specfleet bench fleet`, the same machine and session)
+# the engine's plain round (engine_round_p50: the profiled forward plus the engine's per-round work around it) and
+# the fleet's per-round overhead (round_overhead_ms.p50: one gRPC hop + the Redis commit, measured on plain rounds).
+# Without a profile, the two constants below stand in (estimates).
+LOCAL_COMPUTE_MS_PER_TOKEN = 0.6  # estimate used only without bench/profile.json
+LOCAL_DRAFTER_STEP_MS = 1.2  # estimate used only without bench/profile.json
+# A speculative fleet round makes three RPCs one after another (router -> drafter pools, in parallel; -> fusion;
+# -> verifier, which commits to Redis: `router.service`), a plain one only the last; the measured overhead is a
+# plain round's, so a speculative round pays it this many times.
+SPECULATIVE_ROUND_HOPS = 3
 
 
 def _read(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; the local preset reads the committed benchmarks. Run "
-                                f"`specfleet bench engine`, `specfleet bench fleet` and `specfleet models "
-                                f"acceptance`, or pick --preset a100-70b")
+                                f"`specfleet bench engine`, `specfleet bench fleet`, `specfleet profile` and "
+                                f"`specfleet models acceptance`, or pick --preset a100-70b")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def profiled_costs(profile: dict, engine_round_ms: float | None = None) -> tuple[GridCost, GridCost]:
+    """Target and drafter step costs from a `specfleet profile` report: the target's (batch, tokens) grid, and the
+    drafters' steps averaged per batch size (one drafter cost for all). `engine_round_ms`, the engine's measured
+    plain round at batch 1 on the same machine, sets the per-round overhead around the forward (never negative)."""
+    target = GridCost.from_points(profile["target_forward_ms"],
+                                  per_token_ms=float(profile.get("verify_cost", {}).get("per_token_ms", 0.0)))
+    if engine_round_ms is not None:
+        target = replace(target, overhead_ms=max(0.0, engine_round_ms - float(target.ms(1, 1))))
+    steps = profile["drafter_step_ms"]
+    if isinstance(steps, dict):  # {drafter: [{"batch": B, "ms": x}, ...]}
+        by_batch: dict[float, list[float]] = {}
+        for points in steps.values():
+            for p in points:
+                by_batch.setdefault(float(p["batch"]), []).append(float(p["ms"]))
+        steps = [{"batch": b, "ms": float(np.mean(v))} for b, v in sorted(by_batch.items())]
+    drafter = GridCost.from_points([{"batch": p["batch"], "tokens": 1, "ms": p["ms"]} for p in steps])
+    return target, drafter
 
 
 def local(bench_dir: Path = DEFAULT_BENCH) -> CostModel:
@@ -198,15 +282,21 @@ def local(bench_dir: Path = DEFAULT_BENCH) -> CostModel:
     prompts = engine["config"]
     plain = next(r for r in engine["results"] if r["system"] == "specfleet-none" and r["batch"] == 1
                  and r["mode"] == "greedy")
-    target = StepCost(fixed_ms=step_ms - LOCAL_COMPUTE_MS_PER_TOKEN, memory_ms=0.0,
-                      compute_ms_per_token=LOCAL_COMPUTE_MS_PER_TOKEN)
-    drafter = StepCost(fixed_ms=LOCAL_DRAFTER_STEP_MS * 0.8, memory_ms=0.0,
-                       compute_ms_per_token=LOCAL_DRAFTER_STEP_MS * 0.2)
+    sources = ["fleet.json", "engine.json", "acceptance.json"]
+    if (bench_dir / "profile.json").exists():
+        target, drafter = profiled_costs(_read(bench_dir / "profile.json"), step_ms)
+        sources.insert(0, "profile.json")
+    else:
+        target = StepCost(fixed_ms=step_ms - LOCAL_COMPUTE_MS_PER_TOKEN, memory_ms=0.0,
+                          compute_ms_per_token=LOCAL_COMPUTE_MS_PER_TOKEN)
+        drafter = StepCost(fixed_ms=LOCAL_DRAFTER_STEP_MS * 0.8, memory_ms=0.0,
+                           compute_ms_per_token=LOCAL_DRAFTER_STEP_MS * 0.2)
     return CostModel(
-        name="local", source=f"measured on this machine: {bench_dir}/fleet.json, engine.json, acceptance.json",
+        name="local", source=f"measured on this machine: {bench_dir}/{', '.join(sources)}",
         target=target, drafter=drafter, target_gpus=1.0, drafter_gpus=1.0,  # devices: one CPU process each
-        network_ms=float(fleet["round_overhead_ms"]["p50"]), max_batch=16, k=k, domains=domains,
-        domain_weights=tuple(1.0 / len(domains) for _ in domains), alpha=matrix, general_drafter="drafter-general",
+        network_ms=SPECULATIVE_ROUND_HOPS * float(fleet["round_overhead_ms"]["p50"]), max_batch=16, k=k,
+        domains=domains, domain_weights=tuple(1.0 / len(domains) for _ in domains), alpha=matrix,
+        general_drafter="drafter-general", shared_cores=True,
         request=RequestShape(prompt_tokens=int(prompts["prompt_tokens"]),
                              output_tokens_mean=plain["tokens"] / prompts["prompts"],
                              output_tokens_max=int(prompts["max_new_tokens"]), output_sigma=0.0))

@@ -1,5 +1,5 @@
 """`specfleet simulate --profile`: times a few forwards of the real bundled models on this machine and turns them
-into the local preset's step costs (a least-squares line of milliseconds against tokens per forward).
+into the local preset's step costs (interpolated per shape, as from bench/profile.json).
 
 Timings on a shared machine are noisy; the committed benchmarks (`bench/*.json`) stay the default source."""
 
@@ -8,19 +8,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
-from specfleet_operator.simulator.costs import CostModel, StepCost
+from specfleet_operator.simulator.costs import CostModel, profiled_costs
 
 SHAPES = ((1, 1), (1, 5), (4, 1), (4, 5), (16, 1), (16, 5))  # (batch, tokens per sequence)
-
-
-def _fit(points: list[tuple[int, float]]) -> StepCost:
-    tokens = np.array([p[0] for p in points], dtype=np.float64)
-    ms = np.array([p[1] for p in points], dtype=np.float64)
-    slope, intercept = np.polyfit(tokens, ms, 1)
-    slope = max(float(slope), 0.0)
-    return StepCost(fixed_ms=max(float(intercept), 0.0), memory_ms=0.0, compute_ms_per_token=slope)
 
 
 def profile_models(models_dir: Path, drafter: str = "drafter-general", repeats: int = 5) -> dict:
@@ -42,7 +32,8 @@ def profile_models(models_dir: Path, drafter: str = "drafter-general", repeats: 
 
 
 def apply_profile(costs: CostModel, profile: dict) -> CostModel:
-    """The cost model with its target and drafter steps fitted to the profile."""
-    target = _fit([(p["batch"] * p["tokens"], p["ms"]) for p in profile["target_forward_ms"]])
-    drafter = _fit([(p["batch"] * p["tokens"], p["ms"]) for p in profile["drafter_step_ms"]])
+    """The cost model with its target and drafter steps taken from the profile (the same per-shape interpolation as
+    bench/profile.json); the engine's per-round overhead around the forward, if the model has one, is kept."""
+    target, drafter = profiled_costs(profile)
+    target = replace(target, overhead_ms=getattr(costs.target, "overhead_ms", 0.0))
     return replace(costs, target=target, drafter=drafter, source=costs.source + "; steps profiled by --profile")

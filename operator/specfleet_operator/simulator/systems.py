@@ -21,7 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from specfleet_operator.simulator.costs import CostModel, dsi_parallelism, expected_gain, fuse_alpha
+from specfleet_operator.simulator.costs import (
+    CostModel,
+    alpha_from_accepted,
+    dsi_parallelism,
+    expected_gain,
+    fuse_alpha,
+)
 
 SYSTEMS = ("plain", "specinfer", "pipeinfer", "dsi", "cosine")
 DSI_MAX_RUN = 64  # DSI's drafter keeps going past k; cap the sampled run of accepted tokens
@@ -141,11 +147,28 @@ class DSI(System):
         return Round(cadence, gain, np.full(len(batch), c.k))
 
 
+@dataclass(frozen=True)
+class MeasuredRounds:
+    """A benchmark's measured round shape, replacing the model's own choice of k and acceptance (the reproduction
+    check, `reproduce.py`): per request and round, `draft_tokens` tree nodes verified over `depth` drafting levels,
+    `accepted` of them accepted on average (the committed tokens per round are 1 + accepted)."""
+
+    accepted: float
+    draft_tokens: float
+    depth: float
+
+
 class CoSine(System):
     name = "cosine"
 
+    def __init__(self, costs: CostModel, measured: MeasuredRounds | None = None):
+        super().__init__(costs)
+        self.measured = measured
+
     def request_alpha(self, domain):
         c = self.costs
+        if self.measured is not None:  # one per-position acceptance whose truncated mean is the measured count
+            return np.full(len(domain), alpha_from_accepted(self.measured.accepted, c.k))
         fused = []
         for d in c.domains:  # the router's expertise choice: the best drafters for the request's domain
             best = c.best_drafters(d, c.cosine_drafters_per_request)
@@ -155,28 +178,68 @@ class CoSine(System):
     def gpus_per_replica(self) -> float:
         return self.costs.target_gpus + self.costs.cosine_drafter_ratio * self.costs.drafter_gpus
 
+    def _draft_ms(self, ks, batch):
+        """[K, R] drafting time for each candidate length: the pools draft side by side (separate services), each
+        over its share of the batch."""
+        c = self.costs
+        pool_batch = batch * c.cosine_drafters_per_request / c.cosine_drafter_ratio  # drafting work per instance
+        return ks * c.drafter.ms(pool_batch, pool_batch)[None]
+
+    def _round_ms(self, verify, draft, seqs):
+        """[K, R] round time from verification and drafting: pipelined (the fleet overlaps them) plus the fleet's
+        hops; where the services share a machine's cores, nothing overlaps and each request's hops add up."""
+        c = self.costs
+        if c.shared_cores:
+            return verify + draft + c.network_ms * np.maximum(seqs, 1)[None]
+        return np.maximum(verify, draft) + c.network_ms
+
     def round(self, decoding, alpha, batch, prefill_tokens, new_seqs, rng):
         c = self.costs
         drafts = c.cosine_drafters_per_request
-        pool_batch = batch * drafts / c.cosine_drafter_ratio  # drafting work per drafter instance
-        ks = np.arange(c.k + 1)[:, None]  # [K, 1] candidate draft lengths
         mean_alpha = np.where(batch > 0, (alpha * decoding).sum(1) / np.maximum(batch, 1), 0.0)
-        # fusion merges identical candidates: per level one winner plus the losers that differ from it
-        per_level = 1 + (drafts - 1) * (1 - mean_alpha)
-        verify = c.target.ms(batch[None] * (1 + ks * per_level[None]) + prefill_tokens[None],
-                             (batch + new_seqs)[None])
-        draft = ks * c.drafter.ms(pool_batch, pool_batch)[None]
-        ms = np.maximum(verify, draft) + c.network_ms  # [K, R]: pipelined draft / verify, plus the fleet's hops
-        # the batch scheduler: the draft length with the most expected tokens per second for this batch
-        rate = (batch[None] * expected_gain(mean_alpha[None], ks) + new_seqs[None]) / np.maximum(ms, 1e-9)
-        choice = np.argmax(rate, axis=0)  # [R]
+        if self.measured is not None:  # the benchmark's round shape: fixed depth and tree size
+            m = self.measured
+            ks = np.array([[m.depth]])
+            tree = np.array([[m.draft_tokens]])
+        else:
+            ks = np.arange(c.k + 1)[:, None]  # [K, 1] candidate draft lengths
+            # fusion merges identical candidates: per level one winner plus the losers that differ from it
+            tree = ks * (1 + (drafts - 1) * (1 - mean_alpha))[None]
+        verify = c.target.ms(batch[None] * (1 + tree) + prefill_tokens[None], (batch + new_seqs)[None])
+        ms = self._round_ms(verify, self._draft_ms(ks, batch), batch + new_seqs)  # [K, R]
+        if self.measured is not None:
+            choice = np.zeros(len(batch), dtype=np.int64)
+            cap = np.full((len(batch), 1), c.k)
+        else:
+            # the batch scheduler: the draft length with the most expected tokens per second for this batch
+            rate = (batch[None] * expected_gain(mean_alpha[None], ks) + new_seqs[None]) / np.maximum(ms, 1e-9)
+            choice = np.argmax(rate, axis=0)  # [R]
+            cap = choice[:, None]
         chosen_ms = np.take_along_axis(ms, choice[None], 0)[0]
         chosen_ms = np.where(batch + new_seqs > 0, chosen_ms, 0.0)
-        return Round(chosen_ms, 1 + sample_accepted(alpha, choice[:, None], rng), choice.astype(np.float64))
+        return Round(chosen_ms, 1 + sample_accepted(alpha, cap, rng), ks[choice, 0].astype(np.float64))
+
+
+class InProcessCoSine(CoSine):
+    """CoSine in one process (`SpecEngine`, what `specfleet bench engine` and `specfleet generate` run): the same
+    routing, fusion and acceptance, but draft then verify one after another on one device, the chosen drafters
+    each in turn, and no network. Not one of the compared systems; the reproduction check's engine rows."""
+
+    name = "cosine-engine"
+
+    def gpus_per_replica(self) -> float:
+        return self.costs.target_gpus
+
+    def _draft_ms(self, ks, batch):
+        c = self.costs
+        return ks * c.cosine_drafters_per_request * c.drafter.ms(batch, batch)[None]
+
+    def _round_ms(self, verify, draft, seqs):
+        return verify + draft
 
 
 def build(name: str, costs: CostModel) -> System:
-    classes = {cls.name: cls for cls in (Plain, SpecInfer, PipeInfer, DSI, CoSine)}
+    classes = {cls.name: cls for cls in (Plain, SpecInfer, PipeInfer, DSI, CoSine, InProcessCoSine)}
     if name not in classes:
-        raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+        raise ValueError(f"unknown system {name!r}; choose from {', '.join(classes)}")
     return classes[name](costs)

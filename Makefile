@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specfleet-installed
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo test lint models acceptance card protos chart simulate bench bench-reliability bench-autoscale clean help
+.PHONY: setup demo test lint models acceptance card protos chart simulate bench bench-reliability bench-autoscale soak clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -46,6 +46,11 @@ bench: setup  ## the fleet benchmark: round overhead, throughput vs the engine, 
 
 bench-reliability: setup  ## kill -9 / SIGSTOP mid-stream, API fuzz, 200-stream load -> bench/reliability.json
 	$(VENV)/bin/specfleet bench reliability --output bench/reliability.json
+
+SOAK_SECONDS ?= 1800
+SOAK_STREAMS ?= 200
+soak: setup  ## long load (SOAK_SECONDS, SOAK_STREAMS) with every service's RSS sampled: growth + slope -> bench/reliability-soak.json
+	$(PY) -m specfleet.bench.soak --seconds $(SOAK_SECONDS) --streams $(SOAK_STREAMS) --output bench/reliability-soak.json
 
 bench-autoscale: setup  ## a load ramp on specfleet up --autoscale -> bench/autoscale.json + .png
 	$(VENV)/bin/specfleet bench autoscale --output bench/autoscale.json

@@ -235,9 +235,9 @@ def cmd_bench_fleet(args) -> int:
 
     try:
         stages = tuple(x.strip() for x in args.stages.split(",") if x.strip())
-        unknown = set(stages) - {"overhead", "throughput", "ablation"}
+        unknown = set(stages) - {"overhead", "throughput", "ablation", "dsi"}
         if unknown or not stages:
-            raise ValueError(f"--stages takes overhead, throughput, ablation; got {args.stages!r}")
+            raise ValueError(f"--stages takes overhead, throughput, ablation, dsi; got {args.stages!r}")
         report = run(args.models, args.redis_url, args.max_new_tokens, args.limit, args.output,
                      concurrency=tuple(args.concurrency), stages=stages,
                      ablation_concurrency=args.ablation_concurrency)
@@ -296,6 +296,28 @@ def _engine_options(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> Non
     p.add_argument("--k", type=_positive_int, default=4, help="most draft levels per round")
     p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                    help="always draft k levels with every drafter (default: adaptive speculation control)")
+
+
+def cmd_certs(args) -> int:
+    from specfleet.security import write_dev_certs
+
+    try:
+        files = write_dev_certs(args.dir, [h.strip() for h in args.hosts.split(",") if h.strip()], args.days)
+    except (ValueError, OSError) as exc:
+        sys.exit(f"error: {exc}")
+    for label, path in files.items():
+        print(f"{label:>10}: {path}")
+    return 0
+
+
+def cmd_redis_acl(args) -> int:
+    from specfleet.security import redis_acl_setuser, redis_password
+
+    try:
+        print(redis_acl_setuser(args.user, args.prefix, redis_password(args.password_file)))
+    except (ValueError, OSError) as exc:
+        sys.exit(f"error: {exc}")
+    return 0
 
 
 def cmd_profile(args) -> int:
@@ -419,16 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=_positive_int, default=12, help="prompts")
     b.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens per prompt")
     b.add_argument("--concurrency", type=_positive_int, nargs="+", default=[1, 8, 32], help="concurrent streams")
-    b.add_argument("--stages", default="overhead,throughput,ablation",
+    b.add_argument("--stages", default="overhead,throughput,ablation,dsi",
                    help="comma-separated: overhead (per-round gRPC + Redis cost), throughput (fleet vs engine), "
-                        "ablation (each CoSine switch off in turn, greedy and sampled)")
+                        "ablation (each CoSine switch off in turn, greedy and sampled), dsi (two verifiers with "
+                        "speculation parallelism on and off, stream and gRPC verify queues, at concurrency 1 and 8)")
     b.add_argument("--ablation-concurrency", type=_positive_int, default=8, help="streams at a time in the ablation")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "fleet.json", help="JSON result")
     b.set_defaults(func=cmd_bench_fleet)
     b = bsub.add_parser("reliability", formatter_class=fmt, help="faults, bad input and load against the fleet",
                         description="The fleet as one process per service: kill -9 of a drafter, fusion, a verifier "
-                                    "and the router and SIGSTOP of a verifier mid-stream (outputs vs the unfaulted "
-                                    "run), a fuzz of the gRPC and HTTP APIs, then a bounded load run with each "
+                                    "and the router, SIGSTOP of a verifier and a restart of the fleet's own persistent "
+                                    "Redis mid-stream (outputs vs the unfaulted run), a fuzz of the gRPC and HTTP "
+                                    "APIs, then a bounded load run with each "
                                     "service's memory before and after. Exits 1 when a request was lost or a server "
                                     "crashed.")
     _fleet_bench_options(b)
@@ -461,6 +485,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed forwards per shape (the median is kept)")
     p.add_argument("--output", type=Path, default=DEFAULT_BENCH / "profile.json", help="JSON result")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("certs", formatter_class=fmt, help="write a development CA and loopback TLS certificates",
+                       description="Writes a throwaway CA (ca.pem) and a server (server.pem, server-key.pem) and "
+                                   "client (client.pem, client-key.pem) certificate signed by it, for TLS / mTLS "
+                                   "between fleet services on this machine; the CA's key is not kept. Development "
+                                   "only: in a cluster use cert-manager or your own PKI. Needs the cryptography "
+                                   "package.",
+                       epilog="then: specfleet serve verifier --tls-cert DIR/server.pem --tls-key DIR/server-key.pem "
+                              "--tls-client-ca DIR/ca.pem ...; specfleet serve router --internal-tls-ca DIR/ca.pem "
+                              "--internal-tls-cert DIR/client.pem --internal-tls-key DIR/client-key.pem ...")
+    p.add_argument("dir", type=Path, help="folder to write the PEM files into (created if missing)")
+    p.add_argument("--hosts", default="127.0.0.1,localhost,::1",
+                   help="comma-separated IPs / DNS names the server certificate is valid for")
+    p.add_argument("--days", type=_positive_int, default=30, help="validity in days")
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("redis-acl", formatter_class=fmt, help="print a least-privilege Redis ACL user for one fleet",
+                       description="Prints `ACL SETUSER NAME ...` granting only the commands the state store uses "
+                                   "on keys PREFIX:* (no FLUSHALL, CONFIG, KEYS, ACL, no pub/sub channels); the "
+                                   "password is given as its SHA-256, so the line holds no secret. Run it with "
+                                   "redis-cli, or put it (without 'ACL SETUSER', as `user NAME ...`) in an ACL file; "
+                                   "see docs/redis.md.",
+                       epilog="then: SPECFLEET_REDIS_URL=redis://NAME:$(cat PASSWORD_FILE)@HOST:6379/0")
+    p.add_argument("--user", required=True, help="the Redis user name")
+    p.add_argument("--prefix", default="sf", help="the fleet's key prefix (--key-prefix of its services)")
+    p.add_argument("--password-file", type=Path, required=True,
+                   help="the user's password; a new random one is written there (mode 0600) if the file is missing")
+    p.set_defaults(func=cmd_redis_acl)
 
     from specfleet.fleet_cli import add_parsers as add_fleet_parsers
     from specfleet.sdk.cli import add_client_parser

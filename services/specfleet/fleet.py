@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from specfleet.api.v1 import internal_pb2_grpc, router_pb2_grpc
+from specfleet.security import ChannelTls, ServerTls
 from specfleet.server import Running, start_server
 
 log = logging.getLogger("specfleet.fleet")
@@ -24,7 +25,8 @@ class ServeOptions:
     models: Path
     redis_url: str | None = None
     host: str = "127.0.0.1"
-    token: str | None = None  # bearer token (public router) / shared internal token (internal services)
+    # accepted bearer token(s): the public router's (one per caller) / the shared internal token (internal services)
+    token: str | tuple[str, ...] | None = None
     slots: int = 32  # concurrent requests with a KV cache per drafter / verifier replica
     key_prefix: str = "sf"
     heartbeat_s: float = 2.0  # load published to Redis this often (when a Redis URL is given); 0: never
@@ -32,6 +34,10 @@ class ServeOptions:
     profile: Path | None = None  # verifier: `specfleet profile` output; caps a forward's tokens to max_batch_latency_ms
     max_batch_latency_ms: float = 50.0
     max_batch_tokens: int = 0  # verifier: an explicit token cap per forward (overrides the profile's)
+    tls: ServerTls | None = None  # the service's certificate; with a client CA, callers need a certificate (mTLS)
+    rate_limit_rps: float = 0.0  # router: requests per second per caller token (0: no limit)
+    rate_limit_tpm: float = 0.0  # router: generated tokens per minute per caller token (0: no limit)
+    verify_stream: bool = True  # verifier: also take rounds from the Redis stream `{prefix}:stream:verify`
 
 
 async def _publish(opts: ServeOptions, role: str, running: Running, snapshot, extra: dict | None = None,
@@ -46,6 +52,8 @@ async def _publish(opts: ServeOptions, role: str, running: Running, snapshot, ex
 
     async def on_drain(draining: bool) -> None:
         await running.set_serving(not draining)
+        if running.consumer is not None:  # a draining verifier takes no more rounds from the stream
+            running.consumer.pause(draining)
 
     running.publisher = HeartbeatPublisher(store, role, pod, advertised_address(opts.host, running.port), snapshot,
                                            on_drain, opts.heartbeat_s, extra).start()
@@ -69,7 +77,7 @@ async def start_drafter(pool: str, opts: ServeOptions, port: int = 0) -> tuple[R
         vocab = next(iter(proposer.drafters.values())).runner.vocab_size
     service = DrafterService(proposer, pool, capacity=opts.slots, vocab_size=vocab)
     running = await start_server([(internal_pb2_grpc.add_DrafterServicer_to_server, service)],
-                                 ["specfleet.api.v1.Drafter"], opts.host, port, opts.token)
+                                 ["specfleet.api.v1.Drafter"], opts.host, port, opts.token, opts.tls)
     await _publish(opts, "drafter", running, service.snapshot, {"pool": pool})
     return running, service
 
@@ -79,7 +87,7 @@ async def start_fusion(opts: ServeOptions, port: int = 0) -> tuple[Running, obje
 
     service = FusionService()
     running = await start_server([(internal_pb2_grpc.add_FusionServicer_to_server, service)],
-                                 ["specfleet.api.v1.Fusion"], opts.host, port, opts.token)
+                                 ["specfleet.api.v1.Fusion"], opts.host, port, opts.token, opts.tls)
     await _publish(opts, "fusion", running, service.snapshot)
     return running, service
 
@@ -107,25 +115,36 @@ async def start_verifier(opts: ServeOptions, port: int = 0) -> tuple[Running, ob
                  opts.max_batch_latency_ms)
     service = VerifierService(target, slots=opts.slots, store=store, max_batch_tokens=cap)
     running = await start_server([(internal_pb2_grpc.add_VerifierServicer_to_server, service)],
-                                 ["specfleet.api.v1.Verifier"], opts.host, port, opts.token)
+                                 ["specfleet.api.v1.Verifier"], opts.host, port, opts.token, opts.tls)
+    if opts.verify_stream:
+        from specfleet.state.heartbeat import pod_name
+        from specfleet.verifier.queue import VerifyConsumer
+
+        consumer = opts.pod or pod_name("verifier", running.port)
+        running.consumer = service.consumer = VerifyConsumer(service, store, consumer, capacity=opts.slots).start()
     await _publish(opts, "verifier", running, service.snapshot, store=store)
     return running, service
 
 
-async def start_router(opts: ServeOptions, config, port: int = 0,
-                       internal_token: str | None = None) -> tuple[Running, object]:
+async def start_router(opts: ServeOptions, config, port: int = 0, internal_token: str | None = None,
+                       internal_tls: ChannelTls | None = None) -> tuple[Running, object]:
+    """The public router; `internal_token` / `internal_tls` are what it presents to the internal services."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from specfleet.ratelimit import RateLimiter
     from specfleet.router.service import RouterService
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(opts.models / "target"))
     model_cfg = AutoConfig.from_pretrained(str(opts.models / "target"))
     config.internal_token = internal_token
+    if internal_tls is not None:
+        config.internal_tls = internal_tls
     store = await _store(opts)
     service = RouterService(config, store, tokenizer, model_cfg.max_position_embeddings,
                             model_cfg.vocab_size, model_cfg.eos_token_id)
     running = await start_server([(router_pb2_grpc.add_RouterServicer_to_server, service)],
-                                 ["specfleet.api.v1.Router"], opts.host, port, opts.token)
+                                 ["specfleet.api.v1.Router"], opts.host, port, opts.token, opts.tls,
+                                 RateLimiter(opts.rate_limit_rps, opts.rate_limit_tpm))
     service.ensure_discovery()
     await _publish(opts, "router", running, service.snapshot, store=store)
     return running, service
@@ -143,8 +162,12 @@ class LocalFleet:
     adaptive: bool = True
     pipeline: bool = True
     routing: bool = True
+    verify_queue: str = "stream"
+    dsi: bool = True
     router_port: int = 0
     internal_token: str | None = None
+    internal_tls: ServerTls | None = None  # the internal services' certificate (mTLS with a client CA)
+    internal_client_tls: ChannelTls | None = None  # what the router presents to them
     servers: list[Running] = field(default_factory=list)
     services: dict[str, object] = field(default_factory=dict)
     retired: list[Running] = field(default_factory=list)
@@ -183,14 +206,17 @@ class LocalFleet:
             self._keep("fusion", running, service)
             fusion = f"127.0.0.1:{running.port}"
         config = FleetConfig(drafters=drafters, verifiers=verifiers, fusion=fusion, k_max=self.k_max,
-                             adaptive=self.adaptive, pipeline=self.pipeline, routing=self.routing)
-        running, service = await start_router(self.opts, config, self.router_port, self.internal_token)
+                             adaptive=self.adaptive, pipeline=self.pipeline, routing=self.routing,
+                             verify_queue=self.verify_queue, dsi=self.dsi)
+        running, service = await start_router(self.opts, config, self.router_port, self.internal_token,
+                                              self.internal_client_tls)
         self._keep("router", running, service)
         self.router_address = f"127.0.0.1:{running.port}"
 
     def _internal_opts(self) -> ServeOptions:
-        """The internal services' options: as the router's, but they accept only the internal token."""
-        return dataclasses.replace(self.opts, token=self.internal_token)
+        """The internal services' options: as the router's, but they accept only the internal token (and, with
+        internal_tls, only TLS callers)."""
+        return dataclasses.replace(self.opts, token=self.internal_token, tls=self.internal_tls)
 
     def stop_role(self, name: str, grace: float = 0.5) -> int:
         """Stops one service (e.g. "drafter-python"); returns its port. Its server object is kept: dropping a

@@ -14,6 +14,15 @@ import time
 from pathlib import Path
 
 from specfleet.fleet import DRAFTER_POOLS, MODEL_FREE_POOLS, ServeOptions
+from specfleet.security import (
+    INTERNAL_TOKEN_ENV,
+    INTERNAL_TOKEN_FILE_ENV,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    ChannelTls,
+    ServerTls,
+    resolve_tokens,
+)
 from specfleet.state.embedded import free_port
 
 ROLES = ("router", "drafter", "fusion", "verifier")
@@ -42,9 +51,17 @@ async def _serve(args) -> None:
     configure_tracing(f"specfleet-{args.role}" + (f"-{args.pool}" if args.role == "drafter" else ""),
                       args.otlp_endpoint, args.trace_console)
 
-    opts = ServeOptions(args.models, args.redis_url, args.host, args.token, args.slots, args.key_prefix,
+    tokens = resolve_tokens(args.token, args.token_file, "--token", TOKEN_ENV, TOKEN_FILE_ENV)
+    internal = resolve_tokens(args.internal_token, args.internal_token_file, "--internal-token", INTERNAL_TOKEN_ENV,
+                              INTERNAL_TOKEN_FILE_ENV)
+    tls = ServerTls.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if args.role == "router" and args.http_port >= 0 and tls is not None:
+        raise ValueError("--http-port with --tls-cert is not supported (the HTTP front reaches its router in "
+                         "plaintext); serve HTTP from a separate TLS-terminating proxy, or drop --tls-cert")
+    opts = ServeOptions(args.models, args.redis_url, args.host, tokens or None, args.slots, args.key_prefix,
                         profile=args.profile, max_batch_latency_ms=args.max_batch_latency_ms,
-                        max_batch_tokens=args.max_batch_tokens)
+                        max_batch_tokens=args.max_batch_tokens, tls=tls, rate_limit_rps=args.rate_limit_rps,
+                        rate_limit_tpm=args.rate_limit_tpm)
     if args.role == "drafter":
         running, _ = await fleet.start_drafter(args.pool, opts, args.port)
     elif args.role == "fusion":
@@ -56,14 +73,20 @@ async def _serve(args) -> None:
 
         config = FleetConfig(drafters=_pools(args.drafters), verifiers=_addresses(args.verifiers),
                              fusion=args.fusion or None, k_max=args.k, adaptive=args.adaptive,
-                             pipeline=args.pipeline, routing=args.routing, rpc_timeout_s=args.rpc_timeout)
-        running, _ = await fleet.start_router(opts, config, args.port, args.internal_token)
+                             pipeline=args.pipeline, routing=args.routing, rpc_timeout_s=args.rpc_timeout,
+                             verify_queue=args.verify_queue, dsi=args.dsi,
+                             max_queue_wait_ms=args.max_queue_wait_ms)
+        internal_tls = ChannelTls.from_files(args.internal_tls_ca, args.internal_tls_cert, args.internal_tls_key,
+                                             args.internal_tls_server_name)
+        running, _ = await fleet.start_router(opts, config, args.port, internal[0] if internal else None,
+                                              internal_tls)
     http = None
     if args.role == "router" and args.http_port >= 0:
         from specfleet.router.http import build_app, start_http_in_thread
 
-        # the HTTP front calls this process's gRPC router over loopback, with the public token
-        app = build_app(f"127.0.0.1:{running.port}", args.token)
+        # the HTTP front calls this process's gRPC router over loopback, with the public token; with several
+        # tokens it passes each caller's own on (the router checks it and rate-limits per token)
+        app = build_app(f"127.0.0.1:{running.port}", tokens[0] if len(tokens) == 1 else None)
         server, thread, http_port = start_http_in_thread(app, args.host, args.http_port)
         http = (server, thread)
         print(f"specfleet router: OpenAI-compatible HTTP on http://{args.host}:{http_port}/v1", flush=True)
@@ -95,6 +118,25 @@ def cmd_serve(args) -> int:
 
 # ---------------------------------------------------------------- up
 
+_SECRET_ENV = (TOKEN_ENV, INTERNAL_TOKEN_ENV, TOKEN_FILE_ENV, INTERNAL_TOKEN_FILE_ENV)
+
+
+def child_command(role_args: list[str], port: int, common: list[str]) -> list[str]:
+    """The argv `up` starts a service with: never a secret (argv is readable by every local user, e.g. in `ps`)."""
+    return [sys.executable, "-m", "specfleet.cli", "serve", *role_args, "--port", str(port), *common]
+
+
+def child_env(env: dict[str, str], token: str | None = None, internal_token: str | None = None) -> dict[str, str]:
+    """`env` carrying exactly the tokens a service needs (SPECFLEET_TOKEN: the one its callers must send;
+    SPECFLEET_INTERNAL_TOKEN: the router's to internal services), none inherited from `up`'s own environment: a
+    public token there must not become an internal service's."""
+    out = {k: v for k, v in env.items() if k not in _SECRET_ENV}
+    if token:
+        out[TOKEN_ENV] = token
+    if internal_token:
+        out[INTERNAL_TOKEN_ENV] = internal_token
+    return out
+
 def _pipe(name: str, stream, out) -> None:
     for line in iter(stream.readline, ""):
         out.write(f"{name:>16} | {line}")
@@ -114,6 +156,30 @@ def cmd_up(args) -> int:
     if unknown:
         sys.exit(f"error: unknown drafter pool(s) {', '.join(unknown)}; choose from "
                  f"{', '.join(DRAFTER_POOLS + MODEL_FREE_POOLS)}")
+    try:
+        public = resolve_tokens(args.token, args.token_file, "--token", TOKEN_ENV, TOKEN_FILE_ENV)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    internal_token = os.urandom(16).hex()  # internal services accept only the router (and each other)
+    internal_secrets = {"token": internal_token}
+    certs_dir, inner_tls, router_tls, health_tls = None, [], [], None
+    if args.mtls:  # internal services accept only the router's client certificate (and the internal token)
+        import tempfile
+
+        from specfleet.security import write_dev_certs
+
+        certs_dir = tempfile.mkdtemp(prefix="specfleet-certs-")  # mode 0700; removed when the fleet stops
+        try:
+            certs = {k: str(v) for k, v in write_dev_certs(certs_dir, days=7).items()}
+        except ValueError as exc:
+            import shutil
+
+            shutil.rmtree(certs_dir, ignore_errors=True)
+            sys.exit(f"error: --mtls: {exc}")
+        inner_tls = ["--tls-cert", certs["server"], "--tls-key", certs["server_key"], "--tls-client-ca", certs["ca"]]
+        router_tls = ["--internal-tls-ca", certs["ca"], "--internal-tls-cert", certs["client"],
+                      "--internal-tls-key", certs["client_key"]]
+        health_tls = ChannelTls.from_files(certs["ca"], certs["client"], certs["client_key"])
     embedded = None
     redis_url = args.redis_url
     if not redis_url:
@@ -122,40 +188,44 @@ def cmd_up(args) -> int:
         embedded = start_embedded_redis()
         redis_url = embedded.url
         print(f"embedded Redis on {redis_url}", flush=True)
-    internal_token = os.urandom(16).hex()  # internal services accept only the router (and each other)
     common = ["--models", str(args.models), "--redis-url", redis_url, "--key-prefix", args.key_prefix,
               "--slots", str(args.slots), *_tracing_args(args)]
-    plan: list[tuple[str, list[str], int]] = []
+    plan: list[tuple[str, list[str], int, dict]] = []  # name, serve arguments, port, tokens (passed by environment)
     drafters = {}
     for pool in pools:
         port = free_port()
         drafters[pool] = f"127.0.0.1:{port}"
-        plan.append((f"drafter-{pool}", ["drafter", "--pool", pool, "--token", internal_token], port))
+        plan.append((f"drafter-{pool}", ["drafter", "--pool", pool, *inner_tls], port, internal_secrets))
     verifiers = []
     for i in range(args.verifiers):
         port = free_port()
         verifiers.append(f"127.0.0.1:{port}")
-        plan.append((f"verifier-{i}", ["verifier", "--token", internal_token], port))
+        plan.append((f"verifier-{i}", ["verifier", *inner_tls], port, internal_secrets))
     fusion = ""
     if len(pools) > 1 and args.fusion:
         port = free_port()
         fusion = f"127.0.0.1:{port}"
-        plan.append(("fusion", ["fusion", "--token", internal_token], port))
+        plan.append(("fusion", ["fusion", *inner_tls], port, internal_secrets))
     router = ["router", "--drafters", ",".join(f"{p}={a}" for p, a in drafters.items()),
-              "--verifiers", ",".join(verifiers), "--fusion", fusion, "--internal-token", internal_token,
-              "--k", str(args.k)] + ([] if args.adaptive else ["--no-adaptive"]) + (
-              [] if args.pipeline else ["--no-pipeline"]) + ([] if args.routing else ["--no-routing"])
-    if args.token:
-        router += ["--token", args.token]
-    plan.append(("router", router, args.grpc_port))
+              "--verifiers", ",".join(verifiers), "--fusion", fusion, "--k", str(args.k)] + (
+              [] if args.adaptive else ["--no-adaptive"]) + (
+              [] if args.pipeline else ["--no-pipeline"]) + ([] if args.routing else ["--no-routing"]) + (
+              ["--verify-queue", args.verify_queue] + ([] if args.dsi else ["--no-dsi"])) + router_tls
+    # the router accepts every public token (one per caller, each rate-limited on its own)
+    router_secrets = {"token": public[0] if len(public) == 1 else None, "internal_token": internal_token}
+    if len(public) > 1:
+        router += ["--token-file", str(args.token_file or os.environ[TOKEN_FILE_ENV])]  # a path, not a secret
+    router += [f"--rate-limit-rps={args.rate_limit_rps:g}", f"--rate-limit-tpm={args.rate_limit_tpm:g}"]
+    plan.append(("router", router, args.grpc_port, router_secrets))
     http = None
     autoscaler_stop = None
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
 
-    def spawn(name: str, role_args: list[str], port: int) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "specfleet.cli", "serve", *role_args, "--port", str(port), *common]
-        child_env = {**env, "SPECFLEET_POD_NAME": name}  # the heartbeat id the autoscaler knows it by
+    def spawn(name: str, role_args: list[str], port: int, secrets: dict) -> subprocess.Popen:
+        cmd = child_command(role_args, port, common)
+        # the heartbeat id the autoscaler knows it by; tokens by environment, never in argv
+        child_env = child_env_of(name, secrets)
         if not name.startswith("verifier"):
             # small models: one thread each, idle threads sleeping instead of spinning, so the verifier keeps
             # the cores (measured: 2.4x the fleet's throughput at concurrency 32 on 2 cores)
@@ -167,19 +237,23 @@ def cmd_up(args) -> int:
 
     from specfleet.local_autoscale import LocalReplicas, role_args
 
-    replicas = LocalReplicas(lambda role, pod: spawn(pod, role_args(role) + ["--token", internal_token], free_port()),
+    def child_env_of(name: str, secrets: dict) -> dict[str, str]:
+        return child_env({**env, "SPECFLEET_POD_NAME": name}, **secrets)
+
+    replicas = LocalReplicas(lambda role, pod: spawn(pod, role_args(role) + inner_tls, free_port(), internal_secrets),
                              grace_s=args.grace)
     try:
-        for name, role_cmd, port in plan:
+        for name, role_cmd, port, secrets in plan:
             role = "verifier" if name.startswith("verifier-") else name
-            replicas.add(role, name, spawn(name, role_cmd, port))
+            replicas.add(role, name, spawn(name, role_cmd, port, secrets))
         from specfleet.server import wait_healthy
 
         started = time.monotonic()
 
         async def all_healthy():  # every service, not only the router: a first request must find them all up
-            await asyncio.gather(*(wait_healthy(f"127.0.0.1:{port}", timeout=args.ready_timeout)
-                                   for _, _, port in plan))
+            await asyncio.gather(*(wait_healthy(f"127.0.0.1:{port}", timeout=args.ready_timeout,
+                                                tls=None if name == "router" else health_tls)
+                                   for name, _, port, _ in plan))
 
         asyncio.run(all_healthy())
         http_note = ""
@@ -189,7 +263,7 @@ def cmd_up(args) -> int:
             configure_tracing("specfleet-http", args.otlp_endpoint, args.trace_console)  # the front runs here
             from specfleet.router.http import build_app, start_http_in_thread
 
-            app = build_app(f"127.0.0.1:{args.grpc_port}", args.token)
+            app = build_app(f"127.0.0.1:{args.grpc_port}", public[0] if len(public) == 1 else None)
             server, thread, http_port = start_http_in_thread(app, "127.0.0.1", args.http_port)
             http = (server, thread)
             http_note = f", OpenAI-compatible HTTP on http://127.0.0.1:{http_port}/v1"
@@ -239,6 +313,10 @@ def cmd_up(args) -> int:
                 child.kill()
         if embedded is not None:
             embedded.stop()
+        if certs_dir is not None:
+            import shutil
+
+            shutil.rmtree(certs_dir, ignore_errors=True)
 
 
 def _ablation_flags(p: argparse.ArgumentParser, scope: str) -> None:
@@ -248,6 +326,13 @@ def _ablation_flags(p: argparse.ArgumentParser, scope: str) -> None:
                         "one is verified, PipeInfer-style, dropping drafts the verification invalidates)")
     p.add_argument("--no-routing", dest="routing", action="store_false",
                    help=f"{scope}one drafter pool picked at random each round instead of expertise routing")
+    p.add_argument("--verify-queue", choices=("stream", "rpc"), default="stream",
+                   help=f"{scope}how rounds reach the verifiers: 'stream' (default) through the Redis stream "
+                        "PREFIX:stream:verify with consumer group 'verifiers' (any verifier takes a round; a dead "
+                        "or hung one's rounds are reclaimed after 3 s); 'rpc' straight gRPC calls, sticky per request")
+    p.add_argument("--no-dsi", dest="dsi", action="store_false",
+                   help=f"{scope}no speculation parallelism (default with >= 2 verifiers: the round after the one "
+                        "being verified is verified concurrently, DSI-style, and kept when the first confirms it)")
 
 
 def _tracing_flags(p: argparse.ArgumentParser, scope: str) -> None:
@@ -278,15 +363,46 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
     p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
                    help="Redis for request state (verifier, router); env SPECFLEET_REDIS_URL")
     p.add_argument("--key-prefix", default="sf", help="Redis key prefix (one per fleet)")
-    p.add_argument("--token", default=os.environ.get("SPECFLEET_TOKEN"),
-                   help="bearer token callers must send (router: public clients; others: the internal token)")
-    p.add_argument("--internal-token", default=os.environ.get("SPECFLEET_INTERNAL_TOKEN"),
-                   help="router only: the token it sends to internal services")
+    # no defaults from the environment here: --help prints defaults, and a token must never be printed
+    p.add_argument("--token",
+                   help="bearer token callers must send (router: public clients; others: the internal token); "
+                        f"env {TOKEN_ENV} (preferred: a command line is visible to every local user) or --token-file")
+    p.add_argument("--token-file", type=Path,
+                   help="read the accepted bearer token(s) from this file, one a line (a mounted Secret; a router "
+                        f"accepts each line as one caller's token, rate-limited on its own); env {TOKEN_FILE_ENV}")
+    p.add_argument("--internal-token",
+                   help=f"router only: the token it sends to internal services; env {INTERNAL_TOKEN_ENV} "
+                        "(preferred) or --internal-token-file")
+    p.add_argument("--internal-token-file", type=Path,
+                   help=f"router only: read the internal token from this file; env {INTERNAL_TOKEN_FILE_ENV}")
+    g = p.add_argument_group("TLS (see docs/reliability.md#security; `specfleet certs DIR` makes development certs)")
+    g.add_argument("--tls-cert", type=Path, help="serve TLS with this PEM certificate (chain)")
+    g.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert")
+    g.add_argument("--tls-client-ca", type=Path,
+                   help="require callers to present a certificate signed by this PEM CA (mTLS): internal services "
+                        "then accept only the router and each other")
+    g.add_argument("--internal-tls-ca", type=Path,
+                   help="router only: reach internal services over TLS, trusting this PEM CA")
+    g.add_argument("--internal-tls-cert", type=Path,
+                   help="router only: the client certificate it presents to internal services (mTLS)")
+    g.add_argument("--internal-tls-key", type=Path, help="router only: the PEM private key of --internal-tls-cert")
+    g.add_argument("--internal-tls-server-name",
+                   help="router only: the name internal services' certificates carry, when it differs from the "
+                        "addresses dialled (e.g. pod IPs from heartbeats)")
+    p.add_argument("--rate-limit-rps", type=float, default=0.0,
+                   help="router only: requests per second per caller token (bursts up to max(1, N)); over it a call "
+                        "gets RESOURCE_EXHAUSTED (HTTP 429) with a retry-after; 0: no limit")
+    p.add_argument("--rate-limit-tpm", type=float, default=0.0,
+                   help="router only: generated tokens per minute per caller token; a caller over it is refused "
+                        "new requests until its budget refills; 0: no limit")
     p.add_argument("--pool", help="drafter only: the pool to serve (python, prose, c, general, suffix, ngram)")
     p.add_argument("--drafters", help="router only: POOL=HOST:PORT,... of the drafter pools")
     p.add_argument("--verifiers", help="router only: HOST:PORT,... of the verifiers")
     p.add_argument("--fusion", help="router only: HOST:PORT of the fusion service")
     p.add_argument("--k", type=int, default=4, help="router only: most draft levels per round")
+    p.add_argument("--max-queue-wait-ms", type=float, default=0.0,
+                   help="router only: refuse new requests (RESOURCE_EXHAUSTED / HTTP 429) while the oldest round in "
+                        "the verify stream has waited longer than this (0: off)")
     p.add_argument("--rpc-timeout", type=float, default=30.0,
                    help="router only: deadline in seconds of each call to a drafter, fusion or verifier; a hung "
                         "verifier's round moves to the next one after it")
@@ -317,13 +433,24 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
     p.add_argument("--models", type=Path, default=models_default, help="folder of bundled models")
     p.add_argument("--pools", default="python,prose,c,suffix", help="drafter pools to start")
     p.add_argument("--verifiers", type=int, default=1, help="verifier replicas")
-    p.add_argument("--token", default=os.environ.get("SPECFLEET_TOKEN"), help="bearer token clients must send")
+    p.add_argument("--token",
+                   help=f"bearer token clients must send (prefer env {TOKEN_ENV} or --token-file); services get "
+                        "their tokens by environment, never on their command line")
+    p.add_argument("--token-file", type=Path,
+                   help=f"accepted client tokens, one a line (each rate-limited on its own by the router); env "
+                        f"{TOKEN_FILE_ENV}")
     p.add_argument("--key-prefix", default="sf", help="Redis key prefix")
+    p.add_argument("--rate-limit-rps", type=float, default=0.0, help="requests per second per client token (0: off)")
+    p.add_argument("--rate-limit-tpm", type=float, default=0.0,
+                   help="generated tokens per minute per client token (0: off)")
     p.add_argument("--slots", type=int, default=32, help="requests with a KV cache per drafter / verifier")
     p.add_argument("--k", type=int, default=4, help="most draft levels per round (0: plain decoding)")
     p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                    help="always draft k levels with every pool (no speculation control)")
     _ablation_flags(p, "")
+    p.add_argument("--mtls", action="store_true",
+                   help="internal services speak mTLS with certificates from a throwaway CA made at start (needs "
+                        "the cryptography package): they accept only the router's client certificate")
     p.add_argument("--no-fusion", dest="fusion", action="store_false",
                    help="no fusion service: each round drafts with the single best routed pool")
     p.add_argument("--autoscale", action="store_true",

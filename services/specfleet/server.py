@@ -1,6 +1,7 @@
 """What every specfleet gRPC server shares: loopback-by-default binding, the standard health and reflection
-services, bearer-token auth (constant-time), message size limits, a micro-batcher that runs model work off the
-event loop, and graceful shutdown (readiness flips to NOT_SERVING first, in-flight calls get a grace period)."""
+services, bearer-token auth (constant-time), TLS / mTLS, per-caller rate limits, message size limits, a
+micro-batcher that runs model work off the event loop, and graceful shutdown (readiness flips to NOT_SERVING
+first, in-flight calls get a grace period)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from specfleet.ratelimit import RateLimit, RateLimiter
+from specfleet.security import ChannelTls, ServerTls
 from specfleet.telemetry import server_interceptors
 
 log = logging.getLogger("specfleet")
@@ -31,16 +34,27 @@ OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # reachable wit
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` metadata on every call but health checks and reflection."""
+    """Requires `authorization: Bearer <token>` metadata on every call but health checks and reflection; several
+    tokens may be accepted (one per caller, each with its own rate limit). Every token is compared in constant time,
+    all of them on every call, so timing tells nothing about which one (or how much of one) matched."""
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: str | Sequence[str]):
+        tokens = (tokens,) if isinstance(tokens, str) else tuple(tokens)
+        if not tokens or not all(tokens):
+            raise ValueError("BearerAuth needs at least one non-empty token")
+        self._expected = [f"Bearer {token}".encode() for token in tokens]
+
+    def accepts(self, given: str) -> bool:
+        matched = False
+        for expected in self._expected:
+            matched |= hmac.compare_digest(given.encode(), expected)
+        return matched
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith(OPEN_METHODS):
             return await continuation(details)
         given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode(), self._expected):
+        if self.accepts(given):
             return await continuation(details)
         handler = await continuation(details)
 
@@ -113,6 +127,7 @@ class Running:
     health: HealthServicer
     service_names: tuple[str, ...] = ()
     publisher: object | None = None  # state.heartbeat.HeartbeatPublisher, when the service reports to Redis
+    consumer: object | None = None  # verifier.queue.VerifyConsumer: work taken from a Redis stream
 
     async def set_serving(self, serving: bool) -> None:
         """Readiness of every service on this server (a draining pod answers NOT_SERVING, finishing what it has)."""
@@ -123,19 +138,26 @@ class Running:
     async def stop(self, grace: float = 5.0) -> None:
         """Readiness first (load balancers stop sending), then stop accepting, then wait for in-flight calls."""
         await self.health.enter_graceful_shutdown()
+        if self.consumer is not None:  # takes no more stream jobs; finishes those in hand
+            await self.consumer.stop(grace)
         if self.publisher is not None:
             await self.publisher.stop()
         await self.server.stop(grace)
 
 
 async def start_server(add: Sequence[tuple[Callable, object]], service_names: Sequence[str], host: str = "127.0.0.1",
-                       port: int = 0, token: str | None = None,
-                       tls: tuple[bytes, bytes] | None = None) -> Running:
+                       port: int = 0, token: str | Sequence[str] | None = None,
+                       tls: ServerTls | tuple[bytes, bytes] | None = None,
+                       rate_limiter: RateLimiter | None = None) -> Running:
     """Starts a grpc.aio server with the given servicers plus health and reflection; port 0 picks a free port.
+    `token`: one or several accepted bearer tokens; `tls`: a ServerTls (mTLS when it has a client CA) or
+    (cert, key) PEM bytes; `rate_limiter`: per-caller limits on the router's generation calls.
     With tracing on (specfleet.telemetry.configure_tracing, called before), every RPC but health and reflection
     gets a span; tracing comes first so that calls the token check refuses are traced too."""
-    # innermost: malformed bytes are answered INVALID_ARGUMENT only to callers that passed the token check
+    # rate limits after the token check (only valid callers use up buckets); innermost: malformed bytes are
+    # answered INVALID_ARGUMENT only to callers that passed the token check
     interceptors = [*server_interceptors(skip=OPEN_METHODS), *([BearerAuth(token)] if token else []),
+                    *([RateLimit(rate_limiter)] if rate_limiter is not None and rate_limiter.enabled else []),
                     MalformedRequests()]
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
@@ -147,8 +169,10 @@ async def start_server(add: Sequence[tuple[Callable, object]], service_names: Se
     names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     address = f"{host}:{port}"
+    if isinstance(tls, tuple):
+        tls = ServerTls(*tls)
     if tls:
-        bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+        bound = server.add_secure_port(address, tls.credentials())
     else:
         bound = server.add_insecure_port(address)
     if not bound:
@@ -287,10 +311,12 @@ class Batcher:
                     fut.set_result(result)
 
 
-async def wait_healthy(target: str, timeout: float = 60.0, service: str = "") -> None:
-    """Waits until a server's health check answers SERVING (raises TimeoutError)."""
+async def wait_healthy(target: str, timeout: float = 60.0, service: str = "", tls: ChannelTls | None = None) -> None:
+    """Waits until a server's health check answers SERVING (raises TimeoutError); `tls` for a TLS / mTLS server."""
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(target, options=FAST_RECONNECT) as channel:
+    channel = (grpc.aio.secure_channel(target, tls.credentials(), options=FAST_RECONNECT + tls.options()) if tls
+               else grpc.aio.insecure_channel(target, options=FAST_RECONNECT))
+    async with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

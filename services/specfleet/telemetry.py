@@ -359,6 +359,43 @@ class TracingClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             span.end()
 
 
+# ---------------------------------------------------------------- work through Redis streams
+
+VERIFY_SPAN = "specfleet.verifier/Verify"  # the same name whether a round travels by gRPC or by the stream
+
+
+class QueueSpan:
+    """A PRODUCER span around one job put on a Redis stream (and the wait for its reply), or the CONSUMER span of
+    the verifier that does it, child of the producer through the job's trace fields. No-op while tracing is off."""
+
+    def __init__(self, kind: SpanKind, destination: str, request, parent_fields=None):
+        self.span = None
+        tracer_ = _tracer
+        if tracer_ is None:
+            return
+        attributes = {"messaging.system": "redis", "messaging.destination.name": destination,
+                      "messaging.operation": "publish" if kind == SpanKind.PRODUCER else "process",
+                      **_message_attributes(_REQUEST_ATTRIBUTES, request)}
+        parent = _parent_from(parent_fields.items()) if parent_fields is not None else None
+        self.span = tracer_.start_span(VERIFY_SPAN, context=parent, kind=kind, attributes=attributes)
+
+    def fields(self) -> dict[str, str]:
+        """The W3C trace context to carry in the job (empty while tracing is off)."""
+        if self.span is None:
+            return {}
+        carrier: dict[str, str] = {}
+        PROPAGATOR.inject(carrier, context=trace.set_span_in_context(self.span))
+        return carrier
+
+    def end(self, response=None, code: grpc.StatusCode | None = None, exc: BaseException | None = None) -> None:
+        if self.span is None:
+            return
+        if response is not None:
+            self.span.set_attributes(_message_attributes(_RESPONSE_ATTRIBUTES, response))
+        _record_status(self.span, code, exc)
+        self.span.end()
+
+
 # ---------------------------------------------------------------- HTTP front
 
 class HttpTracing:

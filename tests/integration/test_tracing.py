@@ -26,6 +26,10 @@ PUBLIC_TOKEN = "public-tok-7d1f0c"
 INTERNAL_TOKEN = "internal-tok-93be2a"
 PROMPT = "def parse_args(argv):\n    "
 SERVER, CLIENT = trace.SpanKind.SERVER, trace.SpanKind.CLIENT
+# rounds reach the verifiers through the Redis stream: the router's span is a PRODUCER, the verifier's a CONSUMER
+PRODUCER, CONSUMER = trace.SpanKind.PRODUCER, trace.SpanKind.CONSUMER
+SERVED = {"drafter": SERVER, "verifier": CONSUMER}
+CALLED = {"drafter": CLIENT, "verifier": PRODUCER}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,7 @@ def _named(found, name: str, kind) -> list:
 
 
 def _complete_round_trips(found) -> bool:
-    verifies = _named(found, "specfleet.verifier/Verify", SERVER)
+    verifies = _named(found, "specfleet.verifier/Verify", CONSUMER)
     return bool(_named(found, "specfleet.router/Generate", SERVER)) and bool(verifies) and any(
         s.attributes.get("specfleet.finished") for s in verifies)
 
@@ -106,16 +110,20 @@ def test_one_generate_is_one_trace_from_the_sdk_caller_through_router_drafter_an
     by_id = {s.context.span_id: s for s in found}
 
     for role, method in (("drafter", "Draft"), ("verifier", "Verify")):
-        served = _named(found, f"specfleet.{role}/{method}", SERVER)
+        served = _named(found, f"specfleet.{role}/{method}", SERVED[role])
         assert served, f"no {role} spans in the trace"
         for span in served:
             client_span = by_id[span.parent.span_id]  # the router's client span for this very call
             assert span.parent.is_remote
-            assert client_span.kind == CLIENT and client_span.name == span.name
+            assert client_span.kind == CALLED[role] and client_span.name == span.name
             assert client_span.parent.span_id == router.context.span_id
-            assert client_span.attributes["server.address"].startswith("127.0.0.1:")
+            if role == "verifier":
+                assert client_span.attributes["messaging.destination.name"] == "verify"
+            else:
+                assert client_span.attributes["server.address"].startswith("127.0.0.1:")
             assert span.attributes["specfleet.request_id"] == rid
-    verifies = sorted(_named(found, "specfleet.verifier/Verify", SERVER), key=lambda s: s.attributes["specfleet.round"])
+    verifies = sorted(_named(found, "specfleet.verifier/Verify", CONSUMER),
+                      key=lambda s: s.attributes["specfleet.round"])
     assert [s.attributes["specfleet.round"] for s in verifies] == list(range(chunks[-1].usage.rounds))
     for span in verifies:
         assert {"specfleet.tree_size", "specfleet.accepted", "specfleet.batch_size"} <= set(span.attributes)

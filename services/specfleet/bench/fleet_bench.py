@@ -88,15 +88,22 @@ ABLATION = (("cosine, k fixed", ["--no-adaptive"]),
             ("pipelining off", ["--no-adaptive", "--no-pipeline"]),
             ("cosine, adaptive control on", []))
 SAMPLED = {"temperature": 0.8, "top_p": 0.95}
+# DSI speculation parallelism needs >= 2 verifiers: the same two-verifier fleet with it on and off, the verify
+# queue's two transports, and one verifier; k fixed so every row drafts alike.
+DSI = (("2 verifiers, DSI on", ["--no-adaptive", "--verifiers", "2"]),
+       ("2 verifiers, DSI off", ["--no-adaptive", "--verifiers", "2", "--no-dsi"]),
+       ("2 verifiers, DSI off, gRPC queue", ["--no-adaptive", "--verifiers", "2", "--no-dsi", "--verify-queue", "rpc"]),
+       ("1 verifier", ["--no-adaptive"]))
 
 
 def ablation(models_dir: Path, redis_url: str, prefix: str, prompts: list[list[int]], new_tokens: int,
-             concurrency: int, bar) -> list[dict]:
-    """Each CoSine switch off in turn on the same prompts: greedy and sampled, `concurrency` streams at a time."""
+             concurrency: int, bar, systems=ABLATION) -> list[dict]:
+    """Each system on the same prompts: greedy and sampled, `concurrency` streams at a time; ratios against the
+    first system."""
     from specfleet.training.acceptance import distinct_n
 
     rows = []
-    for name, flags in ABLATION:
+    for name, flags in systems:
         with fleet_processes(models_dir, redis_url, f"{prefix}-a{len(rows)}", concurrency + 8, flags) as fleet:
             row: dict = {"system": name, "flags": " ".join(flags)}
             for mode, sampling in (("greedy", {}), ("sampled", SAMPLED)):
@@ -137,7 +144,8 @@ def ablation(models_dir: Path, redis_url: str, prefix: str, prompts: list[list[i
 
 def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: Path,
         concurrency: tuple[int, ...] = (1, 8, 32), progress: bool = True,
-        stages: tuple[str, ...] = ("overhead", "throughput", "ablation"), ablation_concurrency: int = 8) -> dict:
+        stages: tuple[str, ...] = ("overhead", "throughput", "ablation"), ablation_concurrency: int = 8,
+        dsi_concurrency: tuple[int, ...] = (1, 8)) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -152,8 +160,8 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
     prompts = [p.ids for p in load_prompts(tok, None, limit, 64)]
     target = load_model(models_dir, "target")
     prefix = f"sfbench-{uuid.uuid4().hex[:8]}"
-    steps = 2 * ("overhead" in stages) + 2 * len(concurrency) * ("throughput" in stages) + \
-        len(ABLATION) * ("ablation" in stages)
+    steps = 3 * ("overhead" in stages) + 2 * len(concurrency) * ("throughput" in stages) + \
+        len(ABLATION) * ("ablation" in stages) + len(DSI) * len(dsi_concurrency) * ("dsi" in stages)
     bar = tqdm(total=steps, desc="bench fleet", unit="step", disable=not progress)
     results: dict = {"config": {"prompts": len(prompts), "max_new_tokens": new_tokens, "redis": redis_url,
                                 "pools": list(SYSTEM_POOLS), "fleet": "specfleet up: one process per service",
@@ -175,20 +183,22 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
             engine_rounds += [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
         engine_plain_tps = engine_tokens / (time.perf_counter() - engine_start)
         bar.update()
-        with fleet_processes(models_dir, redis_url, prefix, slots, ["--k", "0", "--no-adaptive"]) as plain:
-            fleet_rounds: list[float] = []
-            for ids in prompts:
-                _, stamps = asyncio.run(_stream(plain, ids, new_tokens))
-                fleet_rounds += [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
-        bar.update()
         base = statistics.median(engine_rounds)
-        overhead = [r - base for r in fleet_rounds]
-        results["round_overhead_ms"] = {"engine_round_p50": round(base * 1e3, 3),
-                                        # plain decoding at batch 1 in this same run (the simulator's check)
-                                        "engine_plain_tokens_per_s": round(engine_plain_tps, 2),
-                                        "fleet_round_p50": round(statistics.median(fleet_rounds) * 1e3, 3),
-                                        "p50": round(_percentile(overhead, 0.5) * 1e3, 3),
-                                        "p99": round(_percentile(overhead, 0.99) * 1e3, 3)}
+        # the default verify queue (the Redis stream) and straight gRPC calls to the verifier
+        for key, flags in (("round_overhead_ms", []), ("round_overhead_ms_rpc", ["--verify-queue", "rpc"])):
+            with fleet_processes(models_dir, redis_url, prefix, slots, ["--k", "0", "--no-adaptive", *flags]) as plain:
+                fleet_rounds: list[float] = []
+                for ids in prompts:
+                    _, stamps = asyncio.run(_stream(plain, ids, new_tokens))
+                    fleet_rounds += [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
+            bar.update()
+            overhead = [r - base for r in fleet_rounds]
+            results[key] = {"verify_queue": "rpc" if flags else "stream", "engine_round_p50": round(base * 1e3, 3),
+                            # plain decoding at batch 1 in this same run (the simulator's check)
+                            "engine_plain_tokens_per_s": round(engine_plain_tps, 2),
+                            "fleet_round_p50": round(statistics.median(fleet_rounds) * 1e3, 3),
+                            "p50": round(_percentile(overhead, 0.5) * 1e3, 3),
+                            "p99": round(_percentile(overhead, 0.99) * 1e3, 3)}
 
     rows = []
     if "throughput" in stages:
@@ -221,8 +231,13 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
         results["ablation"] = {"concurrency": ablation_concurrency, "prompts": len(prompts),
                                "sampled": SAMPLED, "systems": ablation(models_dir, redis_url, prefix, prompts,
                                                                        new_tokens, ablation_concurrency, bar)}
+    if "dsi" in stages:
+        results["dsi"] = [{"concurrency": c, "prompts": len(prompts), "sampled": SAMPLED,
+                           "systems": ablation(models_dir, redis_url, f"{prefix}-d{c}", prompts, new_tokens, c, bar,
+                                               DSI)} for c in dsi_concurrency]
     bar.close()
-    for suffix in ("", "-t", *(f"-a{i}" for i in range(len(ABLATION)))):
+    for suffix in ("", "-t", *(f"-a{i}" for i in range(len(ABLATION))),
+                   *(f"-d{c}-a{i}" for c in dsi_concurrency for i in range(len(DSI)))):
         delete_prefix(redis_url, prefix + suffix)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
@@ -240,19 +255,29 @@ def delete_prefix(redis_url: str, prefix: str) -> None:
 
 def format_table(report: dict) -> str:
     lines = []
-    if "round_overhead_ms" in report:
-        o = report["round_overhead_ms"]
-        lines += [f"per-round fleet overhead (gRPC + Redis): p50 {o['p50']:.2f} ms, p99 {o['p99']:.2f} ms "
-                  f"(engine round {o['engine_round_p50']:.2f} ms, fleet round {o['fleet_round_p50']:.2f} ms)", ""]
+    for key in ("round_overhead_ms", "round_overhead_ms_rpc"):
+        if key in report:
+            o = report[key]
+            lines += [f"per-round fleet overhead (gRPC + Redis, verify queue {o.get('verify_queue', 'rpc')}): p50 "
+                      f"{o['p50']:.2f} ms, p99 {o['p99']:.2f} ms (engine round {o['engine_round_p50']:.2f} ms, fleet "
+                      f"round {o['fleet_round_p50']:.2f} ms)"]
+    lines.append("")
     if report.get("throughput"):
         lines.append(f"{'concurrency':>12}{'engine tok/s':>14}{'fleet tok/s':>13}{'fleet/engine':>14}{'identical':>11}")
         for r in report["throughput"]:
             lines.append(f"{r['concurrency']:>12}{r['engine_tokens_per_s']:>14.1f}{r['fleet_tokens_per_s']:>13.1f}"
                          f"{r['fleet_vs_engine']:>13.2f}x{r['identical_outputs']:>11}")
+    sections = []
     if "ablation" in report:
         a = report["ablation"]
-        lines += ["", f"CoSine ablation: {a['prompts']} mixed-domain held-out prompts, {a['concurrency']} streams at a "
-                      f"time; accepted = drafted tokens accepted per round, x = against 'cosine, k fixed'"]
+        sections.append((a, f"CoSine ablation: {a['prompts']} mixed-domain held-out prompts, {a['concurrency']} "
+                            "streams at a time; accepted = drafted tokens accepted per round, x = against 'cosine, "
+                            "k fixed'"))
+    for a in report.get("dsi", []):
+        sections.append((a, f"DSI speculation parallelism: {a['prompts']} prompts, {a['concurrency']} streams at a "
+                            f"time; x = against '{a['systems'][0]['system']}'"))
+    for a, title in sections:
+        lines += ["", title]
         lines.append(f"{'system':<34}{'mode':<9}{'tok/s':>8}{'x':>7}{'accepted':>10}{'x':>7}{'distinct-4':>12}"
                      f"{'same out':>10}")
         for row in a["systems"]:

@@ -1,6 +1,7 @@
 """`specfleet bench reliability` and the fault harness its tests share: the fleet as real processes (one
 `specfleet serve ROLE` each, gRPC on loopback, one Redis), faults injected into a live stream (kill -9 of a drafter,
-the fusion service, a verifier or the router; SIGSTOP of a verifier), a seeded fuzz of the public gRPC and HTTP
+the fusion service, a verifier or the router; SIGSTOP of a verifier; a restart of the fleet's own persistent
+Redis), a seeded fuzz of the public gRPC and HTTP
 APIs, and a bounded load run with each service's memory before and after.
 
 The report counts faults injected and survived, requests lost and outputs that differ from the unfaulted run (both
@@ -74,8 +75,10 @@ class ProcessFleet:
 
     def __init__(self, models_dir: Path, redis_url: str, pools: tuple[str, ...] = ("python", "prose"),
                  verifiers: int = 2, fusion: bool = True, token: str | None = None, slots: int = 32,
-                 router_flags: tuple[str, ...] = ("--rpc-timeout", "3"), http: bool = False, prefix: str | None = None):
-        self.redis_url, self.token = redis_url, token
+                 router_flags: tuple[str, ...] = ("--rpc-timeout", "3"), http: bool = False, prefix: str | None = None,
+                 redis: PersistentRedis | None = None):
+        # with `redis` (a PersistentRedis the caller started at redis_url) the faults include restarting it
+        self.redis_url, self.token, self.redis = redis_url, token, redis
         self.prefix = prefix or f"sfrel-{uuid.uuid4().hex[:8]}"
         internal = os.urandom(16).hex()
         base = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -197,6 +200,77 @@ class ProcessFleet:
         self.stop()
 
 
+class PersistentRedis:
+    """A redis-server of the harness's own, on a loopback port, with persistence on (append-only file, fsync on every
+    write) in a temp dir: `restart()` stops it with SIGTERM and starts it again on the same port and dir, so the
+    fleet's state survives and every address stays valid; `stop()` leaves it down until `start()`."""
+
+    def __init__(self, port: int = 0, workdir: str | None = None):
+        import tempfile
+
+        self.port = port or free_port()
+        self._own_dir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="specfleet-redis-aof-")
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 15.0) -> PersistentRedis:
+        from specfleet.state.embedded import _wait_ready, redis_server_executable
+
+        config = Path(self.workdir) / "redis.conf"
+        config.write_text("\n".join([
+            "bind 127.0.0.1", f"port {self.port}", "protected-mode yes", f'dir "{self.workdir}"',
+            f'logfile "{Path(self.workdir) / "redis.log"}"', 'save ""', "appendonly yes", "appendfsync always",
+            "daemonize no"]) + "\n")
+        self.proc = subprocess.Popen([redis_server_executable(), str(config)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not _wait_ready(self.proc, "127.0.0.1", self.port, None, timeout):
+            log = (Path(self.workdir) / "redis.log")
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            self.stop()
+            raise RuntimeError(f"redis-server did not start on 127.0.0.1:{self.port}:\n{tail}")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM (Redis flushes its append-only file and exits), SIGKILL if it does not within 10 s."""
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+        self.restarts += 1
+
+    def close(self) -> None:
+        import shutil
+
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> PersistentRedis:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def purge(redis_url: str, prefix: str) -> None:
     from specfleet.bench.fleet_bench import delete_prefix
 
@@ -274,6 +348,8 @@ def fault_actions(fleet: ProcessFleet) -> dict[str, tuple]:
     }
     if "fusion" in fleet.services:
         actions["kill -9 fusion"] = (lambda: fleet.signal("fusion", signal.SIGKILL), lambda: fleet.restart("fusion"))
+    if fleet.redis is not None:  # the fleet's own persistent Redis: SIGTERM and a new one on the same port and dir
+        actions["restart redis (appendonly)"] = (fleet.redis.restart, lambda: None)
     return actions
 
 
@@ -431,7 +507,10 @@ def load_run(fleet: ProcessFleet, prompts: list[list[int]], expected: list[list[
 
 def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seconds: float = 60.0,
         new_tokens: int = 96, load_tokens: int = 16, fuzz_rounds: int = 40, seed: int = 0, rpc_timeout: float = 30.0,
-        progress: bool = True) -> dict:
+        progress: bool = True, own_redis: bool = True) -> dict:
+    """The whole benchmark. With own_redis (the default) the fleet runs on a redis-server of its own with persistence
+    on, so the faults include restarting Redis mid-stream; redis_url is then unused. own_redis=False uses redis_url
+    and skips that fault."""
     from transformers import AutoTokenizer
 
     from specfleet.bench.engine_bench import load_prompts
@@ -448,8 +527,12 @@ def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seco
     # the router's default 30 s deadline: a verifier round under 200 streams on 2 cores takes ~10 s, and a round that
     # times out is verified again elsewhere (10 s measured: every request failed, the load doubled by failovers)
     slots = max(32, streams // 2 + 12)
-    with ProcessFleet(models_dir, redis_url, pools=("python", "prose"), verifiers=2, token=token, http=True,
-                      slots=slots, router_flags=("--rpc-timeout", str(rpc_timeout), "--no-adaptive")) as fleet:
+    with contextlib.ExitStack() as stack:
+        redis = stack.enter_context(PersistentRedis()) if own_redis else None
+        redis_url = redis.url if redis is not None else redis_url
+        fleet = stack.enter_context(ProcessFleet(
+            models_dir, redis_url, pools=("python", "prose"), verifiers=2, token=token, http=True, slots=slots,
+            router_flags=("--rpc-timeout", str(rpc_timeout), "--no-adaptive"), redis=redis))
         names = list(fault_actions(fleet))
         say(f"unfaulted runs of {len(prompts)} prompts")
         baseline = [stream_with_fault(fleet.router_address, ids, new_tokens, token=token).tokens for ids in prompts]
@@ -476,7 +559,7 @@ def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seco
         "config": {"fleet": "one `specfleet serve` process per service on loopback, SDK clients with retries",
                    "pools": ["python", "prose"], "verifiers": 2, "fusion": True, "max_new_tokens": new_tokens,
                    "router_rpc_timeout_s": rpc_timeout, "slots": slots, "cpu_count": os.cpu_count(),
-                   "redis": redis_url},
+                   "redis": ("own redis-server (appendonly yes, appendfsync always)" if own_redis else redis_url)},
         "faults": {"injected": len(faults), "survived": sum(f["completed"] and f["identical"] for f in faults),
                    "requests_lost": sum(not f["completed"] for f in faults),
                    "outputs_differing_from_unfaulted": sum(f["completed"] and not f["identical"] for f in faults),

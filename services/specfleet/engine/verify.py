@@ -96,6 +96,8 @@ class TargetVerifier:
 
     def verify(self, items: list[VerifyItem]) -> list[Verdict]:
         """One target forward over every item's last token + tree; accepts; compacts each slot's KV."""
+        if len({item.rid for item in items}) != len(items):
+            raise ValueError("two rounds of one request in one forward would share its KV slot; verify them in turn")
         for item in items:
             self.sync(item.rid, item.context)
         # rows in slot order: when every live request is in the batch the runner reads a view of slots 0..B-1

@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP front of the router: `POST /v1/completions` (plain and SSE streaming), `GET /v1/models`,
-`GET /health` and Prometheus `GET /metrics` (vLLM-compatible speculative-decoding counters). It talks to any router
+`GET /health`, Prometheus `GET /metrics` (vLLM-compatible speculative-decoding counters) and its OpenAPI description
+`GET /openapi.json`. It talks to any router
 over gRPC (`specfleet.api.v1.Router`), so it runs beside the router or in front of a remote one.
 
 Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`; router gRPC codes map to HTTP statuses
@@ -57,7 +58,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=getattr(self, "headers", None))
 
 
 def _from_grpc(exc: grpc.aio.AioRpcError) -> ApiError:
@@ -65,7 +66,11 @@ def _from_grpc(exc: grpc.aio.AioRpcError) -> ApiError:
     message = exc.details() or exc.code().name
     if status >= 500 and status != 503 and status != 504:
         message = f"the router failed: {message}"
-    return ApiError(status, message, type_, code=exc.code().name.lower())
+    error = ApiError(status, message, type_, code=exc.code().name.lower())
+    retry = dict(exc.trailing_metadata() or ()).get("retry-after")  # the router's rate limit (specfleet.ratelimit)
+    if status == 429 and retry:
+        error.headers = {"Retry-After": str(retry)}
+    return error
 
 
 class _Metrics:
@@ -326,6 +331,12 @@ def build_app(router_address: str, token: str | None = None, model_name: str = "
     @app.get("/metrics")
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json")
+    async def openapi():  # the API's description, checked in as docs/openapi.json (router/openapi.py builds it)
+        from specfleet.router.openapi import openapi_spec
+
+        return openapi_spec()
 
     @app.get("/v1/models")
     async def models():

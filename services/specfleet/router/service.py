@@ -38,6 +38,7 @@ class FleetConfig:
     verifiers: list[str]
     fusion: str | None = None
     internal_token: str | None = None
+    internal_tls: object | None = None  # security.ChannelTls: TLS (mTLS with a client cert) to internal services
     k_max: int = 4
     max_fused_nodes: int = 24
     rpc_timeout_s: float = 30.0
@@ -46,6 +47,15 @@ class FleetConfig:
     discover_s: float = 1.0  # replicas are re-read from Redis heartbeats this often (0: static addresses only)
     pipeline: bool = True  # draft the next round while this one is verified (PipeInfer); False: strictly in turn
     routing: bool = True  # expertise routing; False: one drafter pool picked at random each round (ablation)
+    # "stream": rounds go through the Redis stream `{prefix}:stream:verify` (consumer group `verifiers`: any verifier
+    # takes a round, a dead one's are reclaimed); "rpc": straight gRPC calls, sticky per request
+    verify_queue: str = "stream"
+    # DSI speculation parallelism (with >= 2 verifiers): while round r is verified, the round after it is verified
+    # too, on the context that assumes r accepts its most likely path; it is committed only when r confirms that
+    dsi: bool = True
+    # admission by queue wait (stream queue): while the oldest round waiting in the verify stream is older than
+    # this, new requests get RESOURCE_EXHAUSTED at once instead of queueing behind it (0: off)
+    max_queue_wait_ms: float = 0.0
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -74,12 +84,24 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.draining: set[str] = set()
         self._suspect: dict[str, float] = {}  # verifier address -> monotonic time until which it is tried last
         self._discovery: asyncio.Task | None = None
+        if config.verify_queue not in ("stream", "rpc"):
+            raise ValueError(f"verify_queue must be 'stream' or 'rpc', got {config.verify_queue!r}")
+        self.queue = None
+        if config.verify_queue == "stream":
+            from specfleet.verifier.queue import VerifyQueueClient
+
+            self.queue = VerifyQueueClient(store)
+        self.queue_stats = {"depth": 0, "pending": 0, "oldest_age_ms": 0}  # the verify stream, read with members
+        self.speculated = 0  # DSI rounds verified concurrently with the round before them
+        self.speculated_used = 0  # ... and committed (the round before confirmed their context)
 
     def snapshot(self) -> dict:
         """Heartbeat counters: live requests, rounds and committed tokens, mean tokens per round."""
-        return {"live": self.live, "inflight": self.live, "queue_depth": 0, "rounds": self.rounds, "steps": self.rounds,
+        return {"live": self.live, "inflight": self.live, "queue_depth": self.queue_stats["depth"],
+                "queue_oldest_ms": self.queue_stats["oldest_age_ms"], "rounds": self.rounds, "steps": self.rounds,
                 "tokens": self.tokens, "acceptance": round(self.acceptance, 3), "drafts_ahead_used": self.used_ahead,
-                "drafts_ahead_cancelled": self.cancelled_ahead}
+                "drafts_ahead_cancelled": self.cancelled_ahead,
+                "dsi_rounds": self.speculated, "dsi_rounds_used": self.speculated_used}
 
     # ------------------------------------------------------------------ membership
 
@@ -100,6 +122,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 members.setdefault(key, []).append(address)
         self.members = {k: sorted(v) for k, v in members.items()}
         self.draining = draining
+        if self.queue is not None:
+            from specfleet.verifier.queue import VERIFY_GROUP, VERIFY_STREAM
+
+            self.queue_stats = await self.store.queue_stats(VERIFY_STREAM, VERIFY_GROUP)
 
     async def _discover_loop(self) -> None:
         while True:
@@ -127,8 +153,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if address not in self._channels:
             # reconnect quickly after a peer restarts (gRPC's default backoff grows to minutes); with tracing on,
             # each call gets a client span whose trace context travels in its metadata
-            self._channels[address] = grpc.aio.insecure_channel(address, options=FAST_RECONNECT,
-                                                                interceptors=client_interceptors(address))
+            tls = self.config.internal_tls
+            self._channels[address] = (
+                grpc.aio.secure_channel(address, tls.credentials(), options=FAST_RECONNECT + tls.options(),
+                                        interceptors=client_interceptors(address)) if tls is not None
+                else grpc.aio.insecure_channel(address, options=FAST_RECONNECT,
+                                               interceptors=client_interceptors(address)))
         return self._channels[address]
 
     def _drafter(self, pool: str, rid: str = ""):
@@ -149,6 +179,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def close(self) -> None:
         if self._discovery is not None:
             self._discovery.cancel()
+        if self.queue is not None:
+            await self.queue.close()
         for channel in self._channels.values():
             await channel.close()
 
@@ -264,12 +296,18 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return None
 
     async def _verify(self, rid: str, rnd: int, context: list[int], prompt_len: int, tree: TokenTree,
-                      params: SamplingParams, remaining: int, ignore_eos: bool) -> internal_pb2.VerifyResponse:
+                      params: SamplingParams, remaining: int, ignore_eos: bool,
+                      speculative: bool = False) -> internal_pb2.VerifyResponse:
         msg = internal_pb2.VerifyRequest(request_id=rid, round=rnd, context=context, prompt_len=prompt_len,
                                          tree=tree_to_pb(tree), sampling=sampling_to_pb(params),
-                                         max_new_tokens=remaining, ignore_eos=ignore_eos)
+                                         max_new_tokens=remaining, ignore_eos=ignore_eos, speculative=speculative)
+        if self.queue is not None:  # any verifier takes it from the stream; a dead one's is reclaimed
+            return await self.queue.verify(msg, self.config.rpc_timeout_s)
+        order = self._verifiers_for(rid)
+        if speculative and len(order) > 1:  # the request's own verifier has the round before this one
+            order = order[1:] + order[:1]
         last: Exception | None = None
-        for address in self._verifiers_for(rid):  # a dead verifier's round goes to the next (commits are idempotent)
+        for address in order:  # a dead verifier's round goes to the next (commits are idempotent)
             try:
                 return await internal_pb2_grpc.VerifierStub(self._channel(address)).Verify(
                     msg, timeout=self.config.rpc_timeout_s, metadata=self._metadata)
@@ -279,6 +317,82 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 self._suspect[address] = time.monotonic() + SUSPECT_S
                 last = exc
         raise last  # type: ignore[misc]
+
+    def _dsi_on(self) -> bool:
+        return self.config.dsi and len(self._replicas("verifier", self.config.verifiers)) >= 2
+
+    def _speculate(self, rid: str, rnd: int, context: list[int], prompt_len: int, ahead, k: int, pools: list[str],
+                   params: SamplingParams, remaining: int, ignore_eos: bool) -> asyncio.Task | None:
+        """DSI speculation parallelism: once the draft made ahead is ready, verify the round after this one
+        concurrently with it, on the context that assumes this round accepts its most likely path and its bonus token
+        is the ahead draft's most confident root. Returns a task giving (assumed tokens, tree, reply, draft made ahead
+        for the round after that) or None, or None when there is no room for another round."""
+        if ahead is None or not self._dsi_on():
+            return None
+        task, path = ahead
+
+        async def speculate():
+            tree, _ = await asyncio.shield(task)
+            roots = [i for i in range(len(tree)) if int(tree.parents[i]) == -1]
+            if not roots:
+                return None
+            guess = max(roots, key=lambda i: float(tree.probs[i]))
+            assumed = path + [int(tree.tokens[guess])]
+            left = remaining - len(assumed)
+            if left < 1:
+                return None
+            sub = tree.subtree(guess).prune_depth(min(k, left - 1)) if left > 1 else TokenTree.empty()
+            spec_context = context + assumed
+            self.speculated += 1
+            next_ahead = self._draft_ahead(rid, spec_context, sub, k, pools, left)
+            try:
+                reply = await self._verify(rid, rnd + 1, spec_context, prompt_len, sub, params, left, ignore_eos,
+                                           speculative=True)
+            except BaseException:
+                if next_ahead is not None:
+                    next_ahead[0].cancel()
+                raise
+            return assumed, sub, reply, next_ahead
+
+        return asyncio.get_running_loop().create_task(speculate())
+
+    async def _use_speculation(self, spec: asyncio.Task | None, rid: str, rnd: int, output: list[int],
+                               confirmed: bool):
+        """The speculated round's (tree, reply, draft made ahead) when this round committed exactly the tokens it
+        assumed; the reply is then committed here, as the verifier would have (it did not: its context was not
+        committed yet). Otherwise the speculation is cancelled (early cancellation) and None returned."""
+        if spec is None:
+            return None
+        if not confirmed:
+            spec.cancel()
+            return None
+        try:
+            got = await spec
+        except Exception as exc:  # noqa: BLE001  (a failed speculation costs speed, never output)
+            log.debug("speculative round of %s failed: %s", rid, exc)
+            return None
+        if got is None:
+            return None
+        assumed, tree, reply, next_ahead = got
+        if output[-len(assumed):] != assumed:
+            if next_ahead is not None:
+                next_ahead[0].cancel()
+            return None
+        result = await self.store.commit_round(rid, rnd, list(reply.token_ids), finished=reply.finished,
+                                               finish_reason=reply.finish_reason)
+        if not result.applied:  # committed by another run of this request: its tokens stand
+            if next_ahead is not None:
+                next_ahead[0].cancel()
+            if rnd >= result.state.round:
+                return None
+            tokens = result.state.round_tokens(rnd)
+            done = result.state.status == "finished" and rnd == result.state.round - 1
+            reply = internal_pb2.VerifyResponse(request_id=rid, round=rnd, token_ids=tokens, replayed=True,
+                                                accepted=max(0, len(tokens) - 1), finished=done,
+                                                finish_reason=result.state.finish_reason if done else "")
+            next_ahead = None
+        self.speculated_used += 1
+        return tree, reply, next_ahead
 
     async def _run(self, request: router_pb2.GenerateRequest, context):
         """Yields GenerateResponse messages for one request (resuming from Redis when the id is known)."""
@@ -316,13 +430,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 tree, draft_s = await self._draft(rid, prompt + output, plan.k, pools if plan.k > 0 else [])
             ready = None
             ahead = self._draft_ahead(rid, prompt + output, tree, plan.k, pools, remaining)
+            dsi = self._speculate(rid, rnd, prompt + output, len(prompt), ahead, plan.k, pools, params, remaining,
+                                   request.ignore_eos)
             start = time.perf_counter()
             try:
                 reply = await self._verify(rid, rnd, prompt + output, len(prompt), tree, params, remaining,
                                            request.ignore_eos)
             except BaseException:
-                if ahead is not None:
-                    ahead[0].cancel()
+                for task in (ahead[0] if ahead else None, dsi):
+                    if task is not None:
+                        task.cancel()
                 raise
             verify_s = time.perf_counter() - start
             if ahead is not None:
@@ -331,28 +448,43 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 if plan.k > 0 and len(tree) and draft_s is not None:
                     self.controller.cost.observe_draft(1, max(1, len(pools)), plan.k, draft_s)
                 self.controller.cost.observe_verify(len(tree) + 1, verify_s)
-            nodes = list(reply.accepted_nodes)
-            credited = [tree.origins[i] for i in nodes] if tree.origins else None
-            self.controller.observe(rid, plan, tree.max_depth, len(nodes), credited, len(tree))
-            usage["rounds"] += 1
-            self.rounds += 1
-            self.tokens += len(reply.token_ids)
-            self.acceptance = len(reply.token_ids) if self.rounds == 1 else (
-                0.95 * self.acceptance + 0.05 * len(reply.token_ids))
-            usage["draft_tokens"] += len(tree)
-            usage["accepted_tokens"] += reply.accepted
-            new = list(reply.token_ids)
-            offset = len(output)
-            output += new
-            rnd += 1
-            finished, reason = reply.finished, reply.finish_reason
-            text, cut = streamer.feed(new)
-            if cut and not finished:
-                await self.store.commit_round(rid, rnd, [], finished=True, finish_reason="stop")
-                finished, reason = True, "stop"
-            yield self._message(rid, text, new, offset, finished, reason, prompt, output, usage)
+            rounds = [(tree, reply)]
+            while rounds:
+                tree, reply = rounds.pop()
+                new, offset = list(reply.token_ids), len(output)
+                self._account(rid, plan, tree, reply, usage)
+                output += new
+                rnd += 1
+                finished, reason = reply.finished, reply.finish_reason
+                text, cut = streamer.feed(new)
+                if cut and not finished:
+                    await self.store.commit_round(rid, rnd, [], finished=True, finish_reason="stop")
+                    finished, reason = True, "stop"
+                yield self._message(rid, text, new, offset, finished, reason, prompt, output, usage)
+                # DSI: the round after this one, verified concurrently, stands when this one confirmed its context
+                used = await self._use_speculation(dsi, rid, rnd, output, ready is not None and not finished)
+                dsi = None
+                if used is not None:
+                    spec_tree, spec_reply, spec_ahead = used
+                    rounds.append((spec_tree, spec_reply))
+                    ready = None
+                    if spec_ahead is not None:
+                        ready = await self._confirm_ahead(spec_ahead, list(spec_reply.token_ids), spec_reply.finished)
         self.controller.forget(rid)
         asyncio.get_running_loop().create_task(self._release(rid, output))
+
+    def _account(self, rid: str, plan, tree: TokenTree, reply: internal_pb2.VerifyResponse, usage: dict) -> None:
+        """A committed round's statistics: expertise routing's feedback, counters, usage."""
+        nodes = list(reply.accepted_nodes)
+        credited = [tree.origins[i] for i in nodes] if tree.origins else None
+        self.controller.observe(rid, plan, tree.max_depth, len(nodes), credited, len(tree))
+        usage["rounds"] += 1
+        self.rounds += 1
+        self.tokens += len(reply.token_ids)
+        self.acceptance = len(reply.token_ids) if self.rounds == 1 else (
+            0.95 * self.acceptance + 0.05 * len(reply.token_ids))
+        usage["draft_tokens"] += len(tree)
+        usage["accepted_tokens"] += reply.accepted
 
     async def _release(self, rid: str, output: list[int]) -> None:
         msg = internal_pb2.ReleaseRequest(request_id=rid, output=output)
@@ -374,6 +506,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if self.live >= self.config.max_concurrent:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the fleet is at capacity ({self.config.max_concurrent} live requests); retry later")
+        waited = self.queue_stats["oldest_age_ms"]
+        if self.config.max_queue_wait_ms and waited > self.config.max_queue_wait_ms:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the verifiers are behind: a round has waited {waited} ms in the verify queue (limit "
+                                f"{self.config.max_queue_wait_ms:g} ms); retry later")
         self.live += 1
         try:
             async for message in self._run(request, context):

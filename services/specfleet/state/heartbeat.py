@@ -2,7 +2,8 @@
 NVML readings where a GPU is present and `gpu: null` where none is. The operator and the router read them: the
 operator to size each role, the router to find replicas and to stop sending to draining ones. A pod marked
 draining (by the operator, in Redis) flips its gRPC health to NOT_SERVING, so load balancers stop sending too,
-while its in-flight calls finish."""
+while its in-flight calls finish. A pod whose heartbeat cannot reach Redis answers NOT_SERVING as well (it cannot
+read or commit request state) and SERVING again once a beat gets through, unless it is draining."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from redis.exceptions import RedisError
 
 log = logging.getLogger("specfleet.heartbeat")
 
@@ -70,15 +73,23 @@ def rates(previous: Mapping[str, float], current: Mapping[str, float], seconds: 
 
 
 class HeartbeatPublisher:
-    """Publishes `snapshot()` (cumulative counters + gauges) as load figures every interval_s; on a draining mark it
-    calls `on_drain(True)` once (the server flips health to NOT_SERVING) and `on_drain(False)` when it is cleared."""
+    """Publishes `snapshot()` (cumulative counters + gauges) as load figures every interval_s, and keeps the pod's
+    readiness in step with what the beats learn: the pod should stop receiving work while it is marked draining or
+    while a beat cannot reach Redis. `on_drain(True)` is called once when that starts (the server flips health to
+    NOT_SERVING) and `on_drain(False)` once when both have cleared. While Redis is away the last drain mark seen is
+    kept, so a draining pod never turns SERVING again because Redis came back."""
 
     def __init__(self, store, role: str, pod: str, address: str, snapshot: Callable[[], dict[str, Any]],
-                 on_drain: Callable[[bool], Any] | None = None, interval_s: float = 2.0, extra: Mapping | None = None):
+                 on_drain: Callable[[bool], Any] | None = None, interval_s: float = 2.0, extra: Mapping | None = None,
+                 beat_timeout_s: float | None = None):
         self.store, self.role, self.pod, self.address = store, role, pod, address
         self.snapshot, self.on_drain, self.interval_s = snapshot, on_drain, interval_s
         self.extra = dict(extra or {})
-        self.draining = False
+        # a beat that hangs (a stopped Redis, a dead network path) counts as a failed one after this long
+        self.beat_timeout_s = beat_timeout_s if beat_timeout_s is not None else max(2 * interval_s, 2.0)
+        self.draining = False  # the last drain mark a beat read
+        self.redis_reachable = True  # whether the last beat reached Redis
+        self.unready = False  # what on_drain was last told (draining or Redis unreachable)
         self.last: dict[str, Any] = {}
         self._task: asyncio.Task | None = None
 
@@ -95,7 +106,7 @@ class HeartbeatPublisher:
             except (asyncio.CancelledError, Exception):
                 pass
         try:
-            await self.store.withdraw_heartbeat(self.role, self.pod)
+            await asyncio.wait_for(self.store.withdraw_heartbeat(self.role, self.pod), self.beat_timeout_s)
         except Exception as exc:  # it expires with its TTL anyway
             log.warning("could not withdraw the heartbeat of %s %s: %s", self.role, self.pod, exc)
 
@@ -104,16 +115,27 @@ class HeartbeatPublisher:
         load = {k: v for k, v in current.items()
                 if k not in ("busy_s", "tokens", "steps", "wait_s", "waited", "rounds")}
         load.update(rates(previous, current, seconds), address=self.address, gpu=gpu_readings(), **self.extra)
-        record = await self.store.heartbeat(self.role, self.pod, load, ttl_s=max(5 * self.interval_s, 3.0))
+        record = await asyncio.wait_for(
+            self.store.heartbeat(self.role, self.pod, load, ttl_s=max(5 * self.interval_s, 3.0)), self.beat_timeout_s)
         self.last = record
+        if not self.redis_reachable:
+            log.info("%s %s reaches Redis again", self.role, self.pod)
+        self.redis_reachable = True
         if record["draining"] != self.draining:
             self.draining = record["draining"]
             log.info("%s %s is %s", self.role, self.pod, "draining" if self.draining else "no longer draining")
-            if self.on_drain is not None:
-                result = self.on_drain(self.draining)
-                if asyncio.iscoroutine(result):
-                    await result
+        await self._update_readiness()
         return current
+
+    async def _update_readiness(self) -> None:
+        unready = self.draining or not self.redis_reachable
+        if unready == self.unready:
+            return
+        self.unready = unready
+        if self.on_drain is not None:
+            result = self.on_drain(unready)
+            if asyncio.iscoroutine(result):
+                await result
 
     async def _loop(self) -> None:
         previous: dict[str, Any] = self.snapshot()
@@ -125,6 +147,16 @@ class HeartbeatPublisher:
                 then = now
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # Redis away: keep serving, try again next beat
+            except (RedisError, OSError) as exc:  # Redis away (OSError covers timeouts): not ready, retry next beat
+                reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+                if self.redis_reachable:
+                    log.warning("heartbeat of %s %s cannot reach Redis (%s): health NOT_SERVING until it can",
+                                self.role, self.pod, reason)
+                self.redis_reachable = False
+                try:
+                    await self._update_readiness()
+                except Exception as inner:  # noqa: BLE001  (a failing callback must not end the heartbeat)
+                    log.warning("readiness callback of %s %s failed: %s", self.role, self.pod, inner)
+            except Exception as exc:  # noqa: BLE001  (anything else: say so, keep beating, readiness unchanged)
                 log.warning("heartbeat of %s %s failed: %s", self.role, self.pod, exc)
             await asyncio.sleep(self.interval_s)

@@ -335,6 +335,34 @@ class StateStore:
             acked, _ = await pipe.execute()
         return int(acked)
 
+    async def ack_and_send(self, name: str, group: str, ids: Sequence[str], reply_name: str, payload: bytes,
+                           reply_ttl_s: int = 600, reply_maxlen: int = 100_000) -> None:
+        """Answer a job on its reply stream and acknowledge (delete) it, in one transaction: a job is never acked
+        without its answer, nor answered twice by one consumer. Reply streams expire when nobody reads them."""
+        key, reply_key = self.keys.stream(name), self.keys.stream(reply_name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(reply_key, {_PAYLOAD_FIELD: bytes(payload)}, maxlen=reply_maxlen, approximate=True)
+            pipe.expire(reply_key, reply_ttl_s)
+            if ids:
+                pipe.xack(key, group, *ids)
+                pipe.xdel(key, *ids)
+            await pipe.execute()
+
+    async def take(self, name: str, count: int = 100, block_ms: int | None = None) -> list[tuple[str, bytes]]:
+        """Reads and deletes up to `count` entries of a stream that has one reader (a router's reply stream);
+        block_ms: wait up to that long for one (None or <= 0: return at once)."""
+        key = self.keys.stream(name)
+        block = int(block_ms) if block_ms and block_ms > 0 else None
+        reply = await self.redis.xread({key: "0-0"}, count=count, block=block)
+        streams = reply.values() if isinstance(reply, dict) else [entries for _, entries in reply or []]
+        jobs = []
+        for entries in streams:
+            entries = entries[0] if entries and isinstance(entries[0], list) else entries
+            jobs.extend(_stream_entries(entries))
+        if jobs:
+            await self.redis.xdel(key, *[i for i, _ in jobs])
+        return jobs
+
     async def reclaim(
         self, name: str, group: str, consumer: str, min_idle_ms: int, count: int = 10
     ) -> list[tuple[str, bytes]]:

@@ -10,12 +10,22 @@ import threading
 import time
 
 import grpc
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
 from specfleet.engine.verify import TargetVerifier, Verdict, VerifyItem, cut_at_finish
 from specfleet.server import Batcher, RecentRequests
 from specfleet.state.store import RequestNotFoundError, RoundGapError
 from specfleet.wire import sampling_from_pb, tree_from_pb
+
+
+class VerifyError(Exception):
+    """A round the verifier refuses, with the gRPC status a Verify call answers."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 def stream_seed(rid: str) -> int:
@@ -38,8 +48,24 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
                                weight=lambda item: len(item.tree) + 1, max_weight=max_batch_tokens)
         self.rounds = 0
         self.tokens = 0
+        self.consumer = None  # verifier.queue.VerifyConsumer, when rounds also come from the Redis stream
 
     def _verify_batch(self, items: list[VerifyItem]) -> list[tuple[Verdict, float, int]]:
+        """One forward per group of items with distinct requests: two rounds of one request (a round and the DSI
+        round speculated after it) share that request's KV slot, so they never go in one forward."""
+        groups: list[list[int]] = []
+        for i, item in enumerate(items):
+            group = next((g for g in groups if all(items[j].rid != item.rid for j in g)), None)
+            if group is None:
+                groups.append(group := [])
+            group.append(i)
+        out: list[tuple[Verdict, float, int]] = [None] * len(items)  # type: ignore[list-item]
+        for group in groups:
+            for i, result in zip(group, self._forward_group([items[i] for i in group]), strict=True):
+                out[i] = result
+        return out
+
+    def _forward_group(self, items: list[VerifyItem]) -> list[tuple[Verdict, float, int]]:
         with self.lock:
             wanted = {it.rid for it in items}
             self.recent.touch(wanted)
@@ -57,9 +83,22 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
 
     def snapshot(self) -> dict:
         """Heartbeat counters: the batcher's (forwards, busy time, queue wait), verified tokens, cached requests."""
-        return {**self.batcher.snapshot(), "tokens": self.tokens, "rounds": self.rounds, "cached": len(self.recent)}
+        stream = {}
+        if self.consumer is not None:
+            stream = {"stream_jobs": self.consumer.jobs, "stream_reclaimed": self.consumer.reclaimed,
+                      "stream_expired": self.consumer.expired}
+        return {**self.batcher.snapshot(), "tokens": self.tokens, "rounds": self.rounds, "cached": len(self.recent),
+                **stream}
 
     async def Verify(self, request: internal_pb2.VerifyRequest, context) -> internal_pb2.VerifyResponse:
+        try:
+            return await self.handle(request)
+        except VerifyError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def handle(self, request: internal_pb2.VerifyRequest) -> internal_pb2.VerifyResponse:
+        """One round, from a Verify call or a stream job: validate, verify (batched), commit unless speculative.
+        Raises VerifyError with the status a Verify call answers."""
         rid, rnd = request.request_id, request.round
         context_ids = list(request.context)
         vocab = self.verifier.vocab_size
@@ -78,26 +117,29 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
                                  f"{self.verifier.max_positions}")
             params = sampling_from_pb(request.sampling)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise VerifyError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         seed = params.seed if params.seed is not None else stream_seed(rid)
         item = VerifyItem(rid, context_ids, tree, params, len(context_ids) - request.prompt_len, seed)
         verdict, seconds, batch = await self.batcher.submit(item)
         tokens, reason = cut_at_finish(verdict.tokens, request.max_new_tokens, self.eos_token_id, request.ignore_eos)
         finished = bool(reason)
-        if self.store is not None:
+        if self.store is not None and not request.speculative:
             # No read before the forward (it would cost a Redis round trip per round): the commit itself says
             # whether this round was already committed (a retry), and then the committed tokens stand.
             try:
                 result = await self.store.commit_round(rid, rnd, tokens, finished=finished, finish_reason=reason)
             except RequestNotFoundError as exc:
-                await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+                raise VerifyError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
             except RoundGapError as exc:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+                raise VerifyError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+            except (RedisConnectionError, RedisTimeoutError) as exc:  # retryable: the round was not committed here
+                raise VerifyError(grpc.StatusCode.UNAVAILABLE, f"the state store (Redis) is unreachable ({exc}); "
+                                                               "the round was not committed, retry it") from None
             if not result.applied:
                 if rnd < result.state.round:
                     return self._replay(result.state, rnd)
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"request {rid} is already {result.state.status}")
+                raise VerifyError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"request {rid} is already {result.state.status}")
         accepted = min(len(verdict.path), len(tokens))
         return internal_pb2.VerifyResponse(request_id=rid, round=rnd, token_ids=tokens, accepted=accepted,
                                            accepted_nodes=verdict.path[:accepted], seconds=seconds, batch=batch,

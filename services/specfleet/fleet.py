@@ -51,9 +51,9 @@ async def _publish(opts: ServeOptions, role: str, running: Running, snapshot, ex
     pod = opts.pod or pod_name(role, running.port)
 
     async def on_drain(draining: bool) -> None:
-        await running.set_serving(not draining)
         if running.consumer is not None:  # a draining verifier takes no more rounds from the stream
             running.consumer.pause(draining)
+        await running.set_serving(not draining)
 
     running.publisher = HeartbeatPublisher(store, role, pod, advertised_address(opts.host, running.port), snapshot,
                                            on_drain, opts.heartbeat_s, extra).start()

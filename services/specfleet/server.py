@@ -238,11 +238,13 @@ class Batcher:
         self.recent_waits: deque[float] = deque(maxlen=512)
         self.running = 0  # items in the batch being run
 
-    async def submit(self, item) -> object:
+    async def submit(self, item, waited_s: float = 0.0) -> object:
+        """Runs `item` in a batch; `waited_s`: how long it already waited upstream (in a Redis stream), counted in
+        the queue wait the heartbeats report (the autoscaler's signal)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
         future = asyncio.get_running_loop().create_future()
-        future.enqueued = time.perf_counter()
+        future.enqueued = time.perf_counter() - max(0.0, waited_s)
         await self._queue.put((item, future))
         return await future
 

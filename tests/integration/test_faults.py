@@ -19,7 +19,7 @@ from specfleet.state.embedded import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN = "fault-test-token"
-NEW_TOKENS = 96
+NEW_TOKENS = 48  # the fault lands after the first chunk: dozens of tokens still follow it (resumed or not)
 FAULTS = ("kill -9 drafter-python", "kill -9 fusion", "kill -9 verifier-0", "SIGSTOP verifier-1", "kill -9 router")
 
 

@@ -82,7 +82,7 @@ async def _sampler(redis_url: str, prefix: str, t0: float, stop: asyncio.Event, 
 
 
 async def _load(address: str, prompts: list[list[int]], refs: list[list[int]], new_tokens: int, ramp, phase_s: float,
-                t0: float, load_log: list[dict], requests: list[dict]) -> None:
+                t0: float, load_log: list[dict], requests: list[dict], until=()) -> None:
     import grpc
 
     from specfleet.api.v1 import router_pb2, router_pb2_grpc
@@ -90,9 +90,9 @@ async def _load(address: str, prompts: list[list[int]], refs: list[list[int]], n
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
 
-        async def client(i: int, until: float) -> None:
+        async def client(i: int, over) -> None:
             n = 0
-            while time.time() < until:
+            while not over():
                 j = (i + n) % len(prompts)
                 n += 1
                 record = {"t": round(time.time() - t0, 2), "client": i, "prompt": j, "ok": False, "same": False}
@@ -107,17 +107,26 @@ async def _load(address: str, prompts: list[list[int]], refs: list[list[int]], n
                 record["latency_s"] = round(time.perf_counter() - start, 3)
                 requests.append(record)
 
-        for clients in ramp:
-            until = time.time() + phase_s
+        for phase, clients in enumerate(ramp):
+            end = time.time() + phase_s
+            done = until[phase] if phase < len(until) else None
+
+            def over(end=end, done=done) -> bool:  # phase_s is the phase's length, or its bound when it has `until`
+                return time.time() >= end or (done is not None and done())
+
             load_log.append({"t": round(time.time() - t0, 2), "clients": clients})
             if clients:
-                await asyncio.gather(*(client(i, until) for i in range(clients)))
+                await asyncio.gather(*(client(i, over) for i in range(clients)))
             else:
-                await asyncio.sleep(phase_s)
+                while not over():
+                    await asyncio.sleep(0.25)
 
 
 def run(models_dir: Path, redis_url: str, output: Path, ramp=DEFAULT_RAMP, phase_s: float = 20.0,
-        new_tokens: int = 24, pools: str = "suffix", max_verifiers: int = 3, interval_s: float = 1.0) -> dict:
+        new_tokens: int = 24, pools: str = "suffix", max_verifiers: int = 3, interval_s: float = 1.0,
+        until=()) -> dict:
+    """`until`: optional per-phase predicates over (log lines, timeline samples); a phase with one ends as soon as it
+    holds (phase_s then only bounds it), so a test waits on what it checks instead of sleeping fixed phases."""
     import torch
     from transformers import AutoTokenizer
 
@@ -142,7 +151,8 @@ def run(models_dir: Path, redis_url: str, output: Path, ramp=DEFAULT_RAMP, phase
         async def main() -> None:
             stop = asyncio.Event()
             sampler = asyncio.create_task(_sampler(redis_url, prefix, t0, stop, samples))
-            await _load(address, prompts, refs, new_tokens, ramp, phase_s, t0, load_log, requests)
+            checks = [None if p is None else (lambda p=p: p(log_lines, samples)) for p in until]
+            await _load(address, prompts, refs, new_tokens, ramp, phase_s, t0, load_log, requests, checks)
             stop.set()
             await sampler
 

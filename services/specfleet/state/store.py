@@ -348,6 +348,18 @@ class StateStore:
                 pipe.xdel(key, *ids)
             await pipe.execute()
 
+    async def requeue(self, name: str, group: str, jobs: Sequence[tuple[str, bytes]]) -> None:
+        """Hands jobs a consumer took back to the group as new entries (a draining consumer's), in one
+        transaction: each job is in the stream exactly once, and the next free consumer takes it."""
+        key = self.keys.stream(name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for _, payload in jobs:
+                pipe.xadd(key, {_PAYLOAD_FIELD: bytes(payload)})
+            ids = [i for i, _ in jobs]
+            pipe.xack(key, group, *ids)
+            pipe.xdel(key, *ids)
+            await pipe.execute()
+
     async def take(self, name: str, count: int = 100, block_ms: int | None = None) -> list[tuple[str, bytes]]:
         """Reads and deletes up to `count` entries of a stream that has one reader (a router's reply stream);
         block_ms: wait up to that long for one (None or <= 0: return at once)."""

@@ -86,6 +86,12 @@ class VerifyConsumer:
                 log.warning("reading the verify stream failed: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
+            if jobs and not self._taking.is_set():  # drained while the read was in flight: hand them back at once
+                try:
+                    await self.store.requeue(VERIFY_STREAM, VERIFY_GROUP, jobs)
+                    continue
+                except (RedisError, OSError) as exc:  # then do them: leaving them pending costs CLAIM_IDLE_MS
+                    log.warning("handing verify jobs back failed: %s", exc)
             for entry_id, payload in jobs:
                 self._spawn(entry_id, payload)
 
@@ -134,7 +140,9 @@ class VerifyConsumer:
                                              message="the job's deadline passed before a verifier took it")
         else:
             try:
-                reply = internal_pb2.VerifyReply(job_id=job.job_id, response=await self.service.handle(job.request))
+                waited = max(0.0, time.time() - int(entry_id.split("-")[0]) / 1000)  # the id is its XADD time (ms)
+                reply = internal_pb2.VerifyReply(job_id=job.job_id,
+                                                 response=await self.service.handle(job.request, waited))
             except VerifyError as exc:
                 code = exc.code
                 reply = internal_pb2.VerifyReply(job_id=job.job_id, code=exc.code.value[0], message=exc.message)

@@ -96,9 +96,9 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
         except VerifyError as exc:
             await context.abort(exc.code, exc.message)
 
-    async def handle(self, request: internal_pb2.VerifyRequest) -> internal_pb2.VerifyResponse:
-        """One round, from a Verify call or a stream job: validate, verify (batched), commit unless speculative.
-        Raises VerifyError with the status a Verify call answers."""
+    async def handle(self, request: internal_pb2.VerifyRequest, waited_s: float = 0.0) -> internal_pb2.VerifyResponse:
+        """One round, from a Verify call or a stream job (`waited_s` in the stream): validate, verify (batched),
+        commit unless speculative. Raises VerifyError with the status a Verify call answers."""
         rid, rnd = request.request_id, request.round
         context_ids = list(request.context)
         vocab = self.verifier.vocab_size
@@ -120,7 +120,7 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
             raise VerifyError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         seed = params.seed if params.seed is not None else stream_seed(rid)
         item = VerifyItem(rid, context_ids, tree, params, len(context_ids) - request.prompt_len, seed)
-        verdict, seconds, batch = await self.batcher.submit(item)
+        verdict, seconds, batch = await self.batcher.submit(item, waited_s)
         tokens, reason = cut_at_finish(verdict.tokens, request.max_new_tokens, self.eos_token_id, request.ignore_eos)
         finished = bool(reason)
         if self.store is not None and not request.speculative:

@@ -47,6 +47,9 @@ class Verdict:
     tokens: list[int]  # accepted draft tokens followed by the target's own next token
 
 
+FOLD_MAX = 32  # context tokens missing from a request's cache fed in the verify forward itself; more: a prefill
+
+
 class TargetVerifier:
     def __init__(self, target, slots: int):
         self.runner = LlamaRunner(target, slots=slots)
@@ -65,8 +68,11 @@ class TargetVerifier:
     def free_slots(self) -> int:
         return self.runner.slots - len(self.slot_of)
 
-    def sync(self, rid: str, context: list[int]) -> None:
-        """Makes the slot hold KV for context[:-1]: reuses the longest cached prefix, prefills the rest."""
+    def sync(self, rid: str, context: list[int]) -> int:
+        """Makes the slot's cached tokens a prefix of context[:-1] (the longest cached prefix is kept) and returns how
+        many of context's last tokens the verify forward feeds before the tree: 1 when in step (every round on the
+        verifier that did the last one), a few when the request's last rounds were verified elsewhere (the stream
+        queue, DSI) — they ride in the same forward — or, for longer gaps, 1 after a prefill of its own."""
         if rid not in self.slot_of:
             if self.free_slots <= 0:
                 raise RuntimeError(f"no free KV slot for request {rid!r} ({self.runner.slots} in use)")
@@ -75,13 +81,17 @@ class TargetVerifier:
         known, want = self.known[rid], context[:-1]
         common = common_prefix(known, want)
         if common == len(known) == len(want):
-            return  # in step already (every round but a request's first)
+            return 1  # in step already
+        if 0 < common and len(context) - common <= FOLD_MAX:
+            self.known[rid] = known[:common]  # columns past it are overwritten by this forward
+            return len(context) - common
         if common < len(want):
             n = len(want) - common
             cols = torch.arange(common, len(want))[None]  # [1, n]
             self.runner.forward(torch.tensor([want[common:]]), cols, cols, causal_bias([common], [n], len(want)),
                                 logits_at=torch.tensor([[n - 1]]), slots=torch.tensor([self.slot_of[rid]]))
         self.known[rid] = list(want)
+        return 1
 
     def release(self, rid: str) -> None:
         """Frees a request's slot; the request in the last slot moves into it so live slots stay packed."""
@@ -98,19 +108,19 @@ class TargetVerifier:
         """One target forward over every item's last token + tree; accepts; compacts each slot's KV."""
         if len({item.rid for item in items}) != len(items):
             raise ValueError("two rounds of one request in one forward would share its KV slot; verify them in turn")
-        for item in items:
-            self.sync(item.rid, item.context)
+        fed = [self.sync(item.rid, item.context) for item in items]
         # rows in slot order: when every live request is in the batch the runner reads a view of slots 0..B-1
         order = sorted(range(len(items)), key=lambda i: self.slot_of[items[i].rid])
-        items = [items[i] for i in order]
-        logits = self._forward(items)  # [B, T, V]
+        items, fed = [items[i] for i in order], [fed[i] for i in order]
+        logits = self._forward(items, fed)  # [B, T, V]
         verdicts: list[Verdict] = []
-        for b, item in enumerate(items):
+        for b, (item, m) in enumerate(zip(items, fed, strict=True)):
             tree, n = item.tree, len(item.tree)
+            rows = logits[b, m - 1:m + n]  # [n + 1, V]: after the last context token, then after each node
             if item.params.greedy:
-                path, nxt = greedy_accept(tree.tokens, tree.parents, logits[b, :n + 1].argmax(-1))
+                path, nxt = greedy_accept(tree.tokens, tree.parents, rows.argmax(-1))
             else:
-                probs = warp_probs(logits[b, :n + 1], item.params)  # [n + 1, V]
+                probs = warp_probs(rows, item.params)  # [n + 1, V]
                 if tree.draft_probs is None:  # deterministic drafts: the sample cannot depend on what was drafted
                     path, nxt = position_keyed_accept(tree.tokens, tree.parents, probs, item.seed,
                                                       item.output_position)
@@ -118,19 +128,19 @@ class TargetVerifier:
                     path, nxt = sampled_tree_accept(tree.tokens, tree.parents, probs, tree.draft_probs,
                                                     item.generator)
             cached = len(self.known[item.rid])
-            # KV of the fed token stays at column `cached`; the accepted nodes' KV moves right after it
-            self.runner.keep(self.slot_of[item.rid], cached + 1, cached + 1 + torch.tensor(path, dtype=torch.long))
+            # KV of the fed context tokens stays at columns cached..cached+m-1; the accepted nodes' KV moves after it
+            self.runner.keep(self.slot_of[item.rid], cached + m, cached + m + torch.tensor(path, dtype=torch.long))
             accepted = tree.tokens[path].tolist()
-            self.known[item.rid] += [item.context[-1]] + accepted
+            self.known[item.rid] += item.context[len(item.context) - m:] + accepted
             verdicts.append(Verdict(path, accepted + [nxt]))
         restored: list[Verdict] = [None] * len(items)  # type: ignore[list-item]
         for row, original in enumerate(order):
             restored[original] = verdicts[row]
         return restored
 
-    def _forward(self, items: list[VerifyItem]) -> torch.Tensor:
+    def _forward(self, items: list[VerifyItem], fed: list[int]) -> torch.Tensor:
         b = len(items)
-        t = 1 + max(len(it.tree) for it in items)
+        t = max(m + len(it.tree) for it, m in zip(items, fed, strict=True))
         cached = [len(self.known[it.rid]) for it in items]
         width = max(cached) + t
         slots = [self.slot_of[it.rid] for it in items]
@@ -138,13 +148,14 @@ class TargetVerifier:
         positions = torch.zeros(b, t, dtype=torch.long)
         bias = torch.full((b, 1, t, width), NEG)
         cols = torch.tensor(cached)[:, None] + torch.arange(t)[None]  # [B, T]
-        for r, (item, p) in enumerate(zip(items, cached, strict=True)):
+        for r, (item, p, m) in enumerate(zip(items, cached, fed, strict=True)):
             tree = item.tree
-            n = len(tree) + 1
-            # node 0 is the fed (last committed) token; draft roots hang off it
-            parents = torch.cat([torch.tensor([-1]), torch.where(tree.parents < 0, 0, tree.parents + 1)])
-            tokens[r, 0] = item.context[-1]
-            tokens[r, 1:n] = tree.tokens
+            n = len(tree) + m
+            # nodes 0..m-1 are the fed context tokens, a chain ending in the last committed token; draft roots hang
+            # off that one
+            parents = torch.cat([torch.arange(-1, m - 1), torch.where(tree.parents < 0, m - 1, tree.parents + m)])
+            tokens[r, :m] = torch.tensor(item.context[len(item.context) - m:])
+            tokens[r, m:n] = tree.tokens
             positions[r, :n] = p + tree_depths(parents)
             positions[r, n:] = p
             bias[r, 0, :n, :p] = 0.0

@@ -10,23 +10,18 @@ import uuid
 
 import grpc
 import pytest
-import torch
 
 from specfleet.api.v1 import internal_pb2, router_pb2, router_pb2_grpc
 from specfleet.bench.fleet_bench import delete_prefix
-from specfleet.engine.engine import Request
-from specfleet.engine.factory import build_engine
 from specfleet.engine.sampling import SamplingParams
 from specfleet.fleet import LocalFleet, ServeOptions
 from specfleet.state import StateStore, connect
 from specfleet.verifier.queue import VERIFY_GROUP, VERIFY_STREAM, VerifyQueueClient
 from specfleet.wire import sampling_to_pb, tree_to_pb
 
+from .switches import SAMPLED, run_all
+
 REDIS_URL = "redis://127.0.0.1:6379/0"
-NEW_TOKENS = 24
-PROMPTS = ("def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n", "The server stores the request. The server",
-           "#include <stdio.h>\n#include <stdlib.h>\n#include", "for i in range(10):\n    print(i)\nfor i in")
-SAMPLED = SamplingParams(0.8, 0.95, 0, 11)
 
 
 @pytest.fixture(scope="module", params=["stream", "rpc"])
@@ -38,47 +33,8 @@ def fleet(request, models_dir):
     delete_prefix(REDIS_URL, prefix)
 
 
-@pytest.fixture(scope="module")
-def prompt_ids(tokenizer):
-    return [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
-
-
-@pytest.fixture(scope="module")
-def greedy_refs(load_model, prompt_ids, tokenizer):
-    target = load_model("target")
-    with torch.no_grad():
-        return [target.generate(torch.tensor([p]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                                pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist() for p in prompt_ids]
-
-
-@pytest.fixture(scope="module")
-def sampled_refs(load_model, prompt_ids, models_dir):
-    engine = build_engine(models_dir, "none", (), batch_size=4, k=1, adaptive=False, target=load_model("target"))
-    results = engine.generate([Request(f"s{i}", p, NEW_TOKENS, SAMPLED) for i, p in enumerate(prompt_ids)])
-    return [r.token_ids for r in results]
-
-
-def _run_all(address, prompt_ids, params: SamplingParams | None):
-    async def one(stub, ids):
-        fields = dict(prompt_token_ids=ids, max_new_tokens=NEW_TOKENS, request_id=uuid.uuid4().hex)
-        if params is not None:
-            fields.update(temperature=params.temperature, top_p=params.top_p, seed=params.seed)
-        messages = [m async for m in stub.Generate(router_pb2.GenerateRequest(**fields), timeout=120)]
-        offsets = [m.offset for m in messages]
-        assert offsets == [sum(len(m.token_ids) for m in messages[:i]) for i in range(len(messages))]
-        assert messages[-1].usage.rounds == len(messages)
-        return [t for m in messages for t in m.token_ids]
-
-    async def run():
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = router_pb2_grpc.RouterStub(channel)
-            return await asyncio.gather(*(one(stub, ids) for ids in prompt_ids))
-
-    return asyncio.run(run())
-
-
 def test_greedy_output_is_the_targets_with_speculation_parallelism(fleet, prompt_ids, greedy_refs):
-    assert _run_all(fleet.router_address, prompt_ids, None) == greedy_refs
+    assert run_all(fleet.router_address, prompt_ids, None) == greedy_refs
     router = fleet.services["router"]
     assert router.speculated > 0, "no round was verified concurrently with the one before it"
     assert router.speculated_used > 0, "no concurrently verified round was committed"
@@ -88,7 +44,7 @@ def test_greedy_output_is_the_targets_with_speculation_parallelism(fleet, prompt
 
 
 def test_sampled_output_equals_plain_decoding_under_the_same_seed(fleet, prompt_ids, sampled_refs):
-    assert _run_all(fleet.router_address, prompt_ids, SAMPLED) == sampled_refs
+    assert run_all(fleet.router_address, prompt_ids, SAMPLED) == sampled_refs
 
 
 def test_a_dead_verifiers_round_is_reclaimed_from_the_stream(fleet, prompt_ids):
@@ -196,7 +152,7 @@ def test_admission_refuses_new_requests_while_the_verify_queue_is_behind(fleet, 
             time.sleep(0.1)
         router.config.max_queue_wait_ms = 0
     assert router.queue_stats["oldest_age_ms"] <= 200  # the stale round was answered (NOT_FOUND) and removed
-    assert _run_all(fleet.router_address, prompt_ids[:1], None) == greedy_refs[:1]
+    assert run_all(fleet.router_address, prompt_ids[:1], None) == greedy_refs[:1]
 
 
 def test_two_rounds_of_one_request_in_one_batch_are_verified_in_turn(fleet, prompt_ids, greedy_refs):

@@ -1,0 +1,30 @@
+"""Fixtures shared by the fleet switch tests: the target's own outputs for the prompts in switches.py, greedy
+(Hugging Face `generate`) and sampled (plain decoding under one seed), computed once per session."""
+
+import pytest
+import torch
+
+from .switches import NEW_TOKENS, PROMPTS, SAMPLED
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(tokenizer):
+    return [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def greedy_refs(load_model, prompt_ids, tokenizer):
+    target = load_model("target")
+    with torch.no_grad():
+        return [target.generate(torch.tensor([p]), do_sample=False, max_new_tokens=NEW_TOKENS,
+                                pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist() for p in prompt_ids]
+
+
+@pytest.fixture(scope="session")
+def sampled_refs(load_model, prompt_ids, models_dir):
+    from specfleet.engine.engine import Request
+    from specfleet.engine.factory import build_engine
+
+    engine = build_engine(models_dir, "none", (), batch_size=4, k=1, adaptive=False, target=load_model("target"))
+    results = engine.generate([Request(f"s{i}", p, NEW_TOKENS, SAMPLED) for i, p in enumerate(prompt_ids)])
+    return [r.token_ids for r in results]

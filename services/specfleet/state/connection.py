@@ -48,4 +48,7 @@ def connect(url: str, **kwargs: Any) -> aioredis.Redis:
     kwargs.setdefault("socket_connect_timeout", 5.0)
     kwargs.setdefault("socket_keepalive", True)
     kwargs.setdefault("health_check_interval", 30)
+    # redis-py 8 caps an asyncio pool at 100 connections; a router with hundreds of live requests (and a verifier's
+    # concurrent commits) needs more at once, and Redis itself allows 10,000 clients
+    kwargs.setdefault("max_connections", 1024)
     return aioredis.Redis.from_url(url, **kwargs)

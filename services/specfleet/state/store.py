@@ -348,6 +348,12 @@ class StateStore:
                 pipe.xdel(key, *ids)
             await pipe.execute()
 
+    async def keep_claims(self, name: str, group: str, consumer: str, ids: Sequence[str]) -> None:
+        """Resets the idle time of jobs `consumer` holds (XCLAIM ... JUSTID to itself): a busy consumer's jobs are
+        not reclaimed by others; a dead or stopped one's go idle and are."""
+        if ids:
+            await self.redis.xclaim(self.keys.stream(name), group, consumer, 0, list(ids), justid=True)
+
     async def requeue(self, name: str, group: str, jobs: Sequence[tuple[str, bytes]]) -> None:
         """Hands jobs a consumer took back to the group as new entries (a draining consumer's), in one
         transaction: each job is in the stream exactly once, and the next free consumer takes it."""

@@ -97,7 +97,11 @@ class VerifyConsumer:
 
     async def _reclaim_loop(self) -> None:
         while not self._stopping:
-            await asyncio.sleep(self.claim_idle_ms / 2000)
+            await asyncio.sleep(self.claim_idle_ms / 3000)
+            try:  # jobs in hand wait in a busy batcher: keep them ours while we live
+                await self.store.keep_claims(VERIFY_STREAM, VERIFY_GROUP, self.consumer, list(self.inflight))
+            except (RedisError, OSError) as exc:
+                log.warning("keeping verify jobs claimed failed: %s", exc)
             room = self.capacity - len(self.inflight)
             if room <= 0 or not self._taking.is_set():
                 continue

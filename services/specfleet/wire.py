@@ -51,3 +51,12 @@ def sampling_from_pb(msg: internal_pb2.SamplingParams) -> SamplingParams:
     params = SamplingParams(msg.temperature, msg.top_p or 1.0, msg.top_k, msg.seed if msg.has_seed else None)
     params.validate()
     return params
+
+
+def replayed_round(state, rnd: int) -> internal_pb2.VerifyResponse:
+    """Round `rnd` as Redis holds it (a state.store.RequestState): the answer to a round committed already."""
+    tokens = state.round_tokens(rnd)
+    finished = state.status == "finished" and rnd == state.round - 1
+    return internal_pb2.VerifyResponse(request_id=state.rid, round=rnd, token_ids=tokens,
+                                       accepted=max(0, len(tokens) - 1), replayed=True, finished=finished,
+                                       finish_reason=state.finish_reason if finished else "")

@@ -23,7 +23,7 @@ from specfleet.engine.tree import TokenTree
 from specfleet.generation import TextDeltas
 from specfleet.server import FAST_RECONNECT
 from specfleet.telemetry import client_interceptors
-from specfleet.wire import sampling_to_pb, tree_from_pb, tree_to_pb
+from specfleet.wire import replayed_round, sampling_to_pb, tree_from_pb, tree_to_pb
 
 log = logging.getLogger("specfleet.router")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -385,11 +385,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 next_ahead[0].cancel()
             if rnd >= result.state.round:
                 return None
-            tokens = result.state.round_tokens(rnd)
-            done = result.state.status == "finished" and rnd == result.state.round - 1
-            reply = internal_pb2.VerifyResponse(request_id=rid, round=rnd, token_ids=tokens, replayed=True,
-                                                accepted=max(0, len(tokens) - 1), finished=done,
-                                                finish_reason=result.state.finish_reason if done else "")
+            reply = replayed_round(result.state, rnd)
             next_ahead = None
         self.speculated_used += 1
         return tree, reply, next_ahead

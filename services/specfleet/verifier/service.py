@@ -17,7 +17,7 @@ from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
 from specfleet.engine.verify import TargetVerifier, Verdict, VerifyItem, cut_at_finish
 from specfleet.server import Batcher, RecentRequests
 from specfleet.state.store import RequestNotFoundError, RoundGapError
-from specfleet.wire import sampling_from_pb, tree_from_pb
+from specfleet.wire import replayed_round, sampling_from_pb, tree_from_pb
 
 
 class VerifyError(Exception):
@@ -137,21 +137,13 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
                                                                "the round was not committed, retry it") from None
             if not result.applied:
                 if rnd < result.state.round:
-                    return self._replay(result.state, rnd)
+                    return replayed_round(result.state, rnd)
                 raise VerifyError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"request {rid} is already {result.state.status}")
         accepted = min(len(verdict.path), len(tokens))
         return internal_pb2.VerifyResponse(request_id=rid, round=rnd, token_ids=tokens, accepted=accepted,
                                            accepted_nodes=verdict.path[:accepted], seconds=seconds, batch=batch,
                                            finished=finished, finish_reason=reason)
-
-    @staticmethod
-    def _replay(state, rnd: int) -> internal_pb2.VerifyResponse:
-        tokens = state.round_tokens(rnd)
-        finished = state.status == "finished" and rnd == state.round - 1
-        return internal_pb2.VerifyResponse(request_id=state.rid, round=rnd, token_ids=tokens,
-                                           accepted=max(0, len(tokens) - 1), replayed=True, finished=finished,
-                                           finish_reason=state.finish_reason if finished else "")
 
     async def Release(self, request: internal_pb2.ReleaseRequest, context) -> internal_pb2.ReleaseResponse:
         def release():

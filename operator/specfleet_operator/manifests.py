@@ -17,7 +17,8 @@ from typing import Any
 
 from specfleet_operator.spec import DRAFTER, FUSION, ROUTER, VERIFIER, FleetSpec, RoleSpec, SpecError
 
-GRPC_PORT, HTTP_PORT = 50051, 8000
+GRPC_PORT, HTTP_PORT, HEALTH_PORT = 50051, 8000, 50052
+TLS_DIR = "/etc/specfleet/tls"  # the internal TLS Secret, read-only (tls.crt, tls.key, ca.crt)
 USER_ID = 10001
 GPU_RESOURCE = "nvidia.com/gpu"
 MANAGED_BY = "specfleet-operator"
@@ -67,18 +68,36 @@ def _address(fleet: str, role_key: str) -> str:
     return f"{object_name(fleet, role_key)}:{GRPC_PORT}"
 
 
+def _tls_args(spec: FleetSpec, role: RoleSpec) -> list[str]:
+    """With spec.tls.internal: internal roles serve mTLS (a client certificate signed by ca.crt required) and answer
+    kubelet's probes on a plaintext health-only port; the router presents the same certificate as its client one."""
+    if not spec.internal_tls:
+        return []
+    cert, key, ca = f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key", f"{TLS_DIR}/ca.crt"
+    if role.component == ROUTER:
+        return ["--internal-tls-ca", ca, "--internal-tls-cert", cert, "--internal-tls-key", key,
+                "--internal-tls-server-name", spec.internal_server_name]
+    return ["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", ca, "--health-port", str(HEALTH_PORT)]
+
+
+def _mtls_served(spec: FleetSpec, role: RoleSpec) -> bool:
+    return spec.internal_tls and role.component != ROUTER
+
+
 def container_args(spec: FleetSpec, role: RoleSpec) -> list[str]:
     """`specfleet serve ROLE ...` exactly as docs/kubernetes.md gives it (secrets come from the environment)."""
     common = ["serve", role.component, "--host", "0.0.0.0", "--port", str(GRPC_PORT)]
     if role.component == ROUTER:
         drafters = ",".join(f"{pool.pool}={_address(spec.name, pool.key)}" for pool in spec.pools)
-        return [*common, "--http-port", str(HTTP_PORT), "--models", spec.models_path, "--drafters", drafters,
+        args = [*common, "--http-port", str(HTTP_PORT), "--models", spec.models_path, "--drafters", drafters,
                 "--verifiers", _address(spec.name, VERIFIER), "--fusion", _address(spec.name, FUSION)]
-    if role.component == DRAFTER:
-        return [*common, "--models", spec.models_path, "--pool", str(role.pool)]
-    if role.component == VERIFIER:
-        return [*common, "--models", spec.models_path]
-    return common
+    elif role.component == DRAFTER:
+        args = [*common, "--models", spec.models_path, "--pool", str(role.pool)]
+    elif role.component == VERIFIER:
+        args = [*common, "--models", spec.models_path]
+    else:
+        args = common
+    return args + _tls_args(spec, role)
 
 
 def config_data(spec: FleetSpec, role: RoleSpec) -> dict[str, str]:
@@ -138,10 +157,12 @@ def _resources(role: RoleSpec) -> dict[str, Any]:
     return resources
 
 
-def _ports(role: RoleSpec) -> list[dict[str, Any]]:
+def _ports(spec: FleetSpec, role: RoleSpec) -> list[dict[str, Any]]:
     ports = [{"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"}]
     if role.component == ROUTER:
         ports.append({"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"})
+    if _mtls_served(spec, role):
+        ports.append({"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"})
     return ports
 
 
@@ -151,8 +172,8 @@ def _container_security() -> dict[str, Any]:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _probe(period_s: int, failures: int, timeout_s: int = 5) -> dict[str, Any]:
-    return {"grpc": {"port": GRPC_PORT}, "periodSeconds": period_s, "failureThreshold": failures,
+def _probe(port: int, period_s: int, failures: int, timeout_s: int = 5) -> dict[str, Any]:
+    return {"grpc": {"port": port}, "periodSeconds": period_s, "failureThreshold": failures,
             "timeoutSeconds": timeout_s}
 
 
@@ -175,22 +196,27 @@ def deployment(spec: FleetSpec, role: RoleSpec, replicas: int) -> dict[str, Any]
     if spec.models_source == "pvc" and role.component != FUSION:  # fusion never reads the models
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": spec.models_claim, "readOnly": True}})
         mounts.append({"name": "models", "mountPath": spec.models_path, "readOnly": True})
+    if spec.internal_tls:  # 0440 and the pod's fsGroup: readable by the service's user only
+        volumes.append({"name": "internal-tls", "secret": {"secretName": spec.internal_tls_secret,
+                                                           "defaultMode": 0o440}})
+        mounts.append({"name": "internal-tls", "mountPath": TLS_DIR, "readOnly": True})
+    probe_port = HEALTH_PORT if _mtls_served(spec, role) else GRPC_PORT  # kubelet probes carry no client cert
     container = {
         "name": role.component,
         "image": f"{spec.image_repository}:{spec.image_tag}",
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["specfleet"],
         "args": container_args(spec, role),
-        "ports": _ports(role),
+        "ports": _ports(spec, role),
         "envFrom": [{"configMapRef": {"name": name}}],
         "env": _env(spec, role),
         "resources": _resources(role),
         "securityContext": _container_security(),
         "volumeMounts": mounts,
         # model loading can take minutes on a cold node: the startup probe allows 10 of them before liveness counts
-        "startupProbe": _probe(period_s=5, failures=120),
-        "readinessProbe": _probe(period_s=5, failures=2),
-        "livenessProbe": _probe(period_s=10, failures=6),
+        "startupProbe": _probe(probe_port, period_s=5, failures=120),
+        "readinessProbe": _probe(probe_port, period_s=5, failures=2),
+        "livenessProbe": _probe(probe_port, period_s=10, failures=6),
     }
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,  # role pods never talk to the Kubernetes API
@@ -227,7 +253,7 @@ def service(spec: FleetSpec, role: RoleSpec) -> dict[str, Any]:
     """ClusterIP for the public router; headless for internal roles, so callers resolve every pod (dns:/// round
     robin) instead of pinning one long-lived HTTP/2 connection to one pod behind a virtual IP."""
     ports = [{"name": p["name"], "port": p["containerPort"], "targetPort": p["name"], "protocol": "TCP"}
-             for p in _ports(role)]
+             for p in _ports(spec, role)]
     body: dict[str, Any] = {"type": "ClusterIP", "selector": selector_labels(spec.name, role), "ports": ports}
     if role.component != ROUTER:
         body["clusterIP"] = "None"

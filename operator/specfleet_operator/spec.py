@@ -182,6 +182,20 @@ class FleetSpec:
     redis_secret: SecretRef = field(default_factory=SecretRef)
     token_secret: SecretRef = field(default_factory=lambda: SecretRef("", "token"))
     otlp_endpoint: str = ""
+    # mTLS between the router and the internal roles: a kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt: the
+    # layout cert-manager writes) whose certificate carries internal_server_name and both server and client auth
+    internal_tls_secret: str = ""
+    internal_tls_server_name: str = ""
+
+    @property
+    def internal_tls(self) -> bool:
+        return bool(self.internal_tls_secret)
+
+    @property
+    def internal_server_name(self) -> str:
+        """The DNS name the router checks on internal certificates (it dials pod IPs): serverName, else
+        `<fleet>-internal`."""
+        return self.internal_tls_server_name or f"{self.name}-internal"
 
     def role(self, key: str) -> RoleSpec:
         for role in self.roles:
@@ -211,6 +225,7 @@ class FleetSpec:
         image, models = _section(raw, "image", "spec"), _section(raw, "models", "spec")
         redis, auth = _section(raw, "redis", "spec"), _section(raw, "auth", "spec")
         secret, token = _section(redis, "secretRef", "spec.redis"), _section(auth, "tokenSecretRef", "spec.auth")
+        internal_tls = _section(_section(raw, "tls", "spec"), "internal", "spec.tls")
         pools_raw = raw.get("drafters")
         if pools_raw is None:
             pools_raw = [{"name": "python", "model": "drafter-python"}]
@@ -250,6 +265,8 @@ class FleetSpec:
             token_secret=SecretRef(_str(token, "name", "", "spec.auth.tokenSecretRef"),
                                    _str(token, "key", "token", "spec.auth.tokenSecretRef")),
             otlp_endpoint=_str(_section(raw, "telemetry", "spec"), "otlpEndpoint", "", "spec.telemetry"),
+            internal_tls_secret=_str(internal_tls, "secretName", "", "spec.tls.internal"),
+            internal_tls_server_name=_str(internal_tls, "serverName", "", "spec.tls.internal"),
         )
         if spec.models_source == "pvc" and not spec.models_claim:
             raise SpecError("spec.models.source is pvc but spec.models.claimName is empty: name the PVC holding the "

@@ -38,6 +38,12 @@ class ServeOptions:
     rate_limit_rps: float = 0.0  # router: requests per second per caller token (0: no limit)
     rate_limit_tpm: float = 0.0  # router: generated tokens per minute per caller token (0: no limit)
     verify_stream: bool = True  # verifier: also take rounds from the Redis stream `{prefix}:stream:verify`
+    health_port: int | None = None  # also answer health checks (only) in plaintext here: kubelet probes under mTLS
+
+
+async def _start(opts: ServeOptions, add, servicer, name: str, port: int, rate_limiter=None) -> Running:
+    return await start_server([(add, servicer)], [name], opts.host, port, opts.token, opts.tls, rate_limiter,
+                              opts.health_port)
 
 
 async def _publish(opts: ServeOptions, role: str, running: Running, snapshot, extra: dict | None = None,
@@ -76,8 +82,8 @@ async def start_drafter(pool: str, opts: ServeOptions, port: int = 0) -> tuple[R
     if kind == "model":
         vocab = next(iter(proposer.drafters.values())).runner.vocab_size
     service = DrafterService(proposer, pool, capacity=opts.slots, vocab_size=vocab)
-    running = await start_server([(internal_pb2_grpc.add_DrafterServicer_to_server, service)],
-                                 ["specfleet.api.v1.Drafter"], opts.host, port, opts.token, opts.tls)
+    running = await _start(opts, internal_pb2_grpc.add_DrafterServicer_to_server, service,
+                           "specfleet.api.v1.Drafter", port)
     await _publish(opts, "drafter", running, service.snapshot, {"pool": pool})
     return running, service
 
@@ -86,8 +92,8 @@ async def start_fusion(opts: ServeOptions, port: int = 0) -> tuple[Running, obje
     from specfleet.fusion.service import FusionService
 
     service = FusionService()
-    running = await start_server([(internal_pb2_grpc.add_FusionServicer_to_server, service)],
-                                 ["specfleet.api.v1.Fusion"], opts.host, port, opts.token, opts.tls)
+    running = await _start(opts, internal_pb2_grpc.add_FusionServicer_to_server, service, "specfleet.api.v1.Fusion",
+                           port)
     await _publish(opts, "fusion", running, service.snapshot)
     return running, service
 
@@ -114,8 +120,8 @@ async def start_verifier(opts: ServeOptions, port: int = 0) -> tuple[Running, ob
         log.info("verifier: at most %d tokens per forward (profile %s, %.0f ms bound)", cap, opts.profile,
                  opts.max_batch_latency_ms)
     service = VerifierService(target, slots=opts.slots, store=store, max_batch_tokens=cap)
-    running = await start_server([(internal_pb2_grpc.add_VerifierServicer_to_server, service)],
-                                 ["specfleet.api.v1.Verifier"], opts.host, port, opts.token, opts.tls)
+    running = await _start(opts, internal_pb2_grpc.add_VerifierServicer_to_server, service,
+                           "specfleet.api.v1.Verifier", port)
     if opts.verify_stream:
         from specfleet.state.heartbeat import pod_name
         from specfleet.verifier.queue import VerifyConsumer
@@ -142,9 +148,8 @@ async def start_router(opts: ServeOptions, config, port: int = 0, internal_token
     store = await _store(opts)
     service = RouterService(config, store, tokenizer, model_cfg.max_position_embeddings,
                             model_cfg.vocab_size, model_cfg.eos_token_id)
-    running = await start_server([(router_pb2_grpc.add_RouterServicer_to_server, service)],
-                                 ["specfleet.api.v1.Router"], opts.host, port, opts.token, opts.tls,
-                                 RateLimiter(opts.rate_limit_rps, opts.rate_limit_tpm))
+    running = await _start(opts, router_pb2_grpc.add_RouterServicer_to_server, service, "specfleet.api.v1.Router",
+                           port, RateLimiter(opts.rate_limit_rps, opts.rate_limit_tpm))
     service.ensure_discovery()
     await _publish(opts, "router", running, service.snapshot, store=store)
     return running, service

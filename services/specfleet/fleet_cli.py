@@ -61,7 +61,8 @@ async def _serve(args) -> None:
     opts = ServeOptions(args.models, args.redis_url, args.host, tokens or None, args.slots, args.key_prefix,
                         profile=args.profile, max_batch_latency_ms=args.max_batch_latency_ms,
                         max_batch_tokens=args.max_batch_tokens, tls=tls, rate_limit_rps=args.rate_limit_rps,
-                        rate_limit_tpm=args.rate_limit_tpm)
+                        rate_limit_tpm=args.rate_limit_tpm,
+                        health_port=None if args.health_port < 0 else args.health_port)
     if args.role == "drafter":
         running, _ = await fleet.start_drafter(args.pool, opts, args.port)
     elif args.role == "fusion":
@@ -91,7 +92,9 @@ async def _serve(args) -> None:
         http = (server, thread)
         print(f"specfleet router: OpenAI-compatible HTTP on http://{args.host}:{http_port}/v1", flush=True)
     print(f"specfleet {args.role}{' ' + args.pool if args.role == 'drafter' else ''} serving on "
-          f"{args.host}:{running.port}", flush=True)
+          f"{args.host}:{running.port}"
+          + (f" (health checks in plaintext on port {running.health_port})" if running.health_port else ""),
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -356,6 +359,9 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
     p.add_argument("role", choices=ROLES)
     p.add_argument("--host", default="127.0.0.1", help="listen address (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=0, help="listen port (0: any free port, printed at start)")
+    p.add_argument("--health-port", type=int, default=-1,
+                   help="also answer gRPC health checks, and nothing else, in plaintext on --host:PORT: kubelet's "
+                        "gRPC probes cannot present a client certificate to an mTLS port (0: any free port; -1: none)")
     p.add_argument("--http-port", type=int, default=-1,
                    help="router only: also serve the OpenAI-compatible HTTP API (and /metrics) on --host:PORT "
                         "(0: any free port; -1: none)")

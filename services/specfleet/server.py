@@ -128,6 +128,8 @@ class Running:
     service_names: tuple[str, ...] = ()
     publisher: object | None = None  # state.heartbeat.HeartbeatPublisher, when the service reports to Redis
     consumer: object | None = None  # verifier.queue.VerifyConsumer: work taken from a Redis stream
+    health_server: grpc.aio.Server | None = None  # plaintext, health only (kubelet probes of an mTLS service)
+    health_port: int | None = None
 
     async def set_serving(self, serving: bool) -> None:
         """Readiness of every service on this server (a draining pod answers NOT_SERVING, finishing what it has)."""
@@ -143,15 +145,31 @@ class Running:
         if self.publisher is not None:
             await self.publisher.stop()
         await self.server.stop(grace)
+        if self.health_server is not None:  # last: probes see NOT_SERVING while in-flight calls finish
+            await self.health_server.stop(0)
+
+
+async def _start_health_server(health: HealthServicer, address: str) -> tuple[grpc.aio.Server, int]:
+    """A second, plaintext server answering only grpc.health.v1 from the main server's HealthServicer (the same
+    statuses): kubelet's gRPC probes cannot present a client certificate, so an mTLS service is probed here. No
+    other service, no reflection: nothing on this port reads or changes state."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bound = server.add_insecure_port(address)
+    if not bound:
+        raise OSError(f"could not listen on {address} (--health-port)")
+    await server.start()
+    return server, bound
 
 
 async def start_server(add: Sequence[tuple[Callable, object]], service_names: Sequence[str], host: str = "127.0.0.1",
                        port: int = 0, token: str | Sequence[str] | None = None,
                        tls: ServerTls | tuple[bytes, bytes] | None = None,
-                       rate_limiter: RateLimiter | None = None) -> Running:
+                       rate_limiter: RateLimiter | None = None, health_port: int | None = None) -> Running:
     """Starts a grpc.aio server with the given servicers plus health and reflection; port 0 picks a free port.
     `token`: one or several accepted bearer tokens; `tls`: a ServerTls (mTLS when it has a client CA) or
-    (cert, key) PEM bytes; `rate_limiter`: per-caller limits on the router's generation calls.
+    (cert, key) PEM bytes; `rate_limiter`: per-caller limits on the router's generation calls; `health_port`: also
+    answer health checks, and nothing else, in plaintext on host:health_port (0: any free port).
     With tracing on (specfleet.telemetry.configure_tracing, called before), every RPC but health and reflection
     gets a span; tracing comes first so that calls the token check refuses are traced too."""
     # rate limits after the token check (only valid callers use up buckets); innermost: malformed bytes are
@@ -179,6 +197,12 @@ async def start_server(add: Sequence[tuple[Callable, object]], service_names: Se
         raise OSError(f"could not listen on {address}")
     await server.start()
     running = Running(server, bound, health, tuple(service_names))
+    if health_port is not None:
+        try:
+            running.health_server, running.health_port = await _start_health_server(health, f"{host}:{health_port}")
+        except OSError:
+            await server.stop(0)
+            raise
     await running.set_serving(True)
     return running
 

@@ -56,6 +56,10 @@ COMBINATIONS: dict[str, dict] = {
                        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
                            {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}}}},
     "all-namespaces": {"operator": {"watchAllNamespaces": True}},
+    "mtls-cert-manager": {"tls": {"internal": {"enabled": True, "certManager": {
+        "enabled": True, "issuerRef": {"name": "internal-ca", "kind": "ClusterIssuer"}}}}},
+    "mtls-existing-secret": {"tls": {"internal": {"enabled": True, "existingSecret": "my-internal-tls",
+                                                  "serverName": "specfleet.internal"}}},
     "models-pvc": {"models": {"source": "pvc", "claimName": "specfleet-models"},
                    "autoscaling": {"enabled": False}, "telemetry": {"otlpEndpoint": "http://otel:4317"}},
 }

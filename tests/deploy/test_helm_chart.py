@@ -41,6 +41,8 @@ CUSTOM_KINDS = {
     ("kopf.dev/v1", "ClusterKopfPeering"): "kopf's peering CRD in crds/, checked with jsonschema",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "the Prometheus Operator's CRD is not shipped here; "
                                                     "test_service_monitor_scrapes_the_router checks its fields",
+    ("cert-manager.io/v1", "Certificate"): "cert-manager's CRD is not shipped here; "
+                                           "test_cert_manager_issues_the_internal_certificate checks its fields",
 }
 
 
@@ -168,6 +170,9 @@ BAD_VALUES = {
     "writable root filesystem": ({"securityContext": {"readOnlyRootFilesystem": False}},
                                  "/securityContext/readOnlyRootFilesystem"),
     "bad resource quantity": ({"router": {"resources": {"limits": {"memory": "lots"}}}}, "/router/resources"),
+    "typo in tls": ({"tls": {"internal": {"enable": True}}}, "enable"),
+    "bad certificate duration": ({"tls": {"internal": {"certManager": {"duration": "90 days"}}}},
+                                 "/tls/internal/certManager/duration"),
 }
 
 
@@ -187,6 +192,9 @@ RENDER_FAILURES = {
     "min above max": ({"verifier": {"minReplicas": 5, "maxReplicas": 2}}, "minReplicas (5) must be <= maxReplicas"),
     "duplicate pool": ({"drafter": [{"name": "c", "model": "drafter-c", "replicas": 1, "minReplicas": 1,
                                      "maxReplicas": 2}] * 2}, 'pool name "c" appears twice'),
+    "mtls without a certificate": ({"tls": {"internal": {"enabled": True}}}, "tls.internal.existingSecret"),
+    "mtls with cert-manager but no issuer": ({"tls": {"internal": {"enabled": True, "certManager": {"enabled": True}}}},
+                                             "certManager.issuerRef.name"),
 }
 
 

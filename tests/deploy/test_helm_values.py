@@ -329,6 +329,40 @@ def test_helm_test_pod_checks_health_of_every_role_then_generates(rendered):
     compile(health["args"][0], "health-check", "exec")  # the inline script is valid Python
 
 
+def test_cert_manager_issues_the_internal_certificate(rendered):
+    docs = rendered["mtls-cert-manager"]
+    cert = one(docs, "Certificate", "specfleet-internal-tls")
+    spec = cert["spec"]
+    assert spec["secretName"] == "specfleet-internal-tls"
+    assert spec["issuerRef"] == {"name": "internal-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    assert {"server auth", "client auth"} <= set(spec["usages"])
+    assert spec["dnsNames"][0] == "specfleet-internal"  # the name the router checks (it dials pod IPs)
+    assert {"specfleet-verifier", "specfleet-verifier.specfleet-test.svc", "specfleet-drafter-python"} <= set(
+        spec["dnsNames"])
+    assert spec["privateKey"]["rotationPolicy"] == "Always"
+    fleet = one(docs, "SpecFleet")
+    assert fleet["spec"]["tls"] == {"internal": {"secretName": "specfleet-internal-tls",
+                                                 "serverName": "specfleet-internal"}}
+    for name in ("defaults", "mtls-existing-secret"):
+        assert not find(rendered[name], "Certificate"), name
+    assert "tls" not in one(rendered["defaults"], "SpecFleet")["spec"]
+
+
+def test_mtls_with_an_existing_secret_reaches_the_fleet_and_its_health_checks(rendered):
+    docs = rendered["mtls-existing-secret"]
+    assert one(docs, "SpecFleet")["spec"]["tls"] == {"internal": {"secretName": "my-internal-tls",
+                                                                  "serverName": "specfleet.internal"}}
+    # helm test checks the internal roles on their plaintext health-only port, the router on its own
+    health = one(docs, "Pod", "specfleet-test")["spec"]["initContainers"][0]
+    pools = [f"specfleet-drafter-{pool['name']}:50052" for pool in chart_values()["drafter"]]
+    assert health["args"][1:] == ["specfleet-router:50051", "specfleet-fusion:50052", "specfleet-verifier:50052",
+                                  *pools]
+    internal = one(docs, "NetworkPolicy", "specfleet-internal")
+    assert {p["port"] for p in internal["spec"]["ingress"][0]["ports"]} == {"grpc", "health"}
+    internal = one(rendered["defaults"], "NetworkPolicy", "specfleet-internal")
+    assert {p["port"] for p in internal["spec"]["ingress"][0]["ports"]} == {"grpc"}
+
+
 def test_helm_test_arguments_parse_with_the_real_cli():
     from specfleet.sdk.cli import add_client_parser
 

@@ -174,6 +174,46 @@ def test_an_internal_service_with_mtls_serves_only_callers_with_a_client_certifi
     assert results["mtls"] not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
 
 
+def test_an_mtls_service_answers_kubelet_probes_on_a_health_only_plaintext_port(certs, models_dir):
+    # Kubelet's gRPC probes cannot present a client certificate: --health-port serves grpc.health.v1 (the same
+    # statuses, draining included) in plaintext and nothing else.
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    tls = ServerTls.from_files(certs["server"], certs["server_key"], certs["ca"])
+
+    async def check(address: str) -> object:
+        async with grpc.aio.insecure_channel(address) as channel:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+
+    async def run():
+        running, _ = await start_fusion(ServeOptions(models_dir, token=INTERNAL_TOKEN, tls=tls, heartbeat_s=0,
+                                                     health_port=0))
+        main, probe = f"127.0.0.1:{running.port}", f"127.0.0.1:{running.health_port}"
+        results = {"main port, plaintext": await check(main), "health port": await check(probe)}
+        async with grpc.aio.insecure_channel(probe) as channel:  # the health port serves nothing else
+            try:
+                await internal_pb2_grpc.FusionStub(channel).Fuse(
+                    internal_pb2.FuseRequest(request_id="r", max_nodes=4), timeout=5,
+                    metadata=(("authorization", f"Bearer {INTERNAL_TOKEN}"),))
+                results["fuse on the health port"] = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                results["fuse on the health port"] = exc.code()
+        await running.set_serving(False)  # a draining pod
+        results["health port, draining"] = await check(probe)
+        await running.stop(0.2)
+        results["health port, stopped"] = await check(probe)
+        return results
+
+    results = asyncio.run(run())
+    assert results == {"main port, plaintext": grpc.StatusCode.UNAVAILABLE, "health port": "SERVING",
+                       "fuse on the health port": grpc.StatusCode.UNIMPLEMENTED,
+                       "health port, draining": "NOT_SERVING", "health port, stopped": grpc.StatusCode.UNAVAILABLE}
+
+
 def test_tls_options_say_what_is_missing(certs, tmp_path):
     with pytest.raises(ValueError, match="both --tls-cert and --tls-key"):
         ServerTls.from_files(certs["server"], None)

@@ -38,6 +38,7 @@ VARIANTS = {
                                                             "labelSelector": {"matchLabels": {
                                                                 "app.kubernetes.io/component": "verifier"}}}}]}}},
     },
+    "internal-mtls": {"tls": {"internal": {"secretName": "demo-internal-tls"}}, "drafters": POOLS},
 }
 
 
@@ -93,6 +94,38 @@ def test_labels_ports_and_commands_follow_the_contract():
         assert services[name]["spec"]["clusterIP"] == "None"  # headless: dns:/// round robin over pods
     assert verifier_selector("demo") == ("app.kubernetes.io/component=verifier,app.kubernetes.io/instance=demo,"
                                          "app.kubernetes.io/name=specfleet")
+
+
+def test_internal_mtls_mounts_the_secret_and_probes_a_health_only_port():
+    spec = FleetSpec.from_dict("demo", VARIANTS["internal-mtls"])
+    assert spec.internal_tls and spec.internal_server_name == "demo-internal"
+    deployments = by_kind(fleet_manifests(spec), "Deployment")
+    tls = "/etc/specfleet/tls"
+    for name, dep in deployments.items():
+        pod = dep["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert {"name": "internal-tls", "secret": {"secretName": "demo-internal-tls", "defaultMode": 0o440}} in \
+            pod["volumes"], name
+        assert {"name": "internal-tls", "mountPath": tls, "readOnly": True} in container["volumeMounts"], name
+        args = container["args"]
+        if name == "demo-router":  # presents the certificate as its client one, checks the internal name
+            assert args[-8:] == ["--internal-tls-ca", f"{tls}/ca.crt", "--internal-tls-cert", f"{tls}/tls.crt",
+                                 "--internal-tls-key", f"{tls}/tls.key", "--internal-tls-server-name",
+                                 "demo-internal"]
+            assert container["readinessProbe"]["grpc"] == {"port": 50051}
+            continue
+        assert args[-8:] == ["--tls-cert", f"{tls}/tls.crt", "--tls-key", f"{tls}/tls.key", "--tls-client-ca",
+                             f"{tls}/ca.crt", "--health-port", "50052"], name
+        assert ("health", 50052) in [(p["name"], p["containerPort"]) for p in container["ports"]], name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # kubelet can't present a client cert
+            assert container[probe]["grpc"] == {"port": 50052}, (name, probe)
+    named = FleetSpec.from_dict("demo", {"tls": {"internal": {"secretName": "s", "serverName": "x.internal"}}})
+    router = by_kind(fleet_manifests(named), "Deployment")["demo-router"]["spec"]["template"]["spec"]["containers"][0]
+    assert router["args"][-1] == "x.internal"
+    plain = by_kind(fleet_manifests(FleetSpec.from_dict("demo", {})), "Deployment")
+    for dep in plain.values():
+        container = dep["spec"]["template"]["spec"]["containers"][0]
+        assert not any(a.startswith(("--tls", "--internal-tls", "--health-port")) for a in container["args"])
 
 
 def test_security_context_tmp_and_gpu():

@@ -173,3 +173,25 @@ Renders nothing; fails the install with a message naming the value to fix.
 {{- $_ := set $seen .name true -}}
 {{- end -}}
 {{- end }}
+
+{{/*
+The kubernetes.io/tls Secret of the internal mTLS (empty when tls.internal is off): existingSecret, else the one the
+chart's cert-manager Certificate writes. Fails when mTLS is on with neither.
+*/}}
+{{- define "specfleet.internalTlsSecretName" -}}
+{{- $tls := .Values.tls.internal -}}
+{{- if $tls.enabled -}}
+{{- if $tls.existingSecret -}}
+{{- $tls.existingSecret -}}
+{{- else if and $tls.certManager.enabled $tls.certManager.issuerRef.name -}}
+{{- printf "%s-internal-tls" (include "specfleet.fullname" .) -}}
+{{- else -}}
+{{- fail "tls.internal.enabled needs a certificate: set tls.internal.existingSecret to a kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt), or tls.internal.certManager.enabled=true with tls.internal.certManager.issuerRef.name" -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
+{{/* The DNS name the router checks on the internal certificates. */}}
+{{- define "specfleet.internalTlsServerName" -}}
+{{- default (printf "%s-internal" (include "specfleet.fleetName" .)) .Values.tls.internal.serverName -}}
+{{- end }}

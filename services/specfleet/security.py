@@ -7,12 +7,16 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import logging
 import os
 import secrets
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
+
+log = logging.getLogger(__name__)
 
 TOKEN_ENV, INTERNAL_TOKEN_ENV = "SPECFLEET_TOKEN", "SPECFLEET_INTERNAL_TOKEN"
 TOKEN_FILE_ENV, INTERNAL_TOKEN_FILE_ENV = "SPECFLEET_TOKEN_FILE", "SPECFLEET_INTERNAL_TOKEN_FILE"
@@ -78,13 +82,27 @@ def _read_pem(path: str | Path | None, what: str) -> bytes | None:
     return data
 
 
+def _stamp(paths: tuple[Path | None, ...]) -> tuple | None:
+    """What changes when any of the files is replaced (a Kubernetes Secret volume swaps a symlink: new inode), or
+    None when one cannot be read right now."""
+    try:
+        return tuple(None if p is None else (lambda st: (st.st_ino, st.st_mtime_ns, st.st_size))(p.stat())
+                     for p in paths)
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class ServerTls:
-    """A server's certificate and key; with `client_ca`, callers must present a certificate signed by it (mTLS)."""
+    """A server's certificate and key; with `client_ca`, callers must present a certificate signed by it (mTLS).
+    Made from files (`from_files`), it re-reads them when they change, so a renewed certificate (cert-manager
+    rewriting a mounted Secret) serves new handshakes without a restart; a half-written or invalid set is ignored
+    and the last good one kept."""
 
     cert: bytes
     key: bytes
     client_ca: bytes | None = None
+    paths: tuple[Path | None, Path | None, Path | None] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_files(cls, cert: str | Path | None, key: str | Path | None,
@@ -96,11 +114,43 @@ class ServerTls:
         if cert is None or key is None:
             raise ValueError("give both --tls-cert and --tls-key (PEM files), or neither")
         return cls(_read_pem(cert, "TLS certificate"), _read_pem(key, "TLS key"),
-                   _read_pem(client_ca, "client CA certificate"))
+                   _read_pem(client_ca, "client CA certificate"),
+                   paths=(Path(cert), Path(key), None if client_ca is None else Path(client_ca)))
+
+    def _configuration(self, cert: bytes, key: bytes, ca: bytes | None):
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.client_ca,
-                                           require_client_auth=self.client_ca is not None)
+        require = self.client_ca is not None
+        if self.paths is None:
+            return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.client_ca,
+                                               require_client_auth=require)
+        paths, lock = self.paths, threading.Lock()
+        seen = {"stamp": _stamp(paths)}
+
+        def fetch():  # called by gRPC before each handshake: a stat of three files, a read only when they changed
+            stamp = _stamp(paths)
+            if stamp is None or stamp == seen["stamp"]:
+                return None
+            with lock:
+                if stamp == seen["stamp"]:
+                    return None
+                try:
+                    cert, key = _read_pem(paths[0], "TLS certificate"), _read_pem(paths[1], "TLS key")
+                    ca = _read_pem(paths[2], "client CA certificate")
+                    if require and ca is None:
+                        raise ValueError("the client CA is gone")
+                    config = self._configuration(cert, key, ca)
+                except Exception as exc:  # keep serving with the last good set (and say so once per change)
+                    seen["stamp"] = stamp
+                    log.warning("TLS files changed but cannot be used (%s); keeping the last certificate", exc)
+                    return None
+                seen["stamp"] = stamp
+                log.info("TLS certificate reloaded from %s", paths[0])
+                return config
+
+        return grpc.dynamic_ssl_server_credentials(self._configuration(self.cert, self.key, self.client_ca),
+                                                   fetch, require_client_authentication=require)
 
 
 @dataclass(frozen=True)
@@ -113,6 +163,8 @@ class ChannelTls:
     cert: bytes | None = None
     key: bytes | None = None
     server_name: str | None = None
+    paths: tuple[Path | None, Path | None, Path | None] | None = field(default=None, compare=False, repr=False)
+    stamp: tuple | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_files(cls, ca: str | Path | None, cert: str | Path | None = None, key: str | Path | None = None,
@@ -122,8 +174,29 @@ class ChannelTls:
         if (cert is None) != (key is None):
             raise ValueError("give both --internal-tls-cert and --internal-tls-key (the router's client "
                              "certificate), or neither")
+        paths = tuple(None if p is None else Path(p) for p in (ca, cert, key))
+        stamp = _stamp(paths)
         return cls(_read_pem(ca, "internal CA certificate"), _read_pem(cert, "internal client certificate"),
-                   _read_pem(key, "internal client key"), server_name or None)
+                   _read_pem(key, "internal client key"), server_name or None, paths, stamp)
+
+    def reloaded(self) -> ChannelTls | None:
+        """The files as they are now, when they were replaced since these were read (a renewed certificate), else
+        None (also while one cannot be read). Replaced files that are not PEM give this one's contents back, with the
+        new stamp, so the warning comes once. Compare the result with this one (`!=` compares contents) to know
+        whether anything but the files' identity changed."""
+        if self.paths is None:
+            return None
+        stamp = _stamp(self.paths)
+        if stamp is None or stamp == self.stamp:
+            return None
+        try:
+            fresh = replace(self, ca=_read_pem(self.paths[0], "internal CA certificate"),
+                            cert=_read_pem(self.paths[1], "internal client certificate"),
+                            key=_read_pem(self.paths[2], "internal client key"), stamp=stamp)
+        except ValueError as exc:  # the same contents under the new stamp: said once, nothing rebuilt
+            log.warning("internal TLS files changed but cannot be used (%s); keeping the last ones", exc)
+            return replace(self, stamp=stamp)
+        return fresh
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,

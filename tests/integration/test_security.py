@@ -214,6 +214,84 @@ def test_an_mtls_service_answers_kubelet_probes_on_a_health_only_plaintext_port(
                        "health port, draining": "NOT_SERVING", "health port, stopped": grpc.StatusCode.UNAVAILABLE}
 
 
+CERT_FILES = ("ca.pem", "server.pem", "server-key.pem", "client.pem", "client-key.pem")
+
+
+def _mounted_certs(folder: Path, version: str) -> dict[str, Path]:
+    """Certificates laid out as Kubernetes mounts a Secret: each file a symlink into `..data`, itself a symlink to a
+    versioned folder, which a renewal swaps in one rename (so a reader never sees half a set)."""
+    made = write_dev_certs(folder / version, days=1)
+    link = folder / "..data.tmp"
+    link.symlink_to(version)
+    os.replace(link, folder / "..data")
+    for name in CERT_FILES:
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(Path("..data") / name)
+    return {key: folder / path.name for key, path in made.items()}
+
+
+def _client(certs: dict[str, Path]) -> ChannelTls:
+    return ChannelTls.from_files(certs["ca"], certs["client"], certs["client_key"])
+
+
+def test_a_renewed_certificate_is_served_and_presented_without_a_restart(tmp_path, models_dir, load_model, tokenizer):
+    # cert-manager rewrites the mounted Secret: the internal services serve the new certificate on new handshakes
+    # and the router rebuilds its channels with the new client certificate; generation goes on, output unchanged.
+    mounted = _mounted_certs(tmp_path, "v1")
+    old = {k: Path(os.path.realpath(v)).read_bytes() for k, v in mounted.items()}
+    prefix = f"sftest-rot-{uuid.uuid4().hex[:8]}"
+    opts = ServeOptions(models_dir, redis_url=REDIS_URL, key_prefix=prefix, slots=4, token="public-token")
+    server_tls = ServerTls.from_files(mounted["server"], mounted["server_key"], mounted["ca"])
+    prompt = "def parse_args(argv):\n    "
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        expected = load_model("target").generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
+    try:
+        with LocalFleet(opts, pools=("suffix", "ngram"), adaptive=False, internal_token=INTERNAL_TOKEN,
+                        internal_tls=server_tls, internal_client_tls=_client(mounted)) as fleet:
+            def generated() -> list[int]:
+                replies = asyncio.run(_generate(fleet.router_address, "public-token", prompt=prompt,
+                                                max_new_tokens=12))
+                return [t for m in replies for t in m.token_ids]
+
+            assert generated() == expected.tolist()
+            old_client = ChannelTls(old["ca"], old["client"], old["client_key"])
+            _mounted_certs(tmp_path, "v2")  # a new CA, so that the old client certificate is refused from now on
+            fusion = f"127.0.0.1:{fleet.servers[list(fleet.services).index('fusion')].port}"
+
+            async def health(tls: ChannelTls) -> bool:
+                try:
+                    await wait_healthy(fusion, 3, tls=tls)
+                    return True
+                except TimeoutError:
+                    return False
+
+            assert asyncio.run(health(_client(mounted)))  # the new certificate on the next handshake
+            assert not asyncio.run(health(old_client))
+            router = fleet.services["router"]
+            deadline = time.monotonic() + 10
+            while router.config.internal_tls.ca == old["ca"] and time.monotonic() < deadline:
+                time.sleep(0.2)  # the router's discovery loop (every second) notices the new files
+            assert router.config.internal_tls.ca != old["ca"]
+            assert generated() == expected.tolist()
+            # a broken renewal (a certificate that is not PEM) is ignored: the last good one stays in use
+            current = _client(mounted)
+            broken = tmp_path / "v3"
+            broken.mkdir()
+            for name in CERT_FILES:
+                (broken / name).write_bytes(b"not a certificate" if name == "server.pem" else
+                                            (tmp_path / "v2" / name).read_bytes())
+            (tmp_path / "..data.tmp").symlink_to("v3")
+            os.replace(tmp_path / "..data.tmp", tmp_path / "..data")
+            assert asyncio.run(health(current))
+            assert generated() == expected.tolist()
+    finally:
+        r = redis.Redis.from_url(REDIS_URL)
+        keys = list(r.scan_iter(f"{prefix}:*"))
+        if keys:
+            r.delete(*keys)
+
+
 def test_tls_options_say_what_is_missing(certs, tmp_path):
     with pytest.raises(ValueError, match="both --tls-cert and --tls-key"):
         ServerTls.from_files(certs["server"], None)

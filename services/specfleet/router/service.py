@@ -68,6 +68,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         metadata = (("authorization", f"Bearer {config.internal_token}"),) if config.internal_token else ()
         self._metadata = metadata
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retiring: set[asyncio.Task] = set()  # closing channels made with replaced TLS credentials
         names = list(config.drafters) or ["none"]
         # drafter pools run side by side (separate services): a level costs one pool's step, not the sum; without
         # adaptive control every round drafts k_max levels, with the drafters still chosen by expertise routing
@@ -127,8 +128,32 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
             self.queue_stats = await self.store.queue_stats(VERIFY_STREAM, VERIFY_GROUP)
 
+    def reload_tls(self) -> bool:
+        """A renewed internal certificate (its files replaced, e.g. cert-manager rewriting the mounted Secret) is
+        used from here on: new channels are made with it; the old ones are closed once the calls on them have had
+        their deadline. Returns whether the credentials changed."""
+        tls = self.config.internal_tls
+        fresh = tls.reloaded() if tls is not None else None
+        if fresh is None:
+            return False
+        self.config.internal_tls = fresh
+        if fresh == tls:  # touched, same contents
+            return False
+        old, self._channels = self._channels, {}
+        log.info("internal TLS credentials changed: new channels to %d internal services", len(old))
+
+        async def close_later() -> None:
+            await asyncio.sleep(self.config.rpc_timeout_s + 1.0)
+            for channel in old.values():
+                await channel.close()
+
+        self._retiring.add(task := asyncio.get_running_loop().create_task(close_later()))
+        task.add_done_callback(self._retiring.discard)
+        return True
+
     async def _discover_loop(self) -> None:
         while True:
+            self.reload_tls()
             try:
                 await self.refresh_members()
             except asyncio.CancelledError:
@@ -183,6 +208,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await self.queue.close()
         for channel in self._channels.values():
             await channel.close()
+        for task in list(self._retiring):
+            task.cancel()
 
     # ------------------------------------------------------------------ validation
 

@@ -59,11 +59,15 @@ class RateLimiter:
     seen forgotten first (callers are authenticated tokens, so in practice all of them fit)."""
 
     def __init__(self, rps: float = 0.0, tpm: float = 0.0, clock: Callable[[], float] = time.monotonic,
-                 max_callers: int = 10_000):
+                 max_callers: int = 10_000, max_requests: int = 100_000):
         if rps < 0 or tpm < 0 or not (math.isfinite(rps) and math.isfinite(tpm)):
             raise ValueError(f"rate limits must be finite numbers >= 0 (0: off), got rps={rps} tpm={tpm}")
         self.rps, self.tpm, self.clock, self.max_callers = float(rps), float(tpm), clock, max_callers
+        self.max_requests = max_requests
         self._callers: OrderedDict[str, tuple[TokenBucket | None, TokenBucket | None]] = OrderedDict()
+        # (caller, request id) -> completion tokens already charged: a resumed request replays what it has from
+        # offset 0, and those tokens were paid for when they were generated
+        self._charged: OrderedDict[tuple[str, str], int] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
@@ -101,6 +105,25 @@ class RateLimiter:
         _, tokens = self._buckets(key, now)
         tokens.charge(generated, now)
 
+    def charge_completion(self, key: str, request_id: str, end: int) -> None:
+        """Counts a request's completion up to position `end` (a reply's offset + its tokens), charging only what
+        this caller was not charged for before under this request id: replayed tokens of a resumed request are free.
+        The least recently charged of `max_requests` requests are forgotten first."""
+        if self.tpm <= 0:
+            return
+        if not request_id:
+            self.charge(key, end)
+            return
+        slot = (key, request_id)
+        before = self._charged.get(slot, 0)
+        if end > before:
+            self.charge(key, end - before)
+            self._charged[slot] = end
+        if slot in self._charged:
+            self._charged.move_to_end(slot)
+        while len(self._charged) > self.max_requests:
+            self._charged.popitem(last=False)
+
     def __len__(self) -> int:
         return len(self._callers)
 
@@ -121,9 +144,17 @@ def _refusal(wait: float, which: str) -> tuple[str, tuple]:
             (("retry-after", str(seconds)),))
 
 
+def _charge(limiter: RateLimiter, key: str, reply) -> None:
+    """A reply's tokens, by their place in the completion (GenerateResponse.offset), so a replay is not paid twice."""
+    tokens = len(getattr(reply, "token_ids", ()))
+    if tokens:
+        limiter.charge_completion(key, getattr(reply, "request_id", ""), getattr(reply, "offset", 0) + tokens)
+
+
 class RateLimit(grpc.aio.ServerInterceptor):
     """Applies a RateLimiter to the router's generation calls; runs after the token check, so only callers with a
-    valid token use up buckets. Generated tokens are counted from the replies' `token_ids`."""
+    valid token use up buckets. Generated tokens are counted from the replies' `token_ids` at their `offset`: the
+tokens a resumed request replays were counted when they were generated (by this router replica)."""
 
     def __init__(self, limiter: RateLimiter, methods: tuple[str, ...] = LIMITED_METHODS):
         self.limiter, self.methods = limiter, methods
@@ -148,7 +179,7 @@ class RateLimit(grpc.aio.ServerInterceptor):
             async def limited_stream(request, context):
                 key = await admit(context)
                 async for message in stream(request, context):
-                    limiter.charge(key, len(getattr(message, "token_ids", ())))
+                    _charge(limiter, key, message)
                     yield message
 
             return grpc.unary_stream_rpc_method_handler(limited_stream, handler.request_deserializer,
@@ -158,7 +189,7 @@ class RateLimit(grpc.aio.ServerInterceptor):
         async def limited(request, context):
             key = await admit(context)
             reply = await unary(request, context)
-            limiter.charge(key, len(getattr(reply, "token_ids", ())))
+            _charge(limiter, key, reply)
             return reply
 
         return grpc.unary_unary_rpc_method_handler(limited, handler.request_deserializer, handler.response_serializer)

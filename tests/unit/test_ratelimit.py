@@ -72,6 +72,40 @@ def test_generated_tokens_per_minute():
     assert limiter.admit("a")[0] == 0.0
 
 
+def test_a_resumed_request_pays_only_for_tokens_it_did_not_have():
+    clock = Clock()
+    limiter = RateLimiter(tpm=60, clock=clock, max_requests=2)
+    limiter.charge_completion("a", "r1", 10)  # tokens 0..9 streamed
+    limiter.charge_completion("a", "r1", 20)  # 10..19
+    level = lambda: limiter._buckets("a", clock.now)[1].level  # noqa: E731
+    assert level() == pytest.approx(40)
+    limiter.charge_completion("a", "r1", 20)  # the client resumed: 0..19 replayed from offset 0, free
+    limiter.charge_completion("a", "r1", 25)  # then 5 new ones
+    assert level() == pytest.approx(35)
+    limiter.charge_completion("b", "r1", 5)  # the same id from another caller is another request
+    assert level() == pytest.approx(35)
+    limiter.charge_completion("a", "", 3)  # no id: charged as it comes
+    assert level() == pytest.approx(32)
+    limiter.charge_completion("a", "r2", 1)
+    limiter.charge_completion("a", "r3", 1)  # bounded: r1 (least recently charged) is forgotten
+    assert ("a", "r1") not in limiter._charged and len(limiter._charged) == 2
+
+
+def test_replies_are_charged_by_their_place_in_the_completion():
+    from specfleet.api.v1 import router_pb2
+    from specfleet.ratelimit import _charge
+
+    clock = Clock()
+    limiter = RateLimiter(tpm=60, clock=clock)
+    stream = [router_pb2.GenerateResponse(request_id="r", offset=i * 4, token_ids=[1, 2, 3, 4]) for i in range(3)]
+    for reply in stream:
+        _charge(limiter, "a", reply)
+    replay = router_pb2.GenerateResponse(request_id="r", offset=0, token_ids=[1] * 12)  # the resumed stream
+    _charge(limiter, "a", replay)
+    _charge(limiter, "a", router_pb2.GenerateResponse(request_id="r", offset=12, token_ids=[5, 6], finished=True))
+    assert limiter._buckets("a", clock.now)[1].level == pytest.approx(60 - 14)
+
+
 def test_a_caller_refused_for_tokens_keeps_its_requests():
     clock = Clock()
     limiter = RateLimiter(rps=1, tpm=60, clock=clock)

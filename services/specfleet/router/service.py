@@ -267,21 +267,22 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if not trees:
             return TokenTree.empty(), time.perf_counter() - start
         if len(trees) == 1 or self.config.fusion is None:
-            tree = tree_from_pb(trees[0], self.vocab_size)
-            tree = TokenTree(tree.tokens, tree.parents, tree.probs, None, tuple((names[0],) for _ in range(len(tree))))
-        else:
-            stub = internal_pb2_grpc.FusionStub(self._channel(self.config.fusion))
-            try:
-                fused = await stub.Fuse(internal_pb2.FuseRequest(request_id=rid, drafts=trees, drafters=names,
-                                                                 max_nodes=self.config.max_fused_nodes),
-                                        timeout=self.config.rpc_timeout_s, metadata=self._metadata)
-                tree = tree_from_pb(fused.tree, self.vocab_size)
-            except grpc.aio.AioRpcError as exc:  # fusion down costs speed, never output: the best-routed draft alone
-                log.warning("fusion failed for %s: %s; using the %s draft alone", rid, exc.code().name, names[0])
-                tree = tree_from_pb(trees[0], self.vocab_size)
-                tree = TokenTree(tree.tokens, tree.parents, tree.probs, None,
-                                 tuple((names[0],) for _ in range(len(tree))))
+            return self._single_draft(trees[0], names[0]), time.perf_counter() - start
+        stub = internal_pb2_grpc.FusionStub(self._channel(self.config.fusion))
+        try:
+            fused = await stub.Fuse(internal_pb2.FuseRequest(request_id=rid, drafts=trees, drafters=names,
+                                                             max_nodes=self.config.max_fused_nodes),
+                                    timeout=self.config.rpc_timeout_s, metadata=self._metadata)
+            tree = tree_from_pb(fused.tree, self.vocab_size)
+        except grpc.aio.AioRpcError as exc:  # fusion down costs speed, never output: the best-routed draft alone
+            log.warning("fusion failed for %s: %s; using the %s draft alone", rid, exc.code().name, names[0])
+            tree = self._single_draft(trees[0], names[0])
         return tree, time.perf_counter() - start
+
+    def _single_draft(self, draft: internal_pb2.TokenTree, pool: str) -> TokenTree:
+        """One pool's draft as the round's tree, every node credited to that pool (acceptance per pool)."""
+        tree = tree_from_pb(draft, self.vocab_size)
+        return TokenTree(tree.tokens, tree.parents, tree.probs, None, tuple((pool,) for _ in range(len(tree))))
 
     def _pools_for(self, rid: str, rnd: int, routed: list[str], asked: list[str]) -> list[str]:
         """The pools that draft this round: the routed ones (expertise routing), or, with routing off, one pool

@@ -38,6 +38,10 @@ class ServeOptions:
     rate_limit_rps: float = 0.0  # router: requests per second per caller token (0: no limit)
     rate_limit_tpm: float = 0.0  # router: generated tokens per minute per caller token (0: no limit)
     verify_stream: bool = True  # verifier: also take rounds from the Redis stream `{prefix}:stream:verify`
+    # verifier: the most stream rounds it holds at once (at most `slots`). The rest wait in the stream, first come first
+    # served across verifiers and visible to the operator as depth: a verifier that took more than its next forwards
+    # can use would have them wait inside it, where the router's timeout and other verifiers' reclaims find them
+    verify_intake: int = 32
     health_port: int | None = None  # also answer health checks (only) in plaintext here: kubelet probes under mTLS
 
 
@@ -127,7 +131,8 @@ async def start_verifier(opts: ServeOptions, port: int = 0) -> tuple[Running, ob
         from specfleet.verifier.queue import VerifyConsumer
 
         consumer = opts.pod or pod_name("verifier", running.port)
-        running.consumer = service.consumer = VerifyConsumer(service, store, consumer, capacity=opts.slots).start()
+        intake = max(1, min(opts.slots, opts.verify_intake))
+        running.consumer = service.consumer = VerifyConsumer(service, store, consumer, capacity=intake).start()
     await _publish(opts, "verifier", running, service.snapshot, store=store)
     return running, service
 

@@ -62,7 +62,8 @@ async def _serve(args) -> None:
                         profile=args.profile, max_batch_latency_ms=args.max_batch_latency_ms,
                         max_batch_tokens=args.max_batch_tokens, tls=tls, rate_limit_rps=args.rate_limit_rps,
                         rate_limit_tpm=args.rate_limit_tpm,
-                        health_port=None if args.health_port < 0 else args.health_port)
+                        health_port=None if args.health_port < 0 else args.health_port,
+                        verify_intake=args.verify_intake)
     if args.role == "drafter":
         running, _ = await fleet.start_drafter(args.pool, opts, args.port)
     elif args.role == "fusion":
@@ -108,6 +109,8 @@ async def _serve(args) -> None:
 
 
 def cmd_serve(args) -> int:
+    if args.verify_intake < 1:
+        sys.exit(f"error: --verify-intake must be >= 1 (rounds a verifier holds at once), got {args.verify_intake}")
     if args.role == "drafter" and not args.pool:
         sys.exit(f"error: serve drafter needs --pool (one of {', '.join(DRAFTER_POOLS + MODEL_FREE_POOLS)})")
     if args.role == "router" and not args.verifiers:
@@ -423,6 +426,9 @@ def add_parsers(sub, fmt, models_default: Path) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=0,
                    help="verifier only: at most this many tokens per forward (0: the profile's cap, or none)")
     p.add_argument("--slots", type=int, default=32, help="requests with a KV cache per drafter / verifier")
+    p.add_argument("--verify-intake", type=int, default=32,
+                   help="verifier only: the most rounds it takes from the verify stream at once (at most --slots); "
+                        "the rest wait in the stream, first come first served across verifiers")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
     _tracing_flags(p, "this service")
     p.set_defaults(func=cmd_serve)

@@ -155,6 +155,67 @@ def test_admission_refuses_new_requests_while_the_verify_queue_is_behind(fleet, 
     assert run_all(fleet.router_address, prompt_ids[:1], None) == greedy_refs[:1]
 
 
+def test_a_round_waiting_its_turn_keeps_its_place_past_the_rpc_timeout(fleet, prompt_ids, greedy_refs):
+    """Overload: a round still in the stream when the router's rpc timeout passes is not lost, so it keeps its
+    place (up to the caller's deadline) instead of failing the request back to the end of the line; a round a
+    verifier took and never answered still fails at the timeout."""
+    if fleet.verify_queue != "stream":
+        pytest.skip("waiting in line is a property of the stream queue")
+    from specfleet.verifier.queue import VerifyConsumer
+
+    verifiers = [fleet.services[f"verifier-{i}"] for i in range(2)]
+
+    async def stop():
+        for v in verifiers:
+            await v.consumer.stop()
+
+    async def restart(tag: str):
+        for i, v in enumerate(verifiers):
+            v.consumer = VerifyConsumer(v, v.store, f"verifier-{i}-{tag}", capacity=8).start()
+
+    fleet.run(stop())  # the verifiers are all busy: nobody reads the stream for a while
+    ids = prompt_ids[2]
+
+    async def scenario():
+        store = StateStore(connect(REDIS_URL), prefix=fleet.opts.key_prefix)
+        client = VerifyQueueClient(store, name=f"test-{uuid.uuid4().hex[:8]}")
+        try:
+            def round0(rid):
+                return internal_pb2.VerifyRequest(request_id=rid, round=0, context=ids, prompt_len=len(ids),
+                                                  tree=tree_to_pb(_empty_tree()),
+                                                  sampling=sampling_to_pb(SamplingParams()), max_new_tokens=4)
+
+            rid = uuid.uuid4().hex
+            await store.create_request(rid, ids, {"max_new_tokens": 4})
+            waiting = asyncio.get_running_loop().create_task(client.verify(round0(rid), 0.5, wait_s=30))
+            await asyncio.sleep(2.0)  # four timeouts' worth in line
+            assert not waiting.done()
+            await asyncio.to_thread(fleet.run, restart("line"))  # on the fleet's own loop
+            reply = await asyncio.wait_for(waiting, 30)
+            assert list(reply.token_ids) == greedy_refs[2][:1] and client.kept_place >= 3
+            # taken and never answered (a ghost consumer, which keeps it claimed): fails at the timeout
+            ghost = uuid.uuid4().hex
+            await store.create_request(ghost, ids, {"max_new_tokens": 4})
+            await asyncio.to_thread(fleet.run, stop())
+            task = asyncio.get_running_loop().create_task(client.verify(round0(ghost), 0.5, wait_s=30))
+            await asyncio.sleep(0.1)
+            taken = await store.consume(VERIFY_STREAM, VERIFY_GROUP, "ghost", count=1)
+            assert taken
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await asyncio.wait_for(task, 10)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "of taking it" in info.value.details()
+            await store.ack(VERIFY_STREAM, VERIFY_GROUP, [taken[0][0]])
+        finally:
+            await client.close()
+            await store.redis.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        fleet.run(restart("after"))
+    assert run_all(fleet.router_address, prompt_ids[:1], None) == greedy_refs[:1]
+
+
 def test_two_rounds_of_one_request_in_one_batch_are_verified_in_turn(fleet, prompt_ids, greedy_refs):
     """A round and the DSI round speculated after it can reach one verifier together: they share the request's KV
     slot, so the batch is split; each verdict equals the target's greedy continuation of its own context."""

@@ -5,6 +5,7 @@ verify and commit the round, and streams the committed tokens. A retried request
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import time
@@ -27,6 +28,9 @@ from specfleet.wire import replayed_round, sampling_to_pb, tree_from_pb, tree_to
 
 log = logging.getLogger("specfleet.router")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# when the caller's call ends (its gRPC deadline; monotonic clock), for the rounds made on its behalf: a round waiting
+# its turn in the verify stream keeps its place until then (at most FleetConfig.max_round_wait_s)
+_CALLER_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("caller_deadline", default=None)
 SUSPECT_S = 10.0  # a verifier that just failed or timed out is tried last this long (a heartbeat's lifetime)
 MIN_TEMPERATURE = 1e-4  # below this (but > 0) logits / temperature overflow float32 and sampling yields NaN
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256  # each stop string is searched for after every round
@@ -56,6 +60,9 @@ class FleetConfig:
     # admission by queue wait (stream queue): while the oldest round waiting in the verify stream is older than
     # this, new requests get RESOURCE_EXHAUSTED at once instead of queueing behind it (0: off)
     max_queue_wait_ms: float = 0.0
+    # stream queue: a round still waiting its turn after rpc_timeout_s keeps its place up to the caller's deadline,
+    # and at most this long without one (under overload, failing it would send the request to the back of the line)
+    max_round_wait_s: float = 600.0
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -330,7 +337,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                          tree=tree_to_pb(tree), sampling=sampling_to_pb(params),
                                          max_new_tokens=remaining, ignore_eos=ignore_eos, speculative=speculative)
         if self.queue is not None:  # any verifier takes it from the stream; a dead one's is reclaimed
-            return await self.queue.verify(msg, self.config.rpc_timeout_s)
+            return await self.queue.verify(msg, self.config.rpc_timeout_s, self._round_wait_s())
         order = self._verifiers_for(rid)
         if speculative and len(order) > 1:  # the request's own verifier has the round before this one
             order = order[1:] + order[:1]
@@ -345,6 +352,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 self._suspect[address] = time.monotonic() + SUSPECT_S
                 last = exc
         raise last  # type: ignore[misc]
+
+    def _round_wait_s(self) -> float:
+        """How long a round may wait its turn in the verify stream: until the caller's deadline, if it gave one."""
+        deadline = _CALLER_DEADLINE.get()
+        cap = self.config.max_round_wait_s
+        return cap if deadline is None else max(0.0, min(cap, deadline - time.monotonic()))
 
     def _dsi_on(self) -> bool:
         return self.config.dsi and len(self._replicas("verifier", self.config.verifiers)) >= 2
@@ -536,6 +549,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                 f"the verifiers are behind: a round has waited {waited} ms in the verify queue (limit "
                                 f"{self.config.max_queue_wait_ms:g} ms); retry later")
         self.live += 1
+        remaining = context.time_remaining()
+        _CALLER_DEADLINE.set(None if remaining is None else time.monotonic() + remaining)
         try:
             async for message in self._run(request, context):
                 yield message

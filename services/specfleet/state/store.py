@@ -348,6 +348,16 @@ class StateStore:
                 pipe.xdel(key, *ids)
             await pipe.execute()
 
+    async def in_line(self, name: str, group: str, entry_id: str) -> bool:
+        """Whether a job is still in the stream and no consumer of `group` has taken it yet: waiting its turn (an
+        answered job is deleted; a taken one is pending)."""
+        key = self.keys.stream(name)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xrange(key, entry_id, entry_id, count=1)
+            pipe.xpending_range(key, group, min=entry_id, max=entry_id, count=1)
+            found, taken = await pipe.execute()
+        return bool(found) and not taken
+
     async def keep_claims(self, name: str, group: str, consumer: str, ids: Sequence[str]) -> None:
         """Resets the idle time of jobs `consumer` holds (XCLAIM ... JUSTID to itself): a busy consumer's jobs are
         not reclaimed by others; a dead or stopped one's go idle and are."""

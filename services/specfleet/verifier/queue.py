@@ -1,10 +1,11 @@
 """Verification work through a Redis stream with a consumer group (`{prefix}:stream:verify`, group `verifiers`).
 
-The router appends a `VerifyJob` per round and waits for the `VerifyReply` on its own reply stream; every verifier
-reads jobs while it has room in its batch (so a job waits in the stream, visible to the operator as queue depth,
-rather than in one verifier's memory), answers and acknowledges each in one transaction, and reclaims jobs another
-verifier took and left unacknowledged for `claim_idle_ms` (it died or hangs). A reclaimed round may be verified
-twice; the commit is idempotent per (request, round), so it commits once and both answers carry the same tokens."""
+The router appends a `VerifyJob` per round and waits for the `VerifyReply` on its own reply stream. Every verifier
+reads jobs while it holds fewer than its intake (`--verify-intake`), so a job waits in the stream rather than in one
+verifier's memory: visible to the operator as queue depth, first come first served across verifiers. It answers and
+acknowledges each job in one transaction, and reclaims jobs another verifier took and left unacknowledged for
+`claim_idle_ms` (it died or hangs). A reclaimed round may be verified twice; the commit is idempotent per (request,
+round), so it commits once and both answers carry the same tokens."""
 
 from __future__ import annotations
 
@@ -176,8 +177,13 @@ class VerifyQueueClient:
         self._waiting: dict[str, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
         self._closed = False
+        self.kept_place = 0  # rounds that outlived timeout_s waiting their turn and kept their place
 
-    async def verify(self, request: internal_pb2.VerifyRequest, timeout_s: float) -> internal_pb2.VerifyResponse:
+    async def verify(self, request: internal_pb2.VerifyRequest, timeout_s: float,
+                     wait_s: float | None = None) -> internal_pb2.VerifyResponse:
+        """The round's answer. `timeout_s` bounds the round once a verifier has taken it (a hung one's is reclaimed
+        by another anyway); while it is still waiting its turn in the stream it is not lost, so it keeps its place
+        for up to `wait_s` in all (the caller's own deadline), instead of failing and rejoining at the back."""
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_loop())
         job_id = uuid.uuid4().hex
@@ -185,16 +191,28 @@ class VerifyQueueClient:
         self._waiting[job_id] = future
         span = QueueSpan(SpanKind.PRODUCER, VERIFY_STREAM, request)
         entry, code, failure, reply = None, None, None, None
+        limit_s = max(timeout_s, wait_s or 0.0)
+        give_up = time.monotonic() + limit_s
         try:
             job = internal_pb2.VerifyJob(request=request, reply_to=self.reply_to, job_id=job_id, trace=span.fields(),
-                                         deadline_ms=int((time.time() + timeout_s) * 1000))
+                                         deadline_ms=int((time.time() + limit_s) * 1000))
             entry = await self.store.enqueue(VERIFY_STREAM, job.SerializeToString())
-            try:
-                reply = await asyncio.wait_for(future, timeout_s)
-            except TimeoutError:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-                raise _rpc_error(code, f"no verifier answered round {request.round} of {request.request_id} within "
-                                       f"{timeout_s:g} s") from None
+            chunk_s, waited_in_line, taken_late = timeout_s, False, False
+            while reply is None:
+                try:
+                    reply = await asyncio.wait_for(asyncio.shield(future), chunk_s)
+                except TimeoutError:
+                    left = give_up - time.monotonic()
+                    if left > 0 and await self._in_line(entry):
+                        self.kept_place += 1
+                        chunk_s, waited_in_line = min(timeout_s, left), True
+                        continue
+                    if waited_in_line and not taken_late:  # taken since the last look, under timeout_s ago: it
+                        chunk_s, taken_late = timeout_s, True  # gets its full timeout_s from being taken
+                        continue
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    raise _rpc_error(code, f"no verifier answered round {request.round} of {request.request_id} "
+                                           f"within {timeout_s:g} s of taking it") from None
             code = _CODES.get(reply.code, grpc.StatusCode.UNKNOWN)
         except asyncio.CancelledError as exc:  # early cancellation: a job nobody took yet is withdrawn
             failure = exc
@@ -207,6 +225,12 @@ class VerifyQueueClient:
         if reply.code:
             raise _rpc_error(code, reply.message)
         return reply.response
+
+    async def _in_line(self, entry: str) -> bool:
+        try:
+            return await self.store.in_line(VERIFY_STREAM, VERIFY_GROUP, entry)
+        except (RedisError, OSError):  # cannot tell: the round fails as a timeout and the client resumes
+            return False
 
     async def _withdraw(self, entry: str) -> None:
         with contextlib.suppress(RedisError, OSError):

@@ -264,7 +264,8 @@ def test_complete_retries_with_the_same_request_id(serve):
     with Client(serve(script), retries=2, **FAST) as client:
         result = client.complete("hello", max_new_tokens=4, stop=["\n"], drafters=["python"], seed=7)
     assert result == Completion(text="".join(piece(t) for t in TOKENS[:4]), token_ids=TOKENS[:4],
-                                finish_reason="length", usage=result.usage, request_id=script.requests[0].request_id)
+                                finish_reason="length", usage=result.usage, request_id=script.requests[0].request_id,
+                                attempts=3)
     assert result.usage.completion_tokens == 4
     assert len(script.requests) == 3 and len({r.request_id for r in script.requests}) == 1
     sent = script.requests[0]

@@ -459,17 +459,18 @@ def load_run(fleet: ProcessFleet, prompts: list[list[int]], expected: list[list[
              new_tokens: int) -> dict:
     """`streams` concurrent SDK clients (retries resume by request id, as real clients do), each sending greedy
     requests back to back until `seconds` are up (requests in flight then finish): latency per request, errors
-    (calls that failed after the SDK's retries), and outputs that differ from the unloaded run."""
+    (calls that failed after the SDK's retries), the retries of the calls that succeeded (each resumed by request
+    id), and outputs that differ from the unloaded run."""
     import asyncio
 
     from specfleet.sdk import AsyncClient, SpecfleetError
 
     latencies: list[float] = []
     errors: list[str] = []
-    differing = 0
+    differing = retries = 0
 
     async def client(i: int, sdk, deadline: float) -> None:
-        nonlocal differing
+        nonlocal differing, retries
         n = i
         while time.monotonic() < deadline:
             which = n % len(prompts)
@@ -481,6 +482,7 @@ def load_run(fleet: ProcessFleet, prompts: list[list[int]], expected: list[list[
                 errors.append(str(exc))
                 continue
             latencies.append(time.perf_counter() - start)
+            retries += reply.attempts - 1
             differing += list(reply.token_ids) != expected[which]
 
     async def main() -> float:
@@ -499,6 +501,7 @@ def load_run(fleet: ProcessFleet, prompts: list[list[int]], expected: list[list[
 
     return {"streams": streams, "seconds": round(wall, 1), "requests": len(latencies) + len(errors),
             "completed": len(latencies), "errors": len(errors), "error_examples": errors[:3],
+            "retries": retries,
             "outputs_differing": differing, "tokens_per_s": round(len(latencies) * new_tokens / wall, 1),
             "latency_ms": {"p50": pct(0.5), "p99": pct(0.99)}}
 
@@ -586,7 +589,8 @@ def format_table(report: dict) -> str:
                  f"{b['malformed_protobuf']}, HTTP {b['http_bodies']}): wrong answers {b['wrong_answers']}; "
                  f"server crashes {report['server_crashes']}")
     lines.append(f"load: {load['streams']} streams for {load['seconds']} s: {load['completed']} requests, "
-                 f"{load['errors']} errors, {load['outputs_differing']} differing, p50 {load['latency_ms']['p50']} ms, "
+                 f"{load['errors']} errors, {load.get('retries', 0)} retries, {load['outputs_differing']} differing, "
+                 f"p50 {load['latency_ms']['p50']} ms, "
                  f"p99 {load['latency_ms']['p99']} ms, {load['tokens_per_s']} tok/s")
     growth = ", ".join(f"{name} {mb:+.1f}" for name, mb in mem["growth"].items())
     lines.append(f"memory growth over the load (MB RSS): {growth}")

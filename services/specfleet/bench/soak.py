@@ -114,7 +114,8 @@ def run(models_dir: Path, output: Path, seconds: float = 1800.0, streams: int = 
 def format_table(report: dict) -> str:
     load, mem = report["load"], report["memory"]
     lines = [f"load: {load['streams']} streams for {load['seconds']} s: {load['completed']} requests, "
-             f"{load['errors']} errors, {load['outputs_differing']} differing, p50 {load['latency_ms']['p50']} ms, "
+             f"{load['errors']} errors, {load.get('retries', 0)} retries, {load['outputs_differing']} differing, "
+             f"p50 {load['latency_ms']['p50']} ms, "
              f"p99 {load['latency_ms']['p99']} ms; server crashes {report['server_crashes']}",
              f"memory after a {mem['warmup_s']:.0f} s warm-up ({'flat' if mem['flat'] else 'NOT flat'}: worst slope "
              f"{mem['worst_slope_mb_per_min']} MB/min, limit {mem['max_slope_mb_per_min']}):"]

@@ -80,7 +80,7 @@ class AsyncClient:
             try:
                 response = await self._router().Complete(request, timeout=self.options.timeout,
                                                          metadata=self.options.metadata())
-                return completion_from(response, request.request_id)
+                return completion_from(response, request.request_id, attempts.made)
             except grpc.RpcError as exc:
                 await asyncio.sleep(attempts.failed(*rpc_error_parts(exc)))
 

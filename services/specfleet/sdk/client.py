@@ -72,7 +72,7 @@ class Client:
             try:
                 response = self._stub.Complete(request, timeout=self.options.timeout,
                                                metadata=self.options.metadata())
-                return completion_from(response, request.request_id)
+                return completion_from(response, request.request_id, attempts.made)
             except grpc.RpcError as exc:
                 time.sleep(attempts.failed(*rpc_error_parts(exc)))
 

@@ -67,6 +67,7 @@ class Completion:
     finish_reason: str
     usage: Usage | None
     request_id: str
+    attempts: int = 1  # calls it took: more than one when the SDK retried (resuming by request id)
 
 
 class SpecfleetError(Exception):
@@ -216,10 +217,10 @@ def build_request(prompt: str | None = None, *, prompt_token_ids: Sequence[int] 
         drafters=_strings("drafters", drafters), ignore_eos=bool(ignore_eos))
 
 
-def completion_from(response: router_pb2.GenerateResponse, request_id: str) -> Completion:
+def completion_from(response: router_pb2.GenerateResponse, request_id: str, attempts: int = 1) -> Completion:
     usage = Usage.from_proto(response.usage) if response.HasField("usage") else None
     return Completion(response.text, list(response.token_ids), response.finish_reason, usage,
-                      response.request_id or request_id)
+                      response.request_id or request_id, attempts)
 
 
 # ---------------------------------------------------------------- streams

@@ -2,8 +2,8 @@
 (Hugging Face `generate`) and sampled (plain decoding under one seed), computed once per session."""
 
 import pytest
-import torch
 
+from .references import target_greedy
 from .switches import NEW_TOKENS, PROMPTS, SAMPLED
 
 
@@ -14,10 +14,7 @@ def prompt_ids(tokenizer):
 
 @pytest.fixture(scope="session")
 def greedy_refs(load_model, prompt_ids, tokenizer):
-    target = load_model("target")
-    with torch.no_grad():
-        return [target.generate(torch.tensor([p]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                                pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist() for p in prompt_ids]
+    return target_greedy(load_model("target"), prompt_ids, NEW_TOKENS, tokenizer.pad_token_id)
 
 
 @pytest.fixture(scope="session")

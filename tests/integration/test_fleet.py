@@ -7,13 +7,14 @@ import uuid
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
 from specfleet.bench.fleet_bench import delete_prefix
 from specfleet.bench.prompts import build_prompts
 from specfleet.fleet import LocalFleet, ServeOptions
+
+from .references import target_greedy
 
 NEW_TOKENS = 16
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -37,10 +38,7 @@ def prompts(tokenizer):
 
 @pytest.fixture(scope="module")
 def references(load_model, prompts, tokenizer):
-    target = load_model("target")
-    with torch.no_grad():
-        return [target.generate(torch.tensor([p]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                                pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist() for p in prompts]
+    return target_greedy(load_model("target"), prompts, NEW_TOKENS, tokenizer.pad_token_id)
 
 
 async def _generate(address, **fields):

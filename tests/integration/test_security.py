@@ -37,6 +37,8 @@ from specfleet.server import wait_healthy
 from specfleet.state import StateStore, connect
 from specfleet.state.embedded import free_port
 
+from .references import target_greedy
+
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKENS = ("tok-greedy-4f1c9a", "tok-burst-8e22b7", "tok-http-51d0aa", "tok-logs-c3e9f4")
 INTERNAL_TOKEN = "internal-tok-0b7d66e1"
@@ -244,8 +246,7 @@ def test_a_renewed_certificate_is_served_and_presented_without_a_restart(tmp_pat
     server_tls = ServerTls.from_files(mounted["server"], mounted["server_key"], mounted["ca"])
     prompt = "def parse_args(argv):\n    "
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    with torch.no_grad():
-        expected = load_model("target").generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
+    (expected,) = target_greedy(load_model("target"), [ids], 12, tokenizer.pad_token_id)
     try:
         with LocalFleet(opts, pools=("suffix", "ngram"), adaptive=False, internal_token=INTERNAL_TOKEN,
                         internal_tls=server_tls, internal_client_tls=_client(mounted)) as fleet:
@@ -254,7 +255,7 @@ def test_a_renewed_certificate_is_served_and_presented_without_a_restart(tmp_pat
                                                 max_new_tokens=12))
                 return [t for m in replies for t in m.token_ids]
 
-            assert generated() == expected.tolist()
+            assert generated() == expected
             old_client = ChannelTls(old["ca"], old["client"], old["client_key"])
             _mounted_certs(tmp_path, "v2")  # a new CA, so that the old client certificate is refused from now on
             fusion = f"127.0.0.1:{fleet.servers[list(fleet.services).index('fusion')].port}"
@@ -273,7 +274,7 @@ def test_a_renewed_certificate_is_served_and_presented_without_a_restart(tmp_pat
             while router.config.internal_tls.ca == old["ca"] and time.monotonic() < deadline:
                 time.sleep(0.2)  # the router's discovery loop (every second) notices the new files
             assert router.config.internal_tls.ca != old["ca"]
-            assert generated() == expected.tolist()
+            assert generated() == expected
             # a broken renewal (a certificate that is not PEM) is ignored: the last good one stays in use
             current = _client(mounted)
             broken = tmp_path / "v3"
@@ -284,7 +285,7 @@ def test_a_renewed_certificate_is_served_and_presented_without_a_restart(tmp_pat
             (tmp_path / "..data.tmp").symlink_to("v3")
             os.replace(tmp_path / "..data.tmp", tmp_path / "..data")
             assert asyncio.run(health(current))
-            assert generated() == expected.tolist()
+            assert generated() == expected
     finally:
         r = redis.Redis.from_url(REDIS_URL)
         keys = list(r.scan_iter(f"{prefix}:*"))

@@ -82,14 +82,26 @@ def _read_pem(path: str | Path | None, what: str) -> bytes | None:
     return data
 
 
+_SERVER_PEMS = ("TLS certificate", "TLS key", "client CA certificate")
+_CHANNEL_PEMS = ("internal CA certificate", "internal client certificate", "internal client key")
+
+
+def _read_pems(paths, what: tuple[str, ...]) -> tuple[bytes | None, ...]:
+    return tuple(_read_pem(path, name) for path, name in zip(paths, what, strict=True))
+
+
+def _server_configuration(cert: bytes, key: bytes, ca: bytes | None):
+    return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+
 def _stamp(paths: tuple[Path | None, ...]) -> tuple | None:
     """What changes when any of the files is replaced (a Kubernetes Secret volume swaps a symlink: new inode), or
     None when one cannot be read right now."""
     try:
-        return tuple(None if p is None else (lambda st: (st.st_ino, st.st_mtime_ns, st.st_size))(p.stat())
-                     for p in paths)
+        stats = [None if p is None else p.stat() for p in paths]
     except OSError:
         return None
+    return tuple(None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size) for st in stats)
 
 
 @dataclass(frozen=True)
@@ -113,12 +125,8 @@ class ServerTls:
             return None
         if cert is None or key is None:
             raise ValueError("give both --tls-cert and --tls-key (PEM files), or neither")
-        return cls(_read_pem(cert, "TLS certificate"), _read_pem(key, "TLS key"),
-                   _read_pem(client_ca, "client CA certificate"),
-                   paths=(Path(cert), Path(key), None if client_ca is None else Path(client_ca)))
-
-    def _configuration(self, cert: bytes, key: bytes, ca: bytes | None):
-        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+        paths = (Path(cert), Path(key), None if client_ca is None else Path(client_ca))
+        return cls(*_read_pems(paths, _SERVER_PEMS), paths=paths)
 
     def credentials(self) -> grpc.ServerCredentials:
         require = self.client_ca is not None
@@ -136,11 +144,7 @@ class ServerTls:
                 if stamp == seen["stamp"]:
                     return None
                 try:
-                    cert, key = _read_pem(paths[0], "TLS certificate"), _read_pem(paths[1], "TLS key")
-                    ca = _read_pem(paths[2], "client CA certificate")
-                    if require and ca is None:
-                        raise ValueError("the client CA is gone")
-                    config = self._configuration(cert, key, ca)
+                    config = _server_configuration(*_read_pems(paths, _SERVER_PEMS))
                 except Exception as exc:  # keep serving with the last good set (and say so once per change)
                     seen["stamp"] = stamp
                     log.warning("TLS files changed but cannot be used (%s); keeping the last certificate", exc)
@@ -149,7 +153,7 @@ class ServerTls:
                 log.info("TLS certificate reloaded from %s", paths[0])
                 return config
 
-        return grpc.dynamic_ssl_server_credentials(self._configuration(self.cert, self.key, self.client_ca),
+        return grpc.dynamic_ssl_server_credentials(_server_configuration(self.cert, self.key, self.client_ca),
                                                    fetch, require_client_authentication=require)
 
 
@@ -176,8 +180,7 @@ class ChannelTls:
                              "certificate), or neither")
         paths = tuple(None if p is None else Path(p) for p in (ca, cert, key))
         stamp = _stamp(paths)
-        return cls(_read_pem(ca, "internal CA certificate"), _read_pem(cert, "internal client certificate"),
-                   _read_pem(key, "internal client key"), server_name or None, paths, stamp)
+        return cls(*_read_pems(paths, _CHANNEL_PEMS), server_name or None, paths, stamp)
 
     def reloaded(self) -> ChannelTls | None:
         """The files as they are now, when they were replaced since these were read (a renewed certificate), else
@@ -190,9 +193,8 @@ class ChannelTls:
         if stamp is None or stamp == self.stamp:
             return None
         try:
-            fresh = replace(self, ca=_read_pem(self.paths[0], "internal CA certificate"),
-                            cert=_read_pem(self.paths[1], "internal client certificate"),
-                            key=_read_pem(self.paths[2], "internal client key"), stamp=stamp)
+            ca, cert, key = _read_pems(self.paths, _CHANNEL_PEMS)
+            fresh = replace(self, ca=ca, cert=cert, key=key, stamp=stamp)
         except ValueError as exc:  # the same contents under the new stamp: said once, nothing rebuilt
             log.warning("internal TLS files changed but cannot be used (%s); keeping the last ones", exc)
             return replace(self, stamp=stamp)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import os
 import secrets
@@ -191,6 +192,13 @@ async def _reconcile(body: Any, spec: Any, name: str, namespace: str, status: An
                                                   previous=status, problems=[("InvalidSpec", str(exc))])["conditions"]
         raise
     autoscaler = _autoscaler(memo, client, fleet, namespace, status)
+    # counts taken from the spec now are what the spec requested: a later spec change must then read as a change
+    # (adopted by the policy), even when it lands before the autoscaling timer's first step
+    started = {key: fleet.role(key).replicas for key in fleet.role_keys
+               if key not in autoscaler.desired and key not in autoscaler.memory.requested}
+    if started:
+        autoscaler.memory = dataclasses.replace(autoscaler.memory,
+                                                requested={**autoscaler.memory.requested, **started})
     desired = {key: autoscaler.desired.get(key, fleet.role(key).clamp(fleet.role(key).replicas))
                for key in fleet.role_keys}
     autoscaler.desired = desired
@@ -198,8 +206,12 @@ async def _reconcile(body: Any, spec: Any, name: str, namespace: str, status: An
     if changed:
         logger.info("applied: %s", ", ".join(changed))
     ready = ready_counts(fleet, await _deployments(client, fleet, namespace))
-    patch.status.update(fleet_status(fleet, desired, ready, time.time(), generation=body.metadata.get("generation"),
-                                     previous=status, requested=autoscaler.memory.requested))
+    update = fleet_status(fleet, desired, ready, time.time(), generation=body.metadata.get("generation"),
+                          previous=status, requested=autoscaler.memory.requested)
+    # decisions are the autoscaling timer's to append: this handler's `status` may predate the timer's last patch,
+    # and writing its (older) list back would erase a decision just recorded
+    update.pop("decisions", None)
+    patch.status.update(update)
 
 
 async def autoscale(body: Any, spec: Any, name: str, namespace: str, status: Any, memo: Any, patch: Any,

@@ -101,9 +101,9 @@ def test_dockerignore_keeps_the_context_small():
     patterns = [line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     for path in (".venv/bin/python", "data/corpus/python.txt", ".git/HEAD", "tests/unit/test_cli.py",
-                 "bench/engine.png", "services/specfleet/__pycache__/cli.cpython-311.pyc", ".pytest_cache/v",
+                 "bench/engine.png", "services/specfleet/cli/__pycache__/main.cpython-311.pyc", ".pytest_cache/v",
                  ".ruff_cache/x", ".hypothesis/examples", "specfleet.egg-info/PKG-INFO"):
         assert _ignored(patterns, path), f"{path} would be sent to the Docker build"
-    for path in ("pyproject.toml", "README.md", "services/specfleet/cli.py", "operator/specfleet_operator/spec.py",
+    for path in ("pyproject.toml", "README.md", "services/specfleet/cli/main.py", "operator/specfleet_operator/spec.py",
                  "kernels/specfleet_kernels/reference.py", "models/target/config.json"):
         assert not _ignored(patterns, path), f"{path} is needed by the build but ignored"

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
 from specfleet.bench.reliability import BAD_BODIES, BAD_BYTES, BAD_FIELDS, purge
-from specfleet.fleet import LocalFleet, ServeOptions
+from specfleet.local.inprocess import LocalFleet
 from specfleet.router.http import build_app, start_http_in_thread
+from specfleet.runtime.process import ServeOptions
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN = "bad-input-token"

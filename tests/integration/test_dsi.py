@@ -14,10 +14,11 @@ import pytest
 from specfleet.api.v1 import internal_pb2, router_pb2, router_pb2_grpc
 from specfleet.bench.fleet_bench import delete_prefix
 from specfleet.engine.sampling import SamplingParams
-from specfleet.fleet import LocalFleet, ServeOptions
+from specfleet.local.inprocess import LocalFleet
+from specfleet.runtime.process import ServeOptions
+from specfleet.runtime.wire import sampling_to_pb, tree_to_pb
 from specfleet.state import StateStore, connect
 from specfleet.verifier.queue import VERIFY_GROUP, VERIFY_STREAM, VerifyQueueClient
-from specfleet.wire import sampling_to_pb, tree_to_pb
 
 from .switches import SAMPLED, run_all
 

@@ -14,7 +14,8 @@ import torch
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
 from specfleet.bench.prompts import build_prompts
 from specfleet.bench.reliability import ProcessFleet, run_fault, stream_with_fault
-from specfleet.fleet import ServeOptions, start_router
+from specfleet.router.serve import start_router
+from specfleet.runtime.process import ServeOptions
 from specfleet.state.embedded import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

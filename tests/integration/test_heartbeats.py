@@ -12,7 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
 from specfleet.bench.fleet_bench import delete_prefix
-from specfleet.fleet import LocalFleet, ServeOptions
+from specfleet.local.inprocess import LocalFleet
+from specfleet.runtime.process import ServeOptions
 from specfleet.state import StateStore, connect
 from specfleet.state.heartbeat import advertised_address, gpu_readings, rates
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from specfleet.fleet import LocalFleet, ServeOptions
+from specfleet.local.inprocess import LocalFleet
 from specfleet.router.http import build_app, start_http_in_thread
+from specfleet.runtime.process import ServeOptions
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN = "s3cret-token"

@@ -4,7 +4,7 @@ load and drains and stops them when it falls, with no request lost and every out
 import pytest
 
 from specfleet.bench.autoscale_bench import run
-from specfleet.local_autoscale import LocalReplicas, local_spec, role_args
+from specfleet.local.autoscale import LocalReplicas, local_spec, role_args
 
 
 def test_role_args_and_local_spec():

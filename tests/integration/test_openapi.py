@@ -19,9 +19,10 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from specfleet.bench.fleet_bench import delete_prefix
-from specfleet.fleet import LocalFleet, ServeOptions
+from specfleet.local.inprocess import LocalFleet
 from specfleet.router.http import build_app, start_http_in_thread
 from specfleet.router.openapi import openapi_spec
+from specfleet.runtime.process import ServeOptions
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN = "openapi-test-token"
@@ -49,13 +50,6 @@ def test_served_document_equals_the_checked_in_file():
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-
-
-def test_the_documents_limits_are_the_routers():
-    from specfleet.router import openapi, service
-
-    assert openapi.MAX_STOP_CHARS == service.MAX_STOP_CHARS
-    assert openapi.MIN_TEMPERATURE == service.MIN_TEMPERATURE
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 from specfleet.bench.fleet_bench import delete_prefix
-from specfleet.fleet import LocalFleet, ServeOptions
+from specfleet.local.inprocess import LocalFleet
+from specfleet.runtime.process import ServeOptions
 
 from .switches import SAMPLED, run_all
 

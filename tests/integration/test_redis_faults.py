@@ -17,8 +17,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specfleet.bench.reliability import PersistentRedis, stream_with_fault
-from specfleet.fleet import LocalFleet, ServeOptions
+from specfleet.local.inprocess import LocalFleet
 from specfleet.router.http import build_app, start_http_in_thread
+from specfleet.runtime.process import ServeOptions
 from specfleet.state import StateStore, connect
 
 NEW_TOKENS = 40

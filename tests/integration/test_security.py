@@ -20,11 +20,13 @@ import redis
 import torch
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from specfleet import telemetry
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc, router_pb2, router_pb2_grpc
-from specfleet.fleet import LocalFleet, ServeOptions, start_fusion
-from specfleet.fleet_cli import child_command, child_env
-from specfleet.security import (
+from specfleet.fusion.serve import start_fusion
+from specfleet.local.inprocess import LocalFleet
+from specfleet.local.up import child_command, child_env
+from specfleet.runtime import telemetry
+from specfleet.runtime.process import ServeOptions
+from specfleet.runtime.security import (
     ChannelTls,
     ServerTls,
     read_tokens,
@@ -33,7 +35,7 @@ from specfleet.security import (
     resolve_tokens,
     write_dev_certs,
 )
-from specfleet.server import wait_healthy
+from specfleet.runtime.server import wait_healthy
 from specfleet.state import StateStore, connect
 from specfleet.state.embedded import free_port
 

@@ -15,9 +15,10 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from specfleet import telemetry
-from specfleet.fleet import LocalFleet, ServeOptions
+from specfleet.local.inprocess import LocalFleet
 from specfleet.router.http import build_app, start_http_in_thread
+from specfleet.runtime import telemetry
+from specfleet.runtime.process import ServeOptions
 from specfleet.sdk import AsyncClient, Client
 from specfleet.state.embedded import free_port
 

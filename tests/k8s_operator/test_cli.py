@@ -18,7 +18,7 @@ import pytest
 import yaml
 from kmock import KubernetesEmulator, Server
 
-from specfleet.cli import main
+from specfleet.cli.main import main
 
 from .test_handlers import declare_resources, fleet_object, live, resource_id
 

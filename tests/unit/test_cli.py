@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from specfleet.cli import build_parser, main
+from specfleet.cli.main import build_parser, main
 
 COMMANDS = [["generate"], ["demo"], ["train"], ["models"], ["models", "acceptance"], ["models", "card"]]
 

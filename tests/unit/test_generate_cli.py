@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from specfleet.cli import main
+from specfleet.cli.main import main
 
 NEW_TOKENS = 8
 PROMPTS = [  # (id as written in the file, or None for a line without one; prompt)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from specfleet.profile import fit_line, load, max_batch_tokens
-from specfleet.server import Batcher
+from specfleet.engine.profile import fit_line, load, max_batch_tokens
+from specfleet.runtime.server import Batcher
 
 
 def test_fit_line_recovers_a_cost_model():

@@ -4,7 +4,7 @@ how long to wait and uses up nothing, and callers are keyed by a digest of their
 
 import pytest
 
-from specfleet.ratelimit import RateLimiter, TokenBucket, caller_key
+from specfleet.runtime.ratelimit import RateLimiter, TokenBucket, caller_key
 
 
 class Clock:
@@ -93,7 +93,7 @@ def test_a_resumed_request_pays_only_for_tokens_it_did_not_have():
 
 def test_replies_are_charged_by_their_place_in_the_completion():
     from specfleet.api.v1 import router_pb2
-    from specfleet.ratelimit import _charge
+    from specfleet.runtime.ratelimit import _charge
 
     clock = Clock()
     limiter = RateLimiter(tpm=60, clock=clock)

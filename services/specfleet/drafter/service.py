@@ -12,8 +12,8 @@ import grpc
 
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
 from specfleet.engine.proposers import Draft, Proposer
-from specfleet.server import Batcher, RecentRequests
-from specfleet.wire import tree_to_pb
+from specfleet.runtime.server import Batcher, RecentRequests
+from specfleet.runtime.wire import tree_to_pb
 
 
 class DrafterService(internal_pb2_grpc.DrafterServicer):

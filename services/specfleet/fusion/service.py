@@ -12,7 +12,7 @@ import torch
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
 from specfleet.engine.fusion import merge_trees_with_origins
 from specfleet.engine.tree import TokenTree
-from specfleet.wire import tree_from_pb, tree_to_pb
+from specfleet.runtime.wire import tree_from_pb, tree_to_pb
 
 
 def fuse_drafts(trees: list[TokenTree], pools: list[str], max_nodes: int = 0) -> TokenTree:

@@ -25,12 +25,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
-from specfleet.server import FAST_RECONNECT
-from specfleet.telemetry import HttpTracing, tracing_enabled, with_trace_context
-
-MAX_BODY_BYTES = 1 << 20  # 1 MiB
-MAX_STOP = 4  # OpenAI's limit on stop sequences
-INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1  # the gRPC fields' ranges: larger values cannot even be sent on
+from specfleet.router.limits import INT32_MAX, INT64_MAX, MAX_BODY_BYTES, MAX_STOP
+from specfleet.runtime.server import FAST_RECONNECT
+from specfleet.runtime.telemetry import HttpTracing, tracing_enabled, with_trace_context
 
 _GRPC_TO_HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -67,7 +64,8 @@ def _from_grpc(exc: grpc.aio.AioRpcError) -> ApiError:
     if status >= 500 and status != 503 and status != 504:
         message = f"the router failed: {message}"
     error = ApiError(status, message, type_, code=exc.code().name.lower())
-    retry = dict(exc.trailing_metadata() or ()).get("retry-after")  # the router's rate limit (specfleet.ratelimit)
+    # the router's rate limit (specfleet.runtime.ratelimit)
+    retry = dict(exc.trailing_metadata() or ()).get("retry-after")
     if status == 429 and retry:
         error.headers = {"Retry-After": str(retry)}
     return error

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-# the router's own limits (router/service.py, which imports torch: copied here, a test checks they agree)
-MAX_STOP_CHARS = 256  # characters in one stop string
-MIN_TEMPERATURE = 1e-4  # the smallest temperature above 0
+from specfleet.router.limits import (
+    INT32_MAX,
+    INT64_MAX,
+    MAX_BODY_BYTES,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MIN_TEMPERATURE,
+)
 
 
 def _error(description: str) -> dict:
@@ -26,8 +31,6 @@ def _int(minimum: int, maximum: int, description: str, default: int | None = Non
 
 def openapi_spec() -> dict[str, Any]:
     """The document; independent of the app's options (model name, token, body limit default)."""
-    from specfleet.router.http import INT32_MAX, INT64_MAX, MAX_BODY_BYTES, MAX_STOP
-
     token_ids = {"type": "array", "minItems": 1, "items": _int(0, INT32_MAX, "a token id of the model's vocabulary"),
                  "description": "prompt token ids; ids outside the vocabulary are answered 400"}
     prompt = {"description": "the prompt: a non-empty string, a list of one string, a list of token ids or a list "

@@ -21,10 +21,11 @@ from specfleet.api.v1 import internal_pb2, internal_pb2_grpc, router_pb2, router
 from specfleet.engine.control import CostModel, SpeculationController
 from specfleet.engine.sampling import SamplingParams
 from specfleet.engine.tree import TokenTree
-from specfleet.generation import TextDeltas
-from specfleet.server import FAST_RECONNECT
-from specfleet.telemetry import client_interceptors
-from specfleet.wire import replayed_round, sampling_to_pb, tree_from_pb, tree_to_pb
+from specfleet.router.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, MIN_TEMPERATURE
+from specfleet.runtime.server import FAST_RECONNECT
+from specfleet.runtime.telemetry import client_interceptors
+from specfleet.runtime.text import TextDeltas
+from specfleet.runtime.wire import replayed_round, sampling_to_pb, tree_from_pb, tree_to_pb
 
 log = logging.getLogger("specfleet.router")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -32,8 +33,6 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 # its turn in the verify stream keeps its place until then (at most FleetConfig.max_round_wait_s)
 _CALLER_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("caller_deadline", default=None)
 SUSPECT_S = 10.0  # a verifier that just failed or timed out is tried last this long (a heartbeat's lifetime)
-MIN_TEMPERATURE = 1e-4  # below this (but > 0) logits / temperature overflow float32 and sampling yields NaN
-MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256  # each stop string is searched for after every round
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from specfleet.api.v1 import router_pb2
-from specfleet.telemetry import with_trace_context
+from specfleet.runtime.telemetry import with_trace_context
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_BACKOFF_S = 5.0  # cap of one wait between attempts

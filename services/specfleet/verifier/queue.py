@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 
 from specfleet.api.v1 import internal_pb2
-from specfleet.telemetry import QueueSpan, SpanKind
+from specfleet.runtime.telemetry import QueueSpan, SpanKind
 
 log = logging.getLogger("specfleet.verifier.queue")
 VERIFY_STREAM = "verify"  # the operator reads this stream's depth, pending count and oldest age

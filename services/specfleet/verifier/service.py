@@ -15,9 +15,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
 from specfleet.engine.verify import TargetVerifier, Verdict, VerifyItem, cut_at_finish
-from specfleet.server import Batcher, RecentRequests
+from specfleet.runtime.server import Batcher, RecentRequests
+from specfleet.runtime.wire import replayed_round, sampling_from_pb, tree_from_pb
 from specfleet.state.store import RequestNotFoundError, RoundGapError
-from specfleet.wire import replayed_round, sampling_from_pb, tree_from_pb
 
 
 class VerifyError(Exception):

@@ -8,8 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+from specfleet.cli.options import (
+    engine_from_args,
+    engine_options,
+    positive_int,
+    sampling_from_args,
+)
 from specfleet.engine.engine import Request, Result
 from specfleet.engine.sampling import SamplingParams
+from specfleet.runtime.text import TextDeltas
 
 
 class InputError(ValueError):
@@ -93,30 +100,6 @@ def run_jsonl(engine, tokenizer, input_path: Path, output_path: Path, max_new_to
             "accepted_per_round": sum(r.stats["accepted_tokens"] for r in results) / max(1, rounds)}
 
 
-class TextDeltas:
-    """Turns committed tokens into text deltas: holds back incomplete UTF-8 and cuts at the first stop string."""
-
-    def __init__(self, tokenizer, stop: list[str] = ()):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
-        self.ids: list[int] = []
-        self.sent = 0
-
-    def feed(self, new: list[int]) -> tuple[str, bool]:
-        """(text to send now, whether a stop string was reached)."""
-        self.ids += new
-        text = self.tokenizer.decode(self.ids)
-        hits = [text.find(s, max(0, self.sent - max(map(len, self.stop)))) for s in self.stop]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            end = min(hits)
-            delta, self.sent = text[self.sent:end], max(self.sent, end)
-            return delta, True
-        if text.endswith("\ufffd"):
-            return "", False
-        delta, self.sent = text[self.sent:], len(text)
-        return delta, False
-
-
 class StreamPrinter:
     """Prints a request's text as tokens arrive (whole characters only)."""
 
@@ -145,3 +128,54 @@ def stream_prompt(engine, tokenizer, prompt: str, max_new_tokens: int, params: S
     rest = tokenizer.decode(result.token_ids)[printer.printed:]
     print(rest, flush=True)
     return result
+
+
+def cmd_generate(args) -> int:
+    if (args.prompt is None) == (args.input is None):
+        sys.exit("error: give either --prompt TEXT (streams to the terminal) or --input FILE.jsonl with --output")
+    if args.input is not None and args.output is None:
+        sys.exit("error: --input needs --output FILE.jsonl for the results")
+    if args.input is not None:
+        try:
+            read_jsonl(args.input)  # fail on a bad file before loading any model
+        except InputError as exc:
+            sys.exit(f"error: {exc}")
+    engine, tok = engine_from_args(args, args.batch_size if args.input else 1)
+    try:
+        if args.prompt is not None:
+            if not args.prompt:
+                sys.exit("error: the prompt is empty; give some text to continue")
+            start = time.perf_counter()
+            result = stream_prompt(engine, tok, args.prompt, args.max_new_tokens, sampling_from_args(args))
+            seconds = time.perf_counter() - start
+            n = len(result.token_ids)
+            print(f"[{n} tokens in {seconds:.2f}s, {n / seconds:.1f} tok/s, "
+                  f"{result.stats['accepted_per_round']:.2f} drafted tokens accepted per round]", file=sys.stderr)
+        else:
+            summary = run_jsonl(engine, tok, args.input, args.output, args.max_new_tokens, sampling_from_args(args),
+                                progress=not args.quiet)
+            print(f"wrote {summary['requests']} results to {args.output}: {summary['tokens']} tokens in "
+                  f"{summary['seconds']:.1f}s ({summary['tokens'] / summary['seconds']:.1f} tok/s), "
+                  f"{summary['accepted_per_round']:.2f} drafted tokens accepted per round", file=sys.stderr)
+    except (InputError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    return 0
+
+
+
+def add_parser(sub, fmt) -> None:
+    p = sub.add_parser("generate", help="generate with speculative decoding: one prompt streamed, or JSONL in/out",
+                       formatter_class=fmt,
+                       description="Continue prompts with the bundled target, drafting with the chosen proposer; the "
+                                   "output equals the target's own decoding (greedy by default; --temperature > 0 "
+                                   "samples from the target's distribution). --prompt streams one continuation; "
+                                   "--input reads lines {\"id\": ..., \"prompt\": \"...\"} and --output gets lines "
+                                   "{\"id\", \"text\", \"token_ids\", \"finish_reason\", \"stats\"}.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text to continue, streamed to stdout")
+    src.add_argument("--input", type=Path, help="JSONL file of prompts")
+    p.add_argument("--output", type=Path, help="JSONL file for the results (with --input)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="requests verified together (with --input)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    engine_options(p)
+    p.set_defaults(func=cmd_generate)

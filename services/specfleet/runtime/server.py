@@ -19,9 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from specfleet.ratelimit import RateLimit, RateLimiter
-from specfleet.security import ChannelTls, ServerTls
-from specfleet.telemetry import server_interceptors
+from specfleet.runtime.ratelimit import RateLimit, RateLimiter
+from specfleet.runtime.security import ChannelTls, ServerTls
+from specfleet.runtime.telemetry import server_interceptors
 
 log = logging.getLogger("specfleet")
 
@@ -170,7 +170,7 @@ async def start_server(add: Sequence[tuple[Callable, object]], service_names: Se
     `token`: one or several accepted bearer tokens; `tls`: a ServerTls (mTLS when it has a client CA) or
     (cert, key) PEM bytes; `rate_limiter`: per-caller limits on the router's generation calls; `health_port`: also
     answer health checks, and nothing else, in plaintext on host:health_port (0: any free port).
-    With tracing on (specfleet.telemetry.configure_tracing, called before), every RPC but health and reflection
+    With tracing on (specfleet.runtime.telemetry.configure_tracing, called before), every RPC but health and reflection
     gets a span; tracing comes first so that calls the token check refuses are traced too."""
     # rate limits after the token check (only valid callers use up buckets); innermost: malformed bytes are
     # answered INVALID_ARGUMENT only to callers that passed the token check

@@ -1,0 +1,5 @@
+"""`python -m specfleet ...` is `specfleet ...`."""
+
+from specfleet.cli.main import main
+
+raise SystemExit(main())

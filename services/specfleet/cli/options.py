@@ -1,0 +1,125 @@
+"""What several `specfleet` commands share: default folders, argument types, the engine's and the fleet
+benchmarks' options, and building an engine from them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+# Defaults point into the checkout (an editable install); SPECFLEET_MODELS / SPECFLEET_DATA override them.
+DEFAULT_MODELS = Path(os.environ.get("SPECFLEET_MODELS", REPO_ROOT / "models"))
+DEFAULT_DATA = Path(os.environ.get("SPECFLEET_DATA", REPO_ROOT / "data"))
+DEFAULT_BENCH = REPO_ROOT / "bench"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def model_dir(path: Path) -> Path:
+    if not (path / "config.json").exists():
+        sys.exit(f"error: no model at {path} (expected a Hugging Face folder with config.json); "
+                 "the bundled ones are in models/, or rebuild them with `make models`")
+    return path
+
+
+def engine_from_args(args, batch_size: int):
+    """(engine, tokenizer) from the generate/demo/bench options; exits with a clear message on bad input."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from specfleet.engine.factory import build_engine, parse_drafters
+
+    hf_logging.disable_progress_bar()  # the per-tensor loading bar would interleave with streamed text
+    try:
+        drafters = parse_drafters(args.drafters, args.proposer)
+        engine = build_engine(args.models, args.proposer, drafters, batch_size=batch_size, k=args.k,
+                              adaptive=args.adaptive)
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
+    return engine, AutoTokenizer.from_pretrained(str(args.models / "target"))
+
+
+def sampling_from_args(args):
+    from specfleet.engine.sampling import SamplingParams
+
+    return SamplingParams(args.temperature, args.top_p, args.top_k, args.seed)
+
+
+def engine_options(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+    from specfleet.engine.factory import PROPOSERS
+
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="tokens to generate")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give equal samples")
+    p.add_argument("--proposer", choices=PROPOSERS, default="fused",
+                   help="who drafts: fused (several drafter models, CoSine fusion), model (one drafter), suffix "
+                        "(suffix trees), ngram (prompt lookup), none (plain decoding, same code path)")
+    p.add_argument("--drafters", default=None,
+                   help="comma-separated drafter names for model/fused: python, prose, c, general "
+                        "(default: general for model, python,prose,c for fused)")
+    p.add_argument("--k", type=positive_int, default=4, help="most draft levels per round")
+    p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
+                   help="always draft k levels with every drafter (default: adaptive speculation control)")
+
+
+def fleet_bench_options(b: argparse.ArgumentParser) -> None:
+    """What every benchmark that starts a fleet takes: the models and the Redis it keeps state in."""
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    b.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                   help="Redis for the fleet's state (keys under a fresh prefix, removed afterwards)")
+
+
+def ablation_flags(p: argparse.ArgumentParser, scope: str) -> None:
+    """The CoSine switches a benchmark turns off one at a time."""
+    p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
+                   help=f"{scope}draft strictly after each verification (default: draft the next round while this "
+                        "one is verified, PipeInfer-style, dropping drafts the verification invalidates)")
+    p.add_argument("--no-routing", dest="routing", action="store_false",
+                   help=f"{scope}one drafter pool picked at random each round instead of expertise routing")
+    p.add_argument("--verify-queue", choices=("stream", "rpc"), default="stream",
+                   help=f"{scope}how rounds reach the verifiers: 'stream' (default) through the Redis stream "
+                        "PREFIX:stream:verify with consumer group 'verifiers' (any verifier takes a round; a dead "
+                        "or hung one's rounds are reclaimed after 3 s); 'rpc' straight gRPC calls, sticky per request")
+    p.add_argument("--no-dsi", dest="dsi", action="store_false",
+                   help=f"{scope}no speculation parallelism (default with >= 2 verifiers: the round after the one "
+                        "being verified is verified concurrently, DSI-style, and kept when the first confirms it)")
+
+
+def tracing_flags(p: argparse.ArgumentParser, scope: str) -> None:
+    p.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+                   help=f"export OpenTelemetry traces of {scope} over OTLP/gRPC to this collector, e.g. "
+                        "http://127.0.0.1:4317 (http: plaintext); needs opentelemetry-exporter-otlp-proto-grpc; "
+                        "env OTEL_EXPORTER_OTLP_ENDPOINT; unset: no tracing (see docs/tracing.md)")
+    p.add_argument("--trace-console", action="store_true", help=f"print every span of {scope} to stdout")
+

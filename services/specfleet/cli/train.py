@@ -1,0 +1,88 @@
+"""`specfleet train STAGE`: rebuild the bundled models (corpus, tokenizer, target, drafters, card), resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from specfleet.cli.options import DEFAULT_BENCH, DEFAULT_DATA, DEFAULT_MODELS, model_dir, positive_int
+from specfleet.training.family import DRAFTER_NAMES
+
+
+def cmd_train(args) -> int:
+    data, models = args.data_dir, args.models
+    stages = ["corpus", "tokenizer", "target", "drafters", "card"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        print(f"== train {stage}", flush=True)
+        if stage == "corpus" and (data / "corpus" / "manifest.json").exists() and not args.force:
+            print(f"corpus exists in {data / 'corpus'}; skipping (--force rebuilds it)")
+        elif stage == "tokenizer" and (data / "tokens" / "c.val.bin").exists() and not args.force:
+            # A new tokenizer would make the target checkpoint being resumed meaningless.
+            print(f"tokenizer and token files exist in {data}; skipping (--force retrains them)")
+        elif stage == "corpus":
+            from specfleet.training.corpus import build_corpus
+
+            stats = build_corpus(data / "corpus", max_mb_per_domain=args.max_mb_per_domain)
+            print(f"documents per domain: {stats.documents}; duplicates dropped {stats.duplicates_dropped}; "
+                  f"held-out files skipped {stats.held_out_skipped}")
+        elif stage == "tokenizer":
+            from specfleet.training.tokenizer import load_tokenizer, tokenize_corpus, train_tokenizer
+
+            bundled = models / "target" / "tokenizer.json"
+            if bundled.exists() and not args.force:
+                # One tokenizer for the whole family: keep the bundled one so bundled weights stay usable.
+                tok = load_tokenizer(bundled.parent)
+                tok.save_pretrained(data / "tokenizer")
+                print(f"using the bundled tokenizer from {bundled.parent} (--force trains a new one)")
+            else:
+                tok = train_tokenizer(data / "corpus", data / "tokenizer", vocab_size=args.vocab_size)
+            print(f"vocabulary: {len(tok)} tokens")
+            print(f"token counts: {tokenize_corpus(data / 'corpus', data / 'tokenizer', data / 'tokens')}")
+        elif stage == "target":
+            from specfleet.training.train import RunConfig, train_target
+
+            cfg = RunConfig(steps=args.target_steps, batch=args.batch, seq=256, lr=args.lr, warmup=60,
+                            seed=args.seed, eval_every=100, checkpoint_minutes=4)
+            train_target(data / "tokens", data / "tokenizer", models / "target", data / "runs" / "target", cfg,
+                         minutes=args.minutes, device_name=args.device)
+        elif stage == "drafters":
+            from specfleet.training.distill import DistillConfig, distill_all
+
+            distill_all(model_dir(models / "target"), data / "tokens", data / "runs" / "teacher", models,
+                        DistillConfig(seed=args.seed), names=args.drafters, device_name=args.device,
+                        steps=args.drafter_steps, windows=args.teacher_windows)
+        elif stage == "card":
+            from specfleet.training.cards import write_card
+
+            print(f"wrote {write_card(models, DEFAULT_BENCH / 'acceptance.json')}")
+    return 0
+
+
+
+def add_parser(sub, fmt) -> None:
+    p = sub.add_parser("train", help="rebuild the bundled models: corpus, tokenizer, target, drafters, card",
+                       formatter_class=fmt,
+                       description="Rebuild the model family from text on this machine. Stages run in order with "
+                                   "`all`; each is resumable (target checkpoints in DATA_DIR/runs/target) and "
+                                   "seeded. Runs on CUDA when available, else the CPU (slowly).")
+    p.add_argument("stage", choices=["all", "corpus", "tokenizer", "target", "drafters", "card"],
+                   help="what to (re)build")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="corpora, tokens and checkpoints")
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="where model folders are written")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild the corpus and tokenizer even when they exist (then delete data/runs/ too)")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
+    p.add_argument("--max-mb-per-domain", type=float, default=30.0, help="corpus cap per domain (MB of text)")
+    p.add_argument("--vocab-size", type=positive_int, default=8192, help="BPE vocabulary size")
+    p.add_argument("--target-steps", type=positive_int, default=1000,
+                   help="target optimiser steps (sets the LR schedule; training resumes up to it)")
+    p.add_argument("--batch", type=positive_int, default=8, help="target sequences per step (256 tokens each)")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="target peak learning rate")
+    p.add_argument("--minutes", type=float, default=None, help="stop target training after this long (resumable)")
+    p.add_argument("--drafter-steps", type=positive_int, default=None,
+                   help="distillation steps per drafter (default: each drafter's recipe in training/distill.py)")
+    p.add_argument("--teacher-windows", type=positive_int, default=None,
+                   help="256-token windows per domain in the target's teacher cache (default: the recipe's)")
+    p.add_argument("--drafters", nargs="+", default=None, choices=DRAFTER_NAMES,
+                   help="only these drafters (default: all four)")
+    p.set_defaults(func=cmd_train)

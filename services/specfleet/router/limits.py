@@ -1,0 +1,10 @@
+"""The bounds the router's APIs enforce, in one place: the gRPC service and the HTTP front validate with them and the
+OpenAPI document describes them (no torch, no FastAPI here: every layer may import it)."""
+
+from __future__ import annotations
+
+MIN_TEMPERATURE = 1e-4  # below this (but > 0) logits / temperature overflow float32 and sampling yields NaN
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256  # each stop string is searched for after every round
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: the HTTP front's default body limit
+MAX_STOP = 4  # OpenAI's limit on stop sequences (the HTTP front's)
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1  # the gRPC fields' ranges: larger values cannot even be sent on

@@ -7,8 +7,10 @@ the last committed token (the root). Nodes are in topological order: parents[i] 
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 
 ROOT = -1
@@ -168,23 +170,58 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def position_uniform(seed: int, position: int) -> float:
-    """The uniform in [0, 1) that draws a sampled request's token at output `position`: output `position + 1` of
-    SplitMix64 seeded with `seed`, so it depends on nothing else (not the draft, k, batch or timing)."""
-    base = _splitmix64(seed & _MASK64)
-    return (_splitmix64((base + position * 0x9E3779B97F4A7C15) & _MASK64) >> 11) * 2.0 ** -53
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function over uint64 counters (wrapping arithmetic, as the scalar one)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@functools.lru_cache(maxsize=128)
+def _gumbels(seed: int, position: int, vocab: int) -> torch.Tensor:
+    key = _splitmix64((_splitmix64(seed & _MASK64) + position * 0x9E3779B97F4A7C15) & _MASK64)
+    with np.errstate(over="ignore"):
+        bits = _splitmix64_array(np.uint64(key) + np.arange(vocab, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53  # in (0, 1): both logs finite
+    gumbel = torch.from_numpy(-np.log(-np.log(uniform))).float()
+    gumbel.requires_grad_(False)
+    return gumbel
+
+
+def position_gumbels(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """[vocab] float32 standard Gumbel noise of a sampled request at output `position`: token t's value is a function
+    of (seed, position, t) only (a SplitMix64 stream per position), never of the context, the draft, k, the batch or
+    the replica. The target and every drafter read the same noise at the same position. Do not modify the result
+    (it is cached)."""
+    return _gumbels(int(seed), int(position), int(vocab))
+
+
+def position_keyed_sample(probs: torch.Tensor, seeds: list[int], positions: list[int]) -> torch.Tensor:
+    """probs [B, V] (rows need not be normalised) -> [B] int64 samples: row b's token is
+    argmax_t(log probs[b, t] + G(seeds[b], positions[b])[t]), an exact draw from probs[b] (the Gumbel-max trick).
+
+    Drafters draw sampled drafts this way with their own (warped) distribution q, and verification draws the target's
+    token with p and the same noise, so a draft token equals the target's sample with probability at least
+    (1 - TV(p, q)) / (1 + TV(p, q)) -- a coupling without communication (Daliri, Musco & Suresh, "Coupling without
+    Communication and Drafter-Invariant Speculative Decoding", 2024) -- and the output stays a function of (seed,
+    target) alone. Zero-probability tokens are never drawn."""
+    noise = torch.stack([position_gumbels(s, p, probs.shape[-1]) for s, p in zip(seeds, positions, strict=True)])
+    scores = torch.log(probs.float()) + noise.to(probs.device)  # [B, V]; -inf off the support
+    return scores.argmax(-1)
 
 
 def position_keyed_accept(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor, seed: int,
                           start: int) -> tuple[list[int], int]:
-    """Lossless, reproducible acceptance of a deterministic draft tree (draft_probs None).
+    """Lossless, reproducible acceptance of a draft tree for a sampled request.
 
-    The token at output position start + d is the target's own sample there: inverse CDF of target_probs at the
-    current node with position_uniform(seed, start + d). A child holding that token is accepted and the walk goes
-    on below it; otherwise the sample is the round's next token. This is ancestral sampling from the target with
-    one uniform per position, so the output is a function of (seed, target) only: equal seeds give equal text for
-    every proposer, batch size and speculation plan. It accepts as often as SpecInfer's sequential rejection does
-    for one-hot drafts (sampled_tree_accept): a child with token t is taken with probability p[t].
+    The token at output position start + d is the target's own sample there, drawn with the position's Gumbel noise
+    (position_keyed_sample of target_probs at the current node). A child holding that token is accepted and the walk
+    goes on below it; otherwise the sample is the round's next token. This is ancestral sampling from the target
+    with noise keyed by (seed, position), so the output is a function of (seed, target) only: equal seeds give equal
+    text for every proposer, tree shape, batch size and replica, and a replayed round reproduces exactly. Drafts
+    may be deterministic (argmax, suffix trees: accepted with probability p[t]) or sampled with the same noise from
+    the drafter's q (position_keyed_sample), which makes them agree with the target far more often (see there).
     target_probs [n + 1, V] as in sampled_tree_accept. Returns (accepted node indices in path order, next token).
     """
     children: dict[int, list[int]] = {}
@@ -193,10 +230,7 @@ def position_keyed_accept(tokens: torch.Tensor, parents: torch.Tensor, target_pr
     toks = tokens.tolist()
     path, node = [], -1
     while True:
-        row = target_probs[node + 1].to("cpu", torch.float64)  # [V]
-        cdf = row.cumsum(0)
-        u = torch.tensor([position_uniform(seed, start + len(path)) * float(cdf[-1])], dtype=torch.float64)
-        token = min(int(torch.searchsorted(cdf, u, right=True)[0]), int(row.nonzero()[-1]))  # never a zero-mass token
+        token = int(position_keyed_sample(target_probs[node + 1][None], [seed], [start + len(path)])[0])
         child = next((c for c in children.get(node, ()) if toks[c] == token), None)
         if child is None:
             return path, token

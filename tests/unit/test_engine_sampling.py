@@ -198,3 +198,17 @@ def test_the_support_check_catches_a_missing_top_p(target, prefix_ids, exact):
     assert int((exact.p1[pairs[:, 0]] == 0).sum()) > 0, "first tokens outside the nucleus"
     inside = pairs[(pairs[:, 1] >= 0) & (exact.p1[pairs[:, 0]] > 0)]
     assert exact.outside_support(inside) > 0, "second tokens outside the nucleus"
+
+
+def test_the_target_drafting_for_itself_accepts_every_sampled_draft(target, prefix_ids):
+    """Sanity of stochastic drafts: with the target as its own drafter, each level is drawn from the same warped
+    distribution with the same noise as the target's own sample, so every drafted token is accepted."""
+    from specfleet.engine.drafters import DrafterModel, ModelProposer
+    from specfleet.engine.engine import SpecEngine
+
+    engine = SpecEngine(target, ModelProposer([DrafterModel("target", target, 4)]), max_batch=4, k=3)
+    results = engine.generate([Request(f"s{i}", list(prefix_ids), 24, SamplingParams(0.8, 0.95, 0, 77 + i),
+                                       ignore_eos=True) for i in range(4)])
+    for result in results:
+        assert result.stats["draft_tokens"] == result.stats["accepted_tokens"] > 0
+        assert result.stats["rounds"] <= 24 // 4 + 1

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from specfleet.engine.sampling import SamplingParams, make_generator, warp_probs
-from specfleet_kernels.reference import ROOT, greedy_accept, sampled_tree_accept
+from specfleet_kernels.reference import (
+    ROOT,
+    greedy_accept,
+    position_keyed_accept,
+    position_keyed_sample,
+    sampled_tree_accept,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # warp_probs against transformers' warpers, applied in generate's order.
@@ -363,3 +369,125 @@ def test_malformed_inputs_are_rejected():
         sampled_tree_accept(tokens, PARENTS, target_probs, draft_probs[:, :-1], generator)
     with pytest.raises(ValueError, match="not a distribution"):
         sampled_tree_accept(tokens, PARENTS, torch.zeros_like(target_probs), draft_probs, generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stochastic drafts coupled by the request's noise: every drafter draws each level from its own q with the Gumbel
+# noise of that output position (position_keyed_sample), deterministic lookups (suffix trees) mix into the same tree,
+# and position_keyed_accept takes the child holding the target's own sample (drawn with p and the same noise).
+
+
+@pytest.fixture(scope="module")
+def second_drafter_logits():
+    return logits_after_every_context(tiny_llama(0.06))
+
+
+def coupled_tree(drafters: list[Tables], lookup: Tables | None, context: torch.Tensor, seeds: list[int], start: int):
+    """Per row a tree of sibling chains under the root: two levels sampled from each drafter with the row's noise,
+    and with `lookup` one deterministic node (its argmax, as a suffix tree would propose a fixed token).
+    Returns (tokens [N, n], parents [n], target contexts of every node [n] as [N, d] tensors)."""
+    columns, parents, paths = [], [], []
+    for drafter in drafters:
+        first = position_keyed_sample(drafter.after(context), seeds, [start] * len(seeds))[:, None]  # [N, 1]
+        second = position_keyed_sample(drafter.after(torch.cat([context, first], 1)), seeds,
+                                       [start + 1] * len(seeds))[:, None]
+        parents += [ROOT, len(columns)]
+        paths += [torch.cat([context, first], 1), torch.cat([context, first, second], 1)]
+        columns += [first, second]
+    if lookup is not None:
+        token = lookup.after(context).argmax(-1)[:, None]
+        parents.append(ROOT)
+        paths.append(torch.cat([context, token], 1))
+        columns.append(token)
+    return torch.cat(columns, 1), parents, paths
+
+
+def coupled_two_tokens(target: Tables, drafters: list[Tables], lookup: Tables | None, accept,
+                       samples: int) -> tuple[torch.Tensor, float]:
+    """([samples, 2] first two tokens after PREFIX, mean drafted tokens accepted in the first round)."""
+    seeds = list(range(SEED0, SEED0 + samples))
+    emitted: list[list[int]] = [[] for _ in range(samples)]
+    accepted_first = 0
+    for start in (0, 1):
+        rows = [i for i in range(samples) if len(emitted[i]) < 2]
+        if not rows:
+            break
+        context = torch.tensor([emitted[i] for i in rows], dtype=torch.long).reshape(len(rows), start)
+        row_seeds = [seeds[i] for i in rows]
+        tokens, parents, paths = coupled_tree(drafters, lookup, context, row_seeds, start)
+        target_probs = torch.stack([target.after(context)] + [target.after(p) for p in paths], 1)  # [N, n + 1, V]
+        for j, i in enumerate(rows):
+            path, nxt = accept(tokens[j], torch.tensor(parents), target_probs[j], row_seeds[j], start)
+            emitted[i] += [int(tokens[j, n]) for n in path] + [nxt]
+            accepted_first += len(path) if start == 0 else 0
+    return torch.tensor([e[:2] for e in emitted]), accepted_first / samples
+
+
+SEED0 = 50_000
+COUPLED_TREES = {"one_drafter": (1, False), "two_drafters": (2, False), "drafter_and_lookup": (1, True)}
+
+
+@pytest.mark.parametrize("params", SAMPLED_PARAMS, ids=["t1", "t0.8-p0.95", "t0.8-k5"])
+@pytest.mark.parametrize("tree", list(COUPLED_TREES))
+def test_coupled_stochastic_drafts_reproduce_the_target(model_logits, second_drafter_logits, tree, params):
+    target = Tables(model_logits[0], params)
+    pool = [Tables(model_logits[1], params), Tables(second_drafter_logits, params)]
+    count, lookup = COUPLED_TREES[tree]
+    pairs, accepted = coupled_two_tokens(target, pool[:count], pool[1] if lookup else None, position_keyed_accept,
+                                         SAMPLES)
+    assert chi_square_p_value(pairs, target.two_token_joint()) > P_VALUE_FLOOR
+    assert accepted > 0.3  # the drafts do agree with the target's samples (the point of drawing them this way)
+
+
+def accept_with_stale_noise(tokens, parents, target_probs, seed, start):
+    """Wrong on purpose: every level of the walk reuses the first position's noise instead of its own."""
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents.tolist()):
+        children.setdefault(p, []).append(i)
+    path, node = [], ROOT
+    while True:
+        token = int(position_keyed_sample(target_probs[node + 1][None], [seed], [start])[0])
+        child = next((c for c in children.get(node, ()) if int(tokens[c]) == token), None)
+        if child is None:
+            return path, token
+        path.append(child)
+        node = child
+
+
+def accept_any_supported_draft(tokens, parents, target_probs, seed, start):
+    """Wrong on purpose: trusts the first child whenever the target could have produced its token."""
+    path, node = [], ROOT
+    while True:
+        child = next((i for i, p in enumerate(parents.tolist()) if p == node), None)
+        if child is None or float(target_probs[node + 1][tokens[child]]) == 0:
+            token = int(position_keyed_sample(target_probs[node + 1][None], [seed], [start + len(path)])[0])
+            return path, token
+        path.append(child)
+        node = child
+
+
+@pytest.mark.parametrize("wrong_accept", [accept_with_stale_noise, accept_any_supported_draft])
+def test_a_wrong_coupled_acceptance_fails_the_same_check(model_logits, wrong_accept):
+    params = SamplingParams(temperature=1.0)
+    target, drafter = Tables(model_logits[0], params), Tables(model_logits[1], params)
+    pairs, _ = coupled_two_tokens(target, [drafter], None, wrong_accept, SAMPLES)
+    assert chi_square_p_value(pairs, target.two_token_joint()) < P_VALUE_FLOOR
+
+
+def test_the_target_drafting_for_itself_is_always_accepted(model_logits):
+    params = SamplingParams(temperature=0.8, top_p=0.95)
+    target = Tables(model_logits[0], params)
+    _, accepted = coupled_two_tokens(target, [target], None, position_keyed_accept, 2_000)
+    assert accepted == 2.0  # both drafted levels, every time: same distribution, same noise
+
+
+def test_position_keyed_samples_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0])
+    draws = position_keyed_sample(probs.expand(40_000, -1), list(range(40_000)), [7] * 40_000)
+    observed = torch.bincount(draws, minlength=len(probs)).double()
+    assert observed[-1] == 0  # never a zero-probability token
+    expected = probs.double() * len(draws)
+    statistic = ((observed[:-1] - expected[:-1]) ** 2 / expected[:-1]).sum()
+    assert float(torch.special.gammaincc(torch.tensor(2.0, dtype=torch.float64), statistic / 2)) > P_VALUE_FLOOR
+    again = position_keyed_sample(probs.expand(3, -1), [0, 1, 2], [7, 7, 7])
+    assert torch.equal(again, draws[:3])  # a function of (seed, position) alone

@@ -13,7 +13,7 @@ import grpc
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
 from specfleet.engine.proposers import Draft, Proposer
 from specfleet.runtime.server import Batcher, RecentRequests
-from specfleet.runtime.wire import tree_to_pb
+from specfleet.runtime.wire import sampling_from_pb, tree_to_pb
 
 
 class DrafterService(internal_pb2_grpc.DrafterServicer):
@@ -56,7 +56,17 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
             if min(item.context) < 0 or max(item.context) >= self.vocab_size:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"request {item.request_id}: token ids must be in [0, {self.vocab_size})")
-            drafts.append(Draft(item.request_id, list(item.context), item.k))
+            params, seed = None, None
+            if item.HasField("sampling") and item.sampling.temperature > 0:
+                try:
+                    params = sampling_from_pb(item.sampling)
+                except ValueError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {item.request_id}: {exc}")
+                seed = params.seed  # None (no seed): argmax drafts, which acceptance handles as well
+            if item.position < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"request {item.request_id}: position must be >= 0, got {item.position}")
+            drafts.append(Draft(item.request_id, list(item.context), item.k, None, params, seed, item.position))
         results = await asyncio.gather(*(self.batcher.submit(d) for d in drafts))
         seconds = max((s for _, s in results), default=0.0)
         return internal_pb2.DraftResponse(trees=[tree_to_pb(t) for t, _ in results], drafter=self.pool, seconds=seconds)

@@ -11,7 +11,9 @@ import torch
 from specfleet.engine.fusion import FusedTreeBuilder
 from specfleet.engine.llama import LlamaRunner, causal_bias, common_prefix
 from specfleet.engine.proposers import Draft
+from specfleet.engine.sampling import SamplingParams, warp_probs
 from specfleet.engine.tree import TokenTree
+from specfleet_kernels.reference import position_keyed_sample
 
 
 class DrafterModel:
@@ -65,9 +67,32 @@ class DrafterModel:
         return self.runner.forward(torch.tensor(tokens)[:, None], cols, cols, bias, slots=slots)[:, 0]
 
 
+def candidates(logits: torch.Tensor, drafts: list[Draft], level: int) -> tuple[list[int], list[float]]:
+    """One drafter's proposal at draft `level` for each row: logits [B, V] -> (tokens, confidences).
+
+    A greedy row proposes its argmax with its softmax probability. A sampled row draws from the drafter's own
+    distribution q, warped exactly like the request's (temperature, top-k, top-p), with the request's noise at this
+    output position (`position_keyed_sample`), and reports q(token): the draft then agrees with the target's own
+    sample far more often than an argmax draft does, and the output is unchanged (acceptance compares tokens)."""
+    values, indices = torch.softmax(logits, dim=-1).max(dim=-1)  # [B], [B]
+    tokens, confidences = indices.tolist(), values.tolist()
+    by_params: dict[SamplingParams, list[int]] = {}
+    for j, d in enumerate(drafts):
+        if d.sampled:
+            by_params.setdefault(d.params, []).append(j)
+    for params, rows in by_params.items():
+        q = warp_probs(logits[rows], params)  # [n, V]
+        drawn = position_keyed_sample(q, [drafts[j].seed for j in rows], [drafts[j].position + level for j in rows])
+        chosen = q.gather(-1, drawn[:, None])[:, 0]  # [n]
+        for j, token, confidence in zip(rows, drawn.tolist(), chosen.tolist(), strict=True):
+            tokens[j], confidences[j] = token, confidence
+    return tokens, confidences
+
+
 class ModelProposer:
-    """Drafts with one model (a chain) or fuses several (a tree): per level every drafter proposes its most
-    likely token given the fused prefix; the most confident wins and is fed back; losers become branches."""
+    """Drafts with one model (a chain) or fuses several (a tree): per level every drafter proposes a token given the
+    fused prefix (its most likely one, or for a sampled request one drawn with the request's noise: `candidates`);
+    the most confident wins and is fed back; losers become branches."""
 
     def __init__(self, drafters: list[DrafterModel], max_branches_per_level: int = 2):
         if not drafters:
@@ -109,11 +134,11 @@ class ModelProposer:
         logits = [d.begin(batch) for d in drafters]  # per drafter [B, V]
         rows = list(range(len(batch)))
         for level in range(max(d.k for d in batch)):
-            # candidates per row: each drafter's top token and its probability
-            tops = [torch.softmax(lg, dim=-1).max(dim=-1) for lg in logits]  # per drafter (values [B'], idx [B'])
+            # candidates per row: each drafter's token and its probability
+            tops = [candidates(lg, [batch[row] for row in rows], level) for lg in logits]  # per drafter
             winners = []
             for j, row in enumerate(rows):
-                cands = [(int(idx[j]), float(val[j])) for val, idx in tops]
+                cands = [(tokens[j], confidences[j]) for tokens, confidences in tops]
                 winners.append(builders[row].add_level(cands))
             rows_next = [(j, row) for j, row in enumerate(rows) if level + 1 < batch[row].k]
             if not rows_next:

@@ -39,7 +39,7 @@ class _Live:
     req: Request
     tokens: list[int]  # prompt + committed output
     generator: torch.Generator | None
-    seed: int | None = None  # sampled requests: keys each output position's uniform (position_uniform)
+    seed: int | None = None  # sampled requests: keys each output position's noise (position_gumbels)
     output: list[int] = field(default_factory=list)
     stats: dict = field(default_factory=lambda: {"rounds": 0, "draft_tokens": 0, "accepted_tokens": 0})
     finish_reason: str | None = None
@@ -160,8 +160,8 @@ class SpecEngine:
     def step(self, live: list[_Live], on_tokens=None) -> None:
         """One round for every live request: plan, draft, verify all trees in one forward, accept, commit."""
         plans = self.policy.decide([lv.req.rid for lv in live], max_k={lv.req.rid: lv.remaining - 1 for lv in live})
-        drafts = [Draft(lv.req.rid, lv.tokens, plans[lv.req.rid].k, tuple(plans[lv.req.rid].drafters) or None)
-                  for lv in live]
+        drafts = [Draft(lv.req.rid, lv.tokens, plans[lv.req.rid].k, tuple(plans[lv.req.rid].drafters) or None,
+                        lv.req.params, lv.seed, len(lv.output)) for lv in live]
         t0 = time.perf_counter()
         trees = self.proposer.propose(drafts)
         t1 = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from specfleet.engine.sampling import SamplingParams
 from specfleet.engine.tree import TokenTree
 
 
@@ -35,6 +36,15 @@ class Draft:
     context: list[int]
     k: int
     drafters: tuple[str, ...] | None = None  # which drafter models to use (None: all the proposer has)
+    # A sampled request's parameters, seed and output position (index of the next output token): model drafters then
+    # draw each level with the request's noise at that position (`position_keyed_sample`); None drafts argmax.
+    params: SamplingParams | None = None
+    seed: int | None = None
+    position: int = 0
+
+    @property
+    def sampled(self) -> bool:
+        return self.params is not None and not self.params.greedy and self.seed is not None
 
 
 class StatelessProposer:

@@ -254,11 +254,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     # ------------------------------------------------------------------ rounds
 
-    async def _draft(self, rid: str, context: list[int], k: int, pools: list[str]) -> tuple[TokenTree, float]:
+    async def _draft(self, rid: str, context: list[int], k: int, pools: list[str], params: SamplingParams,
+                     prompt_len: int) -> tuple[TokenTree, float]:
         if k <= 0 or not pools:
             return TokenTree.empty(), 0.0
         start = time.perf_counter()
-        item = internal_pb2.DraftItem(request_id=rid, context=context, k=k)
+        # a sampled request's drafts are drawn with its own noise at each output position (keyed by its seed)
+        item = internal_pb2.DraftItem(request_id=rid, context=context, k=k, position=len(context) - prompt_len,
+                                      sampling=None if params.greedy else sampling_to_pb(params))
         calls = [self._drafter(p, rid).Draft(internal_pb2.DraftRequest(items=[item]),
                                              timeout=self.config.rpc_timeout_s, metadata=self._metadata)
                  for p in pools]
@@ -299,14 +302,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return pools[:1] if self.config.fusion is None else pools
 
     def _draft_ahead(self, rid: str, context: list[int], tree: TokenTree, k: int, pools: list[str],
-                     remaining: int) -> tuple[asyncio.Task, list[int]] | None:
+                     remaining: int, params: SamplingParams, prompt_len: int) -> tuple[asyncio.Task, list[int]] | None:
         """PipeInfer-style continuous speculation: while the verifier checks `tree`, the drafters draft the next
         round from the optimistic continuation (the tree's most confident path fully accepted), one level deeper so
         its first level guesses the target's bonus token. Returns (task, the path's tokens) or None."""
         if not self.config.pipeline or k <= 0 or not len(tree) or remaining <= tree.max_depth + 2:
             return None
         path = [int(tree.tokens[i]) for i in tree.best_path()]
-        return asyncio.get_running_loop().create_task(self._draft(rid, context + path, k + 1, pools)), path
+        return asyncio.get_running_loop().create_task(self._draft(rid, context + path, k + 1, pools, params,
+                                                                            prompt_len)), path
 
     async def _confirm_ahead(self, ahead: tuple[asyncio.Task, list[int]], committed: list[int],
                              finished: bool) -> TokenTree | None:
@@ -384,7 +388,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             sub = tree.subtree(guess).prune_depth(min(k, left - 1)) if left > 1 else TokenTree.empty()
             spec_context = context + assumed
             self.speculated += 1
-            next_ahead = self._draft_ahead(rid, spec_context, sub, k, pools, left)
+            next_ahead = self._draft_ahead(rid, spec_context, sub, k, pools, left, params, prompt_len)
             try:
                 reply = await self._verify(rid, rnd + 1, spec_context, prompt_len, sub, params, left, ignore_eos,
                                            speculative=True)
@@ -463,9 +467,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if ready is not None and plan.k > 0:
                 tree, draft_s = ready.prune_depth(plan.k), None  # drafted during the last verification
             else:
-                tree, draft_s = await self._draft(rid, prompt + output, plan.k, pools if plan.k > 0 else [])
+                tree, draft_s = await self._draft(rid, prompt + output, plan.k, pools if plan.k > 0 else [], params,
+                                                  len(prompt))
             ready = None
-            ahead = self._draft_ahead(rid, prompt + output, tree, plan.k, pools, remaining)
+            ahead = self._draft_ahead(rid, prompt + output, tree, plan.k, pools, remaining, params, len(prompt))
             dsi = self._speculate(rid, rnd, prompt + output, len(prompt), ahead, plan.k, pools, params, remaining,
                                    request.ignore_eos)
             start = time.perf_counter()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fspecfleet/api/v1/internal.proto\x12\x10specfleet.api.v1\"a\n\tTokenTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x01(\x0c\x12\x13\n\x0b\x64raft_probs\x18\x04 \x01(\x0c\x12\x0f\n\x07origins\x18\x05 \x03(\t\"c\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\";\n\tDraftItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12\t\n\x01k\x18\x03 \x01(\x05\":\n\x0c\x44raftRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.specfleet.api.v1.DraftItem\"]\n\rDraftResponse\x12*\n\x05trees\x18\x01 \x03(\x0b\x32\x1b.specfleet.api.v1.TokenTree\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"4\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x03(\x05\"\x11\n\x0fReleaseResponse\"s\n\x0b\x46useRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06\x64rafts\x18\x02 \x03(\x0b\x32\x1b.specfleet.api.v1.TokenTree\x12\x10\n\x08\x64rafters\x18\x03 \x03(\t\x12\x11\n\tmax_nodes\x18\x04 \x01(\x05\"9\n\x0c\x46useResponse\x12)\n\x04tree\x18\x01 \x01(\x0b\x32\x1b.specfleet.api.v1.TokenTree\"\xf7\x01\n\rVerifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0f\n\x07\x63ontext\x18\x03 \x03(\x05\x12\x12\n\nprompt_len\x18\x04 \x01(\x05\x12)\n\x04tree\x18\x05 \x01(\x0b\x32\x1b.specfleet.api.v1.TokenTree\x12\x32\n\x08sampling\x18\x06 \x01(\x0b\x32 .specfleet.api.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x13\n\x0bspeculative\x18\t \x01(\x08\"\xd9\x01\n\tVerifyJob\x12\x30\n\x07request\x18\x01 \x01(\x0b\x32\x1f.specfleet.api.v1.VerifyRequest\x12\x10\n\x08reply_to\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\x03\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x35\n\x05trace\x18\x05 \x03(\x0b\x32&.specfleet.api.v1.VerifyJob.TraceEntry\x1a,\n\nTraceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\x0bVerifyReply\x12\x32\n\x08response\x18\x01 \x01(\x0b\x32 .specfleet.api.v1.VerifyResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"\xcb\x01\n\x0eVerifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x05\x12\x16\n\x0e\x61\x63\x63\x65pted_nodes\x18\x05 \x03(\x05\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x07 \x01(\x05\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12\x10\n\x08replayed\x18\n \x01(\x08\x32\xa3\x01\n\x07\x44rafter\x12H\n\x05\x44raft\x12\x1e.specfleet.api.v1.DraftRequest\x1a\x1f.specfleet.api.v1.DraftResponse\x12N\n\x07Release\x12 .specfleet.api.v1.ReleaseRequest\x1a!.specfleet.api.v1.ReleaseResponse2O\n\x06\x46usion\x12\x45\n\x04\x46use\x12\x1d.specfleet.api.v1.FuseRequest\x1a\x1e.specfleet.api.v1.FuseResponse2\xa7\x01\n\x08Verifier\x12K\n\x06Verify\x12\x1f.specfleet.api.v1.VerifyRequest\x1a .specfleet.api.v1.VerifyResponse\x12N\n\x07Release\x12 .specfleet.api.v1.ReleaseRequest\x1a!.specfleet.api.v1.ReleaseResponseB!Z\x1fspecfleet.io/api/v1;specfleetv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fspecfleet/api/v1/internal.proto\x12\x10specfleet.api.v1\"a\n\tTokenTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\r\n\x05probs\x18\x03 \x01(\x0c\x12\x13\n\x0b\x64raft_probs\x18\x04 \x01(\x0c\x12\x0f\n\x07origins\x18\x05 \x03(\t\"c\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\"\x81\x01\n\tDraftItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x03(\x05\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .specfleet.api.v1.SamplingParams\x12\x10\n\x08position\x18\x05 \x01(\x05\":\n\x0c\x44raftRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.specfleet.api.v1.DraftItem\"]\n\rDraftResponse\x12*\n\x05trees\x18\x01 \x03(\x0b\x32\x1b.specfleet.api.v1.TokenTree\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"4\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x03(\x05\"\x11\n\x0fReleaseResponse\"s\n\x0b\x46useRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06\x64rafts\x18\x02 \x03(\x0b\x32\x1b.specfleet.api.v1.TokenTree\x12\x10\n\x08\x64rafters\x18\x03 \x03(\t\x12\x11\n\tmax_nodes\x18\x04 \x01(\x05\"9\n\x0c\x46useResponse\x12)\n\x04tree\x18\x01 \x01(\x0b\x32\x1b.specfleet.api.v1.TokenTree\"\xf7\x01\n\rVerifyRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0f\n\x07\x63ontext\x18\x03 \x03(\x05\x12\x12\n\nprompt_len\x18\x04 \x01(\x05\x12)\n\x04tree\x18\x05 \x01(\x0b\x32\x1b.specfleet.api.v1.TokenTree\x12\x32\n\x08sampling\x18\x06 \x01(\x0b\x32 .specfleet.api.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x13\n\x0bspeculative\x18\t \x01(\x08\"\xd9\x01\n\tVerifyJob\x12\x30\n\x07request\x18\x01 \x01(\x0b\x32\x1f.specfleet.api.v1.VerifyRequest\x12\x10\n\x08reply_to\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\x03\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x35\n\x05trace\x18\x05 \x03(\x0b\x32&.specfleet.api.v1.VerifyJob.TraceEntry\x1a,\n\nTraceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"p\n\x0bVerifyReply\x12\x32\n\x08response\x18\x01 \x01(\x0b\x32 .specfleet.api.v1.VerifyResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"\xcb\x01\n\x0eVerifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x05\x12\x16\n\x0e\x61\x63\x63\x65pted_nodes\x18\x05 \x03(\x05\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x07 \x01(\x05\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12\x10\n\x08replayed\x18\n \x01(\x08\x32\xa3\x01\n\x07\x44rafter\x12H\n\x05\x44raft\x12\x1e.specfleet.api.v1.DraftRequest\x1a\x1f.specfleet.api.v1.DraftResponse\x12N\n\x07Release\x12 .specfleet.api.v1.ReleaseRequest\x1a!.specfleet.api.v1.ReleaseResponse2O\n\x06\x46usion\x12\x45\n\x04\x46use\x12\x1d.specfleet.api.v1.FuseRequest\x1a\x1e.specfleet.api.v1.FuseResponse2\xa7\x01\n\x08Verifier\x12K\n\x06Verify\x12\x1f.specfleet.api.v1.VerifyRequest\x1a .specfleet.api.v1.VerifyResponse\x12N\n\x07Release\x12 .specfleet.api.v1.ReleaseRequest\x1a!.specfleet.api.v1.ReleaseResponseB!Z\x1fspecfleet.io/api/v1;specfleetv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,34 +38,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENTREE']._serialized_end=150
   _globals['_SAMPLINGPARAMS']._serialized_start=152
   _globals['_SAMPLINGPARAMS']._serialized_end=251
-  _globals['_DRAFTITEM']._serialized_start=253
-  _globals['_DRAFTITEM']._serialized_end=312
-  _globals['_DRAFTREQUEST']._serialized_start=314
-  _globals['_DRAFTREQUEST']._serialized_end=372
-  _globals['_DRAFTRESPONSE']._serialized_start=374
-  _globals['_DRAFTRESPONSE']._serialized_end=467
-  _globals['_RELEASEREQUEST']._serialized_start=469
-  _globals['_RELEASEREQUEST']._serialized_end=521
-  _globals['_RELEASERESPONSE']._serialized_start=523
-  _globals['_RELEASERESPONSE']._serialized_end=540
-  _globals['_FUSEREQUEST']._serialized_start=542
-  _globals['_FUSEREQUEST']._serialized_end=657
-  _globals['_FUSERESPONSE']._serialized_start=659
-  _globals['_FUSERESPONSE']._serialized_end=716
-  _globals['_VERIFYREQUEST']._serialized_start=719
-  _globals['_VERIFYREQUEST']._serialized_end=966
-  _globals['_VERIFYJOB']._serialized_start=969
-  _globals['_VERIFYJOB']._serialized_end=1186
-  _globals['_VERIFYJOB_TRACEENTRY']._serialized_start=1142
-  _globals['_VERIFYJOB_TRACEENTRY']._serialized_end=1186
-  _globals['_VERIFYREPLY']._serialized_start=1188
-  _globals['_VERIFYREPLY']._serialized_end=1300
-  _globals['_VERIFYRESPONSE']._serialized_start=1303
-  _globals['_VERIFYRESPONSE']._serialized_end=1506
-  _globals['_DRAFTER']._serialized_start=1509
-  _globals['_DRAFTER']._serialized_end=1672
-  _globals['_FUSION']._serialized_start=1674
-  _globals['_FUSION']._serialized_end=1753
-  _globals['_VERIFIER']._serialized_start=1756
-  _globals['_VERIFIER']._serialized_end=1923
+  _globals['_DRAFTITEM']._serialized_start=254
+  _globals['_DRAFTITEM']._serialized_end=383
+  _globals['_DRAFTREQUEST']._serialized_start=385
+  _globals['_DRAFTREQUEST']._serialized_end=443
+  _globals['_DRAFTRESPONSE']._serialized_start=445
+  _globals['_DRAFTRESPONSE']._serialized_end=538
+  _globals['_RELEASEREQUEST']._serialized_start=540
+  _globals['_RELEASEREQUEST']._serialized_end=592
+  _globals['_RELEASERESPONSE']._serialized_start=594
+  _globals['_RELEASERESPONSE']._serialized_end=611
+  _globals['_FUSEREQUEST']._serialized_start=613
+  _globals['_FUSEREQUEST']._serialized_end=728
+  _globals['_FUSERESPONSE']._serialized_start=730
+  _globals['_FUSERESPONSE']._serialized_end=787
+  _globals['_VERIFYREQUEST']._serialized_start=790
+  _globals['_VERIFYREQUEST']._serialized_end=1037
+  _globals['_VERIFYJOB']._serialized_start=1040
+  _globals['_VERIFYJOB']._serialized_end=1257
+  _globals['_VERIFYJOB_TRACEENTRY']._serialized_start=1213
+  _globals['_VERIFYJOB_TRACEENTRY']._serialized_end=1257
+  _globals['_VERIFYREPLY']._serialized_start=1259
+  _globals['_VERIFYREPLY']._serialized_end=1371
+  _globals['_VERIFYRESPONSE']._serialized_start=1374
+  _globals['_VERIFYRESPONSE']._serialized_end=1577
+  _globals['_DRAFTER']._serialized_start=1580
+  _globals['_DRAFTER']._serialized_end=1743
+  _globals['_FUSION']._serialized_start=1745
+  _globals['_FUSION']._serialized_end=1824
+  _globals['_VERIFIER']._serialized_start=1827
+  _globals['_VERIFIER']._serialized_end=1994
 # @@protoc_insertion_point(module_scope)

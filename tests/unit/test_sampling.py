@@ -491,3 +491,17 @@ def test_position_keyed_samples_follow_the_distribution():
     assert float(torch.special.gammaincc(torch.tensor(2.0, dtype=torch.float64), statistic / 2)) > P_VALUE_FLOOR
     again = position_keyed_sample(probs.expand(3, -1), [0, 1, 2], [7, 7, 7])
     assert torch.equal(again, draws[:3])  # a function of (seed, position) alone
+
+
+def test_draft_probs_apply_the_requests_filters_on_the_drafters_top_tokens():
+    from specfleet.engine.sampling import draft_probs
+
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(0)) * 3
+    for params in SAMPLED_PARAMS:
+        q = draft_probs(logits, params, support=64)
+        assert torch.allclose(q.sum(-1), torch.ones(3))
+        assert ((q > 0).sum(-1) <= (params.top_k or 64)).all()
+        assert torch.equal(q.argmax(-1), logits.argmax(-1))  # the drafter's favourite always stays
+        exact = warp_probs(logits, params)
+        # a truncation of the request's own distribution: never a token the full warp would drop at this support
+        assert ((q > 0) <= (exact > 0) | (params.top_p == 1.0)).all()

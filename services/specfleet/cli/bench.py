@@ -73,11 +73,13 @@ def add_parser(sub, fmt) -> None:
     p = sub.add_parser("bench", help="benchmarks that print and write JSON (ratios measured side by side)")
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     b = bsub.add_parser("engine", formatter_class=fmt,
-                        help="tokens/s of HF generate / assisted / prompt lookup vs specfleet's proposers",
-                        description="Measures, in one run on the same held-out prompts: hf-greedy, hf-assisted "
-                                    "(the prompt's domain drafter), hf-prompt-lookup, specfleet-none/model/suffix/"
-                                    "fused at batch 1, greedy and sampled (T=0.8, top-p 0.95), and a batch sweep "
-                                    "of specfleet-fused against plain batched decoding. Writes JSON and a PNG plot.")
+                        help="tokens/s of specfleet's proposers vs its own plain decoding (and vs HF generate)",
+                        description="Measures, in one run on the same held-out prompts: specfleet-none/model/suffix/"
+                                    "fused at batch 1 and a batch sweep of specfleet-fused, greedy and sampled "
+                                    "(T=0.8, top-p 0.95), each against the same engine's plain decoding "
+                                    "(specfleet-none) at the same batch and mode, with accepted tokens per round and "
+                                    "distinct-4 beside it; hf-greedy, hf-assisted (the prompt's domain drafter) and "
+                                    "hf-prompt-lookup as secondary rows. Writes JSON and a PNG plot.")
     b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
     b.add_argument("--prompts", type=Path, default=None,
                    help="JSONL with \"prompt\" (and \"domain\") per line (default: the held-out set in "

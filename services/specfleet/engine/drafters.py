@@ -11,7 +11,7 @@ import torch
 from specfleet.engine.fusion import FusedTreeBuilder
 from specfleet.engine.llama import LlamaRunner, causal_bias, common_prefix
 from specfleet.engine.proposers import Draft
-from specfleet.engine.sampling import SamplingParams, warp_probs
+from specfleet.engine.sampling import SamplingParams, draft_probs
 from specfleet.engine.tree import TokenTree
 from specfleet_kernels.reference import position_keyed_sample
 
@@ -71,9 +71,10 @@ def candidates(logits: torch.Tensor, drafts: list[Draft], level: int) -> tuple[l
     """One drafter's proposal at draft `level` for each row: logits [B, V] -> (tokens, confidences).
 
     A greedy row proposes its argmax with its softmax probability. A sampled row draws from the drafter's own
-    distribution q, warped exactly like the request's (temperature, top-k, top-p), with the request's noise at this
-    output position (`position_keyed_sample`), and reports q(token): the draft then agrees with the target's own
-    sample far more often than an argmax draft does, and the output is unchanged (acceptance compares tokens)."""
+    distribution q, warped like the request's (temperature, top-k, top-p: `draft_probs`), with the request's
+    noise at this output position (`position_keyed_sample`), and reports q(token): the draft then agrees with the
+    target's own sample far more often than an argmax draft does, and the output is unchanged (acceptance compares
+    tokens)."""
     values, indices = torch.softmax(logits, dim=-1).max(dim=-1)  # [B], [B]
     tokens, confidences = indices.tolist(), values.tolist()
     by_params: dict[SamplingParams, list[int]] = {}
@@ -81,7 +82,7 @@ def candidates(logits: torch.Tensor, drafts: list[Draft], level: int) -> tuple[l
         if d.sampled:
             by_params.setdefault(d.params, []).append(j)
     for params, rows in by_params.items():
-        q = warp_probs(logits[rows], params)  # [n, V]
+        q = draft_probs(logits[rows], params)  # [n, V]
         drawn = position_keyed_sample(q, [drafts[j].seed for j in rows], [drafts[j].position + level for j in rows])
         chosen = q.gather(-1, drawn[:, None])[:, 0]  # [n]
         for j, token, confidence in zip(rows, drawn.tolist(), chosen.tolist(), strict=True):

@@ -75,3 +75,21 @@ def make_generator(seed: int | None) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
+
+
+DRAFT_SUPPORT = 64  # a sampled draft is drawn among the drafter's most likely tokens only
+
+
+def draft_probs(logits: torch.Tensor, params: SamplingParams, support: int = DRAFT_SUPPORT) -> torch.Tensor:
+    """[..., V] drafter logits -> [..., V] the distribution a sampled draft is drawn from: the request's temperature,
+    top-k and top-p applied to the drafter's `support` most likely tokens (a top-k instead of warp_probs' full sort,
+    which costs more than a small drafter's step). Drafts never change the output (acceptance compares the draft
+    with the target's own sample), so the drafter's distribution need not match Hugging Face's bit for bit; only
+    warp_probs, the target's, must."""
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # [..., V]
+    keep = min(support, probs.shape[-1]) if not params.top_k else min(support, params.top_k, probs.shape[-1])
+    values, index = probs.topk(keep, dim=-1)  # [..., keep] descending
+    if params.top_p < 1.0:
+        before = values.cumsum(-1) - values  # mass of the more likely tokens
+        values = values.masked_fill(before >= params.top_p, 0.0)  # the first token always stays
+    return torch.zeros_like(probs).scatter_(-1, index, values / values.sum(-1, keepdim=True))

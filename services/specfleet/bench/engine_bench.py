@@ -96,8 +96,8 @@ def run(models_dir: Path, prompts_path: Path | None, new_tokens: int, limit: int
     def matching(domain):
         return drafters.get(domain, drafters["general"])
 
-    def engine(proposer, batch, drafter_names=None):
-        return build_engine(models_dir, proposer, drafter_names, batch_size=batch, target=target)
+    def engine(proposer, batch, drafter_names=None, adaptive=True):
+        return build_engine(models_dir, proposer, drafter_names, batch_size=batch, target=target, adaptive=adaptive)
 
     plan = []  # (system, batch, sampled, thunk)
     for sampled in (False, True):
@@ -111,6 +111,11 @@ def run(models_dir: Path, prompts_path: Path | None, new_tokens: int, limit: int
         for proposer in ("none", "model", "suffix", "fused"):
             plan.append((f"specfleet-{proposer}", 1, sampled,
                          lambda p=proposer, s=sampled: _engine_run(engine(p, 1), prompts, new_tokens, s)))
+        # k = 4 every round, no speculation control: what the drafts accept, whether or not drafting them pays
+        for proposer in ("model", "fused"):
+            plan.append((f"specfleet-{proposer}-k4", 1, sampled,
+                         lambda p=proposer, s=sampled: _engine_run(engine(p, 1, adaptive=False), prompts,
+                                                                   new_tokens, s)))
     for sampled in (False, True):
         for batch in batches:
             if batch == 1:

@@ -77,19 +77,26 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-DRAFT_SUPPORT = 64  # a sampled draft is drawn among the drafter's most likely tokens only
+DRAFT_SUPPORT = 64  # top-p is applied among a drafter's likeliest tokens when its nucleus fits in this many
 
 
 def draft_probs(logits: torch.Tensor, params: SamplingParams, support: int = DRAFT_SUPPORT) -> torch.Tensor:
     """[..., V] drafter logits -> [..., V] the distribution a sampled draft is drawn from: the request's temperature,
-    top-k and top-p applied to the drafter's `support` most likely tokens (a top-k instead of warp_probs' full sort,
-    which costs more than a small drafter's step). Drafts never change the output (acceptance compares the draft
-    with the target's own sample), so the drafter's distribution need not match Hugging Face's bit for bit; only
-    warp_probs, the target's, must."""
+    top-k and top-p, as warp_probs applies them, without its full-vocabulary sort where it can (the sort costs more
+    than a small drafter's step): top-p is applied among the `support` likeliest tokens whenever they hold the whole
+    nucleus, else by warp_probs itself. Drafts never change the output (acceptance compares the draft with the
+    target's own sample), so this need not match Hugging Face bit for bit; only the target's warp_probs must."""
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # [..., V]
-    keep = min(support, probs.shape[-1]) if not params.top_k else min(support, params.top_k, probs.shape[-1])
-    values, index = probs.topk(keep, dim=-1)  # [..., keep] descending
-    if params.top_p < 1.0:
-        before = values.cumsum(-1) - values  # mass of the more likely tokens
-        values = values.masked_fill(before >= params.top_p, 0.0)  # the first token always stays
+    vocab = probs.shape[-1]
+    if params.top_k and params.top_k < vocab:
+        kth = probs.topk(params.top_k, dim=-1).values[..., -1:]  # ties with the k-th stay, as in warp_probs
+        probs = probs.masked_fill(probs < kth, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    if params.top_p >= 1.0:
+        return probs
+    values, index = probs.topk(min(support, vocab), dim=-1)  # [..., support] descending
+    if bool((values.sum(-1) < params.top_p).any()):  # a nucleus wider than the support: the exact warp
+        return warp_probs(logits, params)
+    before = values.cumsum(-1) - values  # mass of the likelier tokens
+    values = values.masked_fill(before >= params.top_p, 0.0)  # warp_probs' rule; the likeliest token always stays
     return torch.zeros_like(probs).scatter_(-1, index, values / values.sum(-1, keepdim=True))

@@ -161,10 +161,11 @@ def sampled_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, target_prob
 
 
 _MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio)
 
 
 def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = (x + _GOLDEN) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
@@ -172,7 +173,7 @@ def _splitmix64(x: int) -> int:
 
 def _splitmix64_array(x: np.ndarray) -> np.ndarray:
     """SplitMix64's output function over uint64 counters (wrapping arithmetic, as the scalar one)."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = x + np.uint64(_GOLDEN)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
@@ -180,13 +181,11 @@ def _splitmix64_array(x: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=128)
 def _gumbels(seed: int, position: int, vocab: int) -> torch.Tensor:
-    key = _splitmix64((_splitmix64(seed & _MASK64) + position * 0x9E3779B97F4A7C15) & _MASK64)
+    key = _splitmix64((_splitmix64(seed & _MASK64) + position * _GOLDEN) & _MASK64)
     with np.errstate(over="ignore"):
-        bits = _splitmix64_array(np.uint64(key) + np.arange(vocab, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        bits = _splitmix64_array(np.uint64(key) + np.arange(vocab, dtype=np.uint64) * np.uint64(_GOLDEN))
     uniform = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53  # in (0, 1): both logs finite
-    gumbel = torch.from_numpy(-np.log(-np.log(uniform))).float()
-    gumbel.requires_grad_(False)
-    return gumbel
+    return torch.from_numpy(-np.log(-np.log(uniform))).float()
 
 
 def position_gumbels(seed: int, position: int, vocab: int) -> torch.Tensor:

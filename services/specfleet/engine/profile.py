@@ -48,8 +48,7 @@ def run(models_dir: Path, drafters: tuple[str, ...] = ("drafter-python", "drafte
         runner = LlamaRunner(load_model(models_dir, name), slots=max(DRAFTER_BATCHES))
         steps[name] = []
         for batch in DRAFTER_BATCHES:
-            steps[name].append({"batch": batch,
-                                             "ms": round(1e3 * runner.time_forward(batch, 1, repeats), 3)})
+            steps[name].append({"batch": batch, "ms": round(1e3 * runner.time_forward(batch, 1, repeats), 3)})
             bar.update()
     bar.close()
     fixed, per_token = fit_line([(r["batch"] * r["tokens"], r["ms"]) for r in rows])

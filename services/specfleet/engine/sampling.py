@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -86,14 +87,11 @@ def draft_probs(logits: torch.Tensor, params: SamplingParams, support: int = DRA
     than a small drafter's step): top-p is applied among the `support` likeliest tokens whenever they hold the whole
     nucleus, else by warp_probs itself. Drafts never change the output (acceptance compares the draft with the
     target's own sample), so this need not match Hugging Face bit for bit; only the target's warp_probs must."""
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # [..., V]
-    vocab = probs.shape[-1]
-    if params.top_k and params.top_k < vocab:
-        kth = probs.topk(params.top_k, dim=-1).values[..., -1:]  # ties with the k-th stay, as in warp_probs
-        probs = probs.masked_fill(probs < kth, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
+    # temperature and top-k exactly as the target's (no sort without top-p); then top-p on the likeliest tokens
+    probs = warp_probs(logits, dataclasses.replace(params, top_p=1.0))  # [..., V]
     if params.top_p >= 1.0:
         return probs
+    vocab = probs.shape[-1]
     values, index = probs.topk(min(support, vocab), dim=-1)  # [..., support] descending
     if bool((values.sum(-1) < params.top_p).any()):  # a nucleus wider than the support: the exact warp
         return warp_probs(logits, params)

@@ -60,3 +60,38 @@ def test_specialisation_compares_with_the_best_other_specialist():
     assert spec["drafter-prose"]["ratio"] == 1.3
     table = format_table({"matrix": matrix, "target_distinct4": {"python": 0.5, "prose": 0.6, "c": 0.7}})
     assert "| drafter-general | 2.90 | **2.70** | 3.00 |" in table
+
+
+def _warps(temperature=0.8, top_p=0.95):
+    from specfleet.engine.sampling import SamplingParams, draft_probs, warp_probs
+    from specfleet.training.acceptance import Warps
+    from specfleet_kernels.reference import position_keyed_sample
+
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    return Warps(target_probs=lambda logits: warp_probs(logits, params),
+                 draft_probs=lambda logits: draft_probs(logits, params), sample=position_keyed_sample)
+
+
+def test_sampled_measurement_follows_the_engine(load_model, tokenizer, held_out_text, models_dir):
+    """The sampled continuation is exactly what the engine emits for that seed (plain decoding), the target drafting
+    for itself matches at every position with sum min(p, q) = 1, and a real drafter sits strictly between."""
+    from specfleet.engine.engine import Request
+    from specfleet.engine.factory import build_engine
+    from specfleet.engine.sampling import SamplingParams
+    from specfleet.training.acceptance import sampled_continuation, sampled_matches
+
+    target = load_model("target")
+    ids = tokenizer(held_out_text["python"], return_tensors="pt").input_ids[0]
+    prompts = torch.stack([ids[i:i + 32] for i in (0, 400, 800)])
+    seeds, warps = [11, 12, 13], _warps()
+    sampled = sampled_continuation(target, prompts, 20, warps, seeds)
+    engine = build_engine(models_dir, "none", batch_size=3, k=4, target=target)
+    results = engine.generate([Request(f"r{b}", prompts[b].tolist(), 20, SamplingParams(0.8, 0.95, 0, seeds[b]),
+                                       ignore_eos=True) for b in range(3)])
+    assert [r.token_ids for r in results] == sampled.tolist()
+    with torch.no_grad():
+        target_logits = target(input_ids=torch.cat([prompts, sampled], 1)[:, :-1]).logits[:, 31:]
+    matches, overlap = sampled_matches(target, target_logits, prompts, sampled, warps, seeds)
+    assert matches.all() and np.allclose(overlap, 1.0, atol=1e-4)
+    matches, overlap = sampled_matches(load_model("drafter-python"), target_logits, prompts, sampled, warps, seeds)
+    assert 0 < overlap.mean() < 1 and 0 < matches.mean() < 1

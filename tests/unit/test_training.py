@@ -44,6 +44,47 @@ def test_resumed_training_equals_uninterrupted(tmp_path, tiny_tokens):
         assert torch.equal(a[key], b[key]), key
     info = json.loads((tmp_path / "straight" / "training.json").read_text())
     assert info["role"] == "target" and info["tokens_seen"] > 0
+    assert [h["step"] for h in info["history"]] == [2, 4]  # the loss curve travels with the weights
+
+
+def test_on_policy_teacher_cache(tmp_path, tiny_tokens):
+    """On-policy windows keep their corpus prompt and continue it with the target's own tokens (the greedy ones
+    exactly its greedy continuation); the others stay corpus text; both losses train; a new recipe rebuilds."""
+    from specfleet.training.acceptance import greedy_continuation
+    from specfleet.training.distill import ON_POLICY_MODES, on_policy_rows
+    from specfleet.training.train import load_model
+
+    target_dir = tmp_path / "tiny-target"
+    cfg = RunConfig(steps=2, batch=2, seq=32, lr=1e-3, warmup=1, seed=0, eval_every=2, checkpoint_minutes=1.0)
+    train_target(tiny_tokens, MODELS_DIR / "target", target_dir, tmp_path / "run", cfg, minutes=None,
+                 device_name="cpu", arch=TINY)
+    dcfg = DistillConfig(windows_per_domain=40, seq=32, top_k=8, steps=2, batch=2, warmup=1, prompt_tokens=8,
+                         on_policy=0.5)
+    build_teacher_cache(target_dir, tiny_tokens, tmp_path / "cache", dcfg, device_name="cpu",
+                        windows={"python": 40})
+    on_policy = torch.load(tmp_path / "cache" / "python.pt", weights_only=False)
+    build_teacher_cache(target_dir, tiny_tokens, tmp_path / "cache-off", DistillConfig(
+        windows_per_domain=40, seq=32, top_k=8, steps=2, batch=2, warmup=1, prompt_tokens=8, on_policy=0.0),
+        device_name="cpu", windows={"python": 40})
+    build_off = torch.load(tmp_path / "cache-off" / "python.pt", weights_only=False)
+    rows = on_policy_rows(40, 0.5)
+    assert len(rows) == 20 and on_policy["recipe"]["on_policy"] == 0.5
+    corpus, cached = build_off["inputs"].long(), on_policy["inputs"].long()
+    others = [i for i in range(40) if i not in rows]
+    assert torch.equal(cached[others], corpus[others]) and torch.equal(cached[:, :8], corpus[:, :8])
+    assert not torch.equal(cached[rows], corpus[rows])
+    greedy_rows = rows[ON_POLICY_MODES.index((0.0, 1.0))::len(ON_POLICY_MODES)]
+    expected = greedy_continuation(load_model(target_dir), corpus[greedy_rows, :8], 24)
+    assert torch.equal(cached[greedy_rows, 8:], expected)
+    for loss in ("kl", "tv"):
+        info = train_drafter("drafter-python", target_dir, tiny_tokens, tmp_path / "cache", tmp_path / loss,
+                             DistillConfig(windows_per_domain=40, seq=32, top_k=8, steps=2, batch=2, warmup=1,
+                                           prompt_tokens=8, on_policy=0.5, loss=loss), device_name="cpu", arch=TINY)
+        assert info["run"]["loss"] == loss and info["run"]["on_policy"] == 0.5
+    with pytest.raises(ValueError, match="on_policy"):
+        DistillConfig(on_policy=1.5)
+    with pytest.raises(ValueError, match="loss"):
+        DistillConfig(loss="js")
 
 
 def test_distillation_exports_and_skips_when_done(tmp_path, tiny_tokens):
@@ -51,7 +92,7 @@ def test_distillation_exports_and_skips_when_done(tmp_path, tiny_tokens):
     cfg = RunConfig(steps=2, batch=2, seq=32, lr=1e-3, warmup=1, seed=0, eval_every=2, checkpoint_minutes=1.0)
     train_target(tiny_tokens, MODELS_DIR / "target", target_dir, tmp_path / "run", cfg, minutes=None,
                  device_name="cpu", arch=TINY)
-    dcfg = DistillConfig(windows_per_domain=4, seq=32, top_k=8, steps=3, batch=2, warmup=1)
+    dcfg = DistillConfig(windows_per_domain=4, seq=32, top_k=8, steps=3, batch=2, warmup=1, prompt_tokens=8)
     build_teacher_cache(target_dir, tiny_tokens, tmp_path / "cache", dcfg, device_name="cpu")
     info = train_drafter("drafter-python", target_dir, tiny_tokens, tmp_path / "cache", tmp_path / "out", dcfg,
                          device_name="cpu", arch=TINY)

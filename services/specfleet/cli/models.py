@@ -2,21 +2,52 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from specfleet.cli.options import DEFAULT_BENCH, DEFAULT_DATA, DEFAULT_MODELS, positive_int
+from specfleet.cli.options import (
+    DEFAULT_BENCH,
+    DEFAULT_DATA,
+    DEFAULT_MODELS,
+    non_negative_float,
+    positive_int,
+    probability,
+)
 from specfleet.training.family import DRAFTER_NAMES
 
 
+def _models_folder(path: Path) -> Path:
+    if not (path / "target" / "config.json").exists():
+        sys.exit(f"error: no model family at {path} (expected target/ and drafter-*/ Hugging Face folders, as in "
+                 "the bundled models/)")
+    return path
+
+
 def cmd_models_acceptance(args) -> int:
-    from specfleet.training.acceptance import AcceptanceConfig, format_table, measure, write_json
+    from specfleet.training.acceptance import AcceptanceConfig, Warps, format_table, measure, write_json
     from specfleet.training.cards import write_card
 
-    cfg = AcceptanceConfig(k=args.k, prompts=args.prompts, new_tokens=args.new_tokens)
+    cfg = AcceptanceConfig(k=args.k, prompts=args.prompts, new_tokens=args.new_tokens,
+                           sampled={"temperature": args.temperature, "top_p": args.top_p})
+    _models_folder(args.models)
+    if not (args.data_dir / "tokens" / "python.val.bin").exists():
+        sys.exit(f"error: no validation tokens in {args.data_dir / 'tokens'}: build them with "
+                 f"`specfleet train corpus --data-dir {args.data_dir}` then `specfleet train tokenizer`")
     names = list(DRAFTER_NAMES) + (["target"] if args.include_target else [])
-    result = measure(args.models, args.data_dir / "tokens", cfg, drafters=names)
+    warps = None
+    if args.temperature > 0:
+        from specfleet.engine.sampling import SamplingParams, draft_probs, warp_probs
+        from specfleet_kernels.reference import position_keyed_sample
+
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p)
+        warps = Warps(target_probs=lambda logits: warp_probs(logits, params),
+                      draft_probs=lambda logits: draft_probs(logits, params), sample=position_keyed_sample)
+    result = measure(args.models, args.data_dir / "tokens", cfg, drafters=names, warps=warps)
     write_json(result, args.output)
-    print(format_table(result))
+    print("greedy: tokens per round\n" + format_table(result))
+    if warps is not None:
+        print(f"\nsampled (T {args.temperature}, top-p {args.top_p}): tokens per round (α = mean sum min(p, q))\n"
+              + format_table(result, sampled=True))
     print(f"\nwrote {args.output}")
     if args.update_card:
         print(f"wrote {write_card(args.models, args.output)}")
@@ -26,7 +57,7 @@ def cmd_models_acceptance(args) -> int:
 def cmd_models_card(args) -> int:
     from specfleet.training.cards import write_card
 
-    print(f"wrote {write_card(args.models, args.acceptance)}")
+    print(f"wrote {write_card(_models_folder(args.models), args.acceptance)}")
     return 0
 
 
@@ -35,14 +66,19 @@ def add_parser(sub, fmt) -> None:
     p = sub.add_parser("models", help="measure the bundled models and regenerate their model card")
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     a = msub.add_parser("acceptance", formatter_class=fmt,
-                        help="measure the drafter x domain acceptance matrix (greedy, k draft tokens)",
-                        description="Mean tokens per round of greedy speculative decoding for every drafter on "
-                                    "every domain's validation text, against the target.")
+                        help="measure the drafter x domain acceptance matrix (greedy and sampled, k draft tokens)",
+                        description="Mean tokens per round of speculative decoding for every drafter on every "
+                                    "domain's validation text, against the target: greedy, and sampled with "
+                                    "stochastic drafts coupled to the target's sample as the engine does (with the "
+                                    "acceptance rate, mean sum min(p, q), beside it).")
     a.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
     a.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="holds tokens/ from `specfleet train`")
     a.add_argument("--k", type=positive_int, default=4, help="draft tokens per round")
     a.add_argument("--prompts", type=positive_int, default=48, help="validation prompts per domain")
     a.add_argument("--new-tokens", type=positive_int, default=96, help="tokens generated per prompt")
+    a.add_argument("--temperature", type=non_negative_float, default=0.8,
+                   help="temperature of the sampled columns (0 measures greedy only)")
+    a.add_argument("--top-p", type=probability, default=0.95, help="top-p of the sampled columns")
     a.add_argument("--include-target", action="store_true", help="also measure the target as its own drafter "
                    "(a sanity row: must be k + 1)")
     a.add_argument("--output", type=Path, default=DEFAULT_BENCH / "acceptance.json", help="JSON result")

@@ -29,6 +29,13 @@ def probability(text: str) -> float:
     return value
 
 
+def unit_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specfleet.cli.options import DEFAULT_BENCH, DEFAULT_DATA, DEFAULT_MODELS, model_dir, positive_int
+from specfleet.cli.options import DEFAULT_BENCH, DEFAULT_DATA, DEFAULT_MODELS, model_dir, positive_int, unit_fraction
 from specfleet.training.family import DRAFTER_NAMES
 
 
@@ -48,7 +48,8 @@ def cmd_train(args) -> int:
             from specfleet.training.distill import DistillConfig, distill_all
 
             distill_all(model_dir(models / "target"), data / "tokens", data / "runs" / "teacher", models,
-                        DistillConfig(seed=args.seed), names=args.drafters, device_name=args.device,
+                        DistillConfig(seed=args.seed, on_policy=args.on_policy, loss=args.distill_loss),
+                        names=args.drafters, device_name=args.device,
                         steps=args.drafter_steps, windows=args.teacher_windows)
         elif stage == "card":
             from specfleet.training.cards import write_card
@@ -83,6 +84,11 @@ def add_parser(sub, fmt) -> None:
                    help="distillation steps per drafter (default: each drafter's recipe in training/distill.py)")
     p.add_argument("--teacher-windows", type=positive_int, default=None,
                    help="256-token windows per domain in the target's teacher cache (default: the recipe's)")
+    p.add_argument("--on-policy", type=unit_fraction, default=0.75,
+                   help="share of teacher windows the target continues itself (sampled at T 0.8 / top-p 0.95, at "
+                        "T 1 and greedily) after a 64-token corpus prompt; 0 distils on corpus text only")
+    p.add_argument("--distill-loss", choices=["kl", "tv"], default="kl",
+                   help="drafter loss: forward KL to the target's top-32, or total variation (1 - acceptance)")
     p.add_argument("--drafters", nargs="+", default=None, choices=DRAFTER_NAMES,
                    help="only these drafters (default: all four)")
     p.set_defaults(func=cmd_train)

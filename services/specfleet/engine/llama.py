@@ -1,12 +1,19 @@
-"""A lean Llama forward over a preallocated, slot-addressed KV cache: the engine's model runner for the target
-and the drafters. Same weights and math as Hugging Face's `LlamaForCausalLM` (fp32), a fraction of its per-call
-overhead, and batches of ragged requests with arbitrary (tree) attention in one call.
+"""A lean decoder forward over a preallocated, slot-addressed KV cache: the engine's model runner for the target
+and the drafters. Same weights and math as Hugging Face's causal LMs of the Llama family (Llama, Mistral, Qwen2,
+Qwen3), a fraction of their per-call overhead, and batches of ragged requests with arbitrary (tree) attention in
+one call.
+
+Nothing of a checkpoint is silently ignored: `check_config` refuses every model type, config field or value the
+runner does not implement, and the runner refuses every weight it does not consume, each with a message naming it.
 
 Cache layout: keys/values [layers, slots, kv_heads, max_len, head_dim]. Each live request owns one slot; the
-engine keeps live requests in slots 0..B-1 so a batch reads a view, never a copy.
+engine keeps live requests in slots 0..B-1 so a batch reads a view, never a copy. A token's cache column equals its
+position for everything committed (trees sit past the end), which is what the sliding-window mask relies on.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +22,114 @@ from specfleet_kernels.reference import gather_kv
 
 NEG = torch.finfo(torch.float32).min
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Rotary variants computed by the model's own rotary module from the positions alone. "dynamic" rescales with the
+# longest sequence of each call, so cached keys would be rotated by a different rule than new ones: refused.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+# Config fields that describe no arithmetic of the forward (bookkeeping, training, generation, labels).
+_METADATA = {"_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache",
+             "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "id2label", "label2id",
+             "problem_type", "return_dict", "output_attentions", "output_hidden_states", "chunk_size_feed_forward",
+             "is_encoder_decoder", "attention_dropout", "tokenizer_class", "model_type", "max_window_layers"}
+
+
+class UnsupportedModel(ValueError):
+    """A model type, config field or weight the runner does not implement (refused at load, never ignored)."""
+
+
+def check_config(cfg) -> None:
+    """Raises UnsupportedModel naming the first model type, config field or value the runner does not implement."""
+    if cfg.model_type not in FAMILIES:
+        raise UnsupportedModel(f"model_type {cfg.model_type!r} is not supported; the runner implements "
+                               f"{', '.join(FAMILIES)}")
+    known = set(type(cfg)().to_dict())
+    extra = sorted(set(cfg.to_dict()) - known - _METADATA)
+    if extra:
+        raise UnsupportedModel(f"config field(s) {', '.join(extra)} of this {cfg.model_type} checkpoint are not "
+                               "implemented by the runner (they would be ignored)")
+    for field_name in ("quantization_config",):
+        if getattr(cfg, field_name, None):
+            raise UnsupportedModel(f"config field {field_name} = {getattr(cfg, field_name)!r} is not implemented")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise UnsupportedModel(f"hidden_act {cfg.hidden_act!r} is not implemented (only 'silu')")
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise UnsupportedModel(f"rope_parameters rope_type {rope_type!r} is not implemented; supported: "
+                               f"{', '.join(ROPE_TYPES)}")
+    if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
+        raise UnsupportedModel(f"pretraining_tp = {cfg.pretraining_tp} is not implemented (only 1)")
+    windows = layer_windows(cfg)
+    if any(w is not None and w < 1 for w in windows):
+        raise UnsupportedModel(f"sliding_window = {cfg.sliding_window} is not a window")
+
+
+def layer_windows(cfg) -> list[int | None]:
+    """Per layer, the sliding attention window (None: full attention), as Hugging Face applies it per family."""
+    n = cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    if cfg.model_type == "mistral":
+        return [window] * n
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        return [None] * n
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise UnsupportedModel(f"layer_types {unknown} are not implemented")
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+@dataclass
+class _Layer:
+    w_in: torch.Tensor
+    w_qkv: torch.Tensor  # q, k and v stacked: one matmul
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor
+    b_o: torch.Tensor | None
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm of each head's q and k before the rotation
+    k_norm: torch.Tensor | None
+    w_post: torch.Tensor
+    w_gate_up: torch.Tensor  # gate and up stacked: one matmul
+    b_gate_up: torch.Tensor | None
+    w_down: torch.Tensor
+    b_down: torch.Tensor | None
+    window: int | None  # sliding attention window, None for full attention
+
+
+class _Weights:
+    """The model's named parameters, taken one by one; whatever is left at the end was not implemented."""
+
+    def __init__(self, model):
+        self.params = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=True)}
+        self.taken: set[str] = set()
+
+    def take(self, name: str, required: bool = True) -> torch.Tensor | None:
+        if name not in self.params:
+            if required:
+                raise UnsupportedModel(f"weight {name} is missing")
+            return None
+        self.taken.add(name)
+        return self.params[name]
+
+    def cat(self, names: list[str], required: bool = True) -> torch.Tensor | None:
+        parts = [self.take(n, required) for n in names]
+        if all(p is None for p in parts):
+            return None
+        if any(p is None for p in parts):
+            raise UnsupportedModel(f"weights {', '.join(names)} must all be present or all absent")
+        return torch.cat(parts)
+
+    def check_all_taken(self) -> None:
+        left = sorted(set(self.params) - self.taken)
+        if left:
+            shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+            raise UnsupportedModel(f"weight(s) {shown} are not implemented by the runner (they would be ignored)")
+
 
 class LlamaRunner:
     def __init__(self, model, slots: int, max_len: int | None = None):
         cfg = model.config
-        if cfg.model_type != "llama":
-            raise ValueError(f"LlamaRunner runs Llama models, got model_type={cfg.model_type!r}")
+        check_config(cfg)
         self.config = cfg
         self.vocab_size = cfg.vocab_size
         self.heads = cfg.num_attention_heads
@@ -30,22 +139,28 @@ class LlamaRunner:
         self.max_positions = cfg.max_position_embeddings
         self.max_len = max_len or self.max_positions + 64  # room for a tree past the last position
         self.slots = slots
-        base = model.model
-        self.rotary = base.rotary_emb
-        self.embed = base.embed_tokens.weight.detach()  # [V, hidden]
-        self.lm_head = model.lm_head.weight.detach()  # [V, hidden] (tied to embed in the bundled models)
-        self.final_norm = base.norm.weight.detach()
-        self.layers = []
-        for layer in base.layers:
-            att, mlp = layer.self_attn, layer.mlp
-            self.layers.append((
-                layer.input_layernorm.weight.detach(),
-                torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).detach(),  # one matmul
-                att.o_proj.weight.detach(),
-                layer.post_attention_layernorm.weight.detach(),
-                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),  # one matmul
-                mlp.down_proj.weight.detach(),
-            ))
+        self.rotary = model.model.rotary_emb
+        w = _Weights(model)
+        self.embed = w.take("model.embed_tokens.weight")  # [V, hidden]
+        tied = "lm_head.weight" not in w.params  # tied to the embedding (named_parameters lists it once)
+        self.lm_head = self.embed if tied else w.take("lm_head.weight")  # [V, hidden]
+        self.final_norm = w.take("model.norm.weight")
+        self.layers: list[_Layer] = []
+        for i, window in enumerate(layer_windows(cfg)):
+            att, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            self.layers.append(_Layer(
+                w_in=w.take(f"model.layers.{i}.input_layernorm.weight"),
+                w_qkv=w.cat([att + "q_proj.weight", att + "k_proj.weight", att + "v_proj.weight"]),
+                b_qkv=w.cat([att + "q_proj.bias", att + "k_proj.bias", att + "v_proj.bias"], required=False),
+                w_o=w.take(att + "o_proj.weight"), b_o=w.take(att + "o_proj.bias", required=False),
+                q_norm=w.take(att + "q_norm.weight", required=False),
+                k_norm=w.take(att + "k_norm.weight", required=False),
+                w_post=w.take(f"model.layers.{i}.post_attention_layernorm.weight"),
+                w_gate_up=w.cat([mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
+                b_gate_up=w.cat([mlp + "gate_proj.bias", mlp + "up_proj.bias"], required=False),
+                w_down=w.take(mlp + "down_proj.weight"), b_down=w.take(mlp + "down_proj.bias", required=False),
+                window=window))
+        w.check_all_taken()
         shape = (len(self.layers), slots, self.kv_heads, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape)
         self.v_cache = torch.zeros(shape)
@@ -76,11 +191,15 @@ class LlamaRunner:
         cos, sin = cos[:, None], sin[:, None]
         rows = (torch.arange(b) if slots is None else slots)[:, None].expand(b, t)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for i, (w_in, w_qkv, w_o, w_post, w_gate_up, w_down) in enumerate(self.layers):
-            h = self._norm(x, w_in)
-            q, k, v = F.linear(h, w_qkv).split([q_size, kv_size, kv_size], dim=-1)
-            q = self._rope(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, D]
-            k = self._rope(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        windowed: dict[int, torch.Tensor] = {}  # window -> the bias with columns beyond it hidden
+        for i, layer in enumerate(self.layers):
+            h = self._norm(x, layer.w_in)
+            q, k, v = F.linear(h, layer.w_qkv, layer.b_qkv).split([q_size, kv_size, kv_size], dim=-1)
+            q, k = q.view(b, t, self.heads, self.head_dim), k.view(b, t, self.kv_heads, self.head_dim)
+            if layer.q_norm is not None:
+                q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
+            q = self._rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
+            k = self._rope(k.transpose(1, 2), cos, sin)
             v = v.view(b, t, self.kv_heads, self.head_dim)
             kc, vc = self.k_cache[i], self.v_cache[i]  # [slots, kv_heads, max_len, D]
             kc[rows, :, write_cols] = k.transpose(1, 2)  # [B, T, kv_heads, D] into the slots' columns
@@ -89,11 +208,17 @@ class LlamaRunner:
                 keys, values = kc[:b, :, :s], vc[:b, :, :s]
             else:
                 keys, values = kc[:, :, :s].index_select(0, slots), vc[:, :, :s].index_select(0, slots)
-            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias,
+            mask = bias
+            if layer.window is not None:
+                if layer.window not in windowed:  # a key at column c (= its position) is out of a query's window
+                    out_of_window = torch.arange(s)[None, None, None, :] <= positions[:, None, :, None] - layer.window
+                    windowed[layer.window] = bias.masked_fill(out_of_window, NEG)
+                mask = windowed[layer.window]
+            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=self.kv_heads != self.heads)
-            x = x + F.linear(att.transpose(1, 2).reshape(b, t, q_size), w_o)
-            gate, up = F.linear(self._norm(x, w_post), w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w_down)
+            x = x + F.linear(att.transpose(1, 2).reshape(b, t, q_size), layer.w_o, layer.b_o)
+            gate, up = F.linear(self._norm(x, layer.w_post), layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
         if logits_at is not None:
             x = x.gather(1, logits_at[..., None].expand(b, logits_at.shape[1], x.shape[-1]))
         return F.linear(self._norm(x, self.final_norm), self.lm_head)

@@ -25,6 +25,20 @@ def _fmt_loss(losses: dict[str, float]) -> str:
     return ", ".join(f"{d} {losses[d]:.3f}" for d in DOMAINS if d in losses)
 
 
+def _loss_curve(history: list[dict], rows: int = 12) -> list[str]:
+    """The loss curve as a table: tokens seen against validation loss per domain (at most `rows` evaluations,
+    evenly spaced, the last one always)."""
+    keep = sorted({round(i * (len(history) - 1) / (rows - 1)) for i in range(rows)}) if len(history) > rows else \
+        range(len(history))
+    lines = ["Loss curve (validation loss in nats):", "", "| step | tokens seen | " + " | ".join(DOMAINS) + " |",
+             "|---|---|" + "---|" * len(DOMAINS)]
+    for i in keep:
+        h = history[i]
+        lines.append(f"| {h['step']} | {h['tokens_seen'] / 1e6:.2f} M | "
+                     + " | ".join(f"{h['val'][d]:.3f}" for d in DOMAINS) + " |")
+    return lines + [""]
+
+
 def render(models_dir: Path, acceptance: dict | None) -> str:
     out = ["# Bundled models", "",
            "One byte-level BPE tokenizer (8,192 tokens, in every folder) and five Llama-architecture causal LMs, "
@@ -44,9 +58,13 @@ def render(models_dir: Path, acceptance: dict | None) -> str:
         info = json.loads(info_path.read_text())
         arch = info["arch"]
         domains = info.get("domains", list(DOMAINS))
+        run = info.get("run", {})
+        loss = {"kl": "forward KL", "tv": "total variation"}[run.get("loss", "kl")]
+        on_policy = run.get("on_policy", 0.0)
         role = ("target: trained on an equal mix of all three domains" if info["role"] == "target" else
-                f"drafter distilled from the target (soft cross-entropy to its top-{info['teacher_top_k']} "
-                f"next-token distribution) on: {', '.join(domains)}")
+                f"drafter distilled from the target ({loss} to its top-{info['teacher_top_k']} next-token "
+                f"distribution; {on_policy:.0%} of the windows continued by the target itself) on: "
+                f"{', '.join(domains)}")
         out += [f"## {name}", "",
                 f"- role: {role}",
                 f"- architecture: LlamaForCausalLM, hidden {arch['hidden']}, {arch['layers']} layers, "
@@ -54,6 +72,8 @@ def render(models_dir: Path, acceptance: dict | None) -> str:
                 f"- parameters: {info['parameters']:,}",
                 f"- tokens seen: {info['tokens_seen']:,} ({info['train_seconds'] / 60:.0f} min on {info['device']})",
                 f"- validation loss: {_fmt_loss(info['validation_loss'])}", ""]
+        if len(info.get("history", [])) > 1:
+            out += _loss_curve(info["history"])
     out += ["## Acceptance matrix", ""]
     if acceptance is None:
         out += ["_not measured yet: run `specfleet models acceptance`_", ""]
@@ -69,15 +89,30 @@ def render(models_dir: Path, acceptance: dict | None) -> str:
                 "(writes `bench/acceptance.json` and this table).", "",
                 format_table(acceptance), "",
                 "The `target` row drafts with the target itself: every draft is accepted, so it shows the ceiling "
-                f"for {cfg['new_tokens']} tokens (the last round is cut short).", "",
+                f"for {cfg['new_tokens']} tokens (the last round is cut short).", ""]
+        if "target_distinct4_sampled" in acceptance:
+            sampled = cfg["sampled"]
+            out += ["### Sampled requests", "",
+                    f"The same, for requests sampled at temperature {sampled['temperature']} and top-p "
+                    f"{sampled['top_p']}, as the engine serves them: each drafter samples its draft from its own "
+                    "warped distribution q with the noise of the output position, and a draft is accepted when it "
+                    "equals the target's own sample there (Gumbel coupling). α beside each figure is the mean over "
+                    "positions of Σ min(p, q) = 1 − TV(p, q), the acceptance probability of standard speculative "
+                    "sampling. The last row is the distinct-4 of the target's sampled continuations.", "",
+                    format_table(acceptance, sampled=True), ""]
+        out += [
+                "### Specialisation", "",
                 "### Specialisation", "",
                 "Each specialist on its own domain against the best other specialist there (goal: ratio ≥ 1.2 and "
                 "≥ 2.0 tokens per round).", "",
-                "| specialist | domain | tokens/round | best other specialist | ratio |", "|---|---|---|---|---|"]
-        for name, row in specialisation(acceptance["matrix"]).items():
-            out.append(f"| {name} | {row['domain']} | {row['tokens_per_round']:.2f} | "
-                       f"{row['best_other_specialist']} ({row['best_other_tokens_per_round']:.2f}) | "
-                       f"{row['ratio']:.2f} |")
+                "| specialist | requests | domain | tokens/round | best other specialist | ratio |",
+                "|---|---|---|---|---|---|"]
+        kinds = [("greedy", False)] + ([("sampled", True)] if "target_distinct4_sampled" in acceptance else [])
+        for kind, sampled_rows in kinds:
+            for name, row in specialisation(acceptance["matrix"], sampled=sampled_rows).items():
+                out.append(f"| {name} | {kind} | {row['domain']} | {row['tokens_per_round']:.2f} | "
+                           f"{row['best_other_specialist']} ({row['best_other_tokens_per_round']:.2f}) | "
+                           f"{row['ratio']:.2f} |")
         out.append("")
     return "\n".join(out)
 

@@ -1,5 +1,9 @@
 """Distils the drafters from the target: a teacher cache of the target's top-k next-token distribution per
-domain, then soft cross-entropy training of each drafter on its own domains' cache."""
+domain, then training of each drafter on its own domains' cache to match it (forward KL or total variation).
+
+The cache is mostly on-policy (DistillSpec, Zhou et al. 2024): most windows are a corpus prompt continued by the
+target itself -- sampled at the serving temperature, at T = 1 and greedily -- so that a drafter learns the text it
+will be asked to predict when serving, not only the training corpus the target learnt from."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from specfleet.training.acceptance import continuation
 from specfleet.training.corpus import DOMAINS
 from specfleet.training.tokenizer import load_tokenizer
 from specfleet.training.train import (
@@ -41,6 +46,40 @@ class DistillConfig:
     lr: float = 3e-3
     warmup: int = 20
     seed: int = 0
+    on_policy: float = 0.75  # share of teacher windows whose tail the target generated itself
+    prompt_tokens: int = 64  # corpus tokens before the target's own continuation in an on-policy window
+    loss: str = "kl"  # "kl" (forward KL to the teacher's top-k) or "tv" (total variation, what acceptance pays)
+
+    def __post_init__(self):
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ValueError(f"on_policy must be in [0, 1], got {self.on_policy}")
+        if not 0 < self.prompt_tokens < self.seq:
+            raise ValueError(f"prompt_tokens must be in (0, seq = {self.seq}), got {self.prompt_tokens}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
+
+
+# How the target continues on-policy windows, in turn: (temperature, top_p); temperature 0 is greedy. Half at the
+# serving temperature the benchmarks use, a quarter at T = 1, a quarter greedy.
+ON_POLICY_MODES: tuple[tuple[float, float], ...] = ((0.8, 0.95), (0.8, 0.95), (1.0, 1.0), (0.0, 1.0))
+
+
+def on_policy_rows(n: int, share: float) -> list[int]:
+    """Indices of the windows (of n) that the target continues itself: share of every 20 consecutive windows."""
+    per_20 = round(share * 20)
+    return [i for i in range(n) if i % 20 < per_20]
+
+
+def nucleus_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """[B, V] logits -> [B, 1] tokens: argmax for temperature 0, else a draw from the tempered nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the likeliest token always stays
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
 
 
 @dataclass(frozen=True)
@@ -82,14 +121,18 @@ def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg
     """Writes cache_dir/{domain}.pt with inputs [N, seq], top-k ids and log-probs [N, seq, k] from the target,
     for the domains in `windows` (N each; default: every domain, cfg.windows_per_domain).
 
-    The cache is keyed by the target's weights: a retrained target invalidates it. Windows are drawn so that
-    the first N of a larger cache equal a cache of N: drafters take a prefix.
+    Windows are corpus text; a cfg.on_policy share of them keep only their first cfg.prompt_tokens and are
+    continued by the target itself (ON_POLICY_MODES in turn). The cache is keyed by the target's weights and this
+    recipe: a retrained target or another recipe invalidates it; a larger cache serves a smaller one (a prefix).
     """
     windows = windows or {d: cfg.windows_per_domain for d in DOMAINS}
     set_threads()
     device = device_for(device_name)
     target = load_model(target_dir, device)
     stamp = target_fingerprint(target_dir)
+    recipe = {"on_policy": cfg.on_policy, "prompt_tokens": cfg.prompt_tokens, "modes": ON_POLICY_MODES,
+              "seq": cfg.seq, "top_k": cfg.top_k, "seed": cfg.seed}
+    recipe = json.loads(json.dumps(recipe))  # tuples as lists, as they come back from the file
     cache_dir.mkdir(parents=True, exist_ok=True)
     train = token_files(tokens_dir, "train")
     for i, (domain, tf) in enumerate(train.items()):
@@ -98,9 +141,11 @@ def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg
         path = cache_dir / f"{domain}.pt"
         if path.exists():
             cached = torch.load(path, weights_only=False)
-            if cached.get("target_stamp") == stamp and len(cached["inputs"]) >= windows[domain]:
+            if (cached.get("target_stamp") == stamp and cached.get("recipe") == recipe
+                    and len(cached["inputs"]) >= windows[domain]):
                 continue
         x = tf.windows(np.random.default_rng([cfg.seed, 7, i]), windows[domain], cfg.seq)
+        _continue_on_policy(target, x, cfg, domain, generator_seed=cfg.seed * 1000 + i, device=device)
         ids, logps = [], []
         for chunk in tqdm(x.split(16), desc=f"teacher cache {domain}", unit="batch"):
             logits = target(input_ids=chunk.to(device)).logits.float()  # [b, seq, vocab]
@@ -108,7 +153,26 @@ def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg
             ids.append(top.indices.to(torch.int16).cpu())
             logps.append(top.values.to(torch.float16).cpu())
         torch.save({"inputs": x.to(torch.int16), "top_ids": torch.cat(ids), "top_logps": torch.cat(logps),
-                    "target_stamp": stamp}, path)
+                    "target_stamp": stamp, "recipe": recipe}, path)
+
+
+def _continue_on_policy(target, x: torch.Tensor, cfg: DistillConfig, domain: str, generator_seed: int,
+                        device: torch.device, batch: int = 32) -> None:
+    """Replaces, in place, the tail after cfg.prompt_tokens of the on-policy rows of x [N, seq] with the
+    target's own continuation of their prompt, each mode of ON_POLICY_MODES in turn."""
+    rows = on_policy_rows(len(x), cfg.on_policy)
+    generator = torch.Generator().manual_seed(generator_seed)
+    by_mode = [(mode, rows[j::len(ON_POLICY_MODES)]) for j, mode in enumerate(ON_POLICY_MODES)]
+    new_tokens = cfg.seq - cfg.prompt_tokens
+    with tqdm(total=len(rows), desc=f"on-policy {domain}", unit="window") as bar:
+        for (temperature, top_p), mode_rows in by_mode:
+            for start in range(0, len(mode_rows), batch):
+                chunk = torch.tensor(mode_rows[start:start + batch])
+                prompts = x[chunk, :cfg.prompt_tokens].to(device)
+                tail = continuation(target, prompts, new_tokens,
+                                    lambda logits, _, t=temperature, p=top_p: nucleus_sample(logits, t, p, generator))
+                x[chunk, cfg.prompt_tokens:] = tail.cpu()
+                bar.update(len(chunk))
 
 
 def _soft_cross_entropy(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logps: torch.Tensor) -> torch.Tensor:
@@ -116,6 +180,17 @@ def _soft_cross_entropy(student_logits: torch.Tensor, top_ids: torch.Tensor, top
     teacher = torch.softmax(top_logps.float(), dim=-1)  # [b, seq, k]
     student = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, top_ids.long())  # [b, seq, k]
     return -(teacher * student).sum(-1).mean()
+
+
+def _total_variation(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logps: torch.Tensor) -> torch.Tensor:
+    # TV(p, q) = 1 - sum min(p, q): one minus the chance a sampled draft is accepted (the teacher renormalised over
+    # its top-k, so the student's mass outside those k counts fully against it).
+    teacher = torch.softmax(top_logps.float(), dim=-1)  # [b, seq, k]
+    student = torch.softmax(student_logits.float(), dim=-1).gather(-1, top_ids.long())  # [b, seq, k]
+    return (1.0 - torch.minimum(teacher, student).sum(-1)).mean()
+
+
+LOSSES = {"kl": _soft_cross_entropy, "tv": _total_variation}
 
 
 def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path, out_dir: Path,
@@ -154,12 +229,12 @@ def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path
         rows = torch.from_numpy(rng.integers(0, len(inputs), size=cfg.batch))
         x = inputs[rows].long().to(device)
         logits = model(input_ids=x).logits
-        loss = _soft_cross_entropy(logits, top_ids[rows].to(device), top_logps[rows].to(device))
+        loss = LOSSES[cfg.loss](logits, top_ids[rows].to(device), top_logps[rows].to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(kl_ce=f"{loss.item():.3f}")
+        bar.set_postfix({cfg.loss: f"{loss.item():.3f}"})
     val = validation_loss(model, token_files(tokens_dir, "val"), device)
     info = {"role": "drafter", "name": name, "domains": list(domains), "arch": asdict(arch),
             "parameters": count_parameters(model), "distilled_from": "target", "target_fingerprint": stamp,

@@ -178,7 +178,9 @@ def train_target(tokens_dir: Path, tokenizer_dir: Path, out_dir: Path, run_dir: 
         if info.get("role") == "target" and info.get("arch") == asdict(arch):
             model.load_state_dict(load_model(out_dir, device).state_dict())
             state.update(step=info["step"], tokens_seen=info["tokens_seen"], seconds=float(info["train_seconds"]),
-                         best_val=float(np.mean(list(info["validation_loss"].values()))))
+                         best_val=float(np.mean(list(info["validation_loss"].values()))),
+                         history=info.get("history") or [{"step": info["step"], "tokens_seen": info["tokens_seen"],
+                                                          "val": info["validation_loss"]}])
             print(f"no checkpoint in {run_dir}: continuing from the weights in {out_dir} at step {state['step']} "
                   "with a fresh optimiser state")
 
@@ -196,7 +198,8 @@ def train_target(tokens_dir: Path, tokenizer_dir: Path, out_dir: Path, run_dir: 
             export_model(model, tok, out_dir, {
                 "role": "target", "arch": asdict(arch), "parameters": count_parameters(model),
                 "step": state["step"], "tokens_seen": state["tokens_seen"], "train_seconds": round(state["seconds"]),
-                "validation_loss": losses, "run": asdict(cfg), "device": str(device)})
+                "validation_loss": losses, "run": asdict(cfg), "device": str(device),
+                "history": state["history"]})  # the loss curve: tokens seen against validation loss
         tqdm.write(f"step {state['step']}: val {losses} mean {mean:.4f}{' (exported)' if improved else ''}")
 
     model.train()

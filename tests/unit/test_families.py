@@ -1,0 +1,115 @@
+"""Bring your own model: tiny random-weight checkpoints shaped like the supported families (Llama-3.1 with GQA and
+llama3 rope scaling at 131,072 positions, Llama with biases, Qwen2.5, Qwen3, Mistral with a sliding window), built
+with `transformers` and saved with `save_pretrained` (no downloads). The runner's logits equal Hugging Face's, the
+engine's greedy output equals `generate` (plain and speculative, the model drafting for itself through token trees),
+and whatever the runner does not implement is refused at load, naming it."""
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from specfleet.engine.drafters import DrafterModel, ModelProposer
+from specfleet.engine.engine import Request, SpecEngine
+from specfleet.engine.llama import LlamaRunner, UnsupportedModel, causal_bias
+from specfleet.engine.proposers import NoProposer
+
+VOCAB = 384
+SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+FAMILIES = {
+    "llama3.1": ("LlamaConfig", dict(max_position_embeddings=131_072, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, tie_word_embeddings=False)),
+    "llama-biases": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True, max_position_embeddings=512)),
+    "qwen2.5": ("Qwen2Config", dict(max_position_embeddings=512, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, max_position_embeddings=512, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=12, max_position_embeddings=512)),
+}
+PROMPT_LEN, NEW_TOKENS = 20, 24  # past Mistral's 12-token window
+
+
+def build(family: str, path, **overrides):
+    import transformers
+
+    config_class, extra = FAMILIES[family]
+    config = getattr(transformers, config_class)(**{**SHAPE, **extra, **overrides})
+    torch.manual_seed(hash(family) % 1000)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random biases and norms too, so that dropping one would show
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+def load(path):
+    from specfleet.training.train import load_model
+
+    return load_model(path)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_model(request, tmp_path_factory):
+    return request.param, load(build(request.param, tmp_path_factory.mktemp(request.param)))
+
+
+def prompts(n: int = 3) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(7)
+    return torch.randint(3, VOCAB, (n, PROMPT_LEN), generator=generator).tolist()
+
+
+def test_logits_equal_hugging_face(family_model):
+    _, model = family_model
+    runner = LlamaRunner(model, slots=1, max_len=128)
+    ids = torch.tensor([prompts(1)[0] * 2])  # 40 tokens: past the sliding window
+    n = ids.shape[1]
+    cols = torch.arange(n)[None]
+    got = runner.forward(ids, cols, cols, causal_bias([0], [n], n))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    assert (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_greedy_equals_generate(family_model, speculative):
+    _, model = family_model
+    proposer = ModelProposer([DrafterModel("self", model, 4)]) if speculative else NoProposer()
+    engine = SpecEngine(model, proposer, max_batch=4, k=3)
+    results = engine.generate([Request(f"r{i}", p, NEW_TOKENS, ignore_eos=True) for i, p in enumerate(prompts())])
+    with torch.no_grad():  # no stop at EOS on either side (min_new_tokens would mask EOS instead)
+        want = model.generate(torch.tensor(prompts()), do_sample=False, max_new_tokens=NEW_TOKENS,
+                              generation_config=GenerationConfig(eos_token_id=None, pad_token_id=0))[:, PROMPT_LEN:]
+    assert [r.token_ids for r in results] == want.tolist()
+    if speculative:
+        assert sum(r.stats["accepted_tokens"] for r in results) > 0
+
+
+def test_an_unsupported_family_is_refused(tmp_path):
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModel, match="model_type 'gpt2' is not supported"):
+        LlamaRunner(model, slots=1, max_len=64)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("hidden_act", "gelu", "hidden_act 'gelu'"),
+    ("logit_softcap", 30.0, "config field\\(s\\) logit_softcap"),
+    ("rope_parameters", {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}, "rope_type 'dynamic'"),
+])
+def test_a_field_the_runner_would_ignore_is_refused(tmp_path, field, value, message):
+    model = load(build("llama-biases", tmp_path / "m", **{field: value}))
+    with pytest.raises(UnsupportedModel, match=message):
+        LlamaRunner(model, slots=1, max_len=64)
+
+
+def test_a_weight_the_runner_would_ignore_is_refused(tmp_path):
+    model = load(build("qwen2.5", tmp_path / "m"))
+    model.model.layers[1].self_attn.o_proj.bias = torch.nn.Parameter(torch.zeros(64))  # Qwen2 has none there
+    model.model.layers[0].extra_scale = torch.nn.Parameter(torch.ones(64))
+    with pytest.raises(UnsupportedModel, match="model.layers.0.extra_scale"):
+        LlamaRunner(model, slots=1, max_len=64)
+    del model.model.layers[0].extra_scale
+    LlamaRunner(model, slots=1, max_len=64)  # the o_proj bias is implemented (Llama's attention_bias has one)

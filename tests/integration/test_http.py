@@ -162,3 +162,107 @@ def test_bearer_auth(http, passthrough, reference):
     assert denied.status_code == 401 and "bearer token" in denied.json()["error"]["message"]
     done = _client(passthrough).completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0)
     assert done.choices[0].text == reference
+
+
+# ---------------------------------------------------------------------------------------------------- chat
+
+CHAT = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "a fibonacci function"}]
+
+
+@pytest.fixture(scope="module")
+def chat_reference(load_model, tokenizer):
+    """The target's own greedy answer (16 tokens) to CHAT rendered with the bundled chat template."""
+    text = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = load_model("target").generate(torch.tensor([ids]), do_sample=False, max_new_tokens=16,
+                                            pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+    return tokenizer.decode(out)
+
+
+def test_chat_completions_answer_with_the_targets_greedy_text_plain_and_streamed(http, chat_reference):
+    client = _client(http)
+    done = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, temperature=0)
+    assert done.object == "chat.completion" and done.id.startswith("chatcmpl-") and done.model == MODEL
+    assert done.choices[0].message.role == "assistant"
+    assert done.choices[0].message.content == chat_reference
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 16
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=16,
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks) and len({c.id for c in chunks}) == 1
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == chat_reference
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+
+
+def _post_chat(url, body):
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"},
+                      timeout=120)
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"model": MODEL}, "messages is required"),
+    ({"model": MODEL, "messages": []}, "non-empty list"),
+    ({"model": MODEL, "messages": "hello"}, "non-empty list"),
+    ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role must be one of"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": None}]}, "messages[0].content must be a string"),
+    ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+    ({"model": MODEL, "messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens must be >= 1"),
+    ({"model": MODEL, "messages": CHAT, "max_tokens": 5000}, "exceeds the model's context"),  # the router's
+])
+def test_bad_chat_requests_get_openai_errors(http, body, words):
+    reply = _post_chat(http, body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert words in error["message"] and set(error) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.BadRequestError):
+        _client(http).chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])
+
+
+def test_a_model_without_a_chat_template_says_so(http, fleet):
+    tokenizer = fleet.services["router"].tokenizer
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        reply = _post_chat(http, {"model": MODEL, "messages": CHAT, "max_tokens": 2})
+    finally:
+        tokenizer.chat_template = template
+    assert reply.status_code == 400 and "no chat template" in reply.json()["error"]["message"]
+
+
+def test_served_model_name_is_listed_and_accepted(fleet):
+    server, thread, url = _serve(build_app(fleet.router_address, TOKEN, "my-model"))
+    try:
+        client = _client(url)
+        assert [m.id for m in client.models.list().data] == ["my-model"]
+        done = client.chat.completions.create(model="my-model", messages=CHAT, max_tokens=2, temperature=0)
+        assert done.model == "my-model" and done.usage.completion_tokens == 2
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_sdk_and_cli_chat_give_the_same_answer(fleet, chat_reference, capsys, monkeypatch):
+    import asyncio
+
+    from specfleet.cli.main import main
+    from specfleet.sdk import AsyncClient, Client
+
+    with Client(fleet.router_address, token=TOKEN, timeout=120) as client:
+        assert client.chat(CHAT, max_new_tokens=16).text == chat_reference
+        assert "".join(c.text for c in client.chat_stream(CHAT, max_new_tokens=16)) == chat_reference
+
+    async def streamed():
+        async with AsyncClient(fleet.router_address, token=TOKEN, timeout=120) as client:
+            whole = await client.chat(CHAT, max_new_tokens=16)
+            return whole.text, "".join([c.text async for c in client.chat_stream(CHAT, max_new_tokens=16)])
+
+    assert asyncio.run(streamed()) == (chat_reference, chat_reference)
+    monkeypatch.setenv("SPECFLEET_TOKEN", TOKEN)
+    assert main(["client", "chat", CHAT[1]["content"], "--system", CHAT[0]["content"], "--target",
+                 fleet.router_address, "--max-new-tokens", "16"]) == 0
+    assert capsys.readouterr().out == chat_reference + "\n"

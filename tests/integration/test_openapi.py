@@ -28,8 +28,8 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN = "openapi-test-token"
 SPEC_FILE = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 EXAMPLES = 30  # per operation and mode in the fuzzing phase (the coverage phase adds its boundary cases)
-# valid completions run real generations (a second each on a loaded 2-core machine): at most this many are sent,
-# each cut to MAX_TOKENS tokens; invalid ones (answered before any model work) are all sent
+# valid completions (of either kind) run real generations (a second each on a loaded 2-core machine): at most this
+# many are sent, each cut to MAX_TOKENS tokens; invalid ones (answered before any model work) are all sent
 VALID_COMPLETIONS = 30
 MAX_TOKENS = 2
 _sent = {"valid_completions": 0}
@@ -80,15 +80,17 @@ def openai_error_shape(ctx, response, case):
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_fuzzed_requests_get_declared_answers(case, http_url):
-    if case.operation.path == "/v1/completions" and case.meta is not None and case.meta.generation.mode.is_positive:
+    generating = case.operation.path in ("/v1/completions", "/v1/chat/completions")
+    if generating and case.meta is not None and case.meta.generation.mode.is_positive:
         if _sent["valid_completions"] >= VALID_COMPLETIONS:
             return
         _sent["valid_completions"] += 1
     body = case.body
     if isinstance(body, dict):
-        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 0:
-            body["max_tokens"] = min(body["max_tokens"], MAX_TOKENS)
-        elif "max_tokens" not in body:
+        for field in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(field), int) and body[field] > 0:
+                body[field] = min(body[field], MAX_TOKENS)
+        if "max_tokens" not in body:
             body["max_tokens"] = MAX_TOKENS
         if isinstance(body.get("model"), str):  # a random model id is a 404 (tested on /v1/models/{id}): the served one
             body["model"] = "specfleet-target"

@@ -1,5 +1,6 @@
 """`specfleet up` end to end as real processes: the fleet becomes ready, the SDK gets the target's own greedy output
-through it, and Ctrl-C stops every process."""
+through it, the HTTP front lists the served model name, and Ctrl-C stops every process; a child that cannot start
+stops the whole start-up at once, named, with its last log lines."""
 
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import time
 import uuid
 
+import pytest
 import torch
 
 from specfleet.sdk import Client
@@ -20,7 +22,7 @@ def test_up_serves_the_target_greedy_output_and_stops_cleanly(load_model, tokeni
     prefix = f"sftest-up-{uuid.uuid4().hex[:8]}"
     cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(port), "--pools", "python,suffix",
            "--redis-url", "redis://127.0.0.1:6379/0", "--key-prefix", prefix, "--slots", "4", "--grace", "2",
-           "--http-port", "0"]
+           "--http-port", "0", "--served-model-name", "fib-model"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     lines = []
@@ -45,9 +47,10 @@ def test_up_serves_the_target_greedy_output_and_stops_cleanly(load_model, tokeni
         http = next(line for line in lines if "specfleet is up" in line).split("http://")[1].split("/v1")[0]
         import httpx
 
-        reply = httpx.post(f"http://{http}/v1/completions", json={"model": "specfleet-target", "prompt": prompt,
+        reply = httpx.post(f"http://{http}/v1/completions", json={"model": "fib-model", "prompt": prompt,
                                                                    "max_tokens": 16, "temperature": 0}, timeout=60)
         assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == tokenizer.decode(want)
+        assert [m["id"] for m in httpx.get(f"http://{http}/v1/models", timeout=10).json()["data"]] == ["fib-model"]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -75,3 +78,29 @@ def test_demo_streams_through_the_fleet_and_prints_stats():
     table = done.stdout.split("tokens/round")[1].strip().splitlines()
     assert len(table) == 1 + 3  # the rule and one row per demo prompt
     assert all(int(row.split()[-7]) == 8 for row in table[1:])  # 8 tokens each
+
+
+def test_up_fails_fast_when_a_child_cannot_start(models_dir, tmp_path):
+    """A drafter whose model folder is broken exits during start-up: `up` stops the rest and exits 1 at once (long
+    before its ready timeout), naming the child and showing its last lines."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "target").symlink_to(models_dir / "target")
+    (models / "drafter-python").mkdir()
+    (models / "drafter-python" / "config.json").write_text("{ this is not json")
+    prefix = f"sftest-upfail-{uuid.uuid4().hex[:8]}"
+    cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(free_port()), "--pools", "python",
+           "--models", str(models), "--redis-url", "redis://127.0.0.1:6379/0", "--key-prefix", prefix,
+           "--slots", "2", "--grace", "1", "--http-port", "-1", "--ready-timeout", "1200"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    started = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=300)  # a quarter of the ready timeout: `up` did not wait it out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("`up` kept waiting after its drafter exited")
+    assert proc.returncode == 1, out[-2000:] + err[-2000:]
+    assert time.monotonic() - started < 300
+    assert "error: drafter-python exited with code 1 during start-up" in err, err[-2000:]
+    assert "config.json" in err.split("its last lines:")[1], err[-2000:]  # why it exited, from its own log

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from specfleet.cli.options import DEFAULT_MODELS, ablation_flags, tracing_flags
 from specfleet.drafter.serve import DRAFTER_POOLS, MODEL_FREE_POOLS
+from specfleet.router.limits import SERVED_MODEL_NAME
 from specfleet.runtime.process import ServeOptions
 from specfleet.runtime.security import (
     INTERNAL_TOKEN_ENV,
@@ -89,7 +90,8 @@ async def _serve(args) -> None:
 
         # the HTTP front calls this process's gRPC router over loopback, with the public token; with several
         # tokens it passes each caller's own on (the router checks it and rate-limits per token)
-        app = build_app(f"127.0.0.1:{running.port}", tokens[0] if len(tokens) == 1 else None)
+        app = build_app(f"127.0.0.1:{running.port}", tokens[0] if len(tokens) == 1 else None,
+                        args.served_model_name)
         server, thread, http_port = start_http_in_thread(app, args.host, args.http_port)
         http = (server, thread)
         print(f"specfleet router: OpenAI-compatible HTTP on http://{args.host}:{http_port}/v1", flush=True)
@@ -136,6 +138,9 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--http-port", type=int, default=-1,
                    help="router only: also serve the OpenAI-compatible HTTP API (and /metrics) on --host:PORT "
                         "(0: any free port; -1: none)")
+    p.add_argument("--served-model-name", default=SERVED_MODEL_NAME,
+                   help="router only, with --http-port: the model id the HTTP API lists in /v1/models and accepts "
+                        "in a request's `model`")
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
     p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
                    help="Redis for request state (verifier, router); env SPECFLEET_REDIS_URL")

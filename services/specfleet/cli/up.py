@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from specfleet.cli.options import DEFAULT_MODELS, ablation_flags, tracing_flags
+from specfleet.router.limits import SERVED_MODEL_NAME
 from specfleet.runtime.security import TOKEN_ENV, TOKEN_FILE_ENV
 
 
@@ -24,6 +25,8 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--grpc-port", type=int, default=50051, help="the router's gRPC port on 127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000,
                    help="the OpenAI-compatible HTTP API on 127.0.0.1:PORT (0: any free port; -1: none)")
+    p.add_argument("--served-model-name", default=SERVED_MODEL_NAME,
+                   help="the model id the HTTP API lists in /v1/models and accepts in a request's `model`")
     p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
                    help="use this Redis instead of an embedded one")
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")

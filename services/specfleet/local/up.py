@@ -5,6 +5,7 @@ arguments are declared in `specfleet.cli.up`; this module does the work."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from specfleet.drafter.serve import DRAFTER_POOLS, MODEL_FREE_POOLS
@@ -52,10 +54,54 @@ def tracing_args(args) -> list[str]:
         ["--trace-console"] if args.trace_console else [])
 
 
-def _pipe(name: str, stream, out) -> None:
-    for line in iter(stream.readline, ""):
-        out.write(f"{name:>16} | {line}")
-        out.flush()
+TAIL_LINES = 20  # a child's last log lines, printed when it exits unasked
+
+
+class _Logs:
+    """The children's output on one stream, each line prefixed by its child's name; the last TAIL_LINES of each
+    are kept to show why a child exited."""
+
+    def __init__(self, out):
+        self.out = out
+        self.tails: dict[str, deque[str]] = {}
+        self.readers: dict[str, threading.Thread] = {}
+
+    def follow(self, name: str, stream) -> None:
+        tail = self.tails[name] = deque(maxlen=TAIL_LINES)
+
+        def pipe() -> None:
+            for line in iter(stream.readline, ""):
+                tail.append(line)
+                self.out.write(f"{name:>16} | {line}")
+                self.out.flush()
+
+        self.readers[name] = reader = threading.Thread(target=pipe, name=f"log-{name}", daemon=True)
+        reader.start()
+
+    def last_lines(self, name: str) -> str:
+        """The child's last lines, once its output has ended (it has exited)."""
+        reader = self.readers.get(name)
+        if reader is not None:
+            reader.join(timeout=5)  # its last lines may still be in the pipe
+        return "".join(f"  {line}" for line in self.tails.get(name, ())) or "  (it printed nothing)\n"
+
+
+class ChildExited(Exception):
+    """A child service exited without being asked to."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(", ".join(names))
+        self.names = names
+
+
+def _report_exits(replicas, logs: _Logs, when: str) -> None:
+    """Each child that exited unasked: its name, exit code and last lines."""
+    failed = set(replicas.failed())
+    for name, proc in replicas.all():
+        if name in failed:
+            print(f"error: {name} exited with code {proc.returncode} {when}; its last lines:\n"
+                  f"{logs.last_lines(name)}", end="", file=sys.stderr, flush=True)
+    print("stopping the fleet", file=sys.stderr, flush=True)
 
 
 def _interrupt(signum, frame):
@@ -128,14 +174,24 @@ def _plan(args, pools: list[str], mtls: _Mtls, public: list[str], internal_token
     return plan
 
 
-def _wait_all_healthy(plan: _Plan, timeout: float, health_tls: ChannelTls | None) -> None:
-    """Every service, not only the router: a first request must find them all up."""
+def _wait_all_healthy(plan: _Plan, timeout: float, health_tls: ChannelTls | None, failed) -> None:
+    """Every service, not only the router: a first request must find them all up. `failed()` names the children
+    that exited; the wait ends at once with ChildExited when one does (a child that cannot start never will)."""
     from specfleet.runtime.server import wait_healthy
 
     async def all_healthy():
-        await asyncio.gather(*(wait_healthy(f"127.0.0.1:{port}", timeout=timeout,
-                                            tls=None if name == "router" else health_tls)
-                               for name, _, port, _ in plan.services))
+        health = asyncio.gather(*(wait_healthy(f"127.0.0.1:{port}", timeout=timeout,
+                                               tls=None if name == "router" else health_tls)
+                                  for name, _, port, _ in plan.services))
+        while not health.done():
+            exited = failed()
+            if exited:
+                health.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await health
+                raise ChildExited(exited)
+            await asyncio.wait([health], timeout=0.2)
+        health.result()
 
     asyncio.run(all_healthy())
 
@@ -147,7 +203,7 @@ def _start_http(args, public: list[str]):
     configure_tracing("specfleet-http", args.otlp_endpoint, args.trace_console)  # the front runs here
     from specfleet.router.http import build_app, start_http_in_thread
 
-    app = build_app(f"127.0.0.1:{args.grpc_port}", public[0] if len(public) == 1 else None)
+    app = build_app(f"127.0.0.1:{args.grpc_port}", public[0] if len(public) == 1 else None, args.served_model_name)
     server, thread, http_port = start_http_in_thread(app, "127.0.0.1", args.http_port)
     return (server, thread), f", OpenAI-compatible HTTP on http://127.0.0.1:{http_port}/v1"
 
@@ -192,6 +248,7 @@ def run(args) -> int:
     plan = _plan(args, pools, mtls, public, internal_token)
     http = None
     autoscaler_stop = None
+    logs = _Logs(sys.stdout)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
 
@@ -205,7 +262,7 @@ def run(args) -> int:
             environment.setdefault("OMP_NUM_THREADS", "1")
             environment.setdefault("OMP_WAIT_POLICY", "passive")
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
-        threading.Thread(target=_pipe, args=(name, child.stdout, sys.stdout), daemon=True).start()
+        logs.follow(name, child.stdout)
         return child
 
     from specfleet.local.autoscale import LocalReplicas, role_args
@@ -218,7 +275,7 @@ def run(args) -> int:
             role = "verifier" if name.startswith("verifier-") else name
             replicas.add(role, name, spawn(name, role_cmd, port, secrets))
         started = time.monotonic()
-        _wait_all_healthy(plan, args.ready_timeout, mtls.health)
+        _wait_all_healthy(plan, args.ready_timeout, mtls.health, replicas.failed)
         http_note = ""
         if args.http_port >= 0:
             http, http_note = _start_http(args, public)
@@ -238,7 +295,10 @@ def run(args) -> int:
                   f"1-{args.max_drafters}, a step every {args.autoscale_interval:g}s", flush=True)
         while not replicas.failed():
             time.sleep(0.5)
-        print(f"error: {', '.join(replicas.failed())} exited; stopping the fleet", file=sys.stderr)
+        _report_exits(replicas, logs, "while the fleet was serving")
+        return 1
+    except ChildExited:
+        _report_exits(replicas, logs, "during start-up")
         return 1
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP front of the router: `POST /v1/completions` (plain and SSE streaming), `GET /v1/models`,
+"""OpenAI-compatible HTTP front of the router: `POST /v1/completions` and `POST /v1/chat/completions` (plain and SSE
+streaming; the bodies are checked in `bodies.py`), `GET /v1/models`,
 `GET /health`, Prometheus `GET /metrics` (vLLM-compatible speculative-decoding counters) and its OpenAPI description
 `GET /openapi.json`. It talks to any router
 over gRPC (`specfleet.api.v1.Router`), so it runs beside the router or in front of a remote one.
@@ -11,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
-import secrets
 import threading
 import time
 import uuid
@@ -25,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
-from specfleet.router.limits import INT32_MAX, INT64_MAX, MAX_BODY_BYTES, MAX_STOP
+from specfleet.router.bodies import ApiError, ChatCompletion, Completion
+from specfleet.router.limits import MAX_BODY_BYTES, SERVED_MODEL_NAME
 from specfleet.runtime.server import FAST_RECONNECT
 from specfleet.runtime.telemetry import HttpTracing, tracing_enabled, with_trace_context
 
@@ -43,21 +43,6 @@ _GRPC_TO_HTTP = {
 }
 
 
-class ApiError(Exception):
-    """An error answered in OpenAI's JSON shape."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=getattr(self, "headers", None))
-
-
 def _from_grpc(exc: grpc.aio.AioRpcError) -> ApiError:
     status, type_ = _GRPC_TO_HTTP.get(exc.code(), (500, "internal_error"))
     message = exc.details() or exc.code().name
@@ -69,6 +54,8 @@ def _from_grpc(exc: grpc.aio.AioRpcError) -> ApiError:
     if status == 429 and retry:
         error.headers = {"Retry-After": str(retry)}
     return error
+
+_GENERATING = ("/v1/completions", "/v1/chat/completions")  # endpoints whose requests count themselves when done
 
 
 class _Metrics:
@@ -114,123 +101,6 @@ class _Metrics:
                     self.per_pos.labels(m, str(pos)).inc()
 
 
-def _check_int(body: dict, name: str, default, low: int | None = None, high: int = INT32_MAX) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"{name} must be an integer, got {value!r}", param=name)
-    if low is not None and value < low:
-        raise ApiError(400, f"{name} must be >= {low}, got {value}", param=name)
-    if value > high:
-        raise ApiError(400, f"{name} must be <= {high}, got {value}", param=name)
-    return value
-
-
-def _check_float(body: dict, name: str, default: float | None) -> float | None:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"{name} must be a finite number, got {value!r}", param=name)
-    try:
-        number = float(value)
-    except OverflowError:  # a JSON integer with hundreds of digits
-        number = math.inf
-    if not math.isfinite(number):
-        raise ApiError(400, f"{name} must be a finite number, got {str(value)[:40]}", param=name)
-    return number
-
-
-def _unsupported(body: dict, name: str, allowed, why: str) -> None:
-    if name in body and body[name] not in allowed:
-        raise ApiError(400, f"{name}={body[name]!r} is not supported: {why}", param=name)
-
-
-class _Completion:
-    """A validated completions request."""
-
-    def __init__(self, body: dict, model_name: str):
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        model = body.get("model", model_name)
-        if model != model_name:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {model_name!r} "
-                                "(see GET /v1/models)", param="model", code="model_not_found")
-        self.model = model_name
-        if "prompt" not in body or body["prompt"] is None:
-            raise ApiError(400, "prompt is required: give a string (or a list of one string, or a list of token "
-                                "ids)", param="prompt")
-        prompt = body["prompt"]
-        self.text, self.ids = "", []
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            self.text = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                         for t in prompt):
-            if not all(0 <= t <= INT32_MAX for t in prompt):
-                raise ApiError(400, "prompt token ids must be integers >= 0 (ids of the model's vocabulary)",
-                               param="prompt")
-            self.ids = prompt
-        elif isinstance(prompt, list) and len(prompt) > 1:
-            raise ApiError(400, f"batched prompts are not supported: got {len(prompt)} prompts; send one request "
-                                "per prompt", param="prompt")
-        else:
-            raise ApiError(400, "prompt must be a non-empty string, a list of one string, or a list of token ids",
-                           param="prompt")
-        self.max_tokens = _check_int(body, "max_tokens", 16, low=1)
-        temperature = _check_float(body, "temperature", 1.0)
-        if temperature < 0:
-            raise ApiError(400, f"temperature must be >= 0 (0 = greedy), got {temperature:g}", param="temperature")
-        self.temperature = temperature
-        top_p = _check_float(body, "top_p", 1.0)
-        if not 0 < top_p <= 1:
-            raise ApiError(400, f"top_p must be in (0, 1], got {top_p:g}", param="top_p")
-        self.top_p = top_p
-        self.top_k = _check_int(body, "top_k", 0, low=-1)  # vLLM extension; -1 / 0 = off
-        self.top_k = max(self.top_k, 0)
-        seed = _check_int(body, "seed", None, low=-INT64_MAX - 1, high=INT64_MAX)
-        self.seed = seed if seed is not None else secrets.randbits(62)  # no seed: a fresh sampling stream
-        stop = body.get("stop")
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > MAX_STOP:
-            raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOP} strings", param="stop")
-        self.stop = [s for s in stop if s]
-        n = _check_int(body, "n", 1)
-        if n != 1:
-            raise ApiError(400, f"n must be 1 (one choice per request), got {n}; send {n} requests instead",
-                           param="n")
-        best_of = _check_int(body, "best_of", 1)
-        if best_of != 1:
-            raise ApiError(400, f"best_of must be 1, got {best_of}", param="best_of")
-        _unsupported(body, "echo", (False, None), "echo must be false")
-        _unsupported(body, "logprobs", (None, 0, False), "logprobs are not returned")
-        _unsupported(body, "suffix", (None, ""), "suffix insertion is not supported")
-        _unsupported(body, "logit_bias", (None, {}), "logit_bias would change the target's distribution")
-        for name in ("presence_penalty", "frequency_penalty"):
-            _unsupported(body, name, (None, 0, 0.0), "penalties would change the target's distribution")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool) and stream is not None:
-            raise ApiError(400, "stream must be true or false", param="stream")
-        self.stream = bool(stream)
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise ApiError(400, "stream_options must be an object", param="stream_options")
-        self.include_usage = bool(options.get("include_usage", False))
-        ignore_eos = body.get("ignore_eos", False)  # vLLM extension
-        self.ignore_eos = bool(ignore_eos)
-
-    def to_pb(self, request_id: str) -> router_pb2.GenerateRequest:
-        return router_pb2.GenerateRequest(
-            request_id=request_id, prompt=self.text, prompt_token_ids=self.ids, max_new_tokens=self.max_tokens,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed, stop=self.stop,
-            ignore_eos=self.ignore_eos)
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -252,7 +122,7 @@ def _usage_json(usage: router_pb2.Usage | None) -> dict:
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
-def build_app(router_address: str, token: str | None = None, model_name: str = "specfleet-target", *,
+def build_app(router_address: str, token: str | None = None, model_name: str = SERVED_MODEL_NAME, *,
               timeout_s: float = 600.0, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The HTTP app in front of the router at `router_address`. With `token`, every endpoint but /health wants
     `Authorization: Bearer <token>` and the token is forwarded to the router as gRPC metadata; without one the
@@ -290,7 +160,7 @@ def build_app(router_address: str, token: str | None = None, model_name: str = "
     @app.middleware("http")
     async def _auth_and_metrics(request: Request, call_next):
         path = request.url.path
-        endpoint = path if path in ("/v1/completions", "/v1/models", "/health", "/metrics") else "other"
+        endpoint = path if path in (*_GENERATING, "/v1/models", "/health", "/metrics") else "other"
         start = time.perf_counter()
         if expected is not None and path != "/health":
             given = request.headers.get("authorization", "").encode()
@@ -300,7 +170,7 @@ def build_app(router_address: str, token: str | None = None, model_name: str = "
                 metrics.requests.labels(endpoint, "401").inc()
                 return response
         response = await call_next(request)
-        if endpoint != "/v1/completions" or response.status_code != 200:  # a completion counts itself when done
+        if endpoint not in _GENERATING or response.status_code != 200:  # a completion counts itself when done
             metrics.requests.labels(endpoint, str(response.status_code)).inc()
             if endpoint != "/metrics":
                 metrics.seconds.labels(endpoint).observe(time.perf_counter() - start)
@@ -347,8 +217,9 @@ def build_app(router_address: str, token: str | None = None, model_name: str = "
             raise ApiError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
         return {"id": model_name, "object": "model", "created": created_at, "owned_by": "specfleet"}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def generate(request: Request, kind: type[Completion | ChatCompletion]):
+        """One completion of either kind, plain or streamed: the router's Generate stream, shaped by `kind`."""
+        endpoint = request.url.path
         start = time.perf_counter()
         raw = await _read_body(request, max_body_bytes)
         try:
@@ -356,10 +227,10 @@ def build_app(router_address: str, token: str | None = None, model_name: str = "
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
         except RecursionError:  # json.loads recurses per nesting level
-            raise ApiError(400, "the request body nests JSON too deeply; send a flat completions object") from None
-        req = _Completion(body, model_name)
+            raise ApiError(400, "the request body nests JSON too deeply; send a flat request object") from None
+        req = kind(body, model_name)
         rid = uuid.uuid4().hex
-        cid, created = f"cmpl-{rid}", int(time.time())
+        cid, created = f"{req.ID_PREFIX}{rid}", int(time.time())
         call = router_pb2_grpc.RouterStub(channel()).Generate(req.to_pb(rid), timeout=timeout_s,
                                                                metadata=_metadata(request))
         prev: router_pb2.Usage | None = None
@@ -371,8 +242,8 @@ def build_app(router_address: str, token: str | None = None, model_name: str = "
             raise ApiError(502, "the router ended the stream without output", "internal_error")
 
         def done(status: str, usage: router_pb2.Usage | None) -> None:
-            metrics.requests.labels("/v1/completions", status).inc()
-            metrics.seconds.labels("/v1/completions").observe(time.perf_counter() - start)
+            metrics.requests.labels(endpoint, status).inc()
+            metrics.seconds.labels(endpoint).observe(time.perf_counter() - start)
             if usage is not None:
                 metrics.prompt_tokens.labels(model_name).inc(usage.prompt_tokens)
                 metrics.generation_tokens.labels(model_name).inc(usage.completion_tokens)
@@ -396,31 +267,30 @@ def build_app(router_address: str, token: str | None = None, model_name: str = "
             finally:
                 call.cancel()
             done("200", last.usage)
-            return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": "".join(texts), "finish_reason": last.finish_reason or None,
-                                 "logprobs": None}],
+            return {"id": cid, "object": req.OBJECT, "created": created, "model": model_name,
+                    "choices": [req.choice("".join(texts), last.finish_reason or None)],
                     "usage": _usage_json(last.usage)}
 
-        def chunk(text: str, finish: str | None) -> str:
-            data = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+        def event(choices: list[dict], usage: dict | None = None) -> str:
+            data = {"id": cid, "object": req.CHUNK_OBJECT, "created": created, "model": model_name,
+                    "choices": choices}
             if req.include_usage:
-                data["usage"] = None
+                data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n"
 
         async def sse():
             nonlocal prev
-            status, last = "200", None
+            status, last, sent = "200", None, 0
             try:
                 async for message in messages():
                     metrics.observe_round(prev, message.usage)
                     prev, last = message.usage, message
                     if message.text or message.finished:
-                        yield chunk(message.text, (message.finish_reason or "stop") if message.finished else None)
+                        finish = (message.finish_reason or "stop") if message.finished else None
+                        yield event([req.chunk_choice(message.text, finish, first=sent == 0)])
+                        sent += 1
                 if req.include_usage:
-                    data = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                            "choices": [], "usage": _usage_json(last.usage if last else None)}
-                    yield f"data: {json.dumps(data)}\n\n"
+                    yield event([], _usage_json(last.usage if last else None))
                 yield "data: [DONE]\n\n"
             except grpc.aio.AioRpcError as exc:  # mid-stream: the status line is gone, say it in the stream
                 error = _from_grpc(exc)
@@ -435,6 +305,14 @@ def build_app(router_address: str, token: str | None = None, model_name: str = "
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, Completion)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, ChatCompletion)
 
     return app
 

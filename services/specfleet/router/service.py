@@ -22,6 +22,7 @@ from specfleet.engine.control import CostModel, SpeculationController
 from specfleet.engine.sampling import SamplingParams
 from specfleet.engine.tree import TokenTree
 from specfleet.router.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, MIN_TEMPERATURE
+from specfleet.runtime.chat import chat_prompt_ids, check_messages
 from specfleet.runtime.server import FAST_RECONNECT
 from specfleet.runtime.telemetry import client_interceptors
 from specfleet.runtime.text import TextDeltas
@@ -223,7 +224,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
         """(request id, prompt ids, sampling params); raises ValueError saying what to fix."""
         if request.prompt and request.prompt_token_ids:
             raise ValueError("give either prompt or prompt_token_ids, not both")
-        if request.prompt:
+        if request.messages:
+            if request.prompt or request.prompt_token_ids:
+                raise ValueError("give either messages or a prompt (prompt / prompt_token_ids), not both")
+            conversation = check_messages([{"role": m.role, "content": m.content} for m in request.messages])
+            ids = chat_prompt_ids(self.tokenizer, conversation)
+        elif request.prompt:
             ids = self.tokenizer(request.prompt, add_special_tokens=False).input_ids
         else:
             ids = list(request.prompt_token_ids)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -74,6 +74,18 @@ class AsyncClient:
         request = build_request(prompt, prompt_token_ids=prompt_token_ids, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
                                 drafters=drafters, ignore_eos=ignore_eos, request_id=request_id)
+        return await self._complete(request)
+
+    async def chat(self, messages: Sequence[Mapping[str, str]], **params) -> Completion:
+        """The assistant's whole answer to `messages` ([{"role": "system" | "user" | "assistant", "content": str},
+        ...]), which the router renders with the model's chat template. `params` as for complete()."""
+        return await self._complete(build_request(messages=messages, **params))
+
+    def chat_stream(self, messages: Sequence[Mapping[str, str]], **params) -> AsyncIterator[Chunk]:
+        """The assistant's answer streamed (`async for chunk in client.chat_stream(...)`); `params` as for chat()."""
+        return self._stream(build_request(messages=messages, **params))
+
+    async def _complete(self, request: router_pb2.GenerateRequest) -> Completion:
         attempts = Attempts(self.options.retries, self.options.backoff, request.request_id)
         while True:
             attempts.start()

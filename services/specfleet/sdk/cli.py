@@ -1,4 +1,5 @@
-"""`specfleet client generate "prompt"`: stream a continuation from a running router over gRPC."""
+"""`specfleet client generate "prompt"` and `specfleet client chat "message"`: stream a continuation, or the answer to
+a conversation, from a running router over gRPC."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 from specfleet.sdk.core import DEFAULT_TARGET
 
 
-def cmd_client_generate(args) -> int:
+def _stream_to_stdout(args, start) -> int:
+    """Streams `start(client, **sampling)` (a chunk iterator) to stdout and its usage to stderr."""
     from specfleet.sdk import Client, SpecfleetError
 
     usage, finish_reason, tokens = None, "", 0
@@ -18,9 +20,8 @@ def cmd_client_generate(args) -> int:
         token = args.token or os.environ.get("SPECFLEET_TOKEN")  # the env var keeps it out of `ps` and --help
         with Client(args.target, token=token, tls=args.tls, root_certificates=args.ca_cert,
                     timeout=args.timeout, retries=args.retries) as client:
-            for chunk in client.generate(args.prompt, max_new_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                         seed=args.seed, stop=args.stop):
+            for chunk in start(client, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 tokens += len(chunk.token_ids)
@@ -39,16 +40,18 @@ def cmd_client_generate(args) -> int:
     return 0
 
 
-def add_client_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds `client generate` to the `specfleet` command's subparsers; returns the `client` parser."""
-    p = subparsers.add_parser("client", help="talk to a running specfleet router over gRPC")
-    csub = p.add_subparsers(dest="client_command", metavar="ACTION", required=True)
-    g = csub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        help="stream a continuation from a router",
-                        description="Sends PROMPT to the router's Generate RPC and streams the continuation to "
-                                    "stdout (usage to stderr). Failovers are retried transparently: each token is "
-                                    "printed once.")
-    g.add_argument("prompt", help="text to continue")
+def cmd_client_generate(args) -> int:
+    return _stream_to_stdout(args, lambda client, **sampling: client.generate(args.prompt, **sampling))
+
+
+def cmd_client_chat(args) -> int:
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.message}]
+    return _stream_to_stdout(args, lambda client, **sampling: client.chat_stream(messages, **sampling))
+
+
+def _call_flags(g: argparse.ArgumentParser) -> None:
+    """The connection and sampling flags of every `client` action."""
     g.add_argument("--target", default=DEFAULT_TARGET, help="router address, host:port")
     g.add_argument("--token", default=None,
                    help="bearer token sent as 'authorization' metadata; $SPECFLEET_TOKEN when not given")
@@ -64,5 +67,28 @@ def add_client_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--timeout", type=float, default=60.0, help="deadline of each attempt, seconds")
     g.add_argument("--retries", type=int, default=3, help="retries after a failover or timeout")
+
+
+def add_client_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds `client generate` and `client chat` to the `specfleet` command's subparsers; returns the `client`
+    parser."""
+    p = subparsers.add_parser("client", help="talk to a running specfleet router over gRPC")
+    csub = p.add_subparsers(dest="client_command", metavar="ACTION", required=True)
+    g = csub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help="stream a continuation from a router",
+                        description="Sends PROMPT to the router's Generate RPC and streams the continuation to "
+                                    "stdout (usage to stderr). Failovers are retried transparently: each token is "
+                                    "printed once.")
+    g.add_argument("prompt", help="text to continue")
+    _call_flags(g)
     g.set_defaults(func=cmd_client_generate)
+    c = csub.add_parser("chat", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help="stream the answer to a chat message from a router",
+                        description="Sends MESSAGE as the user's turn (after --system, if given) and streams the "
+                                    "assistant's answer to stdout (usage to stderr); the router renders the "
+                                    "conversation with the model's chat template.")
+    c.add_argument("message", help="the user's message")
+    c.add_argument("--system", default=None, help="a system message before it")
+    _call_flags(c)
+    c.set_defaults(func=cmd_client_chat)
     return p

@@ -4,7 +4,7 @@ retries resume the same request (same request_id) and each token reaches the cal
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -66,6 +66,19 @@ class Client:
         request = build_request(prompt, prompt_token_ids=prompt_token_ids, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
                                 drafters=drafters, ignore_eos=ignore_eos, request_id=request_id)
+        return self._complete(request)
+
+    def chat(self, messages: Sequence[Mapping[str, str]], **params) -> Completion:
+        """The assistant's whole answer to `messages` ([{"role": "system" | "user" | "assistant", "content": str},
+        ...]), which the router renders with the model's chat template. `params` as for complete():
+        max_new_tokens, temperature, top_p, top_k, seed, stop, drafters, ignore_eos, request_id."""
+        return self._complete(build_request(messages=messages, **params))
+
+    def chat_stream(self, messages: Sequence[Mapping[str, str]], **params) -> Iterator[Chunk]:
+        """The assistant's answer to `messages` streamed as chunks, like generate(); `params` as for chat()."""
+        return self._stream(build_request(messages=messages, **params))
+
+    def _complete(self, request: router_pb2.GenerateRequest) -> Completion:
         attempts = Attempts(self.options.retries, self.options.backoff, request.request_id)
         while True:
             attempts.start()

@@ -7,13 +7,14 @@ import math
 import random
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from specfleet.api.v1 import router_pb2
+from specfleet.runtime.chat import check_messages
 from specfleet.runtime.telemetry import with_trace_context
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -180,15 +181,22 @@ def _strings(name: str, values) -> list[str]:
 
 
 def build_request(prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
+                  messages: Sequence[Mapping[str, str]] | None = None,
                   max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                   seed: int | None = None, stop: Sequence[str] = (), drafters: Sequence[str] = (),
                   ignore_eos: bool = False, request_id: str | None = None) -> router_pb2.GenerateRequest:
     """A checked GenerateRequest; raises ValueError naming what to fix. A missing request_id becomes a uuid4
-    and a missing seed a random one, both fixed for every retry of the call, so a retry resumes the same request."""
+    and a missing seed a random one, both fixed for every retry of the call, so a retry resumes the same request.
+    `messages` (a conversation, instead of a prompt) is rendered by the router with the model's chat template."""
     if prompt is not None and not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
     ids = list(prompt_token_ids or ())
-    if not prompt and not ids:
+    conversation = []
+    if messages is not None:
+        if prompt or ids:
+            raise ValueError("give either messages or a prompt (prompt / prompt_token_ids), not both")
+        conversation = check_messages(messages)
+    elif not prompt and not ids:
         raise ValueError("the prompt is empty: give prompt='some text' or prompt_token_ids=[...]")
     if prompt and ids:
         raise ValueError("give either prompt or prompt_token_ids, not both")
@@ -212,7 +220,8 @@ def build_request(prompt: str | None = None, *, prompt_token_ids: Sequence[int] 
     elif not isinstance(request_id, str) or not request_id:
         raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
     return router_pb2.GenerateRequest(
-        request_id=request_id, prompt=prompt or "", prompt_token_ids=ids, max_new_tokens=max_new_tokens,
+        request_id=request_id, prompt=prompt or "", prompt_token_ids=ids,
+        messages=[router_pb2.ChatMessage(**m) for m in conversation], max_new_tokens=max_new_tokens,
         temperature=float(temperature), top_p=float(top_p), top_k=top_k, seed=seed, stop=_strings("stop", stop),
         drafters=_strings("drafters", drafters), ignore_eos=bool(ignore_eos))
 

@@ -48,3 +48,13 @@ def test_arbitrary_unicode_roundtrips(tokenizer, text):
 def test_held_out_source_roundtrips(tokenizer, held_out_text):
     for text in held_out_text.values():
         _roundtrip(tokenizer, text)
+
+
+def test_every_bundled_folder_carries_the_training_chat_template(models_dir):
+    """`specfleet train tokenizer` writes the same chat template the bundled folders carry (a rebuild keeps chat)."""
+    import json
+
+    from specfleet.training.tokenizer import CHAT_TEMPLATE
+
+    for folder in sorted(p for p in models_dir.iterdir() if (p / "tokenizer_config.json").exists()):
+        assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE, folder

@@ -27,6 +27,11 @@ def _training_texts(corpus_dir: Path, chars_per_domain: int) -> Iterator[str]:
             yield text
 
 
+# A plain chat template (the bundled models are not chat-tuned; this lets /v1/chat/completions render messages).
+CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
 def train_tokenizer(corpus_dir: Path, out_dir: Path, vocab_size: int = DEFAULT_VOCAB_SIZE,
                     chars_per_domain: int = SAMPLE_CHARS_PER_DOMAIN):
     """Trains byte-level BPE on an equal share of each domain and saves it as a PreTrainedTokenizerFast.
@@ -57,6 +62,7 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, vocab_size: int = DEFAULT_V
         clean_up_tokenization_spaces=False,
         model_max_length=1024,
     )
+    fast.chat_template = CHAT_TEMPLATE
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
     return fast

@@ -4,6 +4,10 @@ with `transformers` and saved with `save_pretrained` (no downloads). The runner'
 engine's greedy output equals `generate` (plain and speculative, the model drafting for itself through token trees),
 and whatever the runner does not implement is refused at load, naming it."""
 
+import json
+import re
+import zlib
+
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -33,7 +37,7 @@ def build(family: str, path, **overrides):
 
     config_class, extra = FAMILIES[family]
     config = getattr(transformers, config_class)(**{**SHAPE, **extra, **overrides})
-    torch.manual_seed(hash(family) % 1000)
+    torch.manual_seed(zlib.crc32(family.encode()))
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random biases and norms too, so that dropping one would show
         for name, param in model.named_parameters():
@@ -52,6 +56,16 @@ def load(path):
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family_model(request, tmp_path_factory):
     return request.param, load(build(request.param, tmp_path_factory.mktemp(request.param)))
+
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
+    """Hugging Face greedy generate, not stopping at EOS (the engine side runs with ignore_eos; min_new_tokens
+    would mask EOS instead, changing the output)."""
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(torch.tensor(prompts), do_sample=False, max_new_tokens=new_tokens,
+                             generation_config=GenerationConfig(eos_token_id=None, pad_token_id=0))
+    return out[:, len(prompts[0]):]
 
 
 def prompts(n: int = 3) -> list[list[int]]:
@@ -77,9 +91,7 @@ def test_greedy_equals_generate(family_model, speculative):
     proposer = ModelProposer([DrafterModel("self", model, 4)]) if speculative else NoProposer()
     engine = SpecEngine(model, proposer, max_batch=4, k=3)
     results = engine.generate([Request(f"r{i}", p, NEW_TOKENS, ignore_eos=True) for i, p in enumerate(prompts())])
-    with torch.no_grad():  # no stop at EOS on either side (min_new_tokens would mask EOS instead)
-        want = model.generate(torch.tensor(prompts()), do_sample=False, max_new_tokens=NEW_TOKENS,
-                              generation_config=GenerationConfig(eos_token_id=None, pad_token_id=0))[:, PROMPT_LEN:]
+    want = hf_generate(model, prompts(), NEW_TOKENS)
     assert [r.token_ids for r in results] == want.tolist()
     if speculative:
         assert sum(r.stats["accepted_tokens"] for r in results) > 0
@@ -113,3 +125,60 @@ def test_a_weight_the_runner_would_ignore_is_refused(tmp_path):
         LlamaRunner(model, slots=1, max_len=64)
     del model.model.layers[0].extra_scale
     LlamaRunner(model, slots=1, max_len=64)  # the o_proj bias is implemented (Llama's attention_bias has one)
+
+
+def _with_tokenizer(family: str, path, models_dir, **overrides):
+    """A tiny checkpoint of the family on the bundled tokenizer (8,192 tokens), as a user's folder would be."""
+    from transformers import AutoTokenizer
+
+    build(family, path, vocab_size=8192, **overrides)
+    AutoTokenizer.from_pretrained(str(models_dir / "target")).save_pretrained(path)
+    return path
+
+
+def test_generate_takes_models_by_path(tmp_path, models_dir):
+    """`generate --target PATH --drafter NAME=PATH` runs a user's checkpoints under free names; greedy output equals
+    Hugging Face generate on the same target."""
+    import json
+
+    from specfleet.cli.main import main
+
+    target = _with_tokenizer("qwen2.5", tmp_path / "qwen-target", models_dir)
+    drafter = _with_tokenizer("qwen2.5", tmp_path / "qwen-small", models_dir, num_hidden_layers=1)
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"prompt": "def main():\n    return"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--target", str(target), "--drafter", f"small-qwen={drafter}", "--proposer", "model",
+                 "--drafters", "small-qwen", "--input", str(source), "--output", str(out), "--max-new-tokens", "12",
+                 "--quiet"]) == 0
+    got = json.loads(out.read_text())["token_ids"]
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(target))("def main():\n    return").input_ids
+    assert [got] == hf_generate(load(target), [ids], 12).tolist()
+
+
+def test_a_drafter_with_another_vocabulary_is_refused_at_load(tmp_path, models_dir, capsys):
+    from specfleet.cli.main import main
+    from specfleet.engine.models import ModelSet, check_compatible
+
+    target = _with_tokenizer("llama-biases", tmp_path / "target", models_dir)
+    small = build("llama-biases", tmp_path / "small")  # 384 tokens
+    with pytest.raises(SystemExit, match="drafter tiny .* has vocab_size=384 but the target .* has vocab_size=8192"):
+        main(["generate", "--target", str(target), "--drafter", f"tiny={small}", "--proposer", "fused",
+              "--drafters", "tiny", "--prompt", "x", "--max-new-tokens", "2"])
+    # same size, another tokenizer: the first differing token is named
+    other = _with_tokenizer("llama-biases", tmp_path / "other", models_dir)
+    config = json.loads((other / "tokenizer.json").read_text())
+    vocab = config["model"]["vocab"]
+    a, b = (next(t for t, i in vocab.items() if i == n) for n in (300, 301))
+    vocab[a], vocab[b] = 301, 300  # two tokens swapped
+    (other / "tokenizer.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(f"token id 300 is {b!r} for the drafter and {a!r} for the target")):
+        check_compatible(target, other, "other")
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        ModelSet.bundled(models_dir).with_overrides(drafters=["nopath"])
+    with pytest.raises(ValueError, match="no model for the drafter x"):
+        ModelSet.bundled(models_dir).with_overrides(drafters=[f"x={tmp_path / 'missing'}"])
+    with pytest.raises(ValueError, match="DNS label"):
+        ModelSet.bundled(models_dir).with_overrides(drafters=[f"Bad_Name={small}"])

@@ -57,6 +57,29 @@ def model_dir(path: Path) -> Path:
     return path
 
 
+def model_options(p: argparse.ArgumentParser) -> None:
+    """--models, --target and --drafter: which checkpoints to run (the bundled family by default)."""
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS,
+                   help="folder of models laid out as the bundled ones (target/, drafter-NAME/)")
+    p.add_argument("--target", type=Path, default=None,
+                   help="the target: any Hugging Face folder of a supported family (Llama, Mistral, Qwen2, Qwen3) "
+                        "(default: MODELS/target)")
+    p.add_argument("--drafter", action="append", default=[], metavar="NAME=PATH",
+                   help="a drafter by name, from a Hugging Face folder sharing the target's vocabulary (repeatable; "
+                        "adds to or replaces MODELS/drafter-NAME); --drafters and --pools take these names")
+
+
+def model_set_from_args(args):
+    """The ModelSet the --models / --target / --drafter options name; exits with a clear message on bad input."""
+    from specfleet.engine.models import ModelSet
+
+    try:
+        return ModelSet.bundled(args.models).with_overrides(getattr(args, "target", None),
+                                                            getattr(args, "drafter", None) or ())
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+
+
 def engine_from_args(args, batch_size: int):
     """(engine, tokenizer) from the generate/demo/bench options; exits with a clear message on bad input."""
     from transformers import AutoTokenizer
@@ -65,13 +88,14 @@ def engine_from_args(args, batch_size: int):
     from specfleet.engine.factory import build_engine, parse_drafters
 
     hf_logging.disable_progress_bar()  # the per-tensor loading bar would interleave with streamed text
+    models = model_set_from_args(args)
     try:
-        drafters = parse_drafters(args.drafters, args.proposer)
-        engine = build_engine(args.models, args.proposer, drafters, batch_size=batch_size, k=args.k,
+        drafters = parse_drafters(args.drafters, args.proposer, tuple(models.drafters))
+        engine = build_engine(models, args.proposer, drafters, batch_size=batch_size, k=args.k,
                               adaptive=args.adaptive)
     except (ValueError, FileNotFoundError) as exc:
         sys.exit(f"error: {exc}")
-    return engine, AutoTokenizer.from_pretrained(str(args.models / "target"))
+    return engine, AutoTokenizer.from_pretrained(str(models.target))
 
 
 def sampling_from_args(args):
@@ -83,7 +107,7 @@ def sampling_from_args(args):
 def engine_options(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
     from specfleet.engine.factory import PROPOSERS
 
-    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    model_options(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="tokens to generate")
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass, in (0, 1]")
@@ -93,8 +117,8 @@ def engine_options(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None
                    help="who drafts: fused (several drafter models, CoSine fusion), model (one drafter), suffix "
                         "(suffix trees), ngram (prompt lookup), none (plain decoding, same code path)")
     p.add_argument("--drafters", default=None,
-                   help="comma-separated drafter names for model/fused: python, prose, c, general "
-                        "(default: general for model, python,prose,c for fused)")
+                   help="comma-separated drafter names for model/fused: python, prose, c, general or a --drafter "
+                        "NAME (default: general for model, python,prose,c for fused; else every drafter given)")
     p.add_argument("--k", type=positive_int, default=4, help="most draft levels per round")
     p.add_argument("--no-adaptive", dest="adaptive", action="store_false",
                    help="always draft k levels with every drafter (default: adaptive speculation control)")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from specfleet.cli.options import DEFAULT_BENCH, DEFAULT_MODELS, positive_int
-from specfleet.training.family import DRAFTER_NAMES
+from specfleet.cli.options import DEFAULT_BENCH, model_options, model_set_from_args, positive_int
 
 
 def cmd_profile(args) -> int:
@@ -14,12 +13,15 @@ def cmd_profile(args) -> int:
 
     from specfleet.engine.profile import format_table, run
 
-    drafters = tuple(d.strip() for d in args.drafters.split(",") if d.strip())
-    unknown = [d for d in drafters if d not in DRAFTER_NAMES]
+    models = model_set_from_args(args)
+    known = [f"drafter-{n}" for n in models.drafters]
+    given = args.drafters.split(",") if args.drafters is not None else known
+    drafters = tuple(f"drafter-{d.strip().removeprefix('drafter-')}" for d in given if d.strip())
+    unknown = [d for d in drafters if d not in known]
     if unknown:
-        sys.exit(f"error: unknown drafter(s) {', '.join(unknown)}; choose from {', '.join(DRAFTER_NAMES)}")
+        sys.exit(f"error: unknown drafter(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     try:
-        profile = run(args.models, drafters, args.repeats)
+        profile = run(models, drafters, args.repeats)
     except FileNotFoundError as exc:
         sys.exit(f"error: {exc}")
     print(format_table(profile))
@@ -35,8 +37,8 @@ def add_parser(sub, fmt) -> None:
                        description="Times the target's forward over batch sizes x tokens per sequence and each "
                                    "drafter's step, fits the verifier's cost model (fixed + per-token ms) and writes "
                                    "JSON; `serve verifier --profile FILE` caps each batched forward by it.")
-    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
-    p.add_argument("--drafters", default=",".join(DRAFTER_NAMES), help="drafters to time")
+    model_options(p)
+    p.add_argument("--drafters", default=None, help="comma-separated drafters to time (default: every one)")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed forwards per shape (the median is kept)")
     p.add_argument("--output", type=Path, default=DEFAULT_BENCH / "profile.json", help="JSON result")
     p.set_defaults(func=cmd_profile)

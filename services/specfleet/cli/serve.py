@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from specfleet.cli.options import DEFAULT_MODELS, ablation_flags, tracing_flags
+from specfleet.cli.options import ablation_flags, model_options, model_set_from_args, tracing_flags
 from specfleet.drafter.serve import DRAFTER_POOLS, MODEL_FREE_POOLS
 from specfleet.router.limits import SERVED_MODEL_NAME
 from specfleet.runtime.process import ServeOptions
@@ -54,7 +54,8 @@ async def _serve(args) -> None:
     if args.role == "router" and args.http_port >= 0 and tls is not None:
         raise ValueError("--http-port with --tls-cert is not supported (the HTTP front reaches its router in "
                          "plaintext); serve HTTP from a separate TLS-terminating proxy, or drop --tls-cert")
-    opts = ServeOptions(args.models, args.redis_url, args.host, tokens or None, args.slots, args.key_prefix,
+    models = model_set_from_args(args)
+    opts = ServeOptions(models, args.redis_url, args.host, tokens or None, args.slots, args.key_prefix,
                         profile=args.profile, max_batch_latency_ms=args.max_batch_latency_ms,
                         max_batch_tokens=args.max_batch_tokens, tls=tls, rate_limit_rps=args.rate_limit_rps,
                         rate_limit_tpm=args.rate_limit_tpm,
@@ -115,7 +116,8 @@ def cmd_serve(args) -> int:
     if args.verify_intake < 1:
         sys.exit(f"error: --verify-intake must be >= 1 (rounds a verifier holds at once), got {args.verify_intake}")
     if args.role == "drafter" and not args.pool:
-        sys.exit(f"error: serve drafter needs --pool (one of {', '.join(DRAFTER_POOLS + MODEL_FREE_POOLS)})")
+        sys.exit(f"error: serve drafter needs --pool (a drafter's name, e.g. {', '.join(DRAFTER_POOLS)}, or one of "
+                 f"{', '.join(MODEL_FREE_POOLS)})")
     if args.role == "router" and not args.verifiers:
         sys.exit("error: serve router needs --verifiers HOST:PORT[,HOST:PORT...]")
     try:
@@ -141,7 +143,7 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--served-model-name", default=SERVED_MODEL_NAME,
                    help="router only, with --http-port: the model id the HTTP API lists in /v1/models and accepts "
                         "in a request's `model`")
-    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    model_options(p)
     p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
                    help="Redis for request state (verifier, router); env SPECFLEET_REDIS_URL")
     p.add_argument("--key-prefix", default="sf", help="Redis key prefix (one per fleet)")

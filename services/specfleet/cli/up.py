@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from specfleet.cli.options import DEFAULT_MODELS, ablation_flags, tracing_flags
+from specfleet.cli.options import ablation_flags, model_options, tracing_flags
 from specfleet.router.limits import SERVED_MODEL_NAME
 from specfleet.runtime.security import TOKEN_ENV, TOKEN_FILE_ENV
 
@@ -29,8 +29,9 @@ def add_parser(sub, fmt) -> None:
                    help="the model id the HTTP API lists in /v1/models and accepts in a request's `model`")
     p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
                    help="use this Redis instead of an embedded one")
-    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
-    p.add_argument("--pools", default="python,prose,c,suffix", help="drafter pools to start")
+    model_options(p)
+    p.add_argument("--pools", default="python,prose,c,suffix",
+                   help="drafter pools to start: drafter names (bundled or --drafter NAME) and suffix / ngram")
     p.add_argument("--verifiers", type=int, default=1, help="verifier replicas")
     p.add_argument("--token",
                    help=f"bearer token clients must send (prefer env {TOKEN_ENV} or --token-file); services get "

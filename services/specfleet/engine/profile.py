@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from specfleet.engine.models import ModelSet
+
 TARGET_BATCHES = (1, 4, 16, 32)
 TARGET_TOKENS = (1, 5, 9)
 DRAFTER_BATCHES = (1, 4, 16)
@@ -24,7 +26,7 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return max(0.0, my - slope * mx), slope
 
 
-def run(models_dir: Path, drafters: tuple[str, ...] = ("drafter-python", "drafter-prose", "drafter-c",
+def run(models: Path | ModelSet, drafters: tuple[str, ...] = ("drafter-python", "drafter-prose", "drafter-c",
                                                         "drafter-general"), repeats: int = 3,
         progress: bool = True) -> dict:
     import torch
@@ -33,7 +35,7 @@ def run(models_dir: Path, drafters: tuple[str, ...] = ("drafter-python", "drafte
     from specfleet.engine.factory import load_model
     from specfleet.engine.llama import LlamaRunner
 
-    target = LlamaRunner(load_model(models_dir, "target"), slots=max(TARGET_BATCHES))
+    target = LlamaRunner(load_model(models, "target"), slots=max(TARGET_BATCHES))
     grid = [(b, t) for b in TARGET_BATCHES for t in TARGET_TOKENS]
     bar = tqdm(total=len(grid) + len(drafters) * len(DRAFTER_BATCHES), desc="profile", unit="shape",
                disable=not progress)
@@ -45,7 +47,7 @@ def run(models_dir: Path, drafters: tuple[str, ...] = ("drafter-python", "drafte
     del target
     steps: dict[str, list[dict]] = {}
     for name in drafters:
-        runner = LlamaRunner(load_model(models_dir, name), slots=max(DRAFTER_BATCHES))
+        runner = LlamaRunner(load_model(models, name), slots=max(DRAFTER_BATCHES))
         steps[name] = []
         for batch in DRAFTER_BATCHES:
             steps[name].append({"batch": batch, "ms": round(1e3 * runner.time_forward(batch, 1, repeats), 3)})

@@ -17,7 +17,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from specfleet.drafter.serve import DRAFTER_POOLS, MODEL_FREE_POOLS
+from specfleet.drafter.serve import MODEL_FREE_POOLS
+from specfleet.engine.models import ModelSet, check_all
 from specfleet.runtime.security import (
     INTERNAL_TOKEN_ENV,
     INTERNAL_TOKEN_FILE_ENV,
@@ -223,11 +224,22 @@ def run(args) -> int:
     # Ctrl-C and SIGTERM both stop the fleet cleanly, even where SIGINT arrived ignored (background jobs)
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    pools = [p.strip() for p in (args.pools or "").split(",") if p.strip()]
-    unknown = [p for p in pools if p not in DRAFTER_POOLS + MODEL_FREE_POOLS]
+    pools = [p.strip().removeprefix("drafter-") for p in (args.pools or "").split(",") if p.strip()]
+    try:
+        models = ModelSet.bundled(args.models).with_overrides(args.target, args.drafter)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
+    known = tuple(models.drafters) + MODEL_FREE_POOLS
+    unknown = [p for p in pools if p not in known]
     if unknown:
-        sys.exit(f"error: unknown drafter pool(s) {', '.join(unknown)}; choose from "
-                 f"{', '.join(DRAFTER_POOLS + MODEL_FREE_POOLS)}")
+        sys.exit(f"error: unknown drafter pool(s) {', '.join(unknown)}; choose from {', '.join(known)} "
+                 "(--drafter NAME=PATH adds a drafter)")
+    try:  # every model is checked before anything starts: a bad one fails here, not after the ready timeout
+        check_all(models, [p for p in pools if p not in MODEL_FREE_POOLS])
+        if not (models.target / "config.json").exists():
+            raise ValueError(f"no target model at {models.target} (expected a Hugging Face folder with config.json)")
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
     try:
         public = resolve_tokens(args.token, args.token_file, "--token", TOKEN_ENV, TOKEN_FILE_ENV)
     except ValueError as exc:
@@ -243,7 +255,7 @@ def run(args) -> int:
         embedded = start_embedded_redis()
         redis_url = embedded.url
         print(f"embedded Redis on {redis_url}", flush=True)
-    common = ["--models", str(args.models), "--redis-url", redis_url, "--key-prefix", args.key_prefix,
+    common = ["--models", str(args.models), *models.args(), "--redis-url", redis_url, "--key-prefix", args.key_prefix,
               "--slots", str(args.slots), *tracing_args(args)]
     plan = _plan(args, pools, mtls, public, internal_token)
     http = None

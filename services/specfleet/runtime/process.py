@@ -7,13 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from specfleet.engine.models import ModelSet
 from specfleet.runtime.security import ServerTls
 from specfleet.runtime.server import Running, start_server
 
 
 @dataclass
 class ServeOptions:
-    models: Path
+    models: Path | ModelSet  # a bundled-style folder, or the target and named drafters (engine/models.py)
     redis_url: str | None = None
     host: str = "127.0.0.1"
     # accepted bearer token(s): the public router's (one per caller) / the shared internal token (internal services)

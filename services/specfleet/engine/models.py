@@ -1,0 +1,110 @@
+"""Which checkpoints a fleet or an engine runs: the target and named drafters, each a Hugging Face folder.
+
+The default is the bundled family (`models/target`, `models/drafter-NAME`); `--target PATH` and `--drafter
+NAME=PATH` replace or add members with any supported checkpoint (Llama, Mistral, Qwen2, Qwen3; see engine/llama.py).
+Drafters must speak the target's vocabulary: `check_compatible` refuses a drafter whose vocabulary size or tokenizer
+differs from the target's, naming both, before any request is served.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")  # a DNS label: it names pods and Redis keys too
+MODEL_FREE = ("suffix", "ngram")  # drafter pools that need no model
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """The target's folder and the drafters' folders by name (names without the `drafter-` prefix)."""
+
+    target: Path
+    drafters: dict[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def bundled(cls, models_dir: Path) -> ModelSet:
+        """The folder layout of `models/`: target/ and drafter-NAME/ (every one present)."""
+        models_dir = Path(models_dir)
+        drafters = {p.name.removeprefix("drafter-"): p for p in sorted(models_dir.glob("drafter-*"))
+                    if (p / "config.json").exists()}
+        return cls(models_dir / "target", drafters)
+
+    @classmethod
+    def of(cls, models: Path | str | ModelSet) -> ModelSet:
+        return models if isinstance(models, ModelSet) else cls.bundled(Path(models))
+
+    def with_overrides(self, target: Path | None = None, drafters: list[str] | tuple[str, ...] = ()) -> ModelSet:
+        """This set with the target replaced and `NAME=PATH` drafters added or replaced. Raises ValueError on a
+        malformed entry, an invalid name or a folder without config.json."""
+        out = dict(self.drafters)
+        for entry in drafters:
+            name, sep, path = entry.partition("=")
+            name = name.strip().removeprefix("drafter-")
+            if not sep or not path.strip():
+                raise ValueError(f"--drafter takes NAME=PATH (a name and a Hugging Face folder), got {entry!r}")
+            if not NAME.match(name) or name in MODEL_FREE:
+                raise ValueError(f"drafter name {name!r} must be lower-case letters, digits and '-' (at most 40, a "
+                                 f"DNS label) and not one of the model-free pools {', '.join(MODEL_FREE)}")
+            out[name] = _folder(Path(path.strip()), f"drafter {name}")
+        return ModelSet(_folder(Path(target), "target") if target else self.target, out)
+
+    def drafter(self, name: str) -> Path:
+        name = name.removeprefix("drafter-")
+        if name not in self.drafters:
+            raise ValueError(f"unknown drafter {name!r}; this fleet has {', '.join(self.drafters) or 'none'} "
+                             "(add one with --drafter NAME=PATH)")
+        return self.drafters[name]
+
+    def args(self) -> list[str]:
+        """Command-line arguments that give a child process this very set (`--target`, `--drafter` repeated)."""
+        out = ["--target", str(self.target)]
+        for name, path in self.drafters.items():
+            out += ["--drafter", f"{name}={path}"]
+        return out
+
+
+def _folder(path: Path, what: str) -> Path:
+    if not (path / "config.json").exists():
+        raise ValueError(f"no model for the {what} at {path} (expected a Hugging Face folder with config.json)")
+    return path
+
+
+def _vocab_size(path: Path) -> int:
+    config = json.loads((path / "config.json").read_text())
+    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if not isinstance(size, int):
+        raise ValueError(f"{path}/config.json has no vocab_size")
+    return size
+
+
+def check_compatible(target: Path, drafter: Path, name: str) -> None:
+    """Raises ValueError unless the drafter at `drafter` proposes token ids of the target's vocabulary: equal
+    vocabulary sizes, and equal tokenizers where both folders carry one (the first differing token named)."""
+    want, got = _vocab_size(target), _vocab_size(drafter)
+    if want != got:
+        raise ValueError(f"drafter {name} ({drafter}) has vocab_size={got} but the target ({target}) has "
+                         f"vocab_size={want}: a drafter must share the target's vocabulary")
+    if not ((target / "tokenizer.json").exists() and (drafter / "tokenizer.json").exists()):
+        return
+    if (target / "tokenizer.json").read_bytes() == (drafter / "tokenizer.json").read_bytes():
+        return
+    from transformers import AutoTokenizer
+
+    a = AutoTokenizer.from_pretrained(str(target)).get_vocab()
+    b = AutoTokenizer.from_pretrained(str(drafter)).get_vocab()
+    if a == b:
+        return
+    ids_a, ids_b = {i: t for t, i in a.items()}, {i: t for t, i in b.items()}
+    first = min(i for i in set(ids_a) | set(ids_b) if ids_a.get(i) != ids_b.get(i))
+    raise ValueError(f"drafter {name} ({drafter}) has another tokenizer than the target ({target}): token id "
+                     f"{first} is {ids_b.get(first)!r} for the drafter and {ids_a.get(first)!r} for the target")
+
+
+def check_all(models: ModelSet, names: list[str] | tuple[str, ...] | None = None) -> None:
+    """check_compatible for the named drafters (default: all of them)."""
+    for name in names if names is not None else list(models.drafters):
+        if name not in MODEL_FREE:
+            check_compatible(models.target, models.drafter(name), name)

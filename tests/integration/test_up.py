@@ -69,6 +69,38 @@ def test_up_serves_the_target_greedy_output_and_stops_cleanly(load_model, tokeni
         client.delete(*keys)
 
 
+def test_up_serves_models_given_by_path(tmp_path, models_dir):
+    """A user's own checkpoints through the whole fleet: a Qwen2.5-shaped target and a Mistral-shaped drafter under
+    a free name (`--target PATH --drafter NAME=PATH --pools NAME,suffix`); greedy output equals Hugging Face's."""
+    from tiny_families import hf_generate, load, with_tokenizer
+
+    target = with_tokenizer("qwen2.5", tmp_path / "target", models_dir)
+    drafter = with_tokenizer("mistral", tmp_path / "drafter", models_dir, num_hidden_layers=1)
+    port = free_port()
+    prefix = f"sftest-upbyo-{uuid.uuid4().hex[:8]}"
+    cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(port), "--target", str(target),
+           "--drafter", f"my-small={drafter}", "--pools", "my-small,suffix", "--redis-url", "redis://127.0.0.1:6379/0",
+           "--key-prefix", prefix, "--slots", "2", "--grace", "1", "--http-port", "-1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        lines = []
+        while not any("specfleet is up" in line for line in lines[-1:]):
+            lines.append(proc.stdout.readline())
+            assert lines[-1] or proc.poll() is None, "".join(lines[-30:])
+        prompt_ids = list(range(100, 120))
+        with Client(f"127.0.0.1:{port}", timeout=60) as client:
+            result = client.complete(prompt_token_ids=prompt_ids, max_new_tokens=12, ignore_eos=True)
+        assert [list(result.token_ids)] == hf_generate(load(target), [prompt_ids], 12).tolist()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+
+
 def test_demo_streams_through_the_fleet_and_prints_stats():
     """`make demo`'s command: starts `up`, streams the demo prompts through the SDK, prints the stats table, stops."""
     cmd = [sys.executable, "-m", "specfleet.cli", "demo", "--pools", "suffix", "--max-new-tokens", "8",
@@ -80,14 +112,31 @@ def test_demo_streams_through_the_fleet_and_prints_stats():
     assert all(int(row.split()[-7]) == 8 for row in table[1:])  # 8 tokens each
 
 
+def test_up_refuses_bad_models_before_starting_anything(models_dir, tmp_path):
+    """A drafter folder whose config cannot be read, or whose vocabulary differs from the target's, stops `up`
+    before any child starts, with a message naming it."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ this is not json")
+    other = tmp_path / "other"
+    other.mkdir()
+    config = (models_dir / "drafter-python" / "config.json").read_text()
+    (other / "config.json").write_text(config.replace('"vocab_size": 8192', '"vocab_size": 9000'))
+    for drafter, message in ((broken, f"cannot read {broken / 'config.json'}"), (other, "vocab_size=9000")):
+        cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(free_port()), "--pools", "mine",
+               "--drafter", f"mine={drafter}", "--redis-url", "redis://127.0.0.1:6379/0", "--http-port", "-1"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]
+
+
 def test_up_fails_fast_when_a_child_cannot_start(models_dir, tmp_path):
     """A drafter whose model folder is broken exits during start-up: `up` stops the rest and exits 1 at once (long
     before its ready timeout), naming the child and showing its last lines."""
     models = tmp_path / "models"
     models.mkdir()
     (models / "target").symlink_to(models_dir / "target")
-    (models / "drafter-python").mkdir()
-    (models / "drafter-python" / "config.json").write_text("{ this is not json")
+    (models / "drafter-python").mkdir()  # a valid config (it passes the checks before start-up), no weights
+    (models / "drafter-python" / "config.json").write_text((models_dir / "drafter-python" / "config.json").read_text())
     prefix = f"sftest-upfail-{uuid.uuid4().hex[:8]}"
     cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(free_port()), "--pools", "python",
            "--models", str(models), "--redis-url", "redis://127.0.0.1:6379/0", "--key-prefix", prefix,
@@ -103,4 +152,4 @@ def test_up_fails_fast_when_a_child_cannot_start(models_dir, tmp_path):
     assert proc.returncode == 1, out[-2000:] + err[-2000:]
     assert time.monotonic() - started < 300
     assert "error: drafter-python exited with code 1 during start-up" in err, err[-2000:]
-    assert "config.json" in err.split("its last lines:")[1], err[-2000:]  # why it exited, from its own log
+    assert "drafter-python" in err.split("its last lines:")[1], err[-2000:]  # why it exited, from its own log

@@ -6,66 +6,20 @@ and whatever the runner does not implement is refused at load, naming it."""
 
 import json
 import re
-import zlib
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from tiny_families import FAMILIES, NEW_TOKENS, PROMPT_LEN, VOCAB, build, hf_generate, load, with_tokenizer
 
 from specfleet.engine.drafters import DrafterModel, ModelProposer
 from specfleet.engine.engine import Request, SpecEngine
 from specfleet.engine.llama import LlamaRunner, UnsupportedModel, causal_bias
 from specfleet.engine.proposers import NoProposer
 
-VOCAB = 384
-SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-FAMILIES = {
-    "llama3.1": ("LlamaConfig", dict(max_position_embeddings=131_072, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, tie_word_embeddings=False)),
-    "llama-biases": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True, max_position_embeddings=512)),
-    "qwen2.5": ("Qwen2Config", dict(max_position_embeddings=512, tie_word_embeddings=True)),
-    "qwen3": ("Qwen3Config", dict(head_dim=32, max_position_embeddings=512, tie_word_embeddings=True)),
-    "mistral": ("MistralConfig", dict(sliding_window=12, max_position_embeddings=512)),
-}
-PROMPT_LEN, NEW_TOKENS = 20, 24  # past Mistral's 12-token window
-
-
-def build(family: str, path, **overrides):
-    import transformers
-
-    config_class, extra = FAMILIES[family]
-    config = getattr(transformers, config_class)(**{**SHAPE, **extra, **overrides})
-    torch.manual_seed(zlib.crc32(family.encode()))
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # random biases and norms too, so that dropping one would show
-        for name, param in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    model.save_pretrained(path)
-    return path
-
-
-def load(path):
-    from specfleet.training.train import load_model
-
-    return load_model(path)
-
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family_model(request, tmp_path_factory):
     return request.param, load(build(request.param, tmp_path_factory.mktemp(request.param)))
-
-
-def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
-    """Hugging Face greedy generate, not stopping at EOS (the engine side runs with ignore_eos; min_new_tokens
-    would mask EOS instead, changing the output)."""
-    model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = model.generate(torch.tensor(prompts), do_sample=False, max_new_tokens=new_tokens,
-                             generation_config=GenerationConfig(eos_token_id=None, pad_token_id=0))
-    return out[:, len(prompts[0]):]
 
 
 def prompts(n: int = 3) -> list[list[int]]:
@@ -127,15 +81,6 @@ def test_a_weight_the_runner_would_ignore_is_refused(tmp_path):
     LlamaRunner(model, slots=1, max_len=64)  # the o_proj bias is implemented (Llama's attention_bias has one)
 
 
-def _with_tokenizer(family: str, path, models_dir, **overrides):
-    """A tiny checkpoint of the family on the bundled tokenizer (8,192 tokens), as a user's folder would be."""
-    from transformers import AutoTokenizer
-
-    build(family, path, vocab_size=8192, **overrides)
-    AutoTokenizer.from_pretrained(str(models_dir / "target")).save_pretrained(path)
-    return path
-
-
 def test_generate_takes_models_by_path(tmp_path, models_dir):
     """`generate --target PATH --drafter NAME=PATH` runs a user's checkpoints under free names; greedy output equals
     Hugging Face generate on the same target."""
@@ -143,8 +88,8 @@ def test_generate_takes_models_by_path(tmp_path, models_dir):
 
     from specfleet.cli.main import main
 
-    target = _with_tokenizer("qwen2.5", tmp_path / "qwen-target", models_dir)
-    drafter = _with_tokenizer("qwen2.5", tmp_path / "qwen-small", models_dir, num_hidden_layers=1)
+    target = with_tokenizer("qwen2.5", tmp_path / "qwen-target", models_dir)
+    drafter = with_tokenizer("qwen2.5", tmp_path / "qwen-small", models_dir, num_hidden_layers=1)
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"prompt": "def main():\n    return"}) + "\n")
     out = tmp_path / "out.jsonl"
@@ -162,13 +107,13 @@ def test_a_drafter_with_another_vocabulary_is_refused_at_load(tmp_path, models_d
     from specfleet.cli.main import main
     from specfleet.engine.models import ModelSet, check_compatible
 
-    target = _with_tokenizer("llama-biases", tmp_path / "target", models_dir)
+    target = with_tokenizer("llama-biases", tmp_path / "target", models_dir)
     small = build("llama-biases", tmp_path / "small")  # 384 tokens
     with pytest.raises(SystemExit, match="drafter tiny .* has vocab_size=384 but the target .* has vocab_size=8192"):
         main(["generate", "--target", str(target), "--drafter", f"tiny={small}", "--proposer", "fused",
               "--drafters", "tiny", "--prompt", "x", "--max-new-tokens", "2"])
     # same size, another tokenizer: the first differing token is named
-    other = _with_tokenizer("llama-biases", tmp_path / "other", models_dir)
+    other = with_tokenizer("llama-biases", tmp_path / "other", models_dir)
     config = json.loads((other / "tokenizer.json").read_text())
     vocab = config["model"]["vocab"]
     a, b = (next(t for t, i in vocab.items() if i == n) for n in (300, 301))

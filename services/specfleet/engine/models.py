@@ -73,7 +73,10 @@ def _folder(path: Path, what: str) -> Path:
 
 
 def _vocab_size(path: Path) -> int:
-    config = json.loads((path / "config.json").read_text())
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path / 'config.json'}: {exc}") from exc
     size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     if not isinstance(size, int):
         raise ValueError(f"{path}/config.json has no vocab_size")

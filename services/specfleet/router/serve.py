@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from specfleet.api.v1 import router_pb2_grpc
+from specfleet.engine.models import ModelSet
 from specfleet.runtime.process import ServeOptions, open_store, publish_heartbeat, start_service
 from specfleet.runtime.security import ChannelTls
 from specfleet.runtime.server import Running
@@ -18,8 +19,9 @@ async def start_router(opts: ServeOptions, config, port: int = 0, internal_token
     from specfleet.router.service import RouterService
     from specfleet.runtime.ratelimit import RateLimiter
 
-    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(opts.models / "target"))
-    model_cfg = AutoConfig.from_pretrained(str(opts.models / "target"))
+    target = ModelSet.of(opts.models).target
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(target))
+    model_cfg = AutoConfig.from_pretrained(str(target))
     config.internal_token = internal_token
     if internal_tls is not None:
         config.internal_tls = internal_tls

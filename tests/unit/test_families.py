@@ -127,3 +127,31 @@ def test_a_drafter_with_another_vocabulary_is_refused_at_load(tmp_path, models_d
         ModelSet.bundled(models_dir).with_overrides(drafters=[f"x={tmp_path / 'missing'}"])
     with pytest.raises(ValueError, match="DNS label"):
         ModelSet.bundled(models_dir).with_overrides(drafters=[f"Bad_Name={small}"])
+
+
+def test_the_kv_cache_is_allocated_from_its_budget(tmp_path):
+    """The 131,072-position Llama-3.1 shape: the cache is sized by --max-model-len and --kv-cache-memory, never
+    slots x max_position_embeddings beyond the budget; a budget that holds no request is an error naming the flags."""
+    from specfleet.engine.llama import KvLimits, kv_bytes_per_column
+
+    model = load(build("llama3.1", tmp_path / "m"))
+    column = kv_bytes_per_column(model.config)  # 2 layers x 2 KV heads x 16 dims x 4 bytes x (K, V)
+    assert column == 512
+
+    def cache_bytes(runner):
+        return 2 * runner.k_cache.numel() * runner.k_cache.element_size()
+
+    runner = LlamaRunner(model, slots=4, limits=KvLimits(max_model_len=256))
+    assert (runner.max_positions, runner.max_len, runner.slots) == (256, 320, 4)
+    assert cache_bytes(runner) == 4 * 320 * 512
+    budget = 3 * (131_072 + 64) * 512
+    runner = LlamaRunner(model, slots=8, limits=KvLimits(kv_cache_memory=budget))
+    assert runner.slots == 3 and runner.max_positions == 131_072 and cache_bytes(runner) <= budget
+    with pytest.raises(ValueError, match="lower --max-model-len or raise --kv-cache-memory"):
+        LlamaRunner(model, slots=1, limits=KvLimits(kv_cache_memory=1 << 20))
+    engine = SpecEngine(model, NoProposer(), max_batch=8, limits=KvLimits(max_model_len=64, kv_cache_memory=budget))
+    assert engine.max_batch == 8 and engine.max_positions == 64
+    with pytest.raises(ValueError, match="context of 64"):
+        engine.generate([Request("long", list(range(3, 63)), 8)])
+    out = engine.generate([Request(f"r{i}", list(range(3, 40)), 8, ignore_eos=True) for i in range(12)])
+    assert len(out) == 12 and all(len(r.token_ids) == 8 for r in out)  # more requests than slots: they wait

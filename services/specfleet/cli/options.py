@@ -13,6 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_MODELS = Path(os.environ.get("SPECFLEET_MODELS", REPO_ROOT / "models"))
 DEFAULT_DATA = Path(os.environ.get("SPECFLEET_DATA", REPO_ROOT / "data"))
 DEFAULT_BENCH = REPO_ROOT / "bench"
+DEFAULT_KV_CACHE_MEMORY_TEXT = "4GiB"  # engine/llama.py DEFAULT_KV_CACHE_MEMORY
 
 
 def positive_int(text: str) -> int:
@@ -69,6 +70,37 @@ def model_options(p: argparse.ArgumentParser) -> None:
                         "adds to or replaces MODELS/drafter-NAME); --drafters and --pools take these names")
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """'4GiB', '512MiB', '1.5GB' or a number of bytes -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size such as 4GiB, 512MiB or 1000000, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def kv_options(p: argparse.ArgumentParser) -> None:
+    """--max-model-len and --kv-cache-memory: how much context and KV cache the models may hold."""
+    p.add_argument("--max-model-len", type=positive_int, default=None,
+                   help="most positions (prompt + output) a request may use; longer requests are refused with a "
+                        "message (default: the target's max_position_embeddings)")
+    p.add_argument("--kv-cache-memory", type=byte_size, default=DEFAULT_KV_CACHE_MEMORY_TEXT,
+                   help="KV cache per model (target, each drafter), e.g. 4GiB or 512MiB; it holds fewer concurrent "
+                        "requests than asked for when it must (the rest wait), and too small for one request of "
+                        "--max-model-len is an error at start")
+
+
+def kv_limits_from_args(args):
+    from specfleet.engine.llama import KvLimits
+
+    return KvLimits(args.max_model_len, args.kv_cache_memory)
+
+
 def model_set_from_args(args):
     """The ModelSet the --models / --target / --drafter options name; exits with a clear message on bad input."""
     from specfleet.engine.models import ModelSet
@@ -92,7 +124,7 @@ def engine_from_args(args, batch_size: int):
     try:
         drafters = parse_drafters(args.drafters, args.proposer, tuple(models.drafters))
         engine = build_engine(models, args.proposer, drafters, batch_size=batch_size, k=args.k,
-                              adaptive=args.adaptive)
+                              adaptive=args.adaptive, limits=kv_limits_from_args(args))
     except (ValueError, FileNotFoundError) as exc:
         sys.exit(f"error: {exc}")
     return engine, AutoTokenizer.from_pretrained(str(models.target))
@@ -108,6 +140,7 @@ def engine_options(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None
     from specfleet.engine.factory import PROPOSERS
 
     model_options(p)
+    kv_options(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="tokens to generate")
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass, in (0, 1]")

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from specfleet.cli.options import ablation_flags, model_options, model_set_from_args, tracing_flags
+from specfleet.cli.options import ablation_flags, kv_options, model_options, model_set_from_args, tracing_flags
 from specfleet.drafter.serve import DRAFTER_POOLS, MODEL_FREE_POOLS
 from specfleet.router.limits import SERVED_MODEL_NAME
 from specfleet.runtime.process import ServeOptions
@@ -56,6 +56,7 @@ async def _serve(args) -> None:
                          "plaintext); serve HTTP from a separate TLS-terminating proxy, or drop --tls-cert")
     models = model_set_from_args(args)
     opts = ServeOptions(models, args.redis_url, args.host, tokens or None, args.slots, args.key_prefix,
+                        max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                         profile=args.profile, max_batch_latency_ms=args.max_batch_latency_ms,
                         max_batch_tokens=args.max_batch_tokens, tls=tls, rate_limit_rps=args.rate_limit_rps,
                         rate_limit_tpm=args.rate_limit_tpm,
@@ -144,6 +145,7 @@ def add_parser(sub, fmt) -> None:
                    help="router only, with --http-port: the model id the HTTP API lists in /v1/models and accepts "
                         "in a request's `model`")
     model_options(p)
+    kv_options(p)
     p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
                    help="Redis for request state (verifier, router); env SPECFLEET_REDIS_URL")
     p.add_argument("--key-prefix", default="sf", help="Redis key prefix (one per fleet)")

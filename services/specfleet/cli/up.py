@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from specfleet.cli.options import ablation_flags, model_options, tracing_flags
+from specfleet.cli.options import ablation_flags, kv_options, model_options, tracing_flags
 from specfleet.router.limits import SERVED_MODEL_NAME
 from specfleet.runtime.security import TOKEN_ENV, TOKEN_FILE_ENV
 
@@ -30,6 +30,7 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
                    help="use this Redis instead of an embedded one")
     model_options(p)
+    kv_options(p)
     p.add_argument("--pools", default="python,prose,c,suffix",
                    help="drafter pools to start: drafter names (bundled or --drafter NAME) and suffix / ngram")
     p.add_argument("--verifiers", type=int, default=1, help="verifier replicas")

@@ -20,7 +20,7 @@ async def start_drafter(pool: str, opts: ServeOptions, port: int = 0) -> tuple[R
     names = () if kind != "model" else (pool,)
     if kind == "model" and (models.target / "config.json").exists():  # refused before serving, not per request
         check_compatible(models.target, models.drafter(pool), pool)
-    proposer = build_proposer(kind, models, names, opts.slots)  # on the serving thread: see Batcher
+    proposer = build_proposer(kind, models, names, opts.slots, opts.kv_limits())  # on the serving thread: see Batcher
     vocab = 1 << 31
     if kind == "model":
         vocab = next(iter(proposer.drafters.values())).runner.vocab_size

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 
 from specfleet.engine.fusion import FusedTreeBuilder
-from specfleet.engine.llama import LlamaRunner, causal_bias, common_prefix
+from specfleet.engine.llama import KvLimits, LlamaRunner, causal_bias, common_prefix
 from specfleet.engine.proposers import Draft
 from specfleet.engine.sampling import SamplingParams, draft_probs
 from specfleet.engine.tree import TokenTree
@@ -19,9 +19,12 @@ from specfleet_kernels.reference import position_keyed_sample
 class DrafterModel:
     """One drafter model over a slot KV cache; remembers, per request, which tokens its cache holds."""
 
-    def __init__(self, name: str, model, slots: int):
+    def __init__(self, name: str, model, slots: int, limits: KvLimits | None = None):
         self.name = name
-        self.runner = LlamaRunner(model, slots=slots)
+        self.runner = LlamaRunner(model, slots=slots, limits=limits)
+        if self.runner.slots < slots:  # a drafter holds every live request of its engine or service
+            raise ValueError(f"drafter {name}: a KV cache of {self.runner.slots} slots fits the budget but {slots} "
+                             "are needed; raise --kv-cache-memory or lower --max-model-len")
         self.free = list(range(slots - 1, -1, -1))
         self.slot: dict[str, int] = {}
         self.cached: dict[str, list[int]] = {}  # rid -> tokens whose KV is in its slot (columns 0..len-1)

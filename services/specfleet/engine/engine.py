@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specfleet.engine.control import Plan
+from specfleet.engine.llama import KvLimits
 from specfleet.engine.proposers import Draft, Proposer
 from specfleet.engine.sampling import SamplingParams, make_generator
 from specfleet.engine.verify import TargetVerifier, VerifyItem, cut_at_finish
@@ -69,11 +70,11 @@ class FixedK:
 
 class SpecEngine:
     def __init__(self, target, proposer: Proposer, *, max_batch: int = 8, k: int = 4, policy=None,
-                 eos_token_id: int | None = None):
-        self.target = TargetVerifier(target, slots=max_batch)
+                 eos_token_id: int | None = None, limits: KvLimits | None = None):
+        self.target = TargetVerifier(target, slots=max_batch, limits=limits)
         self.runner = self.target.runner
         self.proposer = proposer
-        self.max_batch = max_batch
+        self.max_batch = self.runner.slots  # what the KV budget holds (at most max_batch)
         self.policy = policy or FixedK(k)
         self.eos_token_id = target.config.eos_token_id if eos_token_id is None else eos_token_id
         self.max_positions = self.target.max_positions

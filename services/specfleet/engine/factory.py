@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from specfleet.engine.llama import KvLimits
 from specfleet.engine.models import ModelSet, check_all
 from specfleet.engine.proposers import NgramProposer, NoProposer, Proposer
 from specfleet.training.family import DRAFTER_NAMES
@@ -49,7 +50,8 @@ def load_model(models: Path | ModelSet, name: str):
     return load(path)
 
 
-def build_proposer(kind: str, models: Path | ModelSet, drafters: tuple[str, ...], slots: int) -> Proposer:
+def build_proposer(kind: str, models: Path | ModelSet, drafters: tuple[str, ...], slots: int,
+                   limits: KvLimits | None = None) -> Proposer:
     if kind == "none":
         return NoProposer()
     if kind == "ngram":
@@ -61,7 +63,7 @@ def build_proposer(kind: str, models: Path | ModelSet, drafters: tuple[str, ...]
     if kind in ("model", "fused"):
         from specfleet.engine.drafters import DrafterModel, ModelProposer
 
-        loaded = ModelProposer([DrafterModel(n, load_model(models, n), slots) for n in drafters])
+        loaded = ModelProposer([DrafterModel(n, load_model(models, n), slots, limits) for n in drafters])
         if kind == "model":
             return loaded
         from specfleet.engine.proposers import MergedProposer
@@ -73,7 +75,7 @@ def build_proposer(kind: str, models: Path | ModelSet, drafters: tuple[str, ...]
 
 
 def build_engine(models: Path | ModelSet, proposer: str = "fused", drafters: str | tuple[str, ...] | None = None,
-                 batch_size: int = 8, k: int = 4, adaptive: bool = True, target=None):
+                 batch_size: int = 8, k: int = 4, adaptive: bool = True, target=None, limits: KvLimits | None = None):
     """Returns a SpecEngine; `target` may be passed to share one loaded target between engines. Drafters whose
     vocabulary differs from the target's are refused (ValueError) before anything loads."""
     from specfleet.engine.control import SpeculationController
@@ -87,7 +89,9 @@ def build_engine(models: Path | ModelSet, proposer: str = "fused", drafters: str
     policy = None
     if adaptive and proposer != "none":
         policy = SpeculationController(k_max=k, drafters=list(names) or [proposer])
-    engine = SpecEngine(target, build_proposer(proposer, models, names, batch_size), max_batch=batch_size, k=k,
-                        policy=policy)
+    engine = SpecEngine(target, NoProposer(), max_batch=batch_size, k=k, policy=policy, limits=limits)
+    # the drafters hold as many requests as the target's KV budget lets the engine run, over the same context
+    engine.proposer = build_proposer(proposer, models, names, engine.max_batch,
+                                     KvLimits(engine.max_positions, (limits or KvLimits()).kv_cache_memory))
     engine.calibrate()
     return engine

@@ -79,6 +79,33 @@ def layer_windows(cfg) -> list[int | None]:
     return [window if t == "sliding_attention" else None for t in types]
 
 
+DEFAULT_KV_CACHE_MEMORY = 4 << 30  # bytes of KV cache per runner unless told otherwise (vLLM's CPU default too)
+TREE_ROOM = 64  # cache columns past the last position, for a draft tree
+
+
+@dataclass(frozen=True)
+class KvLimits:
+    """How much KV cache a runner may hold: max_model_len caps positions (prompt + output) below the model's own
+    max_position_embeddings; kv_cache_memory (bytes) caps the cache, which then holds fewer slots than asked for
+    (requests wait for a slot) -- never slots x max_position_embeddings columns beyond the budget."""
+
+    max_model_len: int | None = None
+    kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY
+
+    def __post_init__(self):
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.kv_cache_memory < 1:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+
+
+def kv_bytes_per_column(cfg, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of keys and values one token position takes in every layer."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * element
+
+
 @dataclass
 class _Layer:
     w_in: torch.Tensor
@@ -127,18 +154,28 @@ class _Weights:
 
 
 class LlamaRunner:
-    def __init__(self, model, slots: int, max_len: int | None = None):
+    def __init__(self, model, slots: int, max_len: int | None = None, limits: KvLimits | None = None):
+        """slots: concurrent requests asked for (fewer when limits.kv_cache_memory cannot hold that many);
+        max_len: cache columns per slot (default: the context plus TREE_ROOM)."""
         cfg = model.config
         check_config(cfg)
+        limits = limits or KvLimits()
         self.config = cfg
         self.vocab_size = cfg.vocab_size
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.eps = cfg.rms_norm_eps
-        self.max_positions = cfg.max_position_embeddings
-        self.max_len = max_len or self.max_positions + 64  # room for a tree past the last position
-        self.slots = slots
+        self.max_positions = min(cfg.max_position_embeddings, limits.max_model_len or cfg.max_position_embeddings)
+        self.max_len = max_len or self.max_positions + TREE_ROOM  # room for a tree past the last position
+        per_slot = self.max_len * kv_bytes_per_column(cfg)
+        fit = limits.kv_cache_memory // per_slot
+        if fit < 1:
+            raise ValueError(f"a KV cache of {limits.kv_cache_memory / 2**20:.0f} MiB holds no request of "
+                             f"{self.max_positions} positions (one needs {per_slot / 2**20:.0f} MiB): lower "
+                             "--max-model-len or raise --kv-cache-memory")
+        self.slots = min(slots, fit)
+        self.slots_asked = slots
         self.rotary = model.model.rotary_emb
         w = _Weights(model)
         self.embed = w.take("model.embed_tokens.weight")  # [V, hidden]
@@ -161,7 +198,7 @@ class LlamaRunner:
                 w_down=w.take(mlp + "down_proj.weight"), b_down=w.take(mlp + "down_proj.bias", required=False),
                 window=window))
         w.check_all_taken()
-        shape = (len(self.layers), slots, self.kv_heads, self.max_len, self.head_dim)
+        shape = (len(self.layers), self.slots, self.kv_heads, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape)
         self.v_cache = torch.zeros(shape)
 

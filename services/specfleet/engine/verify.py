@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specfleet.engine.llama import NEG, LlamaRunner, causal_bias, common_prefix
+from specfleet.engine.llama import NEG, KvLimits, LlamaRunner, causal_bias, common_prefix
 from specfleet.engine.sampling import SamplingParams, warp_probs
 from specfleet.engine.tree import TokenTree
 from specfleet_kernels.reference import (
@@ -51,8 +51,8 @@ FOLD_MAX = 32  # context tokens missing from a request's cache fed in the verify
 
 
 class TargetVerifier:
-    def __init__(self, target, slots: int):
-        self.runner = LlamaRunner(target, slots=slots)
+    def __init__(self, target, slots: int, limits: KvLimits | None = None):
+        self.runner = LlamaRunner(target, slots=slots, limits=limits)
         self.vocab_size = self.runner.vocab_size
         self.max_positions = self.runner.max_positions
         self.slot_of: dict[str, int] = {}

@@ -255,7 +255,9 @@ def run(args) -> int:
         embedded = start_embedded_redis()
         redis_url = embedded.url
         print(f"embedded Redis on {redis_url}", flush=True)
-    common = ["--models", str(args.models), *models.args(), "--redis-url", redis_url, "--key-prefix", args.key_prefix,
+    common = ["--models", str(args.models), *models.args(), "--kv-cache-memory", str(args.kv_cache_memory),
+              *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
+              "--redis-url", redis_url, "--key-prefix", args.key_prefix,
               "--slots", str(args.slots), *tracing_args(args)]
     plan = _plan(args, pools, mtls, public, internal_token)
     http = None

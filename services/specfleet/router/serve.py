@@ -26,7 +26,8 @@ async def start_router(opts: ServeOptions, config, port: int = 0, internal_token
     if internal_tls is not None:
         config.internal_tls = internal_tls
     store = await open_store(opts)
-    service = RouterService(config, store, tokenizer, model_cfg.max_position_embeddings,
+    context = min(model_cfg.max_position_embeddings, opts.max_model_len or model_cfg.max_position_embeddings)
+    service = RouterService(config, store, tokenizer, context,
                             model_cfg.vocab_size, model_cfg.eos_token_id)
     running = await start_service(opts, router_pb2_grpc.add_RouterServicer_to_server, service,
                                   "specfleet.api.v1.Router", port, RateLimiter(opts.rate_limit_rps,

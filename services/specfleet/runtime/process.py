@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from specfleet.engine.llama import DEFAULT_KV_CACHE_MEMORY, KvLimits
 from specfleet.engine.models import ModelSet
 from specfleet.runtime.security import ServerTls
 from specfleet.runtime.server import Running, start_server
@@ -35,6 +36,11 @@ class ServeOptions:
     # can use would have them wait inside it, where the router's timeout and other verifiers' reclaims find them
     verify_intake: int = 32
     health_port: int | None = None  # also answer health checks (only) in plaintext here: kubelet probes under mTLS
+    max_model_len: int | None = None  # positions (prompt + output) a request may use; default: the model's context
+    kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY  # bytes of KV cache per verifier / drafter model
+
+    def kv_limits(self) -> KvLimits:
+        return KvLimits(self.max_model_len, self.kv_cache_memory)
 
 
 async def start_service(opts: ServeOptions, add, servicer, name: str, port: int, rate_limiter=None) -> Running:

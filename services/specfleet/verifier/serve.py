@@ -25,7 +25,10 @@ async def start_verifier(opts: ServeOptions, port: int = 0) -> tuple[Running, ob
         cap = max_batch_tokens(load(opts.profile), opts.max_batch_latency_ms)
         log.info("verifier: at most %d tokens per forward (profile %s, %.0f ms bound)", cap, opts.profile,
                  opts.max_batch_latency_ms)
-    service = VerifierService(target, slots=opts.slots, store=store, max_batch_tokens=cap)
+    service = VerifierService(target, slots=opts.slots, store=store, max_batch_tokens=cap, limits=opts.kv_limits())
+    if service.verifier.runner.slots < opts.slots:
+        log.warning("verifier: the KV cache budget holds %d of the %d slots asked for; further requests wait",
+                    service.verifier.runner.slots, opts.slots)
     running = await start_service(opts, internal_pb2_grpc.add_VerifierServicer_to_server, service,
                                   "specfleet.api.v1.Verifier", port)
     if opts.verify_stream:
@@ -33,7 +36,7 @@ async def start_verifier(opts: ServeOptions, port: int = 0) -> tuple[Running, ob
         from specfleet.verifier.queue import VerifyConsumer
 
         consumer = opts.pod or pod_name("verifier", running.port)
-        intake = max(1, min(opts.slots, opts.verify_intake))
+        intake = max(1, min(service.verifier.runner.slots, opts.verify_intake))
         running.consumer = service.consumer = VerifyConsumer(service, store, consumer, capacity=intake).start()
     await publish_heartbeat(opts, "verifier", running, service.snapshot, store=store)
     return running, service

@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
+from specfleet.engine.llama import KvLimits
 from specfleet.engine.verify import TargetVerifier, Verdict, VerifyItem, cut_at_finish
 from specfleet.runtime.server import Batcher, RecentRequests
 from specfleet.runtime.wire import replayed_round, sampling_from_pb, tree_from_pb
@@ -35,8 +36,9 @@ def stream_seed(rid: str) -> int:
 
 class VerifierService(internal_pb2_grpc.VerifierServicer):
     def __init__(self, target, slots: int, store=None, eos_token_id: int | None = None, max_wait_s: float = 0.0005,
-                 max_batch_tokens: int = 0):
-        self.verifier = TargetVerifier(target, slots=slots)
+                 max_batch_tokens: int = 0, limits: KvLimits | None = None):
+        self.verifier = TargetVerifier(target, slots=slots, limits=limits)
+        slots = self.verifier.runner.slots  # what the KV budget holds
         self.store = store
         self.eos_token_id = target.config.eos_token_id if eos_token_id is None else eos_token_id
         self.recent = RecentRequests()

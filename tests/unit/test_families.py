@@ -155,3 +155,35 @@ def test_the_kv_cache_is_allocated_from_its_budget(tmp_path):
         engine.generate([Request("long", list(range(3, 63)), 8)])
     out = engine.generate([Request(f"r{i}", list(range(3, 40)), 8, ignore_eos=True) for i in range(12)])
     assert len(out) == 12 and all(len(r.token_ids) == 8 for r in out)  # more requests than slots: they wait
+
+
+@pytest.mark.parametrize("family", ["llama3.1", "qwen3", "mistral"])
+def test_bfloat16_matches_hugging_face_in_bfloat16(tmp_path, family):
+    """In bfloat16 (weights, activations, KV cache) the runner computes what Hugging Face computes in bfloat16: logits
+    within bfloat16 rounding, and greedy output equal up to a near-tie (at the first difference, Hugging Face's own
+    top-2 logits lie within two bfloat16 steps)."""
+    from specfleet.engine.factory import load_model
+    from specfleet.engine.models import ModelSet
+
+    path = build(family, tmp_path / "m")
+    model = load_model(ModelSet(path, dtype="bfloat16"), "target")
+    assert model.dtype == torch.bfloat16
+    runner = LlamaRunner(model, slots=1, max_len=128)
+    assert runner.k_cache.dtype == torch.bfloat16
+    ids = torch.tensor([prompts(1)[0] * 2])
+    n = ids.shape[1]
+    cols = torch.arange(n)[None]
+    got = runner.forward(ids, cols, cols, causal_bias([0], [n], n)).float()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits.float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    engine = SpecEngine(model, ModelProposer([DrafterModel("self", model, 4)]), max_batch=4, k=3)
+    results = engine.generate([Request(f"r{i}", p, NEW_TOKENS, ignore_eos=True) for i, p in enumerate(prompts())])
+    for prompt, result, reference in zip(prompts(), results, hf_generate(model, prompts(), NEW_TOKENS).tolist(),
+                                         strict=True):
+        if result.token_ids == reference:
+            continue
+        i = next(j for j, (a, b) in enumerate(zip(result.token_ids, reference, strict=True)) if a != b)
+        with torch.no_grad():
+            top2 = model(input_ids=torch.tensor([prompt + reference[:i]])).logits[0, -1].float().topk(2).values
+        assert float(top2[0] - top2[1]) <= 2 * 2 ** -7 * float(top2[0].abs()), f"differs at token {i}, not a tie"

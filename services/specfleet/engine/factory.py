@@ -47,7 +47,7 @@ def load_model(models: Path | ModelSet, name: str):
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model at {path} (expected a Hugging Face folder with config.json); the "
                                 "bundled ones are in models/, or rebuild them with `make models`")
-    return load(path)
+    return load(path, dtype=models.torch_dtype)
 
 
 def build_proposer(kind: str, models: Path | ModelSet, drafters: tuple[str, ...], slots: int,

@@ -168,7 +168,7 @@ class LlamaRunner:
         self.eps = cfg.rms_norm_eps
         self.max_positions = min(cfg.max_position_embeddings, limits.max_model_len or cfg.max_position_embeddings)
         self.max_len = max_len or self.max_positions + TREE_ROOM  # room for a tree past the last position
-        per_slot = self.max_len * kv_bytes_per_column(cfg)
+        per_slot = self.max_len * kv_bytes_per_column(cfg, model.model.embed_tokens.weight.dtype)
         fit = limits.kv_cache_memory // per_slot
         if fit < 1:
             raise ValueError(f"a KV cache of {limits.kv_cache_memory / 2**20:.0f} MiB holds no request of "
@@ -198,12 +198,15 @@ class LlamaRunner:
                 w_down=w.take(mlp + "down_proj.weight"), b_down=w.take(mlp + "down_proj.bias", required=False),
                 window=window))
         w.check_all_taken()
+        self.dtype = self.embed.dtype  # weights, activations and KV cache (the checkpoint as loaded)
         shape = (len(self.layers), self.slots, self.kv_heads, self.max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape)
-        self.v_cache = torch.zeros(shape)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        # as Hugging Face's RMSNorm: in float32, back to the activations' dtype, then the weight
+        h = x.float()
+        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -223,6 +226,7 @@ class LlamaRunner:
         """
         b, t = tokens.shape
         s = bias.shape[-1]
+        bias = bias.to(self.dtype)  # SDPA takes a mask of the queries' dtype (NEG stays hidden: -inf in fp16)
         x = F.embedding(tokens, self.embed)  # [B, T, hidden]
         cos, sin = self.rotary(x, positions)  # [B, T, head_dim]
         cos, sin = cos[:, None], sin[:, None]
@@ -249,7 +253,7 @@ class LlamaRunner:
             if layer.window is not None:
                 if layer.window not in windowed:  # a key at column c (= its position) is out of a query's window
                     out_of_window = torch.arange(s)[None, None, None, :] <= positions[:, None, :, None] - layer.window
-                    windowed[layer.window] = bias.masked_fill(out_of_window, NEG)
+                    windowed[layer.window] = bias.masked_fill(out_of_window, torch.finfo(self.dtype).min)
                 mask = windowed[layer.window]
             att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=self.kv_heads != self.heads)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")  # a DNS label: it names pods and Redis keys too
 MODEL_FREE = ("suffix", "ngram")  # drafter pools that need no model
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,18 @@ class ModelSet:
 
     target: Path
     drafters: dict[str, Path] = field(default_factory=dict)
+    dtype: str = "auto"  # weights, activations and KV cache: auto (float32 on the CPU), float32, bfloat16, float16
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[self.dtype]
 
     @classmethod
     def bundled(cls, models_dir: Path) -> ModelSet:
@@ -36,7 +49,8 @@ class ModelSet:
     def of(cls, models: Path | str | ModelSet) -> ModelSet:
         return models if isinstance(models, ModelSet) else cls.bundled(Path(models))
 
-    def with_overrides(self, target: Path | None = None, drafters: list[str] | tuple[str, ...] = ()) -> ModelSet:
+    def with_overrides(self, target: Path | None = None, drafters: list[str] | tuple[str, ...] = (),
+                       dtype: str | None = None) -> ModelSet:
         """This set with the target replaced and `NAME=PATH` drafters added or replaced. Raises ValueError on a
         malformed entry, an invalid name or a folder without config.json."""
         out = dict(self.drafters)
@@ -49,7 +63,7 @@ class ModelSet:
                 raise ValueError(f"drafter name {name!r} must be lower-case letters, digits and '-' (at most 40, a "
                                  f"DNS label) and not one of the model-free pools {', '.join(MODEL_FREE)}")
             out[name] = _folder(Path(path.strip()), f"drafter {name}")
-        return ModelSet(_folder(Path(target), "target") if target else self.target, out)
+        return ModelSet(_folder(Path(target), "target") if target else self.target, out, dtype or self.dtype)
 
     def drafter(self, name: str) -> Path:
         name = name.removeprefix("drafter-")
@@ -60,7 +74,7 @@ class ModelSet:
 
     def args(self) -> list[str]:
         """Command-line arguments that give a child process this very set (`--target`, `--drafter` repeated)."""
-        out = ["--target", str(self.target)]
+        out = ["--target", str(self.target), "--dtype", self.dtype]
         for name, path in self.drafters.items():
             out += ["--drafter", f"{name}={path}"]
         return out

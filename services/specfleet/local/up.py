@@ -226,7 +226,7 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     pools = [p.strip().removeprefix("drafter-") for p in (args.pools or "").split(",") if p.strip()]
     try:
-        models = ModelSet.bundled(args.models).with_overrides(args.target, args.drafter)
+        models = ModelSet.bundled(args.models).with_overrides(args.target, args.drafter, args.dtype)
     except ValueError as exc:
         sys.exit(f"error: {exc}")
     known = tuple(models.drafters) + MODEL_FREE_POOLS

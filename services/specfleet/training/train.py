@@ -69,11 +69,11 @@ def make_model(arch: Arch, tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
-def load_model(path: Path, device: torch.device | str = "cpu"):
-    """A bundled model folder as a float32 LlamaForCausalLM in eval mode (offline: the path must exist)."""
+def load_model(path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A model folder as a causal LM in eval mode, float32 unless told (offline: the path must exist)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
 
 
 def count_parameters(model) -> int:

@@ -18,7 +18,7 @@ def cmd_demo(args) -> int:
 
         try:
             return run_fleet_demo(args)
-        except (RuntimeError, TimeoutError) as exc:
+        except (RuntimeError, TimeoutError, ValueError) as exc:
             sys.exit(f"error: {exc}")
     engine, tok = engine_from_args(args, 1)
     drafters = ", ".join(getattr(engine.proposer, "drafters", {})) or "none"

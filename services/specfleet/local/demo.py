@@ -38,13 +38,16 @@ def _wait_until_up(proc: subprocess.Popen, log_path: Path, timeout: float) -> No
 
 
 def run_fleet_demo(args) -> int:
+    from specfleet.engine.models import ModelSet
+    from specfleet.local.up import kv_args
     from specfleet.sdk import Client
     from specfleet.state.embedded import free_port
 
     port = free_port()
     log_path = Path(tempfile.gettempdir()) / f"specfleet-demo-{os.getpid()}.log"
+    models = ModelSet.bundled(args.models).with_overrides(args.target, args.drafter, args.dtype)  # ValueError: said
     cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(port), "--http-port", "-1",
-           "--models", str(args.models), "--pools", args.pools, "--k", str(args.k),
+           "--models", str(args.models), *models.args(), *kv_args(args), "--pools", args.pools, "--k", str(args.k),
            "--key-prefix", f"sfdemo-{os.getpid()}"]
     if args.redis_url:
         cmd += ["--redis-url", args.redis_url]

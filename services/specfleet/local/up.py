@@ -220,6 +220,12 @@ def _stop_children(children: list[subprocess.Popen], grace: float) -> None:
             child.kill()
 
 
+def kv_args(args) -> list[str]:
+    """The --kv-cache-memory / --max-model-len options again, for a child process."""
+    return ["--kv-cache-memory", str(args.kv_cache_memory),
+            *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else [])]
+
+
 def run(args) -> int:
     # Ctrl-C and SIGTERM both stop the fleet cleanly, even where SIGINT arrived ignored (background jobs)
     signal.signal(signal.SIGINT, _interrupt)
@@ -255,9 +261,8 @@ def run(args) -> int:
         embedded = start_embedded_redis()
         redis_url = embedded.url
         print(f"embedded Redis on {redis_url}", flush=True)
-    common = ["--models", str(args.models), *models.args(), "--kv-cache-memory", str(args.kv_cache_memory),
-              *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
-              "--redis-url", redis_url, "--key-prefix", args.key_prefix,
+    common = ["--models", str(args.models), *models.args(), *kv_args(args), "--redis-url", redis_url,
+              "--key-prefix", args.key_prefix,
               "--slots", str(args.slots), *tracing_args(args)]
     plan = _plan(args, pools, mtls, public, internal_token)
     http = None

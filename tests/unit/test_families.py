@@ -138,7 +138,8 @@ def test_the_kv_cache_is_allocated_from_its_budget(tmp_path):
     column = kv_bytes_per_column(model.config)  # 2 layers x 2 KV heads x 16 dims x 4 bytes x (K, V)
     assert column == 512
 
-    def cache_bytes(runner):
+    def cache_bytes(runner):  # at its largest: every slot's cache grown to max_len
+        runner.reserve(runner.max_len)
         return 2 * runner.k_cache.numel() * runner.k_cache.element_size()
 
     runner = LlamaRunner(model, slots=4, limits=KvLimits(max_model_len=256))
@@ -187,3 +188,22 @@ def test_bfloat16_matches_hugging_face_in_bfloat16(tmp_path, family):
         with torch.no_grad():
             top2 = model(input_ids=torch.tensor([prompt + reference[:i]])).logits[0, -1].float().topk(2).values
         assert float(top2[0] - top2[1]) <= 2 * 2 ** -7 * float(top2[0].abs()), f"differs at token {i}, not a tie"
+
+
+def test_the_cache_grows_with_the_longest_context(tmp_path):
+    """Columns are allocated as contexts reach them, keeping what the cache holds: logits after growing equal a
+    cache allocated at full length from the start."""
+    model = load(build("qwen3", tmp_path / "m"))
+    grown, full = LlamaRunner(model, slots=2, max_len=400), LlamaRunner(model, slots=2, max_len=400)
+    full.reserve(400)
+    assert grown.columns == 256 and full.columns == 400
+    ids = torch.tensor([prompts(1)[0] * 15])  # 300 tokens, fed in two calls: the second one grows the cache
+    for runner in (grown, full):
+        first = causal_bias([0], [200], 200)
+        runner.forward(ids[:, :200], torch.arange(200)[None], torch.arange(200)[None], first)
+    cols = torch.arange(200, 300)[None]
+    bias = causal_bias([200], [100], 300)
+    a, b = (runner.forward(ids[:, 200:], cols, cols, bias) for runner in (grown, full))
+    assert grown.columns == 400 and torch.equal(a, b)
+    with pytest.raises(ValueError, match="at most 400"):
+        grown.reserve(401)

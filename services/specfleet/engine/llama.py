@@ -6,7 +6,8 @@ one call.
 Nothing of a checkpoint is silently ignored: `check_config` refuses every model type, config field or value the
 runner does not implement, and the runner refuses every weight it does not consume, each with a message naming it.
 
-Cache layout: keys/values [layers, slots, kv_heads, max_len, head_dim]. Each live request owns one slot; the
+Cache layout: keys/values [layers, slots, kv_heads, columns, head_dim], columns growing up to max_len as contexts
+reach them. Each live request owns one slot; the
 engine keeps live requests in slots 0..B-1 so a batch reads a view, never a copy. A token's cache column equals its
 position for everything committed (trees sit past the end), which is what the sliding-window mask relies on.
 """
@@ -81,6 +82,7 @@ def layer_windows(cfg) -> list[int | None]:
 
 DEFAULT_KV_CACHE_MEMORY = 4 << 30  # bytes of KV cache per runner unless told otherwise (vLLM's CPU default too)
 TREE_ROOM = 64  # cache columns past the last position, for a draft tree
+INITIAL_COLUMNS = 256  # KV cache columns per slot allocated at start; more as contexts grow
 
 
 @dataclass(frozen=True)
@@ -199,9 +201,26 @@ class LlamaRunner:
                 window=window))
         w.check_all_taken()
         self.dtype = self.embed.dtype  # weights, activations and KV cache (the checkpoint as loaded)
-        shape = (len(self.layers), self.slots, self.kv_heads, self.max_len, self.head_dim)
+        # Columns are allocated as contexts reach them (doubling, up to max_len): memory follows the longest context
+        # served, not the model's maximum; the budget above is checked against max_len, the most it can grow to.
+        self.columns = min(self.max_len, INITIAL_COLUMNS)
+        shape = (len(self.layers), self.slots, self.kv_heads, self.columns, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
+
+    def reserve(self, columns: int) -> None:
+        """Grows every slot's cache to hold `columns` columns (at most max_len), keeping what it holds."""
+        if columns <= self.columns:
+            return
+        if columns > self.max_len:
+            raise ValueError(f"{columns} KV cache columns asked for, the cache holds at most {self.max_len}")
+        grown_to = min(self.max_len, max(columns, 2 * self.columns))
+        for name in ("k_cache", "v_cache"):
+            old = getattr(self, name)
+            grown = torch.zeros(*old.shape[:3], grown_to, old.shape[4], dtype=old.dtype)
+            grown[:, :, :, :self.columns] = old
+            setattr(self, name, grown)
+        self.columns = grown_to
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # as Hugging Face's RMSNorm: in float32, back to the activations' dtype, then the weight
@@ -227,6 +246,7 @@ class LlamaRunner:
         b, t = tokens.shape
         s = bias.shape[-1]
         bias = bias.to(self.dtype)  # SDPA takes a mask of the queries' dtype (NEG stays hidden: -inf in fp16)
+        self.reserve(max(s, int(write_cols.max()) + 1))
         x = F.embedding(tokens, self.embed)  # [B, T, hidden]
         cos, sin = self.rotary(x, positions)  # [B, T, head_dim]
         cos, sin = cos[:, None], sin[:, None]

@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from specfleet.engine.models import MODEL_FREE
 from specfleet_operator.spec import DRAFTER, FUSION, ROUTER, VERIFIER, FleetSpec, RoleSpec, SpecError
 
 GRPC_PORT, HTTP_PORT, HEALTH_PORT = 50051, 8000, 50052
@@ -84,6 +85,26 @@ def _mtls_served(spec: FleetSpec, role: RoleSpec) -> bool:
     return spec.internal_tls and role.component != ROUTER
 
 
+def _model_args(spec: FleetSpec, role: RoleSpec) -> list[str]:
+    """What a role loads besides `--models` when spec.models names checkpoints by path (nothing in the bundled
+    layout). Each role gets only what it reads, so changing one drafter rolls only its pool: the router the
+    target (its tokenizer and context length), the verifier the target, a pool the target (for the vocabulary
+    check) and its own drafter. The router and model-free pools hold no weights or KV cache, so dtype and KV memory
+    are not theirs."""
+    args = ["--target", spec.model_path(spec.models_target)] if spec.models_target else []
+    folder = spec.drafter_folder(str(role.pool)) if role.component == DRAFTER else ""
+    if folder:
+        args += ["--drafter", f"{role.pool}={spec.model_path(folder)}"]
+    weights = role.component == VERIFIER or (role.component == DRAFTER and role.pool not in MODEL_FREE)
+    if spec.models_dtype and weights:
+        args += ["--dtype", spec.models_dtype]
+    if spec.max_model_len:
+        args += ["--max-model-len", str(spec.max_model_len)]
+    if spec.kv_cache_memory and weights:
+        args += ["--kv-cache-memory", spec.kv_cache_memory]
+    return args
+
+
 def container_args(spec: FleetSpec, role: RoleSpec) -> list[str]:
     """`specfleet serve ROLE ...` exactly as docs/kubernetes.md gives it (secrets come from the environment)."""
     common = ["serve", role.component, "--host", "0.0.0.0", "--port", str(GRPC_PORT)]
@@ -96,8 +117,8 @@ def container_args(spec: FleetSpec, role: RoleSpec) -> list[str]:
     elif role.component == VERIFIER:
         args = [*common, "--models", spec.models_path]
     else:
-        args = common
-    return args + _tls_args(spec, role)
+        return common + _tls_args(spec, role)  # fusion reads no model
+    return args + _model_args(spec, role) + _tls_args(spec, role)
 
 
 def config_data(spec: FleetSpec, role: RoleSpec) -> dict[str, str]:

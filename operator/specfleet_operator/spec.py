@@ -2,19 +2,33 @@
 
 The API server fills in the CRD's defaults, but the operator must not depend on that (a kmock test server, an old
 object, a local `specfleet up --autoscale` have none), so `FleetSpec.from_dict` applies the same defaults; a test
-checks the two agree. Role keys name one scalable unit: `router`, `fusion`, `verifier`, `drafter-<pool>`."""
+checks the two agree. Role keys name one scalable unit: `router`, `fusion`, `verifier`, `drafter-<pool>`.
+
+Models come either in the bundled layout under models.path (`target/`, `drafter-<pool>/`) or by path: models.target
+and models.drafters ({name, path}, folders under models.path), pools then named after a declared drafter."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
+
+from specfleet.engine.models import DTYPES, MODEL_FREE
+from specfleet.engine.models import NAME as DRAFTER_NAME
 
 ROUTER, FUSION, VERIFIER, DRAFTER = "router", "fusion", "verifier", "drafter"
 DRAFTER_PREFIX = "drafter-"
 _POOL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# A model folder under models.path: relative, no empty, `.` or `..` segment (a pod never reads outside the models
+# volume); the CRD's pattern is the same (a test checks it).
+MODEL_FOLDER = re.compile(r"^(\.?[^/.][^/]*|\.\.[^/]+)(/(\.?[^/.][^/]*|\.\.[^/]+))*/?$")
+# What `--kv-cache-memory` accepts (specfleet.cli.options.byte_size; a test checks the two agree): a number and an
+# optional unit b, k, kb, kib, m, ... tib in any case. Kubernetes' `Gi` is not one of them.
+KV_CACHE_MEMORY = re.compile(r"^\s*([0-9]+|[0-9]*\.[0-9]+)\s*([kKmMgGtT]([iI]?[bB])?|[bB])?\s*$")
 
 
 class SpecError(ValueError):
@@ -62,6 +76,47 @@ def _section(raw: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]
     value = raw.get(name) or {}
     if not isinstance(value, Mapping):
         raise SpecError(f"{where}.{name} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _folder(value: Any, where: str) -> str:
+    """A model folder under spec.models.path: relative to it and without `..`, so a pod never reads outside the
+    models volume."""
+    if not isinstance(value, str) or not MODEL_FOLDER.fullmatch(value):
+        raise SpecError(f"{where} must be a folder under spec.models.path, relative to it and without '..' (e.g. "
+                        f"llama-3.1-8b), got {value!r}")
+    return str(PurePosixPath(value))
+
+
+def _drafters(raw: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """spec.models.drafters: [{name, path}] -> ((name, folder), ...), names valid and distinct."""
+    where = "spec.models.drafters"
+    items = raw.get("drafters") or []
+    if not isinstance(items, list):
+        raise SpecError(f"{where} must be a list of {{name, path}}, got {type(items).__name__}")
+    out: dict[str, str] = {}
+    for index, item in enumerate(items):
+        at = f"{where}[{index}]"
+        if not isinstance(item, Mapping):
+            raise SpecError(f"{at} must be an object {{name, path}}, got {type(item).__name__}")
+        name = item.get("name")
+        if not isinstance(name, str) or not DRAFTER_NAME.match(name) or name in MODEL_FREE:
+            raise SpecError(f"{at}.name must be a DNS label of at most 40 characters (lower-case letters, digits, "
+                            f"'-') other than the model-free pools {', '.join(MODEL_FREE)}, got {name!r}")
+        if name in out:
+            raise SpecError(f"{at}.name {name!r} is used by two drafters: give each drafter its own name")
+        out[name] = _folder(item.get("path"), f"{at}.path")
+    return tuple(out.items())
+
+
+def _kv_cache_memory(raw: Mapping[str, Any]) -> str:
+    value = raw.get("kvCacheMemory", "")
+    if value == "":
+        return ""
+    match = KV_CACHE_MEMORY.fullmatch(value) if isinstance(value, str) else None
+    if not match or float(match.group(1)) <= 0:
+        raise SpecError(f"spec.models.kvCacheMemory must be a size > 0 as --kv-cache-memory takes it, e.g. 4GiB, "
+                        f"512MiB or 1.5GB (not Kubernetes' 4Gi), got {value!r}")
     return value
 
 
@@ -181,6 +236,13 @@ class FleetSpec:
     redis_url: str = ""  # only when the spec carries it inline; pods still read it from a Secret
     redis_secret: SecretRef = field(default_factory=SecretRef)
     token_secret: SecretRef = field(default_factory=lambda: SecretRef("", "token"))
+    # Models by path (all empty: the bundled layout, models.path/target and models.path/drafter-<pool>): folders
+    # under models.path, and the services' dtype and KV options (empty or 0: the services' defaults)
+    models_target: str = ""
+    models_drafters: tuple[tuple[str, str], ...] = ()  # (name, folder); pools name these
+    models_dtype: str = ""
+    max_model_len: int = 0
+    kv_cache_memory: str = ""
     otlp_endpoint: str = ""
     # mTLS between the router and the internal roles: a kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt: the
     # layout cert-manager writes) whose certificate carries internal_server_name and both server and client auth
@@ -211,6 +273,15 @@ class FleetSpec:
     def pools(self) -> tuple[RoleSpec, ...]:
         return tuple(role for role in self.roles if role.component == DRAFTER)
 
+    def model_path(self, folder: str) -> str:
+        """Where a pod finds a model folder of the spec: under models.path."""
+        return str(PurePosixPath(self.models_path) / folder)
+
+    def drafter_folder(self, pool: str) -> str:
+        """The folder under models.path of a pool's drafter declared in models.drafters ("" when not declared: a
+        model-free pool, or the bundled layout)."""
+        return dict(self.models_drafters).get(pool, "")
+
     @property
     def redis_secret_name(self) -> str:
         """The Secret pods read SPECFLEET_REDIS_URL from: secretRef.name, else `<fleet>-redis`."""
@@ -232,6 +303,7 @@ class FleetSpec:
         if not isinstance(pools_raw, list) or not pools_raw:
             raise SpecError("spec.drafters must be a non-empty list of pools, e.g. [{name: python, model: "
                             "drafter-python}]")
+        drafters = _drafters(models)
         pools = []
         for index, pool in enumerate(pools_raw):
             where = f"spec.drafters[{index}]"
@@ -240,7 +312,10 @@ class FleetSpec:
                 raise SpecError(f"{where}.name must be a DNS label of at most 40 characters, got {pool_name!r}")
             if drafter_key(pool_name) in {p.key for p in pools}:
                 raise SpecError(f"{where}.name {pool_name!r} is used by two pools: give each pool its own name")
-            pools.append(RoleSpec.from_dict(drafter_key(pool_name), pool, where, max_default=8, gpu_default=True))
+            role = RoleSpec.from_dict(drafter_key(pool_name), pool, where, max_default=8, gpu_default=True)
+            if drafters:  # pools are declared by drafter name; their folder comes from models.drafters
+                role = _declared_pool(role, dict(drafters), where)
+            pools.append(role)
         roles = (
             RoleSpec.from_dict(ROUTER, _section(raw, "router", "spec"), "spec.router", 4, False),
             RoleSpec.from_dict(FUSION, _section(raw, "fusion", "spec"), "spec.fusion", 4, False),
@@ -258,6 +333,11 @@ class FleetSpec:
             models_source=_str(models, "source", "image", "spec.models", ("image", "pvc")),
             models_path=_str(models, "path", "/models", "spec.models"),
             models_claim=_str(models, "claimName", "", "spec.models"),
+            models_target=_folder(models["target"], "spec.models.target") if models.get("target") else "",
+            models_drafters=drafters,
+            models_dtype=_str(models, "dtype", "", "spec.models", DTYPES) if "dtype" in models else "",
+            max_model_len=_int(models, "maxModelLen", 0, "spec.models", minimum=1) if "maxModelLen" in models else 0,
+            kv_cache_memory=_kv_cache_memory(models),
             redis_mode=_str(redis, "mode", "inCluster", "spec.redis", ("inCluster", "external")),
             redis_url=_str(redis, "url", "", "spec.redis"),
             redis_secret=SecretRef(_str(secret, "name", "", "spec.redis.secretRef"),
@@ -277,3 +357,19 @@ class FleetSpec:
             raise SpecError("spec.redis.mode is external but neither spec.redis.url nor spec.redis.secretRef.name is "
                             "set: give the Redis URL or the Secret that holds it")
         return spec
+
+
+def _declared_pool(role: RoleSpec, drafters: Mapping[str, str], where: str) -> RoleSpec:
+    """A pool of a fleet with spec.models.drafters: its name is a declared drafter (whose folder becomes the pool's
+    model) or a model-free pool."""
+    name = str(role.pool)
+    if role.model:
+        raise SpecError(f"{where}.model {role.model!r} is for the bundled layout; with spec.models.drafters a pool "
+                        f"takes its drafter's folder from there by its name: remove {where}.model")
+    if name in MODEL_FREE:
+        return role
+    if name not in drafters:
+        raise SpecError(f"{where}.name {name!r} names no drafter of spec.models.drafters ({', '.join(drafters)}) "
+                        f"and no model-free pool ({', '.join(MODEL_FREE)}): declare it there as {{name: {name}, "
+                        "path: FOLDER}, or name the pool after a declared drafter")
+    return dataclasses.replace(role, model=drafters[name])

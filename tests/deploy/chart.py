@@ -63,6 +63,9 @@ COMBINATIONS: dict[str, dict] = {
     "models-pvc": {"models": {"source": "pvc", "claimName": "specfleet-models"},
                    "autoscaling": {"enabled": False}, "telemetry": {"otlpEndpoint": "http://otel:4317"}},
 }
+# The example values files under examples/ (`helm install -f`), each one more combination.
+EXAMPLES = {f"example-{path.stem}": path for path in sorted((CHART_DIR / "examples").glob("*.yaml"))}
+COMBINATIONS.update({name: yaml.safe_load(path.read_text()) for name, path in EXAMPLES.items()})
 
 
 def kubernetes_validate_cached() -> None:

@@ -20,6 +20,7 @@ from yamllint import linter
 from .chart import (
     CHART_DIR,
     COMBINATIONS,
+    EXAMPLES,
     KUBE_VERSIONS,
     YAMLLINT_CONFIG,
     chart_values,
@@ -128,7 +129,8 @@ def _lint_yaml(text: str, where: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["values.yaml", "Chart.yaml", "crds/kopf.dev_kopfpeerings.yaml",
-                                  "crds/specfleet.io_specfleets.yaml"])
+                                  "crds/specfleet.io_specfleets.yaml",
+                                  *(str(path.relative_to(CHART_DIR)) for path in EXAMPLES.values())])
 def test_chart_yaml_files_are_yamllint_clean(path):
     _lint_yaml((CHART_DIR / path).read_text(), path)
 
@@ -173,6 +175,16 @@ BAD_VALUES = {
     "typo in tls": ({"tls": {"internal": {"enable": True}}}, "enable"),
     "bad certificate duration": ({"tls": {"internal": {"certManager": {"duration": "90 days"}}}},
                                  "/tls/internal/certManager/duration"),
+    "absolute target path": ({"models": {"target": "/models/llama"}},
+                             "/models/target"),
+    "drafter path climbing out": ({"models": {"drafters": [{"name": "one-b", "path": "../llama"}]}},
+                                  "/models/drafters/0/path"),
+    "drafter named like a model-free pool": ({"models": {"drafters": [{"name": "suffix", "path": "x"}]}},
+                                             "/models/drafters/0/name"),
+    "typo in a drafter model": ({"models": {"drafters": [{"name": "one-b", "pth": "x"}]}}, "pth"),
+    "bad enum: dtype": ({"models": {"dtype": "fp8"}}, "/models/dtype"),
+    "Kubernetes quantity as KV memory": ({"models": {"kvCacheMemory": "4Gi"}},
+                                         "/models/kvCacheMemory"),
 }
 
 
@@ -195,6 +207,16 @@ RENDER_FAILURES = {
     "mtls without a certificate": ({"tls": {"internal": {"enabled": True}}}, "tls.internal.existingSecret"),
     "mtls with cert-manager but no issuer": ({"tls": {"internal": {"enabled": True, "certManager": {"enabled": True}}}},
                                              "certManager.issuerRef.name"),
+    # the default pools (python, prose, ...) name no declared drafter
+    "pool naming an undeclared drafter": ({"models": {"drafters": [{"name": "one-b", "path": "llama-3.2-1b"}]}},
+                                          'pool "python" names no drafter of models.drafters (one-b)'),
+    "pool with a bundled model folder": ({"models": {"drafters": [{"name": "one-b", "path": "llama-3.2-1b"}]},
+                                          "drafter": [{"name": "one-b", "model": "drafter-one-b", "replicas": 1,
+                                                       "minReplicas": 1, "maxReplicas": 2}]},
+                                         'pool "one-b" sets model "drafter-one-b"'),
+    "duplicate drafter names": ({"models": {"drafters": [{"name": "one-b", "path": "a"}, {"name": "one-b",
+                                                                                           "path": "b"}]}},
+                                'drafter name "one-b" appears twice'),
 }
 
 

@@ -152,8 +152,9 @@ affinity:
 {{- end }}
 
 {{/*
-Checks what values.schema.json cannot express: minReplicas <= maxReplicas per role and unique drafter pool names.
-Renders nothing; fails the install with a message naming the value to fix.
+Checks what values.schema.json cannot express: minReplicas <= maxReplicas per role, unique drafter pool names, and
+with models.drafters unique drafter names and pools named after a declared drafter (or suffix / ngram), as the
+operator checks them too. Renders nothing; fails the install with a message naming the value to fix.
 */}}
 {{- define "specfleet.checkRoles" -}}
 {{- $roles := dict "router" .Values.router "fusion" .Values.fusion "verifier" .Values.verifier -}}
@@ -171,6 +172,23 @@ Renders nothing; fails the install with a message naming the value to fix.
 {{- fail (printf "drafter: pool name %q appears twice; each pool needs its own name" .name) -}}
 {{- end -}}
 {{- $_ := set $seen .name true -}}
+{{- end -}}
+{{- $declared := dict -}}
+{{- range (.Values.models.drafters | default list) -}}
+{{- if hasKey $declared .name -}}
+{{- fail (printf "models.drafters: drafter name %q appears twice; each drafter needs its own name" .name) -}}
+{{- end -}}
+{{- $_ := set $declared .name .path -}}
+{{- end -}}
+{{- if $declared -}}
+{{- range .Values.drafter -}}
+{{- if not (or (hasKey $declared .name) (has .name (list "suffix" "ngram"))) -}}
+{{- fail (printf "drafter: pool %q names no drafter of models.drafters (%s) and no model-free pool (suffix, ngram); declare it there or name the pool after a declared drafter" .name (keys $declared | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- if .model -}}
+{{- fail (printf "drafter: pool %q sets model %q; with models.drafters a pool takes its drafter's folder from there by its name: remove model" .name .model) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- end }}
 

@@ -102,3 +102,17 @@ def test_distillation_exports_and_skips_when_done(tmp_path, tiny_tokens):
     again = train_drafter("drafter-python", target_dir, tiny_tokens, tmp_path / "cache", tmp_path / "out", dcfg,
                           device_name="cpu", arch=TINY)
     assert again == info and weights.stat().st_mtime_ns == mtime
+
+
+def test_engine_continuations_are_the_targets_own(load_model, tokenizer, held_out_text):
+    """The CLI's on-policy generator (the engine's batched plain decoding) gives the target's greedy continuation,
+    and reproducible samples of the requested length."""
+    from specfleet.cli.train import _engine_continuations
+    from specfleet.training.acceptance import greedy_continuation
+
+    ids = tokenizer(held_out_text["python"], return_tensors="pt").input_ids[0]
+    prompts = torch.stack([ids[i:i + 24] for i in (0, 300, 600)])
+    generate = _engine_continuations(MODELS_DIR / "target", batch=4)
+    assert torch.equal(generate(prompts, 12, 0.0, 1.0, 0), greedy_continuation(load_model("target"), prompts, 12))
+    sampled = generate(prompts, 12, 0.8, 0.95, 7)
+    assert sampled.shape == (3, 12) and torch.equal(sampled, generate(prompts, 12, 0.8, 0.95, 7))

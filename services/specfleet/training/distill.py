@@ -11,6 +11,7 @@ import hashlib
 import json
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -62,6 +63,12 @@ class DistillConfig:
 # How the target continues on-policy windows, in turn: (temperature, top_p); temperature 0 is greedy. Half at the
 # serving temperature the benchmarks use, a quarter at T = 1, a quarter greedy.
 ON_POLICY_MODES: tuple[tuple[float, float], ...] = ((0.8, 0.95), (0.8, 0.95), (1.0, 1.0), (0.0, 1.0))
+
+
+# (prompts [n, P], new_tokens, temperature, top_p, seed) -> [n, new_tokens]: the target's own continuations. The
+# CLI passes the engine's batched decoding (several times faster than Hugging Face's loop on the CPU); without one,
+# `continuation` below does it with the Hugging Face model.
+Continue = Callable[[torch.Tensor, int, float, float, int], torch.Tensor]
 
 
 def on_policy_rows(n: int, share: float) -> list[int]:
@@ -117,7 +124,8 @@ def target_fingerprint(target_dir: Path) -> str:
 
 @torch.no_grad()
 def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg: DistillConfig,
-                        device_name: str = "auto", windows: dict[str, int] | None = None) -> None:
+                        device_name: str = "auto", windows: dict[str, int] | None = None,
+                        generate: Continue | None = None) -> None:
     """Writes cache_dir/{domain}.pt with inputs [N, seq], top-k ids and log-probs [N, seq, k] from the target,
     for the domains in `windows` (N each; default: every domain, cfg.windows_per_domain).
 
@@ -145,7 +153,8 @@ def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg
                     and len(cached["inputs"]) >= windows[domain]):
                 continue
         x = tf.windows(np.random.default_rng([cfg.seed, 7, i]), windows[domain], cfg.seq)
-        _continue_on_policy(target, x, cfg, domain, generator_seed=cfg.seed * 1000 + i, device=device)
+        _continue_on_policy(target, x, cfg, domain, generator_seed=cfg.seed * 1000 + i, device=device,
+                            generate=generate)
         ids, logps = [], []
         for chunk in tqdm(x.split(16), desc=f"teacher cache {domain}", unit="batch"):
             logits = target(input_ids=chunk.to(device)).logits.float()  # [b, seq, vocab]
@@ -157,7 +166,7 @@ def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg
 
 
 def _continue_on_policy(target, x: torch.Tensor, cfg: DistillConfig, domain: str, generator_seed: int,
-                        device: torch.device, batch: int = 32) -> None:
+                        device: torch.device, batch: int = 32, generate: Continue | None = None) -> None:
     """Replaces, in place, the tail after cfg.prompt_tokens of the on-policy rows of x [N, seq] with the
     target's own continuation of their prompt, each mode of ON_POLICY_MODES in turn."""
     rows = on_policy_rows(len(x), cfg.on_policy)
@@ -165,12 +174,17 @@ def _continue_on_policy(target, x: torch.Tensor, cfg: DistillConfig, domain: str
     by_mode = [(mode, rows[j::len(ON_POLICY_MODES)]) for j, mode in enumerate(ON_POLICY_MODES)]
     new_tokens = cfg.seq - cfg.prompt_tokens
     with tqdm(total=len(rows), desc=f"on-policy {domain}", unit="window") as bar:
-        for (temperature, top_p), mode_rows in by_mode:
+        for m, ((temperature, top_p), mode_rows) in enumerate(by_mode):
             for start in range(0, len(mode_rows), batch):
                 chunk = torch.tensor(mode_rows[start:start + batch])
-                prompts = x[chunk, :cfg.prompt_tokens].to(device)
-                tail = continuation(target, prompts, new_tokens,
-                                    lambda logits, _, t=temperature, p=top_p: nucleus_sample(logits, t, p, generator))
+                prompts = x[chunk, :cfg.prompt_tokens]
+                if generate is not None:
+                    seed = (generator_seed * 100 + m) * 100_000 + start
+                    tail = generate(prompts, new_tokens, temperature, top_p, seed)
+                else:
+                    def pick(logits, _, t=temperature, p=top_p):
+                        return nucleus_sample(logits, t, p, generator)
+                    tail = continuation(target, prompts.to(device), new_tokens, pick)
                 x[chunk, cfg.prompt_tokens:] = tail.cpu()
                 bar.update(len(chunk))
 
@@ -248,13 +262,13 @@ def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path
 
 def distill_all(target_dir: Path, tokens_dir: Path, cache_dir: Path, models_dir: Path, base: DistillConfig,
                 names: list[str] | None = None, device_name: str = "auto", steps: int | None = None,
-                windows: int | None = None) -> list[dict]:
+                windows: int | None = None, generate: Continue | None = None) -> list[dict]:
     """Distils the named drafters (default all) by their recipes, building the teacher cache they need once."""
     configs = {n: config_for(n, base, steps, windows) for n in (names or list(DRAFTERS))}
     needed: dict[str, int] = {}
     for name, cfg in configs.items():
         for domain in DRAFTERS[name]:
             needed[domain] = max(needed.get(domain, 0), cfg.windows_per_domain)
-    build_teacher_cache(target_dir, tokens_dir, cache_dir, base, device_name, windows=needed)
+    build_teacher_cache(target_dir, tokens_dir, cache_dir, base, device_name, windows=needed, generate=generate)
     return [train_drafter(n, target_dir, tokens_dir, cache_dir, models_dir, cfg, device_name)
             for n, cfg in configs.items()]

@@ -28,8 +28,13 @@ does, and finally enforces the spec's bounds:
   queue wait is >= `PANIC_WAIT_RATIO` x its target, the role panics for `PANIC_HOLD_S`: scale-up uses the
   `PANIC_WINDOW_S` window instead of the up window, skips the up cooldown and may add max(maxStep, current) pods
   (at most doubling, the HPA's default scale-up rate); nothing is removed while panicking. Panicking, the verifiers
-  ask for no more than the rate of work needs (`backlog_demand`: work done plus the queue's growth), as a queue wait
-  keeps growing while new pods start and its ratio would ask for more at every step.
+  are sized for their arrival rate one provisioning time ahead (`panic_demand`): the work arriving (work done plus
+  the backlog's growth, which saturation does not cap) now, plus its fitted trend's slope less `PANIC_TREND_T`
+  standard errors x the provisioning time (only while the load outruns the pods now; in the hold, the rate alone),
+  plus the backlog worked off within `BACKLOG_DRAIN_S`, at the utilisation target; not by the queue-wait ratio,
+  which keeps growing while new pods start. The trend is fitted only over intervals with today's serving count.
+- a scale-down of one pod that is under the tolerance of the count waits (noise on the band's edge adds a pod now
+  and then; taking it straight back would be a reversal at a constant load).
 
 `spec.<role>.replicas` is the user's request (`kubectl scale specfleet/NAME` sets the verifier's): when it changes,
 the role jumps to it (within bounds) and autoscaling carries on from there after a cooldown; with autoscaling off it
@@ -55,6 +60,7 @@ TREND_WINDOW_S = 60.0  # the demand trend is fitted over this much history (the 
 TREND_MIN_SAMPLES = 4
 TREND_T = 2.0  # the trend used is the slope less this many standard errors (its lower confidence bound)
 SATURATED_PERCENT = 98.0  # utilisation at which a pod's figure stops telling how much more work there is
+PANIC_TREND_T = 1.0  # panicking, the arrival trend's slope less this many standard errors
 BACKLOG_DRAIN_S = 60.0  # panicking, the verifiers are sized to work off the queued backlog within this
 DEFAULT_PROVISION_S = 60.0  # until a scale-up has been seen through: a GPU pod pulls its image, loads weights
 
@@ -152,33 +158,79 @@ def demand_trend(key: str, history: Sequence[MetricsSample], target_percent: flo
             points.append((s.time_s, len(load.serving) * load.utilization_percent / target_percent))
     if len(points) < TREND_MIN_SAMPLES or points[-1][0] - points[0][0] < window_s / 2:
         return None
-    n = len(points)
-    mean_t = sum(t for t, _ in points) / n
-    mean_d = sum(d for _, d in points) / n
-    sxx = sum((t - mean_t) ** 2 for t, _ in points)
-    slope = sum((t - mean_t) * (d - mean_d) for t, d in points) / sxx
-    residual = sum((d - mean_d - slope * (t - mean_t)) ** 2 for t, d in points) / (n - 2)
-    stderr = math.sqrt(residual / sxx)
+    slope, stderr = _fit(points)
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_d = sum(d for _, d in points) / len(points)
     return mean_d + slope * (now - mean_t), slope, stderr
 
 
-def backlog_demand(history: Sequence[MetricsSample], now: float, window_s: float = TREND_WINDOW_S) -> float | None:
-    """The verifiers' demand in pods, a rate and not a backlog: the work they do now (serving x utilisation) plus
-    the rate their backlog grows. A queue wait is the backlog in seconds of the serving pods' work, so the backlog is
-    wait x serving pod-seconds; its growth between the first and last samples of the last `window_s` is work that
-    arrived unserved; and the backlog itself is to be worked off within `BACKLOG_DRAIN_S`. None with fewer than two
-    samples that report a queue wait."""
+def arrival_trend(history: Sequence[MetricsSample], now: float,
+                  window_s: float = TREND_WINDOW_S) -> tuple[float, float, float, float] | None:
+    """The verifiers' arrival rate in pods (the work arriving per second, in seconds of one pod's work), from the
+    work they do and the growth of their backlog, which saturation does not cap as it caps utilisation: (rate now,
+    slope per second, its standard error, the backlog now in pod-seconds). A queue wait is the backlog in seconds of
+    the serving pods' work, so the backlog is wait x serving pod-seconds; between two samples the rate is the work of
+    the pods serving through the interval, at the later sample's utilisation, plus the backlog's growth. Over the
+    intervals of the last `window_s` with today's serving count, a line is fitted and the rate now is its value now
+    (with fewer than three such intervals: their mean, slope and error 0; with none, the last interval's rate). None
+    with fewer than two samples that report a queue wait."""
     points = []
     for s in history:
         wait = verifier_queue_wait_ms(s)
-        serving = len(s.role(VERIFIER).serving)
+        load = s.role(VERIFIER)
+        serving = len(load.serving)
         if s.time_s >= now - window_s and wait is not None and serving:
-            points.append((s.time_s, wait / 1e3 * serving, serving * min(s.role(VERIFIER).utilization_percent,
-                                                                       100.0) / 100))
-    if len(points) < 2 or points[-1][0] <= points[0][0]:
+            points.append((s.time_s, serving, min(load.utilization_percent, 100.0) / 100, wait / 1e3 * serving))
+    # the work done between two samples: the pods serving through the interval (those that joined within it served
+    # part of it) at the later sample's utilisation (a backlog there means they were busy)
+    rates = [((t0 + t1) / 2, min(serving0, serving1) * busy1 + (backlog1 - backlog0) / (t1 - t0))
+             for (t0, serving0, _, backlog0), (t1, serving1, busy1, backlog1) in zip(points, points[1:], strict=False)
+             if t1 > t0]
+    # the trend only over the fleet as it is now: where pods joined, a rate measured by fewer, saturated pods may
+    # undercount what arrived (work dropped or not yet queued), and the step up as pods join is no trend
+    if not rates:
         return None
-    (t0, backlog0, _), (t1, backlog1, working) = points[0], points[-1]
-    return working + max(0.0, backlog1 - backlog0) / (t1 - t0) + backlog1 / BACKLOG_DRAIN_S
+    now_serving = points[-1][1]
+    steady = [r for r, (_, serving0, _, _), (_, serving1, _, _) in zip(rates, points, points[1:], strict=False)
+              if serving0 == serving1 == now_serving]
+    if len(steady) >= 3:  # the fitted line at now: one noisy interval moves it less than it moves the last rate
+        slope, stderr = _fit(steady)
+        level = sum(r for _, r in steady) / len(steady) + slope * (now - sum(t for t, _ in steady) / len(steady))
+    else:
+        slope, stderr = 0.0, 0.0
+        level = sum(r for _, r in steady) / len(steady) if steady else rates[-1][1]
+    return max(0.0, level), slope, stderr, points[-1][3]
+
+
+def _fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares over (t, y) points: (slope, its standard error)."""
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    sxx = sum((t - mean_t) ** 2 for t, _ in points)
+    if sxx <= 0:
+        return 0.0, 0.0
+    slope = sum((t - mean_t) * (y - mean_y) for t, y in points) / sxx
+    residual = sum((y - mean_y - slope * (t - mean_t)) ** 2 for t, y in points) / max(n - 2, 1)
+    return slope, math.sqrt(residual / sxx)
+
+
+def panic_demand(history: Sequence[MetricsSample], now: float, provision_s: float, trend_t: float = PANIC_TREND_T,
+                 drain_s: float = BACKLOG_DRAIN_S) -> tuple[float, dict[str, float]] | None:
+    """The verifiers' demand in pods one provisioning time ahead, for sizing a panic: the arrival rate now, plus its
+    rising trend (the slope less `trend_t` standard errors, where positive) over `provision_s` (a pod asked for now
+    serves then), plus the backlog worked off within `drain_s`. A rate, not the queue-wait ratio: a queue keeps
+    growing while new pods start, and its ratio would ask for more at every step. None without two samples that
+    report a queue wait."""
+    trend = arrival_trend(history, now)
+    if trend is None:
+        return None
+    rate, slope, stderr, backlog = trend
+    rising = max(0.0, slope - trend_t * stderr)
+    demand = rate + rising * provision_s + backlog / drain_s
+    return demand, {"arrival_pods": round(rate, 3), "arrival_slope_per_min": round(60 * slope, 3),
+                    "arrival_slope_low_per_min": round(60 * rising, 3), "backlog_pod_s": round(backlog, 3),
+                    "panic_demand_pods": round(demand, 3), "provision_s": round(provision_s, 1)}
 
 
 def _ratio_target(base: int, metric: float, target: float, tolerance: float, current: int | None = None) -> int:
@@ -198,7 +250,7 @@ def _ratio_target(base: int, metric: float, target: float, tolerance: float, cur
 
 def _recommend(role: RoleSpec, current: int, figures: Mapping[str, _Figures], spec: FleetSpec,
                verifier_growth: float, tolerance: float, history: Sequence[MetricsSample] = (), now: float = 0.0,
-               provision_s: float = DEFAULT_PROVISION_S) -> tuple[int, str, dict[str, float]]:
+               provision_s: float = DEFAULT_PROVISION_S) -> tuple[int, str, dict[str, float], dict[str, int]]:
     """The raw recommendation for one role from its smoothed figures (before damping and bounds)."""
     targets = spec.autoscaling.targets
     mine = figures[role.key]
@@ -249,7 +301,7 @@ def _recommend(role: RoleSpec, current: int, figures: Mapping[str, _Figures], sp
             metrics.update(verified_tokens_per_s=round(verifier.tokens_per_s, 3), verifier_growth=round(
                 verifier_growth, 4), pool_share=round(share, 4), balance_target=targets.drafter_verifier_balance)
     reason, want = max(wants.items(), key=lambda item: item[1])
-    return want, reason, metrics
+    return want, reason, metrics, wants
 
 
 def _stabilize(key: str, raw: int, current: int, memory: PolicyMemory, spec: FleetSpec, now: float,
@@ -268,7 +320,9 @@ def _stabilize(key: str, raw: int, current: int, memory: PolicyMemory, spec: Fle
     highest_down = max(down_values) if since <= now - down_s else current
     if lowest_up > current:
         return lowest_up
-    if highest_down < current:
+    if highest_down < current and (highest_down <= current * (1 - tolerance) or current - highest_down > 1):
+        # a trim of one pod, under the tolerance of the count, waits: noise at a metric on the band's edge
+        # adds a pod now and then, and taking it back is a reversal at a constant load
         return highest_down
     return current
 
@@ -342,22 +396,29 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
                 metrics = {"live_requests": 0.0}
             else:
                 provision_s = memory.provision_s.get(key, DEFAULT_PROVISION_S)
-                raw, why, metrics = _recommend(role, count, figures, spec, verifier_growth, tolerance, history, now,
-                                               provision_s)
+                raw, why, metrics, wants = _recommend(role, count, figures, spec, verifier_growth, tolerance,
+                                                      history, now, provision_s)
                 wait = figures[key].queue_wait_ms if key == VERIFIER else None
-                if raw >= PANIC_RATIO * max(serving, 1) or (
-                        wait is not None and wait >= PANIC_WAIT_RATIO * auto.targets.queue_wait_ms):
+                outrun = raw >= PANIC_RATIO * max(serving, 1) or (
+                    wait is not None and wait >= PANIC_WAIT_RATIO * auto.targets.queue_wait_ms)
+                if outrun:
                     panic_until = now + PANIC_HOLD_S
                     memory = replace(memory, panic_until={**memory.panic_until, key: panic_until})
-                demand = backlog_demand(history, now) if key == VERIFIER and now < panic_until else None
-                if demand is not None:
-                    # a queue wait grows all the while new pods start, and scaling by its ratio would ask for
-                    # more at every step; in a panic the verifiers ask for the rate of work instead
+                # the trend is extrapolated only while the load outruns the pods now; in the panic's hold the
+                # rate itself sizes (a few noisy rates after new pods joined can look like a rise)
+                ahead = panic_demand(history, now, provision_s if outrun else 0.0, PANIC_TREND_T) \
+                    if key == VERIFIER and now < panic_until else None
+                if ahead is not None:
+                    # panicking, the verifiers are sized for the rate of work expected when a pod asked for now
+                    # serves, at the utilisation target (not by the queue-wait ratio, which grows all the while
+                    # new pods start); never below what utilisation or the DSI floor ask
+                    demand, figures_ahead = ahead
                     need = math.ceil(min(demand / (auto.targets.gpu_utilization_percent / 100), _MOST_REPLICAS)
                                      - 1e-9)
-                    if need < raw:
-                        raw, why = max(need, 1), "backlog rate"
-                        metrics["backlog_demand_pods"] = round(demand, 3)
+                    floor = max([n for w, n in wants.items() if w != "queue wait"] or [1])
+                    why = f"arrival rate in {provision_s:.0f} s" if outrun else "arrival rate"
+                    raw = max(need, floor, 1)
+                    metrics.update(figures_ahead)
             panicking = not idle and now < panic_until
             if panicking:
                 why = f"panic: {why}"

@@ -8,14 +8,33 @@ does, and finally enforces the spec's bounds:
   (GPU utilisation where pods report one, else their busy fraction), each as `ceil(current * metric / target)`;
   with `speculationParallelism`, DSI's floor `ceil(t_target / (k * t_draft))`.
 - drafter pools: their own utilisation, and CoSine's balance: a pool's drafting capacity must cover its share of
-  `drafterVerifierBalance` x the verification throughput, grown as the verifiers' own recommendation grows.
+  `drafterVerifierBalance` x the verification throughput, grown as the verifiers grow this round, but no more than
+  their utilisation (or predicted load) is over target: a queue wait measures a backlog, not more tokens per second.
 - router, fusion: utilisation (busy fraction).
 - idle fleet (no live request, nothing in flight or queued): every role goes to its minReplicas.
+- ratios are taken over the pods that report (serving, not draining), as the HPA does: pods still starting add
+  nothing, so a queue that keeps growing while they start is not counted twice.
+- predictive scale-up (verifier): the verifiers' demand in pods (serving x utilisation / target) is fitted with a
+  line over the last `TREND_WINDOW_S` (only while no sample there is saturated: then utilisation measures the pods,
+  not the demand); the slope less `TREND_T` standard errors, where positive, recommends the demand expected one
+  provisioning time ahead, when a pod asked for now would serve. The provisioning time is measured (memory: from a
+  scale-up to the serving count reaching it), `DEFAULT_PROVISION_S` until the first one.
 - damping: a tolerance band (no change while metric/target is within 1 +- tolerance); stabilisation windows
   (scale up only to the lowest recommendation of the last `up` seconds, down only to the highest of the last `down`
   seconds, and not before the window has been observed); at most `maxStep` replicas per change; after a change of
   one role, `cooldownSeconds` before it scales up again and `scaleDownCooldownSeconds` before it scales down (capacity
   is removed in fewer, larger steps than it is added).
+- panic (Knative KPA's rule): while a role's recommendation is >= `PANIC_RATIO` x its serving pods, or the verifier
+  queue wait is >= `PANIC_WAIT_RATIO` x its target, the role panics for `PANIC_HOLD_S`: scale-up uses the
+  `PANIC_WINDOW_S` window instead of the up window, skips the up cooldown and may add max(maxStep, current) pods
+  (at most doubling, the HPA's default scale-up rate); nothing is removed while panicking. Panicking, the verifiers
+  are sized for their arrival rate one provisioning time ahead (`panic_demand`): the work arriving (work done plus
+  the backlog's growth, which saturation does not cap) now, plus its fitted trend's slope less `PANIC_TREND_T`
+  standard errors x the provisioning time (only while the load outruns the pods now; in the hold, the rate alone),
+  plus the backlog worked off within `BACKLOG_DRAIN_S`, at the utilisation target; not by the queue-wait ratio,
+  which keeps growing while new pods start. The trend is fitted only over intervals with today's serving count.
+- a scale-down of one pod that is under the tolerance of the count waits (noise on the band's edge adds a pod now
+  and then; taking it straight back would be a reversal at a constant load).
 
 `spec.<role>.replicas` is the user's request (`kubectl scale specfleet/NAME` sets the verifier's): when it changes,
 the role jumps to it (within bounds) and autoscaling carries on from there after a cooldown; with autoscaling off it
@@ -33,6 +52,17 @@ from specfleet_operator.spec import DRAFTER, VERIFIER, FleetSpec, RoleSpec
 TOLERANCE = 0.1  # the hysteresis band: metric/target within 1 +- 0.1 changes nothing (the HPA's default)
 SMOOTHING_S = 10.0  # metrics are averaged over the samples of the last 10 s before recommending
 _MOST_REPLICAS = 1e6  # recommendations are capped here before the bounds apply (absurd figures stay finite)
+PANIC_RATIO = 2.0  # Knative's panic threshold: the recommendation is twice the pods serving
+PANIC_WAIT_RATIO = 4.0  # or the verifier queue wait is this far over its target
+PANIC_WINDOW_S = 6.0  # Knative's panic window: scale up on the recommendations of the last 6 s
+PANIC_HOLD_S = 60.0  # Knative's stable window: panic ends 60 s after its condition last held
+TREND_WINDOW_S = 60.0  # the demand trend is fitted over this much history (the control loop keeps 60 s)
+TREND_MIN_SAMPLES = 4
+TREND_T = 2.0  # the trend used is the slope less this many standard errors (its lower confidence bound)
+SATURATED_PERCENT = 98.0  # utilisation at which a pod's figure stops telling how much more work there is
+PANIC_TREND_T = 1.0  # panicking, the arrival trend's slope less this many standard errors
+BACKLOG_DRAIN_S = 60.0  # panicking, the verifiers are sized to work off the queued backlog within this
+DEFAULT_PROVISION_S = 60.0  # until a scale-up has been seen through: a GPU pod pulls its image, loads weights
 
 
 @dataclass(frozen=True)
@@ -53,12 +83,19 @@ class PolicyMemory:
 
     recommendations: role -> ((time_s, replicas), ...) over the longest stabilisation window;
     observed_since: role -> when recommendations for it started (a window counts only once fully observed);
-    last_change_s: role -> time of its last change (cooldown); requested: role -> the spec replicas last seen."""
+    last_change_s: role -> time of its last change (cooldown); requested: role -> the spec replicas last seen;
+    panic_until: role -> when its panic ends; scale_up_pending: role -> (asked at, count) of the oldest scale-up
+    not yet serving; provision_s: role -> the measured provisioning time (asked -> serving); hand_set_s: role -> when
+    its spec replicas were last adopted (that count holds for its cooldown, panic or not)."""
 
     recommendations: Mapping[str, tuple[tuple[float, int], ...]] = field(default_factory=dict)
     observed_since: Mapping[str, float] = field(default_factory=dict)
     last_change_s: Mapping[str, float] = field(default_factory=dict)
     requested: Mapping[str, int] = field(default_factory=dict)
+    panic_until: Mapping[str, float] = field(default_factory=dict)
+    scale_up_pending: Mapping[str, tuple[float, int]] = field(default_factory=dict)
+    provision_s: Mapping[str, float] = field(default_factory=dict)
+    hand_set_s: Mapping[str, float] = field(default_factory=dict)  # role -> when a spec replicas change was adopted
 
 
 @dataclass(frozen=True)
@@ -82,6 +119,10 @@ class _Figures:
 
 
 def _figures(key: str, samples: Sequence[MetricsSample]) -> _Figures:
+    # only samples of the fleet as it is now: figures from fewer (or more) serving pods describe another fleet,
+    # and averaging them with today's would scale today's pods by yesterday's ratio
+    serving = len(samples[-1].role(key).serving)
+    samples = [s for s in samples if len(s.role(key).serving) == serving]
     loads: list[RoleLoad] = [s.role(key) for s in samples]
     waits = [verifier_queue_wait_ms(s) for s in samples] if key == VERIFIER else []
     known_waits = [w for w in waits if w is not None]
@@ -97,34 +138,156 @@ def _figures(key: str, samples: Sequence[MetricsSample]) -> _Figures:
     )
 
 
-def _ratio_target(current: int, metric: float, target: float, tolerance: float) -> int:
-    """HPA's rule: ceil(current * metric / target), unless the ratio is within the tolerance band."""
+def demand_trend(key: str, history: Sequence[MetricsSample], target_percent: float, now: float,
+                 queue_wait_target_ms: float = math.inf,
+                 window_s: float = TREND_WINDOW_S) -> tuple[float, float, float] | None:
+    """(demand now, slope per second, its standard error) of one role's demand in pods (serving x utilisation / target)
+    fitted by least squares over the samples of the last `window_s`; None with too few samples to fit, or when a
+    sample there was saturated (utilisation >= SATURATED_PERCENT or queue wait over target)."""
+    points = []
+    for s in history:
+        if s.time_s < now - window_s:
+            continue
+        load = s.role(key)
+        wait = verifier_queue_wait_ms(s) if key == VERIFIER else None
+        if load.utilization_percent >= SATURATED_PERCENT or (wait is not None and wait > queue_wait_target_ms):
+            # saturated or queueing: utilisation then measures the pods, not the demand (its rise as pods come
+            # up is no trend), and the queue-wait rule is in charge anyway
+            return None
+        if load.serving:
+            points.append((s.time_s, len(load.serving) * load.utilization_percent / target_percent))
+    if len(points) < TREND_MIN_SAMPLES or points[-1][0] - points[0][0] < window_s / 2:
+        return None
+    slope, stderr = _fit(points)
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_d = sum(d for _, d in points) / len(points)
+    return mean_d + slope * (now - mean_t), slope, stderr
+
+
+def arrival_trend(history: Sequence[MetricsSample], now: float,
+                  window_s: float = TREND_WINDOW_S) -> tuple[float, float, float, float] | None:
+    """The verifiers' arrival rate in pods (the work arriving per second, in seconds of one pod's work), from the
+    work they do and the growth of their backlog, which saturation does not cap as it caps utilisation: (rate now,
+    slope per second, its standard error, the backlog now in pod-seconds). A queue wait is the backlog in seconds of
+    the serving pods' work, so the backlog is wait x serving pod-seconds; between two samples the rate is the work of
+    the pods serving through the interval, at the later sample's utilisation, plus the backlog's growth. Over the
+    intervals of the last `window_s` with today's serving count, a line is fitted and the rate now is its value now
+    (with fewer than three such intervals: their mean, slope and error 0; with none, the last interval's rate). None
+    with fewer than two samples that report a queue wait."""
+    points = []
+    for s in history:
+        wait = verifier_queue_wait_ms(s)
+        load = s.role(VERIFIER)
+        serving = len(load.serving)
+        if s.time_s >= now - window_s and wait is not None and serving:
+            points.append((s.time_s, serving, min(load.utilization_percent, 100.0) / 100, wait / 1e3 * serving))
+    # the work done between two samples: the pods serving through the interval (those that joined within it served
+    # part of it) at the later sample's utilisation (a backlog there means they were busy)
+    rates = [((t0 + t1) / 2, min(serving0, serving1) * busy1 + (backlog1 - backlog0) / (t1 - t0))
+             for (t0, serving0, _, backlog0), (t1, serving1, busy1, backlog1) in zip(points, points[1:], strict=False)
+             if t1 > t0]
+    # the trend only over the fleet as it is now: where pods joined, a rate measured by fewer, saturated pods may
+    # undercount what arrived (work dropped or not yet queued), and the step up as pods join is no trend
+    if not rates:
+        return None
+    now_serving = points[-1][1]
+    steady = [r for r, (_, serving0, _, _), (_, serving1, _, _) in zip(rates, points, points[1:], strict=False)
+              if serving0 == serving1 == now_serving]
+    if len(steady) >= 3:  # the fitted line at now: one noisy interval moves it less than it moves the last rate
+        slope, stderr = _fit(steady)
+        level = sum(r for _, r in steady) / len(steady) + slope * (now - sum(t for t, _ in steady) / len(steady))
+    else:
+        slope, stderr = 0.0, 0.0
+        level = sum(r for _, r in steady) / len(steady) if steady else rates[-1][1]
+    return max(0.0, level), slope, stderr, points[-1][3]
+
+
+def _fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares over (t, y) points: (slope, its standard error)."""
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    sxx = sum((t - mean_t) ** 2 for t, _ in points)
+    if sxx <= 0:
+        return 0.0, 0.0
+    slope = sum((t - mean_t) * (y - mean_y) for t, y in points) / sxx
+    residual = sum((y - mean_y - slope * (t - mean_t)) ** 2 for t, y in points) / max(n - 2, 1)
+    return slope, math.sqrt(residual / sxx)
+
+
+def panic_demand(history: Sequence[MetricsSample], now: float, provision_s: float, trend_t: float = PANIC_TREND_T,
+                 drain_s: float = BACKLOG_DRAIN_S) -> tuple[float, dict[str, float]] | None:
+    """The verifiers' demand in pods one provisioning time ahead, for sizing a panic: the arrival rate now, plus its
+    rising trend (the slope less `trend_t` standard errors, where positive) over `provision_s` (a pod asked for now
+    serves then), plus the backlog worked off within `drain_s`. A rate, not the queue-wait ratio: a queue keeps
+    growing while new pods start, and its ratio would ask for more at every step. None without two samples that
+    report a queue wait."""
+    trend = arrival_trend(history, now)
+    if trend is None:
+        return None
+    rate, slope, stderr, backlog = trend
+    rising = max(0.0, slope - trend_t * stderr)
+    demand = rate + rising * provision_s + backlog / drain_s
+    return demand, {"arrival_pods": round(rate, 3), "arrival_slope_per_min": round(60 * slope, 3),
+                    "arrival_slope_low_per_min": round(60 * rising, 3), "backlog_pod_s": round(backlog, 3),
+                    "panic_demand_pods": round(demand, 3), "provision_s": round(provision_s, 1)}
+
+
+def _ratio_target(base: int, metric: float, target: float, tolerance: float, current: int | None = None) -> int:
+    """HPA's rule: ceil(base * metric / target) over the `base` pods that measured it, unless the ratio is within
+    the tolerance band (then the `current` count stands). Over target it never recommends fewer than `current` (pods
+    still starting are not surplus). Going down, the new count keeps the band's headroom (metric at most
+    target / (1 + tolerance) there), so that load as high as what allowed the scale-down, plus the band, does not
+    call the pods back: no down-up at a constant load."""
+    current = base if current is None else current
     ratio = metric / target
     if abs(ratio - 1.0) <= tolerance:
         return current
-    return math.ceil(min(current * ratio, _MOST_REPLICAS) - 1e-9)
+    if ratio < 1.0:
+        return min(current, math.ceil(base * ratio * (1 + tolerance) - 1e-9))
+    return max(current, math.ceil(min(base * ratio, _MOST_REPLICAS) - 1e-9))
 
 
 def _recommend(role: RoleSpec, current: int, figures: Mapping[str, _Figures], spec: FleetSpec,
-               verifier_growth: float, tolerance: float) -> tuple[int, str, dict[str, float]]:
+               verifier_growth: float, tolerance: float, history: Sequence[MetricsSample] = (), now: float = 0.0,
+               provision_s: float = DEFAULT_PROVISION_S) -> tuple[int, str, dict[str, float], dict[str, int]]:
     """The raw recommendation for one role from its smoothed figures (before damping and bounds)."""
     targets = spec.autoscaling.targets
     mine = figures[role.key]
-    base = max(current, 1)  # a role at 0 replicas with load still needs a ratio to grow from
+    # ratios over the pods that reported the figures (the HPA's rule); a role with none (all starting, or at 0
+    # replicas with load) grows from its current count
+    base = max(mine.serving or current, 1)
     metrics = {"utilization_percent": round(mine.utilization, 2), "target_utilization_percent":
                targets.gpu_utilization_percent, "busy_frac": round(mine.busy_frac, 4),
                "tokens_per_s": round(mine.tokens_per_s, 3)}
-    wants = {"utilisation": _ratio_target(base, mine.utilization, targets.gpu_utilization_percent, tolerance)}
+    wants = {"utilisation": _ratio_target(base, mine.utilization, targets.gpu_utilization_percent, tolerance,
+                                          current)}
+    # how much more work the role does than at target, unrounded, from utilisation and the predicted trend; not
+    # from queue wait, which grows with the backlog, not with the rate of tokens the drafter pools must follow
+    load_ratio = mine.utilization / targets.gpu_utilization_percent
     if role.key == VERIFIER:
         if mine.queue_wait_ms is not None:
             metrics.update(queue_wait_ms=round(mine.queue_wait_ms, 3), target_queue_wait_ms=targets.queue_wait_ms)
-            wants["queue wait"] = _ratio_target(base, mine.queue_wait_ms, targets.queue_wait_ms, tolerance)
+            wants["queue wait"] = _ratio_target(base, mine.queue_wait_ms, targets.queue_wait_ms, tolerance, current)
         draft_steps = [f.step_ms for key, f in figures.items() if spec.role(key).component == DRAFTER and f.step_ms]
         if spec.autoscaling.speculation_parallelism and mine.step_ms and draft_steps:
             t_draft = sum(draft_steps) / len(draft_steps)
             floor = math.ceil(min(mine.step_ms / (spec.autoscaling.k * t_draft), _MOST_REPLICAS) - 1e-9)
             metrics.update(t_target_ms=round(mine.step_ms, 3), t_draft_ms=round(t_draft, 3), dsi_floor=floor)
             wants["DSI floor ceil(t_target / (k * t_draft))"] = floor
+        trend = demand_trend(role.key, history, targets.gpu_utilization_percent, now, targets.queue_wait_ms)
+        if trend is not None:
+            demand, slope, stderr = trend
+            # the slope's lower confidence bound: noise at a constant load (a slope of 0 +- its error) predicts
+            # nothing, while a real ramp, whose error is small beside its slope, predicts nearly all of it
+            rising = slope - TREND_T * stderr
+            ahead = demand + max(0.0, rising) * provision_s
+            if rising > 0 and ahead > base * (1 + tolerance):
+                metrics.update(demand_pods=round(demand, 3), demand_slope_per_min=round(60 * slope, 3),
+                               demand_slope_low_per_min=round(60 * rising, 3), provision_s=round(provision_s, 1))
+                wants[f"predicted load in {provision_s:.0f} s"] = math.ceil(min(ahead, _MOST_REPLICAS) - 1e-9)
+                load_ratio = max(load_ratio, ahead / base)
+        metrics["load_ratio"] = round(load_ratio, 4)
     elif role.component == DRAFTER:
         verifier = figures[VERIFIER]
         pools = [f for key, f in figures.items() if spec.role(key).component == DRAFTER]
@@ -138,23 +301,40 @@ def _recommend(role: RoleSpec, current: int, figures: Mapping[str, _Figures], sp
             metrics.update(verified_tokens_per_s=round(verifier.tokens_per_s, 3), verifier_growth=round(
                 verifier_growth, 4), pool_share=round(share, 4), balance_target=targets.drafter_verifier_balance)
     reason, want = max(wants.items(), key=lambda item: item[1])
-    return want, reason, metrics
+    return want, reason, metrics, wants
 
 
-def _stabilize(key: str, raw: int, current: int, memory: PolicyMemory, spec: FleetSpec, now: float) -> int:
-    """HPA-style stabilisation over the remembered recommendations (raw already recorded in memory)."""
+def _stabilize(key: str, raw: int, current: int, memory: PolicyMemory, spec: FleetSpec, now: float,
+               panicking: bool = False, tolerance: float = TOLERANCE) -> int:
+    """HPA-style stabilisation over the remembered recommendations (raw already recorded in memory). Panicking, the
+    scale-up looks at the panic window only and nothing scales down."""
     up_s, down_s = spec.autoscaling.window_up_s, spec.autoscaling.window_down_s
     recs = memory.recommendations.get(key, ((now, raw),))
     since = memory.observed_since.get(key, now)
+    if panicking:  # up on the panic window alone, by more than the tolerance (one noisy sample adds no last pod)
+        lowest_panic = min([r for t, r in recs if t >= now - PANIC_WINDOW_S] or [raw])
+        return lowest_panic if lowest_panic > current * (1 + tolerance) else current
     up_values = [r for t, r in recs if t >= now - up_s] or [raw]
     down_values = [r for t, r in recs if t >= now - down_s] or [raw]
     lowest_up = min(up_values) if since <= now - up_s else current
     highest_down = max(down_values) if since <= now - down_s else current
     if lowest_up > current:
         return lowest_up
-    if highest_down < current:
+    if highest_down < current and (highest_down <= current * (1 - tolerance) or current - highest_down > 1):
+        # a trim of one pod, under the tolerance of the count, waits: noise at a metric on the band's edge
+        # adds a pod now and then, and taking it back is a reversal at a constant load
         return highest_down
     return current
+
+
+def _provisioning(key: str, memory: PolicyMemory, serving: int, now: float) -> PolicyMemory:
+    """Measures provisioning: a pending scale-up is done when the serving pods reach the count it asked for."""
+    pending = memory.scale_up_pending.get(key)
+    if pending is None or serving < pending[1]:
+        return memory
+    asked_at, _ = pending
+    return replace(memory, scale_up_pending={k: v for k, v in memory.scale_up_pending.items() if k != key},
+                   provision_s={**memory.provision_s, key: now - asked_at})
 
 
 def _remember(memory: PolicyMemory, key: str, raw: int, now: float, spec: FleetSpec) -> PolicyMemory:
@@ -203,30 +383,66 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
         if adopted:
             count, reason = role.clamp(role.replicas), f"spec replicas set to {role.replicas}"
             last_change[key] = now
-            memory = _forget(memory, key)
+            memory = replace(_forget(memory, key), hand_set_s={**memory.hand_set_s, key: now})
         requested[key] = role.replicas
         if not auto.enabled:
             count, reason = role.clamp(role.replicas), "autoscaling off: spec replicas"
         elif figures and not adopted:  # a count set by hand this round stands until its cooldown ends
+            serving = figures[key].serving
+            memory = _provisioning(key, memory, serving, now)
+            panic_until = memory.panic_until.get(key, -math.inf)
             if idle:
                 raw, why = role.min_replicas, "idle: no live request, nothing in flight or queued"
                 metrics = {"live_requests": 0.0}
             else:
-                raw, why, metrics = _recommend(role, count, figures, spec, verifier_growth, tolerance)
+                provision_s = memory.provision_s.get(key, DEFAULT_PROVISION_S)
+                raw, why, metrics, wants = _recommend(role, count, figures, spec, verifier_growth, tolerance,
+                                                      history, now, provision_s)
+                wait = figures[key].queue_wait_ms if key == VERIFIER else None
+                outrun = raw >= PANIC_RATIO * max(serving, 1) or (
+                    wait is not None and wait >= PANIC_WAIT_RATIO * auto.targets.queue_wait_ms)
+                if outrun:
+                    panic_until = now + PANIC_HOLD_S
+                    memory = replace(memory, panic_until={**memory.panic_until, key: panic_until})
+                # the trend is extrapolated only while the load outruns the pods now; in the panic's hold the
+                # rate itself sizes (a few noisy rates after new pods joined can look like a rise)
+                ahead = panic_demand(history, now, provision_s if outrun else 0.0, PANIC_TREND_T) \
+                    if key == VERIFIER and now < panic_until else None
+                if ahead is not None:
+                    # panicking, the verifiers are sized for the rate of work expected when a pod asked for now
+                    # serves, at the utilisation target (not by the queue-wait ratio, which grows all the while
+                    # new pods start); never below what utilisation or the DSI floor ask
+                    demand, figures_ahead = ahead
+                    need = math.ceil(min(demand / (auto.targets.gpu_utilization_percent / 100), _MOST_REPLICAS)
+                                     - 1e-9)
+                    floor = max([n for w, n in wants.items() if w != "queue wait"] or [1])
+                    why = f"arrival rate in {provision_s:.0f} s" if outrun else "arrival rate"
+                    raw = max(need, floor, 1)
+                    metrics.update(figures_ahead)
+            panicking = not idle and now < panic_until
+            if panicking:
+                why = f"panic: {why}"
             memory = _remember(memory, key, raw, now, spec)
-            stable = _stabilize(key, raw, count, memory, spec, now)
+            stable = _stabilize(key, raw, count, memory, spec, now, panicking, tolerance)
             # a scale-down waits the longer cooldown: capacity is removed in fewer, larger steps (each change
-            # restarts pods' share of work), while a scale-up only waits the short one
+            # restarts pods' share of work), while a scale-up only waits the short one, or none in a panic
             cooldown_s = auto.cooldown_s if stable > count else auto.scale_down_cooldown_s
-            cooling = key in last_change and now - last_change[key] < cooldown_s
+            # a panic skips the up cooldown after the policy's own change, never after a count set by hand
+            own_change = memory.hand_set_s.get(key) != last_change.get(key)
+            cooling = key in last_change and now - last_change[key] < cooldown_s and not (
+                panicking and stable > count and own_change)
             if stable != count and not cooling:
-                step = max(-auto.max_step, min(auto.max_step, stable - count))
+                up_step = max(auto.max_step, count) if panicking else auto.max_step
+                step = max(-auto.max_step, min(up_step, stable - count))
                 count, reason = count + step, f"{why}: recommends {raw}, stabilised {stable}"
             elif stable != count:
                 reason = f"cooldown: {why} recommends {raw}, next change after {cooldown_s} s"
-            if key == VERIFIER:  # growth the pools must follow: what the verifiers may reach within their bounds,
-                # by their stabilised recommendation (one noisy sample must not move the pools either)
-                verifier_growth = max(role.clamp(stable), 1) / max(before or count, 1)
+            if key == VERIFIER:  # growth the pools must follow: the verifiers' change within their bounds (from
+                # their stabilised recommendation: one noisy sample must not move the pools either), and no more
+                # than the load itself grew (a count rounded up from 1.25 x the target is not twice the tokens)
+                verifier_growth = max(role.clamp(count), 1) / max(before or count, 1)
+                if verifier_growth > 1 and "load_ratio" in metrics:
+                    verifier_growth = min(verifier_growth, max(1.0, metrics["load_ratio"]))
         bounded = role.clamp(count)
         if bounded != count:
             count, reason = bounded, f"{reason}; held to bounds [{role.min_replicas}, {role.max_replicas}]"
@@ -234,6 +450,12 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
         if before is not None and count != before:
             last_change[key] = now
             decisions.append(Decision(now, key, int(before), count, reason, metrics))
+            pending = dict(memory.scale_up_pending)
+            if count > before and key not in pending:
+                pending[key] = (now, count)  # provisioning is timed from the oldest scale-up still starting
+            elif count < before and key in pending and pending[key][1] > count:
+                del pending[key]  # cancelled before it served: nothing to measure
+            memory = replace(memory, scale_up_pending=pending)
     memory = replace(memory, requested=requested, last_change_s=last_change)
     ordered = {key: desired[key] for key in spec.role_keys}
     return PolicyResult(ordered, tuple(sorted(decisions, key=lambda d: spec.role_keys.index(d.role))), reasons,

@@ -125,7 +125,7 @@ def test_load_up_grows_load_down_drains_then_shrinks():
             await store.heartbeat("router", replica.publisher.pod, {"live": 0, "inflight": 0})
         for replica in table.pods["verifier"].values():
             await store.heartbeat("verifier", replica.publisher.pod, {"inflight": replica.inflight})
-        clock[0] += 15  # past the policy's 10 s metric smoothing
+        clock[0] += 65  # past the policy's 10 s metric smoothing and the 60-s panic the 4x queue wait started
         report = await autoscaler.step()
         assert report.desired["verifier"] == 1
         drained = {pod for action, role, pod in report.actions if action == "drain" and role == "verifier"}

@@ -4,8 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specfleet-installed
 TORCH_VERSION := 2.13.0
+# checkov lives in a venv of its own: its dependencies clash with the project's, and `make test` never needs it
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV := .checkov-venv
 
-.PHONY: setup demo test lint models acceptance card protos chart simulate bench bench-reliability bench-autoscale soak clean help
+.PHONY: setup demo test lint models acceptance card protos chart scan simulate bench bench-reliability bench-autoscale soak clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -38,6 +41,13 @@ acceptance: setup  ## re-measure the drafter x domain acceptance matrix and rewr
 chart: setup  ## validate the Helm chart and Dockerfiles (helm lint, Kubernetes schemas, values schema, yamllint, hadolint)
 	$(PY) -m pytest -q tests/deploy
 
+$(CHECKOV_VENV)/bin/checkov:
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --disable-pip-version-check checkov==$(CHECKOV_VERSION)
+
+scan: setup $(CHECKOV_VENV)/bin/checkov  ## policy scan (checkov) of the rendered chart and the operator's manifests -> bench/policy-scan.json
+	$(PY) -m tests.deploy.policy_scan --checkov $(CHECKOV_VENV)/bin/checkov --output bench/policy-scan.json
+
 simulate: setup  ## compare CoSine, SpecInfer, PipeInfer, DSI and plain decoding at 10-1,000 replicas -> bench/simulate.json + PNGs
 	$(VENV)/bin/specfleet simulate
 
@@ -59,4 +69,4 @@ protos: setup  ## regenerate the gRPC stubs in services/specfleet/api/v1/ from p
 	$(PY) services/specfleet/api/codegen.py
 
 clean:  ## remove the venv and caches (keeps data/ checkpoints)
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .ruff_cache

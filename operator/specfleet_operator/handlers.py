@@ -25,6 +25,7 @@ from typing import Any
 
 import kopf
 
+from specfleet.state.connection import resolve_redis_url
 from specfleet_operator.actuators import DRAIN_GRACE_S, Autoscaler, KubernetesActuator
 from specfleet_operator.kube import KubeClient, KubeError
 from specfleet_operator.manifests import (
@@ -80,7 +81,8 @@ def _fleet(name: str, spec: Any) -> FleetSpec:
 
 
 async def _redis_url(client: KubeClient, fleet: FleetSpec, namespace: str) -> str | None:
-    """The URL the pods get (inline, or the Secret they read), else the operator's own SPECFLEET_REDIS_URL."""
+    """The URL the pods get (inline, or the Secret they read), else the operator's own: the file named by
+    SPECFLEET_REDIS_URL_FILE (the chart mounts the Redis Secret) or SPECFLEET_REDIS_URL."""
     if fleet.redis_url:
         return fleet.redis_url
     try:
@@ -91,7 +93,11 @@ async def _redis_url(client: KubeClient, fleet: FleetSpec, namespace: str) -> st
     value = ((secret or {}).get("data") or {}).get(fleet.redis_secret.key)
     if value:
         return base64.b64decode(value).decode()
-    return os.environ.get("SPECFLEET_REDIS_URL")
+    try:
+        return resolve_redis_url(None, None)
+    except ValueError as exc:
+        log.warning("no Redis URL for SpecFleet %s: %s", fleet.name, exc)
+        return None
 
 
 async def _store(memo: Any, client: KubeClient, fleet: FleetSpec, namespace: str):

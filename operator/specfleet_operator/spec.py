@@ -28,6 +28,7 @@ _POOL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MODEL_FOLDER = re.compile(r"^(\.?[^/.][^/]*|\.\.[^/]+)(/(\.?[^/.][^/]*|\.\.[^/]+))*/?$")
 # What `--kv-cache-memory` accepts (specfleet.cli.options.byte_size; a test checks the two agree): a number and an
 # optional unit b, k, kb, kib, m, ... tib in any case. Kubernetes' `Gi` is not one of them.
+IMAGE_DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 KV_CACHE_MEMORY = re.compile(r"^\s*([0-9]+|[0-9]*\.[0-9]+)\s*([kKmMgGtT]([iI]?[bB])?|[bB])?\s*$")
 
 
@@ -69,6 +70,14 @@ def _str(raw: Mapping[str, Any], name: str, default: str, where: str, choices: t
     if not isinstance(value, str) or (choices and value not in choices):
         wanted = f"one of {', '.join(choices)}" if choices else "a string"
         raise SpecError(f"{where}.{name} must be {wanted}, got {value!r}")
+    return value
+
+
+def _digest(image: Mapping[str, Any]) -> str:
+    value = _str(image, "digest", "", "spec.image")
+    if value and not IMAGE_DIGEST.fullmatch(value):
+        raise SpecError(f"spec.image.digest must be sha256:<64 lowercase hex digits> (as `docker buildx imagetools "
+                        f"inspect` prints it), got {value!r}")
     return value
 
 
@@ -229,6 +238,7 @@ class FleetSpec:
     image_repository: str = "ghcr.io/specfleet/specfleet"
     image_tag: str = "0.1.0"
     image_pull_policy: str = "IfNotPresent"
+    image_digest: str = ""  # sha256:<64 hex>; when set, pods run repository@digest and the tag is ignored
     models_source: str = "image"
     models_path: str = "/models"
     models_claim: str = ""
@@ -330,6 +340,7 @@ class FleetSpec:
             image_tag=_str(image, "tag", "0.1.0", "spec.image"),
             image_pull_policy=_str(image, "pullPolicy", "IfNotPresent", "spec.image",
                                    ("Always", "IfNotPresent", "Never")),
+            image_digest=_digest(image),
             models_source=_str(models, "source", "image", "spec.models", ("image", "pvc")),
             models_path=_str(models, "path", "/models", "spec.models"),
             models_claim=_str(models, "claimName", "", "spec.models"),

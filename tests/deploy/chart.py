@@ -198,5 +198,20 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
 
 
+def secret_files(pod_spec: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """File path in the container -> (Secret, key) for each Secret key mounted into it (secret and projected volumes;
+    a whole Secret mounted without items shows as `<mountPath>/*` with key `*`)."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    files = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes.get(mount["name"], {})  # none: a StatefulSet's volumeClaimTemplates
+        sources = [volume["secret"] | {"name": volume["secret"]["secretName"]}] if "secret" in volume else [
+            src["secret"] for src in volume.get("projected", {}).get("sources", []) if "secret" in src]
+        for source in sources:
+            for item in source.get("items") or [{"key": "*", "path": "*"}]:
+                files[f"{mount['mountPath']}/{item['path']}"] = (source["name"], item["key"])
+    return files
+
+
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=1, sort_keys=True)

@@ -12,7 +12,18 @@ import sys
 import pytest
 from redis.connection import parse_url
 
-from .chart import COMBINATIONS, chart_values, containers, env_of, find, one, pod_specs, render, render_files
+from .chart import (
+    COMBINATIONS,
+    chart_values,
+    containers,
+    env_of,
+    find,
+    one,
+    pod_specs,
+    render,
+    render_files,
+    secret_files,
+)
 
 FLEET = "specfleet"  # the release name the tests install under names the fleet
 CONTRACT_POD_LABELS = {"app.kubernetes.io/name": "specfleet", "app.kubernetes.io/instance": FLEET}
@@ -73,8 +84,8 @@ def test_gpu_values_reach_the_spec_fleet_resource(rendered):
     assert spec["verifier"]["gpu"] is True
     assert spec["verifier"]["tolerations"] == gpu["verifier"]["tolerations"]
     assert spec["verifier"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    # Helm merges maps: the verifier keeps the default requests and gets the new memory limit.
-    assert spec["verifier"]["resources"]["limits"] == {"memory": "16Gi"}
+    # Helm merges maps: the verifier keeps the default requests and CPU limit and gets the new memory limit.
+    assert spec["verifier"]["resources"]["limits"] == {"cpu": "4", "memory": "16Gi"}
     assert spec["verifier"]["resources"]["requests"] == chart_values()["verifier"]["resources"]["requests"]
     # Lists replace: exactly the given pools.
     python, suffix = spec["drafters"]
@@ -115,13 +126,11 @@ def test_the_gpu_example_serves_its_models_by_path(rendered):
 
 
 def _secret_refs(docs):
-    """(secret name, key) of every secretKeyRef in every pod."""
+    """(secret name, key) of every Secret key a chart pod reads (mounted as a file: never through the environment)."""
     refs = set()
     for _, _, spec in pod_specs(docs):
         for container in containers(spec):
-            for value in env_of(container).values():
-                if isinstance(value, dict) and "secretKeyRef" in value:
-                    refs.add((value["secretKeyRef"]["name"], value["secretKeyRef"]["key"]))
+            refs.update(ref for ref in secret_files(spec, container).values() if ref[1] != "*")
     return refs
 
 
@@ -136,6 +145,12 @@ def test_in_cluster_redis_has_auth_persistence_and_a_url_secret(rendered):
     assert container["args"][:3] == ["/etc/redis/redis.conf", "--appendonly", "yes"]
     assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "2Gi"
     assert "exec" in container["livenessProbe"] and "ping" in container["readinessProbe"]["exec"]["command"][-1]
+    # the probes' redis-cli reads the password from the mounted file, for that one command
+    assert 'REDISCLI_AUTH="$(cat /etc/redis/password)"' in container["livenessProbe"]["exec"]["command"][-1]
+    assert secret_files(redis["spec"]["template"]["spec"], container) == {
+        "/etc/redis/redis.conf": ("specfleet-redis", "redis.conf"), "/etc/redis/password": ("specfleet-redis",
+                                                                                            "password")}
+    assert "env" not in container
     secret = one(docs, "Secret", "specfleet-redis")["stringData"]
     password = secret["password"]
     assert len(password) == 32 and password not in str(container["args"])
@@ -172,8 +187,10 @@ def test_external_redis_runs_no_redis_and_points_pods_at_the_secret(rendered, na
     assert not [p for p in find(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-redis")]
     spec_redis = one(docs, "SpecFleet")["spec"]["redis"]
     assert spec_redis == {"mode": "external", "url": "", "secretRef": {"name": secret, "key": key}}
-    operator = one(docs, "Deployment", "specfleet-operator")["spec"]["template"]["spec"]["containers"][0]
-    assert env_of(operator)["SPECFLEET_REDIS_URL"] == {"secretKeyRef": {"name": secret, "key": key}}
+    operator_pod = one(docs, "Deployment", "specfleet-operator")["spec"]["template"]["spec"]
+    operator = operator_pod["containers"][0]
+    assert env_of(operator)["SPECFLEET_REDIS_URL_FILE"] == "/etc/specfleet/secrets/redis-url"
+    assert secret_files(operator_pod, operator) == {"/etc/specfleet/secrets/redis-url": (secret, key)}
     if name == "external-redis-url":
         assert one(docs, "Secret", "specfleet-redis")["stringData"] == {"url": "rediss://:pw@redis.example:6380/2"}
     else:
@@ -186,8 +203,9 @@ def test_auth_on_generates_a_token_and_the_test_pod_sends_it(rendered):
     assert len(token) == 40
     assert one(docs, "SpecFleet")["spec"]["auth"] == {"tokenSecretRef": {"name": "specfleet-auth", "key": "token"}}
     test_pod = one(docs, "Pod", "specfleet-test")
-    assert env_of(test_pod["spec"]["containers"][0])["SPECFLEET_TOKEN"] == {
-        "secretKeyRef": {"name": "specfleet-auth", "key": "token"}}
+    generate = test_pod["spec"]["containers"][0]
+    assert env_of(generate)["SPECFLEET_TOKEN_FILE"] == "/etc/specfleet/secrets/token"
+    assert secret_files(test_pod["spec"], generate) == {"/etc/specfleet/secrets/token": ("specfleet-auth", "token")}
     assert token not in str(test_pod)
 
 
@@ -196,15 +214,17 @@ def test_auth_with_an_existing_secret(rendered):
     assert not find(docs, "Secret", "specfleet-auth")
     assert one(docs, "SpecFleet")["spec"]["auth"] == {"tokenSecretRef": {"name": "my-token", "key": "bearer"}}
     test_pod = one(docs, "Pod", "specfleet-test")
-    assert env_of(test_pod["spec"]["containers"][0])["SPECFLEET_TOKEN"] == {
-        "secretKeyRef": {"name": "my-token", "key": "bearer"}}
+    assert secret_files(test_pod["spec"], test_pod["spec"]["containers"][0]) == {
+        "/etc/specfleet/secrets/token": ("my-token", "bearer")}
 
 
 def test_auth_off_leaves_the_router_open(rendered):
     docs = rendered["auth-off"]
     assert not find(docs, "Secret", "specfleet-auth")
     assert one(docs, "SpecFleet")["spec"]["auth"]["tokenSecretRef"]["name"] == ""
-    assert "SPECFLEET_TOKEN" not in env_of(one(docs, "Pod", "specfleet-test")["spec"]["containers"][0])
+    test_pod = one(docs, "Pod", "specfleet-test")["spec"]
+    assert "SPECFLEET_TOKEN_FILE" not in env_of(test_pod["containers"][0])
+    assert not secret_files(test_pod, test_pod["containers"][0])
     assert "SPECFLEET_TOKEN" not in render_files(COMBINATIONS["auth-off"])["specfleet/templates/NOTES.txt"]
 
 

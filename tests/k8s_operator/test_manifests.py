@@ -148,26 +148,43 @@ def test_security_context_tmp_and_gpu():
                                                                                       "maxSurge": 1})
 
 
-def test_environment_comes_from_secrets_and_the_config_map():
+def _secret_files(pod: dict) -> dict[str, tuple[str, str]]:
+    """File under /etc/specfleet/secrets -> (Secret, key), from the pod's projected `secrets` volume."""
+    volume = next(v for v in pod["volumes"] if v["name"] == "secrets")
+    assert volume["projected"]["defaultMode"] == 0o440
+    return {item["path"]: (source["secret"]["name"], item["key"])
+            for source in volume["projected"]["sources"] for item in source["secret"]["items"]}
+
+
+def test_secrets_are_mounted_files_and_settings_come_from_the_config_map():
     spec = FleetSpec.from_dict("demo", VARIANTS["pvc-external-redis-auth"])
     objects = fleet_manifests(spec)
     deployments = by_kind(objects, "Deployment")
-    router = deployments["demo-router"]["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["valueFrom"] for e in router["env"]}
-    assert env["SPECFLEET_REDIS_URL"] == {"secretKeyRef": {"name": "demo-redis", "key": "url"}}
-    assert env["SPECFLEET_TOKEN"] == {"secretKeyRef": {"name": "public-token", "key": "token"}}
-    assert env["SPECFLEET_INTERNAL_TOKEN"] == {"secretKeyRef": {"name": "demo-internal-token", "key": "token"}}
+    router_pod = deployments["demo-router"]["spec"]["template"]["spec"]
+    router = router_pod["containers"][0]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in router["env"]}
+    assert env["SPECFLEET_REDIS_URL_FILE"] == "/etc/specfleet/secrets/redis-url"
+    assert env["SPECFLEET_TOKEN_FILE"] == "/etc/specfleet/secrets/token"
+    assert env["SPECFLEET_INTERNAL_TOKEN_FILE"] == "/etc/specfleet/secrets/internal-token"
     assert env["SPECFLEET_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert _secret_files(router_pod) == {"redis-url": ("demo-redis", "url"), "token": ("public-token", "token"),
+                                         "internal-token": ("demo-internal-token", "token")}
+    assert {"name": "secrets", "mountPath": "/etc/specfleet/secrets", "readOnly": True} in router["volumeMounts"]
     verifier = deployments["demo-verifier"]["spec"]["template"]["spec"]
-    venv = {e["name"]: e["valueFrom"] for e in verifier["containers"][0]["env"]}
-    assert venv["SPECFLEET_TOKEN"] == {"secretKeyRef": {"name": "demo-internal-token", "key": "token"}}
-    assert "SPECFLEET_INTERNAL_TOKEN" not in venv
+    venv = {e["name"]: e.get("value") for e in verifier["containers"][0]["env"]}
+    assert venv["SPECFLEET_TOKEN_FILE"] == "/etc/specfleet/secrets/token"
+    assert _secret_files(verifier) == {"redis-url": ("demo-redis", "url"), "token": ("demo-internal-token", "token")}
+    assert "SPECFLEET_INTERNAL_TOKEN_FILE" not in venv
+    for dep in deployments.values():  # no Secret reaches a pod through its environment
+        container = dep["spec"]["template"]["spec"]["containers"][0]
+        assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in container["env"])
+        assert not any("secretRef" in e for e in container["envFrom"])
     assert {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in verifier["volumes"]
     mounts = verifier["containers"][0]["volumeMounts"]
     assert {"name": "models", "mountPath": "/data/models", "readOnly": True} in mounts
     assert "--models" in verifier["containers"][0]["args"] and "/data/models" in verifier["containers"][0]["args"]
     fusion = deployments["demo-fusion"]["spec"]["template"]["spec"]
-    assert [v["name"] for v in fusion["volumes"]] == ["tmp"]  # fusion never reads the models
+    assert [v["name"] for v in fusion["volumes"]] == ["tmp", "secrets"]  # fusion never reads the models
     secret = by_kind(objects, "Secret")["demo-redis"]
     assert base64.b64decode(secret["data"]["url"]).decode() == "rediss://:pw@redis.example:6380/1"
     maps = by_kind(objects, "ConfigMap")
@@ -183,9 +200,8 @@ def test_secret_rules_and_config_hash():
     assert redis_url_secret(plain) is None  # in-cluster: the chart's <fleet>-redis Secret
     named = FleetSpec.from_dict("demo", VARIANTS["external-secret-scheduling"])
     assert redis_url_secret(named) is None
-    env = by_kind(fleet_manifests(named), "Deployment")["demo-verifier"]["spec"]["template"]["spec"]
-    url = {e["name"]: e for e in env["containers"][0]["env"]}["SPECFLEET_REDIS_URL"]
-    assert url["valueFrom"]["secretKeyRef"] == {"name": "my-redis", "key": "uri"}
+    pod = by_kind(fleet_manifests(named), "Deployment")["demo-verifier"]["spec"]["template"]["spec"]
+    assert _secret_files(pod)["redis-url"] == ("my-redis", "uri")
     with pytest.raises(ValueError, match="at least 16"):
         internal_token_secret(plain, "short")
     traced = FleetSpec.from_dict("demo", {"telemetry": {"otlpEndpoint": "http://otel:4317"}})
@@ -196,3 +212,20 @@ def test_names_too_long_for_a_service_are_refused():
     spec = FleetSpec.from_dict("a-very-long-fleet-name-for-testing", {"drafters": [{"name": "p" * 40}]})
     with pytest.raises(SpecError, match="shorten the SpecFleet name"):
         fleet_manifests(spec)
+
+
+def test_image_by_digest_and_policy_skips():
+    tagged = by_kind(fleet_manifests(FleetSpec.from_dict("demo", {})), "Deployment")["demo-router"]
+    assert tagged["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/specfleet/specfleet:0.1.0"
+    skips = tagged["metadata"]["annotations"]
+    assert set(skips) == {"checkov.io/skip-CKV_K8S_43", "checkov.io/skip-CKV_K8S_15"}
+    for key, value in skips.items():  # checkov reads CHECK=reason and splits on the one `=`
+        check, reason = value.split("=")
+        assert key.endswith(check) and reason
+    digest = "sha256:" + "ab" * 32
+    pinned = FleetSpec.from_dict("demo", {"image": {"digest": digest, "pullPolicy": "Always"}})
+    router = by_kind(fleet_manifests(pinned), "Deployment")["demo-router"]
+    assert router["spec"]["template"]["spec"]["containers"][0]["image"] == f"ghcr.io/specfleet/specfleet@{digest}"
+    assert "annotations" not in router["metadata"]  # nothing left to skip (and no empty dict to drift on)
+    with pytest.raises(SpecError, match="sha256"):
+        FleetSpec.from_dict("demo", {"image": {"digest": "latest"}})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from specfleet.runtime.security import (
     ServerTls,
     resolve_tokens,
 )
+from specfleet.state.connection import REDIS_URL_ENV, REDIS_URL_FILE_ENV, resolve_redis_url
 
 ROLES = ("router", "drafter", "fusion", "verifier")
 
@@ -54,8 +54,9 @@ async def _serve(args) -> None:
     if args.role == "router" and args.http_port >= 0 and tls is not None:
         raise ValueError("--http-port with --tls-cert is not supported (the HTTP front reaches its router in "
                          "plaintext); serve HTTP from a separate TLS-terminating proxy, or drop --tls-cert")
+    redis_url = resolve_redis_url(args.redis_url, args.redis_url_file)
     models = model_set_from_args(args)
-    opts = ServeOptions(models, args.redis_url, args.host, tokens or None, args.slots, args.key_prefix,
+    opts = ServeOptions(models, redis_url, args.host, tokens or None, args.slots, args.key_prefix,
                         max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                         profile=args.profile, max_batch_latency_ms=args.max_batch_latency_ms,
                         max_batch_tokens=args.max_batch_tokens, tls=tls, rate_limit_rps=args.rate_limit_rps,
@@ -146,8 +147,11 @@ def add_parser(sub, fmt) -> None:
                         "in a request's `model`")
     model_options(p)
     kv_options(p)
-    p.add_argument("--redis-url", default=os.environ.get("SPECFLEET_REDIS_URL"),
-                   help="Redis for request state (verifier, router); env SPECFLEET_REDIS_URL")
+    # no default from the environment: --help prints defaults, and the URL may carry a password
+    p.add_argument("--redis-url",
+                   help=f"Redis for request state (verifier, router); env {REDIS_URL_ENV} or --redis-url-file")
+    p.add_argument("--redis-url-file", type=Path,
+                   help=f"read the Redis URL from this file (a mounted Secret); env {REDIS_URL_FILE_ENV}")
     p.add_argument("--key-prefix", default="sf", help="Redis key prefix (one per fleet)")
     # no defaults from the environment here: --help prints defaults, and a token must never be printed
     p.add_argument("--token",

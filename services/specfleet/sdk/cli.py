@@ -4,10 +4,10 @@ a conversation, from a running router over gRPC."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from specfleet.runtime.security import TOKEN_ENV, TOKEN_FILE_ENV, resolve_tokens, single
 from specfleet.sdk.core import DEFAULT_TARGET
 
 
@@ -17,7 +17,8 @@ def _stream_to_stdout(args, start) -> int:
 
     usage, finish_reason, tokens = None, "", 0
     try:
-        token = args.token or os.environ.get("SPECFLEET_TOKEN")  # the env var keeps it out of `ps` and --help
+        # env vars and files keep the token out of `ps` and --help; a file is how a Kubernetes Secret is mounted
+        token = single(resolve_tokens(args.token, args.token_file, "--token", TOKEN_ENV, TOKEN_FILE_ENV))
         with Client(args.target, token=token, tls=args.tls, root_certificates=args.ca_cert,
                     timeout=args.timeout, retries=args.retries) as client:
             for chunk in start(client, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -55,6 +56,9 @@ def _call_flags(g: argparse.ArgumentParser) -> None:
     g.add_argument("--target", default=DEFAULT_TARGET, help="router address, host:port")
     g.add_argument("--token", default=None,
                    help="bearer token sent as 'authorization' metadata; $SPECFLEET_TOKEN when not given")
+    g.add_argument("--token-file", type=Path, default=None,
+                   help="read the bearer token from this file (its first token line); $SPECFLEET_TOKEN_FILE when "
+                        "not given")
     g.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --ca-cert)")
     g.add_argument("--ca-cert", type=Path, default=None, help="PEM file of the CA that signed the router's "
                    "certificate (implies --tls)")

@@ -1,6 +1,6 @@
 """Redis state for the fleet: request state with idempotent round commits, heartbeats, drafter scores, work queues."""
 
-from specfleet.state.connection import connect, validate_redis_url
+from specfleet.state.connection import connect, resolve_redis_url, validate_redis_url
 from specfleet.state.embedded import EmbeddedRedis, start_embedded_redis
 from specfleet.state.keys import DEFAULT_PREFIX, Keys, pack_ids, unpack_ids
 from specfleet.state.store import (
@@ -29,6 +29,7 @@ __all__ = [
     "RoundGapError",
     "StateStore",
     "connect",
+    "resolve_redis_url",
     "pack_ids",
     "start_embedded_redis",
     "unpack_ids",

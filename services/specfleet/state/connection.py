@@ -1,13 +1,17 @@
-"""connect(): a validated `redis.asyncio.Redis` for the state store (redis://, rediss:// with TLS, unix://)."""
+"""connect(): a validated `redis.asyncio.Redis` for the state store (redis://, rediss:// with TLS, unix://), and
+resolve_redis_url(): where a process finds that URL (a flag, a mounted Secret file, or the environment)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 
 _SCHEMES = ("redis", "rediss", "unix")
+REDIS_URL_ENV, REDIS_URL_FILE_ENV = "SPECFLEET_REDIS_URL", "SPECFLEET_REDIS_URL_FILE"
 
 
 def validate_redis_url(url: str) -> str:
@@ -34,6 +38,30 @@ def validate_redis_url(url: str) -> str:
     if db and not db.isdigit():
         raise ValueError(f"Redis URL {shown!r}: the path must be a database number, got {db!r}")
     return url
+
+
+def resolve_redis_url(value: str | None, file: str | Path | None) -> str | None:
+    """The Redis URL (it may carry a password) from `--redis-url` or `--redis-url-file`, else from the environment:
+    `SPECFLEET_REDIS_URL_FILE` (a mounted Secret: what Kubernetes pods get) or `SPECFLEET_REDIS_URL`; None when
+    none is given. A file holds the URL on its first non-blank line. Giving both a URL and a file is an error."""
+    if not value and not file:
+        value, file = os.environ.get(REDIS_URL_ENV), os.environ.get(REDIS_URL_FILE_ENV)
+        if value and file:
+            raise ValueError(f"both {REDIS_URL_ENV} and {REDIS_URL_FILE_ENV} are set: unset one")
+    if value and file:
+        raise ValueError("give --redis-url or --redis-url-file, not both")
+    if not file:
+        return value or None
+    try:
+        lines = [line.strip() for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise ValueError(f"cannot read the Redis URL file {file}: {exc.strerror or exc}") from None
+    if not lines:
+        raise ValueError(f"the Redis URL file {file} is empty: write redis://[:password@]host[:port][/db] in it")
+    try:
+        return validate_redis_url(lines[0])
+    except ValueError as exc:
+        raise ValueError(f"the Redis URL file {file}: {exc}") from None
 
 
 def connect(url: str, **kwargs: Any) -> aioredis.Redis:

@@ -71,7 +71,35 @@ specfleet.io/fleet: {{ include "specfleet.fleetName" .root }}
 {{- end }}
 
 {{- define "specfleet.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- include "specfleet.imageRef" (dict "image" .Values.image "tag" (default .Chart.AppVersion .Values.image.tag)) -}}
+{{- end }}
+
+{{/* repository@digest when the image values give a digest, else repository:tag; call with (dict "image" I "tag" T). */}}
+{{- define "specfleet.imageRef" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository .tag -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+checkov annotations for the policy checks an object knowingly fails, each with its one-line reason (no "=" in a
+reason: checkov splits on it): those of the image values (no digest, a pull policy other than Always) and .skips, a
+dict of check id -> reason; .key names the image values in reasons (default "image"). One key per check. Renders
+nothing when nothing is skipped. Call with (dict "image" .Values.image "skips" (dict "CKV_K8S_38" "why")). docs/kubernetes.md#policy-scan lists them.
+*/}}
+{{- define "specfleet.policySkips" -}}
+{{- $skips := deepCopy (.skips | default dict) -}}
+{{- if not .image.digest -}}
+{{- $_ := set $skips "CKV_K8S_43" (printf "no %s.digest set (unknown before the image is published)" (.key | default "image")) -}}
+{{- end -}}
+{{- if ne .image.pullPolicy "Always" -}}
+{{- $_ := set $skips "CKV_K8S_15" "pullPolicy is a value; with a digest IfNotPresent cannot go stale" -}}
+{{- end -}}
+{{- range $check := keys $skips | sortAlpha }}
+checkov.io/skip-{{ $check }}: {{ printf "%s=%s" $check (index $skips $check) | quote }}
+{{- end -}}
 {{- end }}
 
 {{- define "specfleet.serviceAccountName" -}}
@@ -82,7 +110,7 @@ specfleet.io/fleet: {{ include "specfleet.fleetName" .root }}
 {{- printf "%s-redis" (include "specfleet.fullname" .) -}}
 {{- end }}
 
-{{/* The Secret and key that hold the Redis URL every pod reads as SPECFLEET_REDIS_URL. */}}
+{{/* The Secret and key that hold the Redis URL every pod reads from the file SPECFLEET_REDIS_URL_FILE names. */}}
 {{- define "specfleet.redisUrlSecretName" -}}
 {{- if and (eq .Values.redis.mode "external") .Values.redis.external.existingSecret.name -}}
 {{- .Values.redis.external.existingSecret.name -}}

@@ -29,7 +29,7 @@ MODEL_FOLDER = re.compile(r"^(\.?[^/.][^/]*|\.\.[^/]+)(/(\.?[^/.][^/]*|\.\.[^/]+
 # What `--kv-cache-memory` accepts (specfleet.cli.options.byte_size; a test checks the two agree): a number and an
 # optional unit b, k, kb, kib, m, ... tib in any case. Kubernetes' `Gi` is not one of them.
 IMAGE_DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
-KV_CACHE_MEMORY = re.compile(r"^\s*([0-9]+|[0-9]*\.[0-9]+)\s*([kKmMgGtT]([iI]?[bB])?|[bB])?\s*$")
+KV_CACHE_MEMORY = re.compile(r"^\s*([0-9]+|[0-9]*\.[0-9]+)\s*([kKmMgGtT][iI]?[bB]?|[bB])?\s*$")
 
 
 class SpecError(ValueError):
@@ -125,7 +125,7 @@ def _kv_cache_memory(raw: Mapping[str, Any]) -> str:
     match = KV_CACHE_MEMORY.fullmatch(value) if isinstance(value, str) else None
     if not match or float(match.group(1)) <= 0:
         raise SpecError(f"spec.models.kvCacheMemory must be a size > 0 as --kv-cache-memory takes it, e.g. 4GiB, "
-                        f"512MiB or 1.5GB (not Kubernetes' 4Gi), got {value!r}")
+                        f"512MiB, 4Gi or 1.5GB, got {value!r}")
     return value
 
 

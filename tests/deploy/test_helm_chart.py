@@ -183,8 +183,7 @@ BAD_VALUES = {
                                              "/models/drafters/0/name"),
     "typo in a drafter model": ({"models": {"drafters": [{"name": "one-b", "pth": "x"}]}}, "pth"),
     "bad enum: dtype": ({"models": {"dtype": "fp8"}}, "/models/dtype"),
-    "Kubernetes quantity as KV memory": ({"models": {"kvCacheMemory": "4Gi"}},
-                                         "/models/kvCacheMemory"),
+    "KV memory in petabytes": ({"models": {"kvCacheMemory": "4PiB"}}, "/models/kvCacheMemory"),
 }
 
 

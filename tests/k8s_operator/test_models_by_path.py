@@ -166,7 +166,7 @@ SPEC_ERRORS = {
     "drafters not a list": (by_path({"drafters": {"one-b": "llama-3.2-1b"}}), "spec.models.drafters must be a list"),
     "unknown dtype": (by_path({"dtype": "fp8"}), "spec.models.dtype must be one of auto, float32, bfloat16, float16"),
     "zero maxModelLen": (by_path({"maxModelLen": 0}), "spec.models.maxModelLen must be an integer >= 1"),
-    "Kubernetes quantity as KV memory": (by_path({"kvCacheMemory": "20Gi"}), "not Kubernetes' 4Gi"),
+    "KV memory in petabytes": (by_path({"kvCacheMemory": "1PiB"}), "spec.models.kvCacheMemory must be a size"),
     "zero KV memory": (by_path({"kvCacheMemory": "0GiB"}), "spec.models.kvCacheMemory must be a size > 0"),
     "KV memory as a number": (by_path({"kvCacheMemory": 1 << 30}), "spec.models.kvCacheMemory must be a size"),
 }
@@ -234,7 +234,7 @@ def test_crd_accepts_models_by_path():
         ({"drafters": [{"name": "one-b", "path": "x", "dtype": "bfloat16"}]}, "Additional properties"),
         ({"dtype": "fp8"}, "is not one of"),
         ({"maxModelLen": 0}, "less than the minimum"),
-        ({"kvCacheMemory": "4Gi"}, "does not match"),
+        ({"kvCacheMemory": "4PiB"}, "does not match"),
     ],
 )
 def test_crd_rejects_bad_models_by_path(models, expected):

@@ -73,12 +73,13 @@ def model_options(p: argparse.ArgumentParser) -> None:
                         "in the same dtype")
 
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10, "m": 10**6, "mb": 10**6, "mi": 2**20,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gi": 2**30, "gib": 2**30, "t": 10**12, "tb": 10**12, "ti": 2**40,
+          "tib": 2**40}  # Kubernetes' Ki / Mi / Gi / Ti too
 
 
 def byte_size(text: str) -> int:
-    """'4GiB', '512MiB', '1.5GB' or a number of bytes -> bytes."""
+    """'4GiB', '4Gi', '512MiB', '1.5GB' or a number of bytes -> bytes."""
     import re
 
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
@@ -93,9 +94,9 @@ def kv_options(p: argparse.ArgumentParser) -> None:
                    help="most positions (prompt + output) a request may use; longer requests are refused with a "
                         "message (default: the target's max_position_embeddings)")
     p.add_argument("--kv-cache-memory", type=byte_size, default=DEFAULT_KV_CACHE_MEMORY_TEXT,
-                   help="KV cache per model (target, each drafter), e.g. 4GiB or 512MiB; it holds fewer concurrent "
-                        "requests than asked for when it must (the rest wait), and too small for one request of "
-                        "--max-model-len is an error at start")
+                   help="KV cache per model (target, each drafter), e.g. 4GiB (= 4Gi) or 512MiB; it holds fewer "
+                        "concurrent requests than asked for when it must (the rest wait), and too small for one "
+                        "request of --max-model-len is an error at start")
 
 
 def kv_limits_from_args(args):

@@ -207,3 +207,10 @@ def test_the_cache_grows_with_the_longest_context(tmp_path):
     assert grown.columns == 400 and torch.equal(a, b)
     with pytest.raises(ValueError, match="at most 400"):
         grown.reserve(401)
+
+
+def test_the_cli_default_kv_budget_is_the_runners():
+    from specfleet.cli.options import DEFAULT_KV_CACHE_MEMORY_TEXT, byte_size
+    from specfleet.engine.llama import DEFAULT_KV_CACHE_MEMORY
+
+    assert byte_size(DEFAULT_KV_CACHE_MEMORY_TEXT) == DEFAULT_KV_CACHE_MEMORY

@@ -177,7 +177,6 @@ class LlamaRunner:
                              f"{self.max_positions} positions (one needs {per_slot / 2**20:.0f} MiB): lower "
                              "--max-model-len or raise --kv-cache-memory")
         self.slots = min(slots, fit)
-        self.slots_asked = slots
         self.rotary = model.model.rotary_emb
         w = _Weights(model)
         self.embed = w.take("model.embed_tokens.weight")  # [V, hidden]

@@ -25,7 +25,7 @@ DEPLOYMENTS = "apps/v1/deployments"
 BUILTIN = {"apps/v1/deployments": "Deployment", "v1/services": "Service", "v1/configmaps": "ConfigMap",
            "v1/secrets": "Secret", "v1/pods": "Pod", "v1/events": "Event"}
 REDIS_URL = "redis://127.0.0.1:6379/0"
-TIMEOUT_S = 60.0
+TIMEOUT_S = 15.0
 
 
 def declare_resources(k8s: KubernetesEmulator) -> None:

@@ -47,6 +47,45 @@ def test_resumed_training_equals_uninterrupted(tmp_path, tiny_tokens):
     assert [h["step"] for h in info["history"]] == [2, 4]  # the loss curve travels with the weights
 
 
+def test_continuing_exported_weights_remeasures_and_warms_up(tmp_path, tiny_tokens):
+    """A clone has the exported weights but no checkpoint: training continues from them with the learning rate
+    warmed up again (fresh Adam moments), and their loss re-measured on this machine's validation split rather
+    than trusted from a corpus built elsewhere."""
+    from specfleet.training.train import lr_at
+
+    _train(tmp_path, tiny_tokens, "first", minutes=None)
+    info_path = tmp_path / "first" / "training.json"
+    info = json.loads(info_path.read_text())
+    info["validation_loss"] = {d: 0.01 for d in DOMAINS}  # as if measured on another corpus
+    info_path.write_text(json.dumps(info))
+    cfg = RunConfig(steps=6, batch=2, seq=32, lr=1e-3, warmup=2, seed=0, eval_every=2, checkpoint_minutes=0.0)
+    state = train_target(tiny_tokens, MODELS_DIR / "target", tmp_path / "first", tmp_path / "run-again", cfg,
+                         minutes=None, device_name="cpu", arch=TINY)
+    assert state["step"] == 6 and state["schedule_start"] == 4
+    remeasured = [h for h in state["history"] if h.get("note")]
+    assert [h["step"] for h in remeasured] == [4] and remeasured[0]["val"]["python"] > 0.01
+    assert state["best_val"] <= np.mean(list(remeasured[0]["val"].values()))
+    assert [h["step"] for h in state["history"]] == [2, 4, 4, 6]
+    assert lr_at(4, 10, 1.0, 2, start=4) == 0.5 and lr_at(5, 10, 1.0, 2, start=4) == 1.0
+    assert lr_at(10, 10, 1.0, 2, start=4) == pytest.approx(0.1) and lr_at(0, 10, 1.0, 2) == 0.5
+
+
+def test_precision_choice():
+    from specfleet.cli.train import PRECISIONS as CLI_PRECISIONS
+    from specfleet.training.train import PRECISIONS, autocast, resolve_precision
+
+    assert CLI_PRECISIONS == PRECISIONS
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("auto", cpu) in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", cpu)
+    layer = torch.nn.Linear(4, 4)
+    with autocast(cpu, "bf16"):
+        assert layer(torch.ones(1, 4)).dtype == torch.bfloat16
+    with autocast(cpu, "fp32"):
+        assert layer(torch.ones(1, 4)).dtype == torch.float32
+
+
 def test_on_policy_teacher_cache(tmp_path, tiny_tokens):
     """On-policy windows keep their corpus prompt and continue it with the target's own tokens (the greedy ones
     exactly its greedy continuation); the others stay corpus text; both losses train; a new recipe rebuilds."""

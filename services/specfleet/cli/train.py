@@ -7,6 +7,8 @@ from pathlib import Path
 from specfleet.cli.options import DEFAULT_BENCH, DEFAULT_DATA, DEFAULT_MODELS, model_dir, positive_int, unit_fraction
 from specfleet.training.family import DRAFTER_NAMES
 
+PRECISIONS = ("auto", "fp32", "bf16")  # training.train.PRECISIONS (not imported here: it pulls in torch)
+
 
 def cmd_train(args) -> int:
     data, models = args.data_dir, args.models
@@ -43,7 +45,7 @@ def cmd_train(args) -> int:
             cfg = RunConfig(steps=args.target_steps, batch=args.batch, seq=256, lr=args.lr, warmup=60,
                             seed=args.seed, eval_every=100, checkpoint_minutes=4)
             train_target(data / "tokens", data / "tokenizer", models / "target", data / "runs" / "target", cfg,
-                         minutes=args.minutes, device_name=args.device)
+                         minutes=args.minutes, device_name=args.device, precision=args.precision)
         elif stage == "drafters":
             from specfleet.training.distill import DistillConfig, distill_all
 
@@ -51,7 +53,8 @@ def cmd_train(args) -> int:
             distill_all(model_dir(models / "target"), data / "tokens", data / "runs" / "teacher", models,
                         DistillConfig(seed=args.seed, on_policy=args.on_policy, loss=args.distill_loss),
                         names=args.drafters, device_name=args.device,
-                        steps=args.drafter_steps, windows=args.teacher_windows, generate=generate)
+                        steps=args.drafter_steps, windows=args.teacher_windows, generate=generate,
+                        precision=args.precision)
         elif stage == "card":
             from specfleet.training.cards import write_card
 
@@ -94,6 +97,9 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="corpora, tokens and checkpoints")
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="where model folders are written")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="fp32, or bf16 mixed precision (fp32 weights and optimiser, bf16 matmuls); auto picks bf16 "
+                        "where the GPU or CPU (AVX512-BF16/AMX) runs it natively")
     p.add_argument("--force", action="store_true",
                    help="rebuild the corpus and tokenizer even when they exist (then delete data/runs/ too)")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")

@@ -26,11 +26,13 @@ from specfleet.training.train import (
     DRAFTER_ARCH,
     DRAFTERS,
     Arch,
+    autocast,
     count_parameters,
     device_for,
     export_model,
     load_model,
     make_model,
+    resolve_precision,
     set_threads,
     token_files,
     validation_loss,
@@ -125,7 +127,7 @@ def target_fingerprint(target_dir: Path) -> str:
 @torch.no_grad()
 def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg: DistillConfig,
                         device_name: str = "auto", windows: dict[str, int] | None = None,
-                        generate: Continue | None = None) -> None:
+                        generate: Continue | None = None, precision: str = "auto") -> None:
     """Writes cache_dir/{domain}.pt with inputs [N, seq], top-k ids and log-probs [N, seq, k] from the target,
     for the domains in `windows` (N each; default: every domain, cfg.windows_per_domain).
 
@@ -136,6 +138,7 @@ def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg
     windows = windows or {d: cfg.windows_per_domain for d in DOMAINS}
     set_threads()
     device = device_for(device_name)
+    precision = resolve_precision(precision, device)
     target = load_model(target_dir, device)
     stamp = target_fingerprint(target_dir)
     recipe = {"on_policy": cfg.on_policy, "prompt_tokens": cfg.prompt_tokens, "modes": ON_POLICY_MODES,
@@ -157,7 +160,8 @@ def build_teacher_cache(target_dir: Path, tokens_dir: Path, cache_dir: Path, cfg
                             generate=generate)
         ids, logps = [], []
         for chunk in tqdm(x.split(16), desc=f"teacher cache {domain}", unit="batch"):
-            logits = target(input_ids=chunk.to(device)).logits.float()  # [b, seq, vocab]
+            with autocast(device, precision):
+                logits = target(input_ids=chunk.to(device)).logits.float()  # [b, seq, vocab]
             top = torch.log_softmax(logits, dim=-1).topk(cfg.top_k, dim=-1)
             ids.append(top.indices.to(torch.int16).cpu())
             logps.append(top.values.to(torch.float16).cpu())
@@ -208,7 +212,8 @@ LOSSES = {"kl": _soft_cross_entropy, "tv": _total_variation}
 
 
 def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path, out_dir: Path,
-                  cfg: DistillConfig, device_name: str = "auto", arch: Arch = DRAFTER_ARCH) -> dict:
+                  cfg: DistillConfig, device_name: str = "auto", arch: Arch = DRAFTER_ARCH,
+                  precision: str = "auto") -> dict:
     """Distils one drafter (name in DRAFTERS) from the cached teacher outputs of its domains.
 
     Skips a drafter already distilled from this very target with this configuration (so an interrupted
@@ -223,6 +228,7 @@ def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path
             return done
     set_threads()
     device = device_for(device_name)
+    precision = resolve_precision(precision, device)
     domains = DRAFTERS[name]
     tok = load_tokenizer(target_dir)
     model = make_model(arch, tok, cfg.seed + zlib.crc32(name.encode()) % 1000).to(device)
@@ -242,7 +248,8 @@ def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path
             group["lr"] = lr
         rows = torch.from_numpy(rng.integers(0, len(inputs), size=cfg.batch))
         x = inputs[rows].long().to(device)
-        logits = model(input_ids=x).logits
+        with autocast(device, precision):
+            logits = model(input_ids=x).logits
         loss = LOSSES[cfg.loss](logits, top_ids[rows].to(device), top_logps[rows].to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -254,7 +261,7 @@ def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path
             "parameters": count_parameters(model), "distilled_from": "target", "target_fingerprint": stamp,
             "teacher_top_k": cfg.top_k,
             "tokens_seen": cfg.steps * cfg.batch * cfg.seq, "train_seconds": round(time.time() - start),
-            "validation_loss": val, "run": asdict(cfg), "device": str(device)}
+            "validation_loss": val, "run": asdict(cfg), "device": str(device), "precision": precision}
     export_model(model, tok, out_dir / name, info)
     tqdm.write(f"{name}: validation loss {val}")
     return info
@@ -262,13 +269,14 @@ def train_drafter(name: str, target_dir: Path, tokens_dir: Path, cache_dir: Path
 
 def distill_all(target_dir: Path, tokens_dir: Path, cache_dir: Path, models_dir: Path, base: DistillConfig,
                 names: list[str] | None = None, device_name: str = "auto", steps: int | None = None,
-                windows: int | None = None, generate: Continue | None = None) -> list[dict]:
+                windows: int | None = None, generate: Continue | None = None, precision: str = "auto") -> list[dict]:
     """Distils the named drafters (default all) by their recipes, building the teacher cache they need once."""
     configs = {n: config_for(n, base, steps, windows) for n in (names or list(DRAFTERS))}
     needed: dict[str, int] = {}
     for name, cfg in configs.items():
         for domain in DRAFTERS[name]:
             needed[domain] = max(needed.get(domain, 0), cfg.windows_per_domain)
-    build_teacher_cache(target_dir, tokens_dir, cache_dir, base, device_name, windows=needed, generate=generate)
-    return [train_drafter(n, target_dir, tokens_dir, cache_dir, models_dir, cfg, device_name)
+    build_teacher_cache(target_dir, tokens_dir, cache_dir, base, device_name, windows=needed, generate=generate,
+                        precision=precision)
+    return [train_drafter(n, target_dir, tokens_dir, cache_dir, models_dir, cfg, device_name, precision=precision)
             for n, cfg in configs.items()]

@@ -1,6 +1,7 @@
-"""Model drafters: one or several small Llama models, each with its own slot KV cache, drafting a batch of
-requests position by position. With several drafters, CoSine's confidence fusion picks each position's token,
-feeds it back to every drafter and keeps the losers as branches (`fusion.FusedTreeBuilder`)."""
+"""Model drafters: one or several small Llama models drafting a batch of requests position by position. With
+several drafters, CoSine's confidence fusion picks each position's token, feeds it back to every drafter and keeps
+the losers as branches (`fusion.FusedTreeBuilder`). Drafters of one shape run as one group (`stack_drafters`): one
+batched forward per draft level for all of them, with one slot map, since every member is fed the same tokens."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import dataclasses
 import torch
 
 from specfleet.engine.fusion import FusedTreeBuilder
-from specfleet.engine.llama import KvLimits, LlamaRunner, causal_bias, common_prefix
+from specfleet.engine.llama import KvLimits, LlamaRunner, causal_bias, common_prefix, same_shape
 from specfleet.engine.proposers import Draft
 from specfleet.engine.sampling import SamplingParams, draft_probs
 from specfleet.engine.tree import TokenTree
@@ -17,14 +18,17 @@ from specfleet_kernels.reference import position_keyed_sample
 
 
 class DrafterModel:
-    """One drafter model over a slot KV cache; remembers, per request, which tokens its cache holds."""
+    """A drafter model over a slot KV cache, or a group of drafters of one shape run as one (`names` and a list of
+    models: one batched forward per call for all of them); remembers, per request, which tokens its cache holds.
+    `begin` and `advance` return logits [members, B, V]."""
 
-    def __init__(self, name: str, model, slots: int, limits: KvLimits | None = None):
-        self.name = name
+    def __init__(self, name: str | tuple[str, ...], model, slots: int, limits: KvLimits | None = None):
+        self.names = (name,) if isinstance(name, str) else tuple(name)
+        self.name = "+".join(self.names)
         self.runner = LlamaRunner(model, slots=slots, limits=limits)
         if self.runner.slots < slots:  # a drafter holds every live request of its engine or service
-            raise ValueError(f"drafter {name}: a KV cache of {self.runner.slots} slots fits the budget but {slots} "
-                             "are needed; raise --kv-cache-memory or lower --max-model-len")
+            raise ValueError(f"drafter {self.name}: a KV cache of {self.runner.slots} slots fits the budget but "
+                             f"{slots} are needed; raise --kv-cache-memory or lower --max-model-len")
         self.free = list(range(slots - 1, -1, -1))
         self.slot: dict[str, int] = {}
         self.cached: dict[str, list[int]] = {}  # rid -> tokens whose KV is in its slot (columns 0..len-1)
@@ -44,7 +48,7 @@ class DrafterModel:
 
     def begin(self, batch: list[Draft]) -> torch.Tensor:
         """Brings each request's cache up to its context (reusing the longest cached prefix) and returns the
-        logits after the context: [B, V]."""
+        logits after the context: [members, B, V]."""
         slots, starts, feeds = [], [], []
         for d in batch:
             slots.append(self._slot_for(d.rid))
@@ -58,16 +62,33 @@ class DrafterModel:
         cols = torch.tensor(starts)[:, None] + torch.arange(t)[None]  # [B, T]
         bias = causal_bias(starts, lengths, int(cols.max()) + 1)
         last = torch.tensor(lengths)[:, None] - 1  # [B, 1]
-        return self.runner.forward(tokens, cols, cols, bias, logits_at=last, slots=torch.tensor(slots))[:, 0]
+        logits = self.runner.forward(tokens, cols, cols, bias, logits_at=last, slots=torch.tensor(slots))[:, 0]
+        return logits.view(len(self.names), len(batch), -1)
 
     def advance(self, rids: list[str], tokens: list[int]) -> torch.Tensor:
-        """Feeds one token per request; returns the logits after it: [B, V]."""
+        """Feeds one token per request; returns the logits after it: [members, B, V]."""
         slots = torch.tensor([self.slot[r] for r in rids])
         cols = torch.tensor([len(self.cached[r]) for r in rids])[:, None]  # [B, 1]
         for r, tok in zip(rids, tokens, strict=True):
             self.cached[r].append(tok)
         bias = causal_bias(cols[:, 0].tolist(), [1] * len(rids), int(cols.max()) + 1)
-        return self.runner.forward(torch.tensor(tokens)[:, None], cols, cols, bias, slots=slots)[:, 0]
+        logits = self.runner.forward(torch.tensor(tokens)[:, None], cols, cols, bias, slots=slots)[:, 0]
+        return logits.view(len(self.names), len(rids), -1)
+
+
+def stack_drafters(named_models: list[tuple[str, object]], slots: int, limits: KvLimits | None = None,
+                   stack: bool = True) -> list[DrafterModel]:
+    """DrafterModels for (name, model) pairs: those of one shape grouped into one (when `stack`), in first-seen
+    order; a model whose shape no other shares stays alone."""
+    groups: list[list[tuple[str, object]]] = []
+    for name, model in named_models:
+        home = next((g for g in groups if stack and same_shape(g[0][1].config, model.config)), None)
+        if home is None:
+            groups.append([(name, model)])
+        else:
+            home.append((name, model))
+    return [DrafterModel(g[0][0], g[0][1], slots, limits) if len(g) == 1
+            else DrafterModel(tuple(n for n, _ in g), [m for _, m in g], slots, limits) for g in groups]
 
 
 def candidates(logits: torch.Tensor, drafts: list[Draft], level: int) -> tuple[list[int], list[float]]:
@@ -96,25 +117,33 @@ def candidates(logits: torch.Tensor, drafts: list[Draft], level: int) -> tuple[l
 class ModelProposer:
     """Drafts with one model (a chain) or fuses several (a tree): per level every drafter proposes a token given the
     fused prefix (its most likely one, or for a sampled request one drawn with the request's noise: `candidates`);
-    the most confident wins and is fed back; losers become branches."""
+    the most confident wins and is fed back; losers become branches. Drafters grouped in one DrafterModel draft
+    each level in one forward; a request that asks for some of a group's members still feeds all of them (their
+    caches stay in step) but only its members' candidates enter its tree."""
 
     def __init__(self, drafters: list[DrafterModel], max_branches_per_level: int = 2):
         if not drafters:
             raise ValueError("ModelProposer needs at least one drafter")
-        self.drafters = {d.name: d for d in drafters}
-        self.name = "model" if len(drafters) == 1 else "fused"
+        self.units = list(drafters)
+        self.drafters = {name: unit for unit in self.units for name in unit.names}  # name -> its DrafterModel
+        self.name = "model" if len(self.drafters) == 1 else "fused"
         self.max_branches_per_level = max_branches_per_level
 
     def start(self, rid: str, prompt: list[int]) -> None:
         pass
 
+    @property
+    def drafts_in_one_forward(self) -> bool:
+        """Every drafter in one group: a draft level costs one forward however many drafters a request uses."""
+        return len(self.units) == 1
+
     def step_seconds(self, batch: int) -> float:
-        """Profiled seconds of one drafting step of one drafter over `batch` requests (before any request)."""
-        return max(d.runner.time_forward(batch, 1) for d in self.drafters.values())
+        """Profiled seconds of one drafting level of every drafter over `batch` requests (before any request)."""
+        return sum(unit.runner.time_forward(batch, 1) for unit in self.units)
 
     def stop(self, rid: str, output: list[int]) -> None:
-        for d in self.drafters.values():
-            d.release(rid)
+        for unit in self.units:
+            unit.release(rid)
 
     @torch.no_grad()
     def propose(self, batch: list[Draft]) -> list[TokenTree]:
@@ -128,21 +157,28 @@ class ModelProposer:
             names = tuple(n for n in (batch[i].drafters or self.drafters) if n in self.drafters) or tuple(self.drafters)
             groups.setdefault(names, []).append(i)
         for names, idx in groups.items():
-            for i, tree in zip(idx, self._draft([batch[i] for i in idx], [self.drafters[n] for n in names]),
-                               strict=True):
+            for i, tree in zip(idx, self._draft([batch[i] for i in idx], names), strict=True):
                 trees[i] = tree
         return trees
 
-    def _draft(self, batch: list[Draft], drafters: list[DrafterModel]) -> list[TokenTree]:
+    def _draft(self, batch: list[Draft], names: tuple[str, ...]) -> list[TokenTree]:
+        units = list(dict.fromkeys(self.drafters[n] for n in names))  # each DrafterModel once, first-use order
+        # where each drafter's logits are in the units' outputs stacked member-major: [sum of members, B, V]
+        offsets, at = {}, 0
+        for unit in units:
+            offsets[unit] = at
+            at += len(unit.names)
+        pick = torch.tensor([offsets[self.drafters[n]] + self.drafters[n].names.index(n) for n in names])
         builders = [FusedTreeBuilder(max_branches_per_level=self.max_branches_per_level) for _ in batch]
-        logits = [d.begin(batch) for d in drafters]  # per drafter [B, V]
+        logits = torch.cat([unit.begin(batch) for unit in units])[pick]  # [drafters, B, V]
         rows = list(range(len(batch)))
         for level in range(max(d.k for d in batch)):
-            # candidates per row: each drafter's token and its probability
-            tops = [candidates(lg, [batch[row] for row in rows], level) for lg in logits]  # per drafter
+            # candidates per row: each drafter's token and its probability, all drafters in one call
+            tokens, confidences = candidates(logits.flatten(0, 1), [batch[row] for row in rows] * len(names), level)
+            width = len(rows)
             winners = []
             for j, row in enumerate(rows):
-                cands = [(tokens[j], confidences[j]) for tokens, confidences in tops]
+                cands = [(tokens[m * width + j], confidences[m * width + j]) for m in range(len(names))]
                 winners.append(builders[row].add_level(cands))
             rows_next = [(j, row) for j, row in enumerate(rows) if level + 1 < batch[row].k]
             if not rows_next:
@@ -150,8 +186,7 @@ class ModelProposer:
             rows = [row for _, row in rows_next]
             rids = [batch[row].rid for row in rows]
             feed = [winners[j] for j, _ in rows_next]
-            logits = [d.advance(rids, feed) for d in drafters]
-        names = [d.name for d in drafters]
+            logits = torch.cat([unit.advance(rids, feed) for unit in units])[pick]
         trees = []
         for builder in builders:
             tree = builder.build()

@@ -95,7 +95,11 @@ class SpecEngine:
         if step is None:  # model-free proposers: drafting is a lookup
             draft = (5e-5, 1e-5)
         else:
-            small, big = step(1), step(self.max_batch)
+            # step(): a level of every drafter. Drafters in one forward cost one step whatever a request uses;
+            # drafters in separate forwards cost each theirs (the model's step is then one drafter's average).
+            cost.parallel_drafters = bool(getattr(self.proposer, "drafts_in_one_forward", False))
+            per = cost.drafter_factor(len(getattr(self.proposer, "drafters", ())) or 1)
+            small, big = step(1) / per, step(self.max_batch) / per
             per_request = max((big - small) / max(self.max_batch - 1, 1), 0.0)
             draft = (max(small - per_request, 1e-5), per_request)
         cost.set_priors(draft, verify)

@@ -51,7 +51,7 @@ def load_model(models: Path | ModelSet, name: str):
 
 
 def build_proposer(kind: str, models: Path | ModelSet, drafters: tuple[str, ...], slots: int,
-                   limits: KvLimits | None = None) -> Proposer:
+                   limits: KvLimits | None = None, stack: bool = True) -> Proposer:
     if kind == "none":
         return NoProposer()
     if kind == "ngram":
@@ -61,9 +61,10 @@ def build_proposer(kind: str, models: Path | ModelSet, drafters: tuple[str, ...]
 
         return SuffixProposer()
     if kind in ("model", "fused"):
-        from specfleet.engine.drafters import DrafterModel, ModelProposer
+        from specfleet.engine.drafters import ModelProposer, stack_drafters
 
-        loaded = ModelProposer([DrafterModel(n, load_model(models, n), slots, limits) for n in drafters])
+        # drafters of one shape draft each level in one batched forward (`stack=False`: one forward each)
+        loaded = ModelProposer(stack_drafters([(n, load_model(models, n)) for n in drafters], slots, limits, stack))
         if kind == "model":
             return loaded
         from specfleet.engine.proposers import MergedProposer
@@ -75,7 +76,8 @@ def build_proposer(kind: str, models: Path | ModelSet, drafters: tuple[str, ...]
 
 
 def build_engine(models: Path | ModelSet, proposer: str = "fused", drafters: str | tuple[str, ...] | None = None,
-                 batch_size: int = 8, k: int = 4, adaptive: bool = True, target=None, limits: KvLimits | None = None):
+                 batch_size: int = 8, k: int = 4, adaptive: bool = True, target=None, limits: KvLimits | None = None,
+                 stack: bool = True):
     """Returns a SpecEngine; `target` may be passed to share one loaded target between engines. Drafters whose
     vocabulary differs from the target's are refused (ValueError) before anything loads."""
     from specfleet.engine.control import SpeculationController
@@ -92,6 +94,6 @@ def build_engine(models: Path | ModelSet, proposer: str = "fused", drafters: str
     engine = SpecEngine(target, NoProposer(), max_batch=batch_size, k=k, policy=policy, limits=limits)
     # the drafters hold as many requests as the target's KV budget lets the engine run, over the same context
     engine.proposer = build_proposer(proposer, models, names, engine.max_batch,
-                                     KvLimits(engine.max_positions, (limits or KvLimits()).kv_cache_memory))
+                                     KvLimits(engine.max_positions, (limits or KvLimits()).kv_cache_memory), stack)
     engine.calibrate()
     return engine

@@ -155,14 +155,87 @@ class _Weights:
             raise UnsupportedModel(f"weight(s) {shown} are not implemented by the runner (they would be ignored)")
 
 
+def same_shape(a, b) -> bool:
+    """Whether two model configs describe the same arithmetic (names and bookkeeping aside)."""
+    strip = {"_name_or_path", "transformers_version", "architectures"}
+    return ({k: v for k, v in a.to_dict().items() if k not in strip}
+            == {k: v for k, v in b.to_dict().items() if k not in strip})
+
+
+@dataclass
+class _Model:
+    embed: torch.Tensor
+    lm_head: torch.Tensor
+    final_norm: torch.Tensor
+    layers: list[_Layer]
+
+
+def _take_weights(model) -> _Model:
+    w = _Weights(model)
+    embed = w.take("model.embed_tokens.weight")  # [V, hidden]
+    tied = "lm_head.weight" not in w.params  # tied to the embedding (named_parameters lists it once)
+    lm_head = embed if tied else w.take("lm_head.weight")  # [V, hidden]
+    final_norm = w.take("model.norm.weight")
+    layers = []
+    for i, window in enumerate(layer_windows(model.config)):
+        att, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        layers.append(_Layer(
+            w_in=w.take(f"model.layers.{i}.input_layernorm.weight"),
+            w_qkv=w.cat([att + "q_proj.weight", att + "k_proj.weight", att + "v_proj.weight"]),
+            b_qkv=w.cat([att + "q_proj.bias", att + "k_proj.bias", att + "v_proj.bias"], required=False),
+            w_o=w.take(att + "o_proj.weight"), b_o=w.take(att + "o_proj.bias", required=False),
+            q_norm=w.take(att + "q_norm.weight", required=False),
+            k_norm=w.take(att + "k_norm.weight", required=False),
+            w_post=w.take(f"model.layers.{i}.post_attention_layernorm.weight"),
+            w_gate_up=w.cat([mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
+            b_gate_up=w.cat([mlp + "gate_proj.bias", mlp + "up_proj.bias"], required=False),
+            w_down=w.take(mlp + "down_proj.weight"), b_down=w.take(mlp + "down_proj.bias", required=False),
+            window=window))
+    w.check_all_taken()
+    return _Model(embed, lm_head, final_norm, layers)
+
+
+def _stack(parts: list[_Model]) -> _Model:
+    """G models of one shape as one: linear weights [G, in, out] (pre-transposed for bmm), biases [G, 1, out],
+    norm weights [G, 1, dim], embeddings [G*V, hidden] (member g's ids offset by g*V), LM heads [G, hidden, V]."""
+    def linear(ws):
+        return None if ws[0] is None else torch.stack([x.t() for x in ws]).contiguous()
+
+    def row(ws):
+        return None if ws[0] is None else torch.stack(ws)[:, None].contiguous()
+
+    layers = []
+    for i, first in enumerate(parts[0].layers):
+        of = [m.layers[i] for m in parts]
+        layers.append(_Layer(
+            w_in=row([x.w_in for x in of]), w_qkv=linear([x.w_qkv for x in of]), b_qkv=row([x.b_qkv for x in of]),
+            w_o=linear([x.w_o for x in of]), b_o=row([x.b_o for x in of]), q_norm=row([x.q_norm for x in of]),
+            k_norm=row([x.k_norm for x in of]), w_post=row([x.w_post for x in of]),
+            w_gate_up=linear([x.w_gate_up for x in of]), b_gate_up=row([x.b_gate_up for x in of]),
+            w_down=linear([x.w_down for x in of]), b_down=row([x.b_down for x in of]), window=first.window))
+    return _Model(embed=torch.cat([m.embed for m in parts]), lm_head=linear([m.lm_head for m in parts]),
+                  final_norm=row([m.final_norm for m in parts]), layers=layers)
+
+
 class LlamaRunner:
     def __init__(self, model, slots: int, max_len: int | None = None, limits: KvLimits | None = None):
-        """slots: concurrent requests asked for (fewer when limits.kv_cache_memory cannot hold that many);
-        max_len: cache columns per slot (default: the context plus TREE_ROOM)."""
-        cfg = model.config
+        """model: one causal LM, or a list of G models of one shape run as a group (drafters: every call feeds
+        the same tokens to all G, one batched matmul per weight instead of G forwards; logits come back
+        member-major, [G*B, ...]). slots: concurrent requests asked for (fewer when limits.kv_cache_memory cannot
+        hold that many); max_len: cache columns per slot (default: the context plus TREE_ROOM)."""
+        models = list(model) if isinstance(model, (list, tuple)) else [model]
+        if not models:
+            raise ValueError("LlamaRunner needs at least one model")
+        cfg = models[0].config
+        for other in models[1:]:
+            if not same_shape(cfg, other.config):
+                raise ValueError("models run as one group must share one shape (config); "
+                                 f"{getattr(other.config, '_name_or_path', '?')} differs from "
+                                 f"{getattr(cfg, '_name_or_path', '?')}")
         check_config(cfg)
         limits = limits or KvLimits()
         self.config = cfg
+        self.group = len(models)
         self.vocab_size = cfg.vocab_size
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
@@ -170,40 +243,25 @@ class LlamaRunner:
         self.eps = cfg.rms_norm_eps
         self.max_positions = min(cfg.max_position_embeddings, limits.max_model_len or cfg.max_position_embeddings)
         self.max_len = max_len or self.max_positions + TREE_ROOM  # room for a tree past the last position
-        per_slot = self.max_len * kv_bytes_per_column(cfg, model.model.embed_tokens.weight.dtype)
+        per_slot = self.max_len * kv_bytes_per_column(cfg, models[0].model.embed_tokens.weight.dtype) * self.group
         fit = limits.kv_cache_memory // per_slot
         if fit < 1:
             raise ValueError(f"a KV cache of {limits.kv_cache_memory / 2**20:.0f} MiB holds no request of "
                              f"{self.max_positions} positions (one needs {per_slot / 2**20:.0f} MiB): lower "
                              "--max-model-len or raise --kv-cache-memory")
         self.slots = min(slots, fit)
-        self.rotary = model.model.rotary_emb
-        w = _Weights(model)
-        self.embed = w.take("model.embed_tokens.weight")  # [V, hidden]
-        tied = "lm_head.weight" not in w.params  # tied to the embedding (named_parameters lists it once)
-        self.lm_head = self.embed if tied else w.take("lm_head.weight")  # [V, hidden]
-        self.final_norm = w.take("model.norm.weight")
-        self.layers: list[_Layer] = []
-        for i, window in enumerate(layer_windows(cfg)):
-            att, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-            self.layers.append(_Layer(
-                w_in=w.take(f"model.layers.{i}.input_layernorm.weight"),
-                w_qkv=w.cat([att + "q_proj.weight", att + "k_proj.weight", att + "v_proj.weight"]),
-                b_qkv=w.cat([att + "q_proj.bias", att + "k_proj.bias", att + "v_proj.bias"], required=False),
-                w_o=w.take(att + "o_proj.weight"), b_o=w.take(att + "o_proj.bias", required=False),
-                q_norm=w.take(att + "q_norm.weight", required=False),
-                k_norm=w.take(att + "k_norm.weight", required=False),
-                w_post=w.take(f"model.layers.{i}.post_attention_layernorm.weight"),
-                w_gate_up=w.cat([mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
-                b_gate_up=w.cat([mlp + "gate_proj.bias", mlp + "up_proj.bias"], required=False),
-                w_down=w.take(mlp + "down_proj.weight"), b_down=w.take(mlp + "down_proj.bias", required=False),
-                window=window))
-        w.check_all_taken()
+        self.rotary = models[0].model.rotary_emb
+        parts = [_take_weights(m) for m in models]
+        weights = parts[0] if self.group == 1 else _stack(parts)
+        self.embed, self.lm_head, self.final_norm = weights.embed, weights.lm_head, weights.final_norm
+        self.layers: list[_Layer] = weights.layers
+        self.vocab_offsets = torch.arange(self.group)[:, None, None] * self.vocab_size  # [G, 1, 1]
         self.dtype = self.embed.dtype  # weights, activations and KV cache (the checkpoint as loaded)
         # Columns are allocated as contexts reach them (doubling, up to max_len): memory follows the longest context
         # served, not the model's maximum; the budget above is checked against max_len, the most it can grow to.
+        # Member g of a group keeps request slot s in cache row g * slots + s.
         self.columns = min(self.max_len, INITIAL_COLUMNS)
-        shape = (len(self.layers), self.slots, self.kv_heads, self.columns, self.head_dim)
+        shape = (len(self.layers), self.group * self.slots, self.kv_heads, self.columns, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
 
@@ -224,7 +282,17 @@ class LlamaRunner:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # as Hugging Face's RMSNorm: in float32, back to the activations' dtype, then the weight
         h = x.float()
-        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if self.group == 1:
+            return weight * normed
+        return (normed.view(self.group, -1, normed.shape[-1]) * weight).view(normed.shape)  # rows member-major
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if self.group == 1:
+            return F.linear(x, w, b)
+        flat = x.reshape(self.group, -1, x.shape[-1])  # [G, rows of one member, in]
+        y = torch.bmm(flat, w) if b is None else torch.baddbmm(b, flat, w)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -243,24 +311,33 @@ class LlamaRunner:
         Returns logits [B, T or m, V].
         """
         b, t = tokens.shape
+        g = self.group
+        n = g * b  # rows: member-major, member j's request i at row j * b + i
         s = bias.shape[-1]
         bias = bias.to(self.dtype)  # SDPA takes a mask of the queries' dtype (NEG stays hidden: -inf in fp16)
         self.reserve(max(s, int(write_cols.max()) + 1))
-        x = F.embedding(tokens, self.embed)  # [B, T, hidden]
+        if g == 1:
+            x = F.embedding(tokens, self.embed)  # [B, T, hidden]
+            rows = (torch.arange(b) if slots is None else slots)[:, None].expand(b, t)
+        else:
+            x = F.embedding(tokens[None] + self.vocab_offsets, self.embed).view(n, t, -1)  # [G*B, T, hidden]
+            base = torch.arange(b) if slots is None else slots
+            rows = (torch.arange(g)[:, None] * self.slots + base[None]).view(n)[:, None].expand(n, t)
+            positions, write_cols, bias = positions.repeat(g, 1), write_cols.repeat(g, 1), bias.repeat(g, 1, 1, 1)
+            slots = rows[:, 0]
         cos, sin = self.rotary(x, positions)  # [B, T, head_dim]
         cos, sin = cos[:, None], sin[:, None]
-        rows = (torch.arange(b) if slots is None else slots)[:, None].expand(b, t)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         windowed: dict[int, torch.Tensor] = {}  # window -> the bias with columns beyond it hidden
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer.w_in)
-            q, k, v = F.linear(h, layer.w_qkv, layer.b_qkv).split([q_size, kv_size, kv_size], dim=-1)
-            q, k = q.view(b, t, self.heads, self.head_dim), k.view(b, t, self.kv_heads, self.head_dim)
+            q, k, v = self._linear(h, layer.w_qkv, layer.b_qkv).split([q_size, kv_size, kv_size], dim=-1)
+            q, k = q.view(n, t, self.heads, self.head_dim), k.view(n, t, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
                 q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
             q = self._rope(q.transpose(1, 2), cos, sin)  # [B, H, T, D]
             k = self._rope(k.transpose(1, 2), cos, sin)
-            v = v.view(b, t, self.kv_heads, self.head_dim)
+            v = v.view(n, t, self.kv_heads, self.head_dim)
             kc, vc = self.k_cache[i], self.v_cache[i]  # [slots, kv_heads, max_len, D]
             kc[rows, :, write_cols] = k.transpose(1, 2)  # [B, T, kv_heads, D] into the slots' columns
             vc[rows, :, write_cols] = v
@@ -276,21 +353,24 @@ class LlamaRunner:
                 mask = windowed[layer.window]
             att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=self.kv_heads != self.heads)
-            x = x + F.linear(att.transpose(1, 2).reshape(b, t, q_size), layer.w_o, layer.b_o)
-            gate, up = F.linear(self._norm(x, layer.w_post), layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+            x = x + self._linear(att.transpose(1, 2).reshape(n, t, q_size), layer.w_o, layer.b_o)
+            gate, up = self._linear(self._norm(x, layer.w_post), layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, layer.w_down, layer.b_down)
         if logits_at is not None:
-            x = x.gather(1, logits_at[..., None].expand(b, logits_at.shape[1], x.shape[-1]))
-        return F.linear(self._norm(x, self.final_norm), self.lm_head)
+            at = logits_at if g == 1 else logits_at.repeat(g, 1)
+            x = x.gather(1, at[..., None].expand(n, at.shape[1], x.shape[-1]))
+        x = self._norm(x, self.final_norm)
+        return F.linear(x, self.lm_head) if g == 1 else self._linear(x, self.lm_head, None)
 
     def keep(self, slot: int, start: int, columns: torch.Tensor) -> None:
         """KV compaction for one slot: columns [m] (all >= start) move to start..start+m-1, in that order."""
         if len(columns) == 0 or bool((columns == torch.arange(start, start + len(columns))).all()):
             return
-        for cache in (self.k_cache, self.v_cache):
-            # [layers, kv_heads, max_len, D] viewed as a batch of layers: gather then write back
-            moved = gather_kv(cache[:, slot], columns[None].expand(cache.shape[0], -1))
-            cache[:, slot, :, start:start + len(columns)] = moved
+        for row in range(slot, self.group * self.slots, self.slots):  # the slot's row of every member
+            for cache in (self.k_cache, self.v_cache):
+                # [layers, kv_heads, max_len, D] viewed as a batch of layers: gather then write back
+                moved = gather_kv(cache[:, row], columns[None].expand(cache.shape[0], -1))
+                cache[:, row, :, start:start + len(columns)] = moved
 
     def time_forward(self, batch: int, tokens: int, repeats: int = 3) -> float:
         """Median seconds of a forward of `tokens` tokens in each of `batch` slots (profiling; call it before any
@@ -311,8 +391,9 @@ class LlamaRunner:
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copies a request's first `length` KV columns to another slot (keeps live slots packed at 0..B-1)."""
-        for cache in (self.k_cache, self.v_cache):
-            cache[:, dst, :, :length] = cache[:, src, :, :length]
+        for member in range(0, self.group * self.slots, self.slots):
+            for cache in (self.k_cache, self.v_cache):
+                cache[:, member + dst, :, :length] = cache[:, member + src, :, :length]
 
 
 def common_prefix(cached: list[int], tokens: list[int]) -> int:

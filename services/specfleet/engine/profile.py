@@ -46,18 +46,43 @@ def run(models: Path | ModelSet, drafters: tuple[str, ...] = ("drafter-python", 
         bar.update()
     del target
     steps: dict[str, list[dict]] = {}
-    for name in drafters:
-        runner = LlamaRunner(load_model(models, name), slots=max(DRAFTER_BATCHES))
+    loaded = {name: load_model(models, name) for name in drafters}
+    for name, model in loaded.items():
+        runner = LlamaRunner(model, slots=max(DRAFTER_BATCHES))
         steps[name] = []
         for batch in DRAFTER_BATCHES:
             steps[name].append({"batch": batch, "ms": round(1e3 * runner.time_forward(batch, 1, repeats), 3)})
             bar.update()
+    groups = _group_steps(loaded, steps, repeats)
     bar.close()
     fixed, per_token = fit_line([(r["batch"] * r["tokens"], r["ms"]) for r in rows])
     return {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
-            "target_forward_ms": rows, "drafter_step_ms": steps,
+            "target_forward_ms": rows, "drafter_step_ms": steps, "drafter_group_step_ms": groups,
             "verify_cost": {"fixed_ms": round(fixed, 3), "per_token_ms": round(per_token, 4),
                             "model": "ms = fixed_ms + per_token_ms * (tokens in the forward over all sequences)"}}
+
+
+def _group_steps(loaded: dict, steps: dict[str, list[dict]], repeats: int) -> dict[str, list[dict]]:
+    """One draft level of the first 2, 3, ... drafters of one shape run as one group (the engine's grouped
+    forward), per batch size, beside the mean step of one of them alone (`vs_one`)."""
+    from specfleet.engine.llama import LlamaRunner, same_shape
+
+    out: dict[str, list[dict]] = {}
+    names = list(loaded)
+    while names:
+        first = names[0]
+        members = [n for n in names if same_shape(loaded[first].config, loaded[n].config)]
+        names = [n for n in names if n not in members]
+        for size in range(2, len(members) + 1):
+            group = members[:size]
+            runner = LlamaRunner([loaded[n] for n in group], slots=max(DRAFTER_BATCHES))
+            points = []
+            for i, batch in enumerate(DRAFTER_BATCHES):
+                ms = 1e3 * runner.time_forward(batch, 1, repeats)
+                one = sum(steps[n][i]["ms"] for n in group) / size
+                points.append({"batch": batch, "ms": round(ms, 3), "vs_one": round(ms / one, 2)})
+            out["+".join(n.removeprefix("drafter-") for n in group)] = points
+    return out
 
 
 def load(path: Path) -> dict:
@@ -94,6 +119,9 @@ def format_table(profile: dict) -> str:
     lines.append("")
     for name, points in profile["drafter_step_ms"].items():
         lines.append(f"{name} step, ms: " + ", ".join(f"batch {p['batch']}: {p['ms']:.2f}" for p in points))
+    for name, points in profile.get("drafter_group_step_ms", {}).items():
+        lines.append(f"{name} as one forward, ms: " + ", ".join(
+            f"batch {p['batch']}: {p['ms']:.2f} ({p['vs_one']:.2f}x one)" for p in points))
     c = profile["verify_cost"]
     lines.append(f"\nverifier cost model: {c['fixed_ms']:.2f} ms + {c['per_token_ms']:.3f} ms per token")
     return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""Drafters of one shape run as one group (one batched forward per draft level): the group's logits equal each
+drafter's own, its KV bookkeeping (compaction, slot moves) acts on every member, shapes that differ are refused, and
+the engine's output with grouped drafters equals the one with a forward per drafter (greedy: the target's own
+decoding; sampled: the same seeded samples), also for requests that use only some members of a group."""
+
+import pytest
+import torch
+
+from specfleet.bench.prompts import build_prompts
+from specfleet.engine.drafters import ModelProposer, stack_drafters
+from specfleet.engine.engine import Request
+from specfleet.engine.factory import build_engine
+from specfleet.engine.llama import LlamaRunner, causal_bias
+from specfleet.engine.proposers import Draft
+from specfleet.engine.sampling import SamplingParams
+
+from conftest import MODELS_DIR
+
+NAMES = ("python", "prose", "c")
+
+
+@pytest.fixture(scope="module")
+def drafters(load_model):
+    return [load_model(f"drafter-{n}") for n in NAMES]
+
+
+def _forward_both(singles, group, tokens, cols, bias, slots, last=None):
+    want = torch.stack([r.forward(tokens, cols, cols, bias, logits_at=last, slots=slots) for r in singles])
+    got = group.forward(tokens, cols, cols, bias, logits_at=last, slots=slots)
+    return want, got.view(want.shape)
+
+
+def test_group_forward_equals_each_member(drafters):
+    singles = [LlamaRunner(m, slots=4, max_len=96) for m in drafters]
+    group = LlamaRunner(drafters, slots=4, max_len=96)
+    assert group.group == 3 and group.k_cache.shape[1] == 3 * 4
+    torch.manual_seed(0)
+    # two ragged requests prefilled into slots 2 and 0, logits only at each one's last token
+    tokens = torch.randint(0, 8000, (2, 7))
+    cols = torch.arange(7)[None].expand(2, 7)
+    bias = causal_bias([0, 0], [7, 5], 7)
+    slots = torch.tensor([2, 0])
+    want, got = _forward_both(singles, group, tokens, cols, bias, slots, last=torch.tensor([[6], [4]]))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # one more token each, reading the cache written above
+    step = torch.randint(0, 8000, (2, 1))
+    cols = torch.tensor([[7], [5]])
+    want, got = _forward_both(singles, group, step, cols, causal_bias([7, 5], [1, 1], 8), slots)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # compaction and slot moves apply to every member's row of the slot
+    for runner in [*singles, group]:
+        runner.keep(2, 3, torch.tensor([5, 6, 7]))
+        runner.move_slot(2, 1, 6)
+    for m, single in enumerate(singles):
+        for cache, single_cache in ((group.k_cache, single.k_cache), (group.v_cache, single.v_cache)):
+            for slot in range(4):
+                torch.testing.assert_close(cache[:, m * 4 + slot, :, :8], single_cache[:, slot, :, :8])
+
+
+def test_group_of_different_shapes_is_refused(drafters, load_model):
+    with pytest.raises(ValueError, match="one shape"):
+        LlamaRunner([drafters[0], load_model("target")], slots=1, max_len=64)
+    units = stack_drafters([("python", drafters[0]), ("target", load_model("target")), ("c", drafters[2])], 2)
+    assert [u.names for u in units] == [("python", "c"), ("target",)]
+    assert [u.names for u in stack_drafters([(n, m) for n, m in zip(NAMES, drafters, strict=True)], 2,
+                                            stack=False)] == [(n,) for n in NAMES]
+
+
+def test_subset_of_a_group_drafts_like_those_members_alone(drafters):
+    """A request asking for two of three grouped drafters gets the tree those two give alone."""
+    grouped = ModelProposer(stack_drafters(list(zip(NAMES, drafters, strict=True)), 2))
+    alone = ModelProposer(stack_drafters(list(zip(NAMES[:2], drafters[:2], strict=True)), 2))
+    assert grouped.drafts_in_one_forward and len(grouped.units) == 1
+    context = list(range(100, 140))
+    for sampled in (False, True):
+        params = SamplingParams(0.8, 0.95, 0, 3) if sampled else None
+        draft = Draft("r", context, 4, NAMES[:2], params, 3 if sampled else None, 0)
+        got, want = grouped.propose([draft])[0], alone.propose([draft])[0]
+        assert len(got) > 0 and got.origins == want.origins
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.parents, want.parents)
+        grouped.stop("r", [])
+        alone.stop("r", [])
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_grouped_and_separate_drafters_give_the_same_output(tokenizer, sampled):
+    prompts = [tokenizer(p["prompt"], add_special_tokens=False).input_ids[-32:] for p in build_prompts()[:6]]
+    outputs = []
+    for stack in (True, False):
+        engine = build_engine(MODELS_DIR, "fused", NAMES, batch_size=3, k=4, adaptive=False, stack=stack)
+        assert engine.proposer.proposers[0].drafts_in_one_forward == stack
+        params = [SamplingParams(0.8, 0.95, 0, 11 + i) if sampled else SamplingParams() for i in range(len(prompts))]
+        results = engine.generate([Request(str(i), p, 20, params[i]) for i, p in enumerate(prompts)])
+        outputs.append([r.token_ids for r in results])
+    assert outputs[0] == outputs[1]
+
+
+def test_profile_reports_grouped_steps(drafters, load_model):
+    """`specfleet profile` times 2, 3, ... same-shape drafters as one forward beside one alone; other shapes apart."""
+    from specfleet.engine.profile import DRAFTER_BATCHES, _group_steps, format_table
+
+    loaded = {"drafter-python": drafters[0], "target": load_model("target"), "drafter-c": drafters[2]}
+    steps = {name: [{"batch": b, "ms": 1.0} for b in DRAFTER_BATCHES] for name in loaded}
+    groups = _group_steps(loaded, steps, repeats=1)
+    assert list(groups) == ["python+c"] and [p["batch"] for p in groups["python+c"]] == list(DRAFTER_BATCHES)
+    assert all(p["ms"] > 0 and p["vs_one"] == pytest.approx(p["ms"], abs=0.01) for p in groups["python+c"])
+    table = format_table({"target_forward_ms": [{"batch": 1, "tokens": 1, "ms": 1.0}], "drafter_step_ms": steps,
+                          "drafter_group_step_ms": groups, "verify_cost": {"fixed_ms": 1.0, "per_token_ms": 0.1}})
+    assert "python+c as one forward" in table

@@ -269,3 +269,26 @@ def test_forget_drops_the_request_state():
     ctl.forget("r")
     ctl.forget("never-seen")
     assert "r" not in ctl.trackers
+
+
+def test_probes_are_priced_staggered_and_bounded():
+    """Many requests off at once do not all probe in one round: probes are paid from a budget of probe_share of
+    the plain rounds' time (by the cost model), one request at a time, the longest off first."""
+    cost = CostModel(draft_prior=(2e-3, 1e-3), verify_prior=(1e-2, 1e-3))
+    ctl = controller(cost=cost, probe_every=4, probe_k=2, probe_share=0.05)
+    rids = [f"r{i}" for i in range(8)]
+    with_alpha(ctl, rids, 0.0)
+    probes_per_round, spent, plain = [], 0.0, 0.0
+    for _ in range(200):
+        plans = ctl.decide(rids)
+        probing = [rid for rid, plan in plans.items() if plan.probe]
+        probes_per_round.append(len(probing))
+        plain += cost.verify_time(len(rids))
+        for rid, plan in plans.items():
+            if plan.probe:
+                spent += cost.draft_time(1, 1, plan.k) + cost.verify_seconds_per_token() * plan.k
+            ctl.observe(rid, plan, plan.k, 0, [])
+    assert max(probes_per_round) <= 2 and sum(probes_per_round) > 0
+    assert spent <= 0.05 * plain
+    # with the old fixed schedule every request would probe every 5th round: 8 * 200 / 5 = 320 probes
+    assert sum(probes_per_round) < 100

@@ -210,13 +210,16 @@ class SpeculationController:
     the batch rate and so the price of every drafted token: both give smaller k.
 
     Probing: a request that drafted nothing for `probe_every` consecutive rounds drafts `probe_k` levels once,
-    so its alpha (and the draft cost) can recover; the overhead is at most about probe_k / probe_every tokens.
+    so its alpha (and the draft cost) can recover. Probes are priced and paid from a budget that grows by
+    `probe_share` of every round's expected plain time: a probe's draft levels and its verified nodes, by the cost
+    model. So probing takes at most about probe_share of the time
+    at any batch size, one request at a time (longest off first) instead of a whole batch at once.
     """
 
     def __init__(self, drafters: list[str], k_max: int = 8, cost: CostModel | None = None, *,
                  max_width: int = 3, keep_share: float = 0.2, explore_every: int = 8, probe_every: int = 16,
                  probe_k: int = 2, min_gain: float = 1.02, alpha_prior: float = 0.6, decay: float = 0.9,
-                 fixed_k: bool = False):
+                 fixed_k: bool = False, probe_share: float = 0.03):
         if not drafters:
             raise ValueError("SpeculationController needs at least one drafter name")
         self.drafters = list(drafters)
@@ -225,6 +228,8 @@ class SpeculationController:
         self.max_width = max_width
         self.keep_share, self.explore_every = keep_share, explore_every
         self.probe_every, self.probe_k = probe_every, probe_k
+        self.probe_share = probe_share
+        self.probe_credit = 0.0  # seconds of probing paid for so far and not yet spent
         self.min_gain = min_gain
         self.alpha_prior, self.decay = alpha_prior, decay
         self.fixed_k = fixed_k  # always draft the most levels allowed (routing still picks the drafters)
@@ -285,14 +290,39 @@ class SpeculationController:
                 best_rate, best_ks = rate, ks
         self.last_rates = (plain_rate, best_rate)
 
+        probes = self._probes(candidates, best_ks, batch_tokens, n_drafters)
         plans = {}
         for c in candidates:
-            k, probe = best_ks[c.rid], False
-            if k == 0 and c.cap > 0 and self.trackers[c.rid].rounds_without_draft >= self.probe_every:
-                k, probe = min(self.probe_k, c.cap), True
+            k, probe = best_ks[c.rid], c.rid in probes
+            if probe:
+                k = probes[c.rid]
             names = self.trackers[c.rid].active_drafters(self.drafters, self.keep_share, self.explore_every)
             plans[c.rid] = Plan(k, names if k > 0 else [], probe)
         return plans
+
+    def _probes(self, candidates: list[_Candidate], ks: dict[str, int], batch_tokens: int,
+                n_drafters: int) -> dict[str, int]:
+        """Which requests that speculation left off probe this round (rid -> k), paid from the probe budget."""
+        round_seconds = self.cost.verify_time(batch_tokens)
+        self.probe_credit += self.probe_share * round_seconds
+        due = [c for c in candidates if ks[c.rid] == 0 and c.cap > 0
+               and self.trackers[c.rid].rounds_without_draft >= self.probe_every]
+        if not due:  # budget unspent while nobody needs a probe does not pile up for a later burst
+            self.probe_credit = min(self.probe_credit, self.probe_share * round_seconds * self.probe_every)
+            return {}
+        due.sort(key=lambda c: -self.trackers[c.rid].rounds_without_draft)
+        probes = {}
+        for c in due:
+            k = min(self.probe_k, c.cap)
+            # its draft levels and its verified nodes (the drafters' catch-up on missed tokens is a prefill,
+            # a forward over many tokens at once, far cheaper per token than a draft level: not priced)
+            seconds = (self.cost.draft_time(1, max(n_drafters, 1), k)
+                       + self.cost.verify_seconds_per_token() * k * c.width)
+            if seconds > self.probe_credit:
+                break
+            self.probe_credit -= seconds
+            probes[c.rid] = k
+        return probes
 
     def _best_for_depth(self, candidates: list[_Candidate], depth: int, n_drafters: int, extra_tokens: int,
                         rate: float) -> tuple[float, dict[str, int]]:

@@ -6,6 +6,7 @@ batched forward per draft level for all of them, with one slot map, since every 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -15,6 +16,8 @@ from specfleet.engine.proposers import Draft
 from specfleet.engine.sampling import SamplingParams, draft_probs
 from specfleet.engine.tree import TokenTree
 from specfleet_kernels.reference import position_keyed_sample
+
+PREFILL_FEED = 8  # a begin() feeding more tokens than this to some request counts as prefill
 
 
 class DrafterModel:
@@ -29,6 +32,7 @@ class DrafterModel:
         if self.runner.slots < slots:  # a drafter holds every live request of its engine or service
             raise ValueError(f"drafter {self.name}: a KV cache of {self.runner.slots} slots fits the budget but "
                              f"{slots} are needed; raise --kv-cache-memory or lower --max-model-len")
+        self.last_prefill_seconds = 0.0
         self.free = list(range(slots - 1, -1, -1))
         self.slot: dict[str, int] = {}
         self.cached: dict[str, list[int]] = {}  # rid -> tokens whose KV is in its slot (columns 0..len-1)
@@ -58,11 +62,15 @@ class DrafterModel:
             self.cached[d.rid] = list(d.context)
         lengths = [len(f) for f in feeds]
         t = max(lengths)
+        started = time.perf_counter()
         tokens = torch.tensor([f + [0] * (t - len(f)) for f in feeds])  # [B, T]
         cols = torch.tensor(starts)[:, None] + torch.arange(t)[None]  # [B, T]
         bias = causal_bias(starts, lengths, int(cols.max()) + 1)
         last = torch.tensor(lengths)[:, None] - 1  # [B, 1]
         logits = self.runner.forward(tokens, cols, cols, bias, logits_at=last, slots=torch.tensor(slots))[:, 0]
+        # A long feed is a prefill (a new request's prompt, or tokens missed while it did not draft), not the
+        # per-level cost of drafting: reported apart so the cost model prices draft levels only.
+        self.last_prefill_seconds = time.perf_counter() - started if t > PREFILL_FEED else 0.0
         return logits.view(len(self.names), len(batch), -1)
 
     def advance(self, rids: list[str], tokens: list[int]) -> torch.Tensor:
@@ -128,6 +136,7 @@ class ModelProposer:
         self.drafters = {name: unit for unit in self.units for name in unit.names}  # name -> its DrafterModel
         self.name = "model" if len(self.drafters) == 1 else "fused"
         self.max_branches_per_level = max_branches_per_level
+        self.last_prefill_seconds = 0.0  # of the last propose: drafters catching up (DrafterModel.begin)
 
     def start(self, rid: str, prompt: list[int]) -> None:
         pass
@@ -148,6 +157,7 @@ class ModelProposer:
     @torch.no_grad()
     def propose(self, batch: list[Draft]) -> list[TokenTree]:
         trees = [TokenTree.empty()] * len(batch)
+        self.last_prefill_seconds = 0.0
         live = [i for i, d in enumerate(batch) if d.k > 0]
         if not live:
             return trees
@@ -171,6 +181,7 @@ class ModelProposer:
         pick = torch.tensor([offsets[self.drafters[n]] + self.drafters[n].names.index(n) for n in names])
         builders = [FusedTreeBuilder(max_branches_per_level=self.max_branches_per_level) for _ in batch]
         logits = torch.cat([unit.begin(batch) for unit in units])[pick]  # [drafters, B, V]
+        self.last_prefill_seconds += sum(unit.last_prefill_seconds for unit in units)
         rows = list(range(len(batch)))
         for level in range(max(d.k for d in batch)):
             # candidates per row: each drafter's token and its probability, all drafters in one call

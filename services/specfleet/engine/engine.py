@@ -173,13 +173,17 @@ class SpecEngine:
         verdicts = self.target.verify([VerifyItem(lv.req.rid, lv.tokens, tree, lv.req.params, len(lv.output),
                                                   lv.seed, lv.generator) for lv, tree in zip(live, trees, strict=True)])
         t2 = time.perf_counter()
-        self.timings["draft_s"] += t1 - t0
+        # drafters catching up on a prompt or on tokens they missed: prefill, not the price of a draft level
+        prefill = getattr(self.proposer, "last_prefill_seconds", 0.0)
+        self.timings["draft_s"] += t1 - t0 - prefill
+        self.timings["prefill_s"] += prefill
         self.timings["verify_s"] += t2 - t1
         if self.policy.cost is not None:
             drafting = [d for d in drafts if d.k > 0]
             if drafting:
                 used = {n for d in drafting for n in (d.drafters or ())} or {self.proposer.name}
-                self.policy.cost.observe_draft(len(drafting), len(used), max(d.k for d in drafting), t1 - t0)
+                self.policy.cost.observe_draft(len(drafting), len(used), max(d.k for d in drafting),
+                                               t1 - t0 - prefill)
             self.policy.cost.observe_verify(sum(len(t) + 1 for t in trees), t2 - t1)
         for lv, tree, verdict in zip(live, trees, verdicts, strict=True):
             lv.stats["rounds"] += 1

@@ -185,6 +185,8 @@ def _lock(memo: Any) -> asyncio.Lock:
 async def reconcile(body: Any, spec: Any, name: str, namespace: str, status: Any, memo: Any, patch: Any,
                     logger: logging.Logger, **_: Any) -> None:
     async with _lock(memo):
+        if _deleting(body, memo):
+            return
         await _reconcile(body, spec, name, namespace, status, memo, patch, logger)
 
 
@@ -220,9 +222,17 @@ async def _reconcile(body: Any, spec: Any, name: str, namespace: str, status: An
     patch.status.update(update)
 
 
+def _deleting(body: Any, memo: Any) -> bool:
+    """The SpecFleet is being deleted: handlers that write children must not run (they would re-create what the
+    delete handler removed, and a failing step would hold the finalizer with retries)."""
+    return bool(getattr(memo, "deleting", False) or body.get("metadata", {}).get("deletionTimestamp"))
+
+
 async def autoscale(body: Any, spec: Any, name: str, namespace: str, status: Any, memo: Any, patch: Any,
                     logger: logging.Logger, **_: Any) -> None:
     async with _lock(memo):
+        if _deleting(body, memo):
+            return
         await _autoscale(body, spec, name, namespace, status, memo, patch, logger)
 
 
@@ -251,6 +261,12 @@ async def _autoscale(body: Any, spec: Any, name: str, namespace: str, status: An
 
 
 async def cleanup(name: str, namespace: str, memo: Any, logger: logging.Logger, **_: Any) -> None:
+    memo.deleting = True  # before the lock: a timer step queued behind it returns at once
+    async with _lock(memo):  # after any step in progress, so nothing it writes outlives the deletion
+        await _cleanup(name, namespace, memo, logger)
+
+
+async def _cleanup(name: str, namespace: str, memo: Any, logger: logging.Logger) -> None:
     client = memo.connection.client()
     removed = 0
     for kind in OWNED_KINDS:

@@ -107,3 +107,23 @@ def test_profile_reports_grouped_steps(drafters, load_model):
     table = format_table({"target_forward_ms": [{"batch": 1, "tokens": 1, "ms": 1.0}], "drafter_step_ms": steps,
                           "drafter_group_step_ms": groups, "verify_cost": {"fixed_ms": 1.0, "per_token_ms": 0.1}})
     assert "python+c as one forward" in table
+
+
+def test_engine_bench_table_leads_with_speculative_vs_plain():
+    from specfleet.bench.engine_bench import _add_ratios, format_table
+
+    def r(system, mode, batch, tps, acc=None):
+        return {"system": system, "mode": mode, "batch": batch, "tokens_per_s": tps, "mean_accepted_len": acc,
+                "distinct_4": 0.5}
+
+    results = [r("hf-greedy", "greedy", 1, 50.0), r("hf-sample", "sampled", 1, 40.0),
+               r("specfleet-none", "sampled", 1, 80.0, 0.0), r("specfleet-fused", "sampled", 1, 100.0, 1.5),
+               r("specfleet-none", "greedy", 1, 100.0, 0.0), r("specfleet-fused", "greedy", 1, 150.0, 2.5),
+               r("specfleet-none", "greedy", 32, 400.0, 0.0), r("specfleet-fused", "greedy", 32, 396.0, 0.0)]
+    _add_ratios(results)
+    lines = format_table({"results": results}).splitlines()
+    assert lines[0].startswith("speculative vs plain") and "Hugging Face" in lines[lines.index("") + 1]
+    ours = lines[2:lines.index("")]
+    assert [line.split()[:3] for line in ours][:2] == [["specfleet-none", "greedy", "1"],
+                                                       ["specfleet-fused", "greedy", "1"]]
+    assert "1.50x" in ours[1] and "0.99x" in ours[3] and all("hf-" not in line for line in ours)

@@ -86,7 +86,8 @@ def add_parser(sub, fmt) -> None:
                         "specfleet/bench/prompts.py)")
     b.add_argument("--limit", type=positive_int, default=24, help="prompts used (round-robin over domains)")
     b.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens per prompt")
-    b.add_argument("--batches", type=positive_int, nargs="+", default=[1, 4, 16], help="batch sweep")
+    b.add_argument("--batches", type=positive_int, nargs="+", default=[1, 4, 16, 32],
+                   help="batch sweep (batched rows use at least as many prompts as the largest batch)")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "engine.json", help="JSON result (+ .png)")
     b.set_defaults(func=cmd_bench_engine)
     b = bsub.add_parser("fleet", formatter_class=fmt,

@@ -51,13 +51,14 @@ def test_cost_model_priors_are_sane():
 
 def test_cost_model_converges_to_a_linear_function():
     cost = CostModel()
-    for tokens in [1, 7, 33, 64, 100, 250, 3, 512]:
-        cost.observe_verify(tokens, 0.015 + 3e-5 * tokens)
-    for batch in [1, 2, 4, 8, 16, 32]:
-        cost.observe_draft(batch, drafters=3, steps=5, seconds=3 * 5 * (0.004 + 2e-4 * batch))
-    assert cost.verify.intercept == pytest.approx(0.015) and cost.verify.slope == pytest.approx(3e-5)
-    assert cost.verify_time(1000) == pytest.approx(0.015 + 0.03)
-    assert cost.draft_time(10, 2, 4) == pytest.approx(2 * 4 * (0.004 + 2e-3))
+    for _ in range(8):  # a window's worth of observations over a range of sizes overrules the prior
+        for tokens in [1, 7, 33, 64, 100, 250, 3, 512]:
+            cost.observe_verify(tokens, 0.015 + 3e-5 * tokens)
+        for batch in [1, 2, 4, 8, 16, 32]:
+            cost.observe_draft(batch, drafters=3, steps=5, seconds=3 * 5 * (0.004 + 2e-4 * batch))
+    assert cost.verify.intercept == pytest.approx(0.015, rel=0.1) and cost.verify.slope == pytest.approx(3e-5, rel=0.1)
+    assert cost.verify_time(1000) == pytest.approx(0.015 + 0.03, rel=0.1)
+    assert cost.draft_time(10, 2, 4) == pytest.approx(2 * 4 * (0.004 + 2e-3), rel=0.1)
 
 
 def test_cost_model_with_one_batch_size_scales_the_prior_and_forgets_old_points():
@@ -67,7 +68,20 @@ def test_cost_model_with_one_batch_size_scales_the_prior_and_forgets_old_points(
     assert cost.verify.slope == pytest.approx(4e-4)
     for tokens in [10, 20, 30, 40]:  # the window holds only these
         cost.observe_verify(tokens, 0.01 + 1e-3 * tokens)
-    assert cost.verify_time(0.5) == pytest.approx(0.0105)
+    assert cost.verify_time(25) == pytest.approx(0.035, rel=0.1)  # where it was observed, the fit follows
+
+
+def test_cost_model_slope_resists_noise_at_one_size():
+    """Rounds mostly of one size, timed on a noisy machine: the fitted per-token cost stays near the profiled one
+    instead of swinging with the noise (the node threshold and k depend on it)."""
+    import random
+
+    rng = random.Random(0)
+    cost = CostModel(verify_prior=(7e-3, 5e-4))
+    for _ in range(64):
+        tokens = 1 if rng.random() < 0.8 else rng.choice([2, 3])
+        cost.observe_verify(tokens, (7e-3 + 5e-4 * tokens) * rng.uniform(0.6, 1.8))
+    assert 2.5e-4 < cost.verify.slope < 1.2e-3
 
 
 def test_parallel_drafters_cost_one_drafter():

@@ -506,3 +506,20 @@ def test_draft_probs_apply_the_requests_filters_on_the_drafters_top_tokens():
         assert torch.allclose(q, exact, atol=1e-6)
     wide = torch.zeros(1, 500)  # a flat distribution: its nucleus does not fit in 64 tokens
     assert torch.equal(draft_probs(wide, SAMPLED_PARAMS[1], support=64), warp_probs(wide, SAMPLED_PARAMS[1]))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_p=0.95), SamplingParams(temperature=1.0,
+                                                                                                 top_p=0.5, top_k=40)],
+                         ids=str)
+def test_warp_probs_with_a_real_vocabulary_matches_hugging_face(params):
+    """Vocabularies of NUMPY_SORT_FROM tokens or more sort with numpy's quicksort: the same sorted values, so the
+    same support and probabilities as Hugging Face's warpers, row for row."""
+    from specfleet.engine.sampling import NUMPY_SORT_FROM
+
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 8192, generator=generator) * 3  # continuous: no exact ties
+    assert logits.shape[-1] >= NUMPY_SORT_FROM
+    probs = warp_probs(logits, params)
+    reference = hf_warped_scores(logits, params)
+    assert torch.equal(probs > 0, reference > -math.inf), "same support"
+    torch.testing.assert_close(probs, reference.softmax(-1), atol=1e-6, rtol=0)

@@ -22,40 +22,51 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 
 class _LinearFit:
-    """y = a + b*x by least squares over the last `window` observations, starting from a prior line.
+    """y = a + b*x by least squares over the last `window` observations, regularised toward a prior line.
 
-    With one distinct x so far the slope is unidentifiable, so the prior line is scaled through the observed mean
-    instead; a negative fitted slope or intercept is clamped (times never shrink with size, nor go below zero).
+    The prior line (the profiled costs), scaled to the observations' level, enters as `prior_weight`
+    pseudo-observations split between x = 1 and x = `span`: observations with little spread in x (most rounds at one
+    size) cannot swing the slope on timing noise, while many observations over a range of x overrule the prior.
+    A negative fitted slope or intercept is clamped (times never shrink with size, nor go below zero).
     """
 
-    def __init__(self, intercept: float, slope: float, window: int):
+    def __init__(self, intercept: float, slope: float, window: int, span: float = 16.0, prior_weight: float = 8.0):
         self.prior = (intercept, slope)
+        self.span, self.prior_weight = span, prior_weight
         self.points: deque[tuple[float, float]] = deque(maxlen=window)
         self.intercept, self.slope = intercept, slope
 
     def __call__(self, x: float) -> float:
         return self.intercept + self.slope * x
 
+    def set_prior(self, intercept: float, slope: float) -> None:
+        self.prior = (intercept, slope)
+        self.intercept, self.slope = self._fit() if self.points else self.prior
+
     def add(self, x: float, y: float) -> None:
         self.points.append((float(x), float(y)))
         self.intercept, self.slope = self._fit()
 
     def _fit(self) -> tuple[float, float]:
-        n = len(self.points)
-        mean_x = sum(x for x, _ in self.points) / n
-        mean_y = sum(y for _, y in self.points) / n
-        sxx = sum((x - mean_x) ** 2 for x, _ in self.points)
-        if sxx <= 1e-12 * max(1.0, mean_x * mean_x):
-            a0, b0 = self.prior
-            at_mean = a0 + b0 * mean_x
-            scale = mean_y / at_mean if at_mean > 0 else 1.0
-            return a0 * scale, b0 * scale
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in self.points) / sxx
+        a0, b0 = self.prior
+        # the prior's level follows the observations at once (a loaded machine is slower at every size); its
+        # shape, the split between fixed and per-unit cost, is what the pseudo-observations hold in place
+        predicted = sum(a0 + b0 * x for x, _ in self.points)
+        scale = sum(y for _, y in self.points) / predicted if predicted > 0 else 1.0
+        a0, b0 = a0 * scale, b0 * scale
+        half = self.prior_weight / 2
+        weighted = [(x, y, 1.0) for x, y in self.points]
+        weighted += [(1.0, a0 + b0, half), (self.span, a0 + b0 * self.span, half)]
+        w = sum(c for _, _, c in weighted)
+        mean_x = sum(c * x for x, _, c in weighted) / w
+        mean_y = sum(c * y for _, y, c in weighted) / w
+        sxx = sum(c * (x - mean_x) ** 2 for x, _, c in weighted)
+        slope = sum(c * (x - mean_x) * (y - mean_y) for x, y, c in weighted) / sxx
         intercept = mean_y - slope * mean_x
         if slope < 0:
             return mean_y, 0.0
         if intercept < 0:  # refit through the origin
-            return 0.0, sum(x * y for x, y in self.points) / sum(x * x for x, _ in self.points)
+            return 0.0, sum(c * x * y for x, y, c in weighted) / sum(c * x * x for x, _, c in weighted)
         return intercept, slope
 
 
@@ -76,8 +87,8 @@ class CostModel:
 
     def set_priors(self, draft_prior: tuple[float, float], verify_prior: tuple[float, float]) -> None:
         """Replaces the priors with profiled values (seconds), e.g. from `SpecEngine.calibrate`."""
-        self.draft_step.intercept, self.draft_step.slope = draft_prior
-        self.verify.intercept, self.verify.slope = verify_prior
+        self.draft_step.set_prior(*draft_prior)
+        self.verify.set_prior(*verify_prior)
 
     def drafter_factor(self, drafters: int) -> int:
         """How many drafter steps one draft level costs: every drafter's, or one when they run in parallel."""

@@ -6,6 +6,7 @@ a level budget k) and `stop`. A proposer never changes the output, only how fast
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -121,7 +122,12 @@ class MergedProposer:
             trees = [trees[i] for trees in per_proposer]
             live = [(p, t) for p, t in zip(self.proposers, trees, strict=True) if len(t)]
             if len(live) <= 1:
-                out.append(live[0][1] if live else TokenTree.empty())
+                if not live:
+                    out.append(TokenTree.empty())
+                else:  # one proposer's tree: credited to it unless it names its own origins
+                    proposer, tree = live[0]
+                    out.append(tree if tree.origins is not None
+                               else dataclasses.replace(tree, origins=((proposer.name,),) * len(tree)))
                 continue
             merged, origins = merge_trees_with_origins([t for _, t in live])
             names = []

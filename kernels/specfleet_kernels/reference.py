@@ -205,9 +205,17 @@ def position_keyed_sample(probs: torch.Tensor, seeds: list[int], positions: list
     (1 - TV(p, q)) / (1 + TV(p, q)) -- a coupling without communication (Daliri, Musco & Suresh, "Coupling without
     Communication and Drafter-Invariant Speculative Decoding", 2024) -- and the output stays a function of (seed,
     target) alone. Zero-probability tokens are never drawn."""
-    noise = torch.stack([position_gumbels(s, p, probs.shape[-1]) for s, p in zip(seeds, positions, strict=True)])
-    scores = torch.log(probs.float()) + noise.to(probs.device)  # [B, V]; -inf off the support
-    return scores.argmax(-1)
+    probs = probs.float()
+    vocab = probs.shape[-1]
+    out = []
+    for row, seed, position in zip(probs, seeds, positions, strict=True):
+        noise = position_gumbels(seed, position, vocab).to(row.device)
+        support = row.nonzero()[:, 0]  # ascending, so argmax keeps the full-vocabulary version's first-max rule
+        if 0 < len(support) <= vocab // 4:  # a warped (top-p / top-k) row: the logarithm of its support only
+            out.append(support[(torch.log(row[support]) + noise[support]).argmax()])
+        else:  # -inf off the support
+            out.append((torch.log(row) + noise).argmax())
+    return torch.stack(out) if out else torch.empty(0, dtype=torch.long, device=probs.device)
 
 
 def position_keyed_accept(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor, seed: int,

@@ -127,3 +127,16 @@ def test_engine_bench_table_leads_with_speculative_vs_plain():
     assert [line.split()[:3] for line in ours][:2] == [["specfleet-none", "greedy", "1"],
                                                        ["specfleet-fused", "greedy", "1"]]
     assert "1.50x" in ours[1] and "0.99x" in ours[3] and all("hf-" not in line for line in ours)
+
+
+def test_catch_up_is_reported_as_prefill_not_as_a_draft_level(drafters):
+    """A drafter feeding a whole prompt (or tokens it missed) reports that time as prefill, so the cost model prices
+    draft levels only; a round that feeds only the last committed tokens reports none."""
+    proposer = ModelProposer(stack_drafters(list(zip(NAMES, drafters, strict=True)), 2))
+    context = list(range(100, 164))
+    proposer.propose([Draft("r", context, 2)])
+    assert proposer.last_prefill_seconds > 0
+    proposer.propose([Draft("r", context + [7, 8], 2)])
+    assert proposer.last_prefill_seconds == 0.0
+    proposer.propose([Draft("r", context + [7, 8], 0)])  # not drafting: nothing fed, nothing reported
+    assert proposer.last_prefill_seconds == 0.0

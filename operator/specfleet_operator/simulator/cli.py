@@ -1,5 +1,6 @@
 """`specfleet simulate`: runs the five systems over steady and bursty traces at each replica count, scores the
-autoscaling policies on a ramp, prints the tables and writes the JSON report and PNG plots."""
+autoscaling policies on a ramp and on every autoscaling trace x fleet scale, prints the tables and writes the JSON
+report and PNG plots."""
 
 from __future__ import annotations
 
@@ -17,18 +18,22 @@ from specfleet_operator.simulator import report as reporting
 from specfleet_operator.simulator.costs import DEFAULT_BENCH, PRESETS, get_preset, plain_capacity_tokens_per_s
 from specfleet_operator.simulator.engine import ROUTINGS, assign_power_of_two, saturated_tokens_per_s, simulate
 from specfleet_operator.simulator.systems import SYSTEMS, build
-from specfleet_operator.simulator.traces import TRACES, make
+from specfleet_operator.simulator.traces import AUTOSCALE_TRACES, TRACES, make
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, least: int = 1, what: str = "replica counts") -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 10,100,1000, got {text!r}") \
             from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"replica counts must be positive integers, got {text!r}")
+    if not values or min(values) < least:
+        raise argparse.ArgumentTypeError(f"{what} must be integers >= {least}, got {text!r}")
     return values
+
+
+def _seed_list(text: str) -> list[int]:
+    return _int_list(text, 0, "seeds")
 
 
 def _choices(allowed: tuple[str, ...]):
@@ -46,8 +51,11 @@ def run(preset: str = "a100-70b", replicas: tuple[int, ...] = (10, 100, 1000), t
         systems: tuple[str, ...] = SYSTEMS, load: float = 0.7, duration_s: float = 60.0, seed: int = 0,
         autoscale: bool = True, autoscale_range: tuple[int, int] = (10, 1000), autoscale_duration_s: float = 3600.0,
         provision_s: float = 60.0, bench_dir: Path = DEFAULT_BENCH, profile: dict | None = None,
-        routing: str = "random", progress: bool = True) -> dict:
-    """The whole comparison as a JSON-ready report. Each (trace, replicas) pair uses one trace for all systems."""
+        routing: str = "random", progress: bool = True, autoscale_traces: tuple[str, ...] = AUTOSCALE_TRACES,
+        autoscale_scales: tuple[int, ...] = (10, 100, 1000), autoscale_seeds: tuple[int, ...] = (0,)) -> dict:
+    """The whole comparison as a JSON-ready report. Each (trace, replicas) pair uses one trace for all systems.
+    With `autoscale`, the policies are scored on one ramp (`autoscale_range`) and on the grid of
+    `autoscale_traces` x `autoscale_scales` (most replicas; the least is a tenth), averaged over `autoscale_seeds`."""
     from tqdm import tqdm
 
     costs = get_preset(preset, bench_dir)
@@ -101,6 +109,15 @@ def run(preset: str = "a100-70b", replicas: tuple[int, ...] = (10, 100, 1000), t
                                "slo_ms_per_token": round(slo_ms, 3), "fleet": dataclasses.asdict(fleet),
                                "results": [s.summary() for s in scores],
                                "timelines": {s.policy: s.timeline for s in scores}}
+        tick = time.perf_counter()
+        rows = autoscaling.score_grid(costs, autoscale_traces, autoscale_scales, autoscale_seeds,
+                                      autoscale_duration_s, provision_s, progress=progress)
+        grid = {"traces": list(autoscale_traces),
+                "scales": [list(autoscaling.scale_bounds(high)) for high in autoscale_scales],
+                "seeds": list(autoscale_seeds), "duration_s": autoscale_duration_s, "provision_s": provision_s,
+                "wall_s": round(time.perf_counter() - tick, 2), "rows": rows}
+        grid["table"] = reporting.format_autoscale_grid(grid).splitlines()
+        report["autoscale"]["grid"] = grid
     return report
 
 
@@ -122,12 +139,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                  args.duration, args.seed, autoscale=not args.no_autoscale,
                  autoscale_range=(args.autoscale_min, args.autoscale_max),
                  autoscale_duration_s=args.autoscale_duration, provision_s=args.provision_s, bench_dir=args.bench,
-                 profile=profile, routing=args.routing, progress=not args.quiet)
+                 profile=profile, routing=args.routing, progress=not args.quiet,
+                 autoscale_traces=tuple(args.autoscale_traces), autoscale_scales=tuple(args.autoscale_scales),
+                 autoscale_seeds=tuple(args.autoscale_seeds))
     print(reporting.format_table(report["results"]))
     largest = max(args.replicas)
     print(f"\nat {largest} replicas:\n{reporting.format_table(report['results'], largest)}")
     if "autoscale" in report:
         print("\n" + reporting.format_autoscale(report["autoscale"]))
+        print("\n" + "\n".join(report["autoscale"]["grid"]["table"]))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     written = [args.output]
@@ -149,7 +169,10 @@ def add_parsers(sub, fmt) -> None:
                     "count, from a cost model: `local` reads this machine's committed benchmarks (bench/*.json), "
                     "`a100-70b` / `h100-70b` are paper-scale estimates (a 70B target on 4 GPUs, 1B drafters; "
                     "sources in docs/simulator.md). Prints throughput, p50 / p99 latency and speedup vs plain, then "
-                    "scores autoscaling policies (SLO attainment, GPU-hours, scaling actions) on a load ramp.",
+                    "scores autoscaling policies (static, threshold, HPA on GPU utilisation, KEDA on queue length, "
+                    "Knative KPA, the operator) on a load ramp and on every autoscaling trace x fleet scale: SLO "
+                    "attainment, GPU-hours, scaling actions, reversals, time from a surge to the first scale-up, p99 "
+                    "latency per token.",
         epilog="Example: specfleet simulate --preset h100-70b --replicas 10,100 --trace bursty --duration 30")
     p.add_argument("--preset", choices=tuple(PRESETS), default="a100-70b", help="cost model")
     p.add_argument("--replicas", type=_int_list, default=[10, 100, 1000], help="comma-separated replica counts")
@@ -165,7 +188,14 @@ def add_parsers(sub, fmt) -> None:
     p.add_argument("--no-autoscale", action="store_true", help="skip the autoscaling-policy scoring")
     p.add_argument("--autoscale-min", type=int, default=10, help="fewest verifiers the policies may run")
     p.add_argument("--autoscale-max", type=int, default=1000, help="most verifiers the policies may run")
-    p.add_argument("--autoscale-duration", type=float, default=3600.0, help="seconds of the up-and-down ramp")
+    p.add_argument("--autoscale-duration", type=float, default=3600.0,
+                   help="seconds of the up-and-down ramp and of every autoscaling trace but ramp-5m")
+    p.add_argument("--autoscale-traces", type=_choices(AUTOSCALE_TRACES), default=list(AUTOSCALE_TRACES),
+                   help="traces of the autoscaling grid")
+    p.add_argument("--autoscale-scales", type=_int_list, default=[10, 100, 1000],
+                   help="fleet scales of the autoscaling grid, as most verifiers (the least is a tenth, at least 1)")
+    p.add_argument("--autoscale-seeds", type=_seed_list, default=[0],
+                   help="seeds the autoscaling grid averages over (e.g. 0,1,2: three times as long)")
     p.add_argument("--provision-s", type=float, default=60.0, help="seconds before a new GPU pod serves")
     p.add_argument("--profile", action="store_true",
                    help="with --preset local: time the bundled models now instead of using bench/*.json steps")

@@ -43,15 +43,37 @@ def format_table(rows: list[dict], replicas: int | None = None) -> str:
 
 
 def format_autoscale(autoscale: dict) -> str:
-    head = f"{'policy':<12}{'SLO met':>9}{'GPU-hours':>11}{'actions':>9}{'p99 ms/token':>14}"
+    head = f"{'policy':<14}{'SLO met':>9}{'GPU-hours':>11}{'actions':>9}{'reversals':>10}{'p99 ms/token':>14}"
     lines = [f"autoscaling on a {autoscale['duration_s']:.0f} s ramp, {autoscale['min_replicas']}..."
              f"{autoscale['max_replicas']} verifiers, SLO {autoscale['slo_ms_per_token']:.1f} ms per output token, "
              f"provisioning {autoscale['provision_s']:.0f} s", head, "-" * len(head)]
     for r in autoscale["results"]:
-        lines.append(f"{r['policy']:<12}{r['slo_attainment']:>9.1%}{r['gpu_hours']:>11.1f}{r['scaling_actions']:>9}"
-                     f"{r['p99_latency_per_token_ms']:>14.1f}")
+        lines.append(f"{r['policy']:<14}{r['slo_attainment']:>9.1%}{r['gpu_hours']:>11.1f}{r['scaling_actions']:>9}"
+                     f"{r.get('reversals', 0):>10}{r['p99_latency_per_token_ms']:>14.1f}")
     if autoscale.get("left_out"):
         lines.append(f"left out: {autoscale['left_out']}")
+    return "\n".join(lines)
+
+
+def format_autoscale_grid(grid: dict) -> str:
+    """The autoscaling grid (`autoscale.score_grid` rows): one line per trace x scale x policy."""
+    from specfleet_operator.simulator.autoscale import POLICIES
+
+    head = (f"{'trace':<9}{'verifiers':>11}  {'policy':<14}{'SLO met':>8}{'GPU-h':>10}{'actions':>9}{'reversals':>10}"
+            f"{'surge->up s':>12}{'no up':>7}{'p99 ms/tok':>12}")
+    seeds = ",".join(str(s) for s in grid["seeds"])
+    lines = [f"autoscaling grid: {grid['duration_s']:.0f} s traces (ramp-5m: 300 s), provisioning "
+             f"{grid['provision_s']:.0f} s, seeds {seeds} (averaged)", head, "-" * len(head)]
+    traces = {name: i for i, name in enumerate(grid["traces"])}
+    order = {name: i for i, name in enumerate(POLICIES)}
+    rows = sorted(grid["rows"], key=lambda r: (traces.get(r["trace"], 99), r["max_replicas"],
+                                               order.get(r["policy"], 99)))
+    for r in rows:
+        surge = "-" if r["surge_to_scale_up_s"] is None else f"{r['surge_to_scale_up_s']:.1f}"
+        lines.append(f"{r['trace']:<9}{r['min_replicas']:>5}..{r['max_replicas']:<4}  {r['policy']:<14}"
+                     f"{r['slo_attainment']:>8.1%}{r['gpu_hours']:>10.1f}{r['scaling_actions']:>9.1f}"
+                     f"{r['reversals']:>10.1f}{surge:>12}{r['surges_without_scale_up']:>7.1f}"
+                     f"{r['p99_latency_per_token_ms']:>12.1f}")
     return "\n".join(lines)
 
 

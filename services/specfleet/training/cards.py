@@ -27,15 +27,16 @@ def _fmt_loss(losses: dict[str, float]) -> str:
 
 def _loss_curve(history: list[dict], rows: int = 12) -> list[str]:
     """The loss curve as a table: tokens seen against validation loss per domain (at most `rows` evaluations,
-    evenly spaced, the last one always)."""
-    keep = sorted({round(i * (len(history) - 1) / (rows - 1)) for i in range(rows)}) if len(history) > rows else \
-        range(len(history))
-    lines = ["Loss curve (validation loss in nats):", "", "| step | tokens seen | " + " | ".join(DOMAINS) + " |",
-             "|---|---|" + "---|" * len(DOMAINS)]
-    for i in keep:
+    evenly spaced, the last one always, and every annotated one, e.g. a loss re-measured on a rebuilt corpus)."""
+    keep = {round(i * (len(history) - 1) / (rows - 1)) for i in range(rows)} if len(history) > rows else \
+        set(range(len(history)))
+    keep |= {i for i, h in enumerate(history) if h.get("note")}
+    lines = ["Loss curve (validation loss in nats):", "", "| step | tokens seen | " + " | ".join(DOMAINS) + " | |",
+             "|---|---|" + "---|" * len(DOMAINS) + "---|"]
+    for i in sorted(keep):
         h = history[i]
         lines.append(f"| {h['step']} | {h['tokens_seen'] / 1e6:.2f} M | "
-                     + " | ".join(f"{h['val'][d]:.3f}" for d in DOMAINS) + " |")
+                     + " | ".join(f"{h['val'][d]:.3f}" for d in DOMAINS) + f" | {h.get('note', '')} |")
     return lines + [""]
 
 
@@ -100,9 +101,7 @@ def render(models_dir: Path, acceptance: dict | None) -> str:
                     "positions of Σ min(p, q) = 1 − TV(p, q), the acceptance probability of standard speculative "
                     "sampling. The last row is the distinct-4 of the target's sampled continuations.", "",
                     format_table(acceptance, sampled=True), ""]
-        out += [
-                "### Specialisation", "",
-                "### Specialisation", "",
+        out += ["### Specialisation", "",
                 "Each specialist on its own domain against the best other specialist there (goal: ratio ≥ 1.2 and "
                 "≥ 2.0 tokens per round).", "",
                 "| specialist | requests | domain | tokens/round | best other specialist | ratio |",

@@ -33,7 +33,7 @@ def cmd_train(args) -> int:
             if bundled.exists() and not args.force:
                 # One tokenizer for the whole family: keep the bundled one so bundled weights stay usable.
                 tok = load_tokenizer(bundled.parent)
-                tok.save_pretrained(data / "tokenizer")
+                tok.save_pretrained(data / "tokenizer", save_jinja_files=False)
                 print(f"using the bundled tokenizer from {bundled.parent} (--force trains a new one)")
             else:
                 tok = train_tokenizer(data / "corpus", data / "tokenizer", vocab_size=args.vocab_size)

@@ -64,7 +64,7 @@ def train_tokenizer(corpus_dir: Path, out_dir: Path, vocab_size: int = DEFAULT_V
     )
     fast.chat_template = CHAT_TEMPLATE
     out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out_dir)
+    fast.save_pretrained(out_dir, save_jinja_files=False)  # the template in tokenizer_config.json, where it was
     return fast
 
 

@@ -170,7 +170,7 @@ def export_model(model, tokenizer, out_dir: Path, info: dict) -> None:
     config = json.loads(config_path.read_text())
     config["dtype"] = "float32"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tokenizer.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir, save_jinja_files=False)  # chat template inside tokenizer_config.json
     (out_dir / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

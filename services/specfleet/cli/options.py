@@ -68,6 +68,9 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", action="append", default=[], metavar="NAME=PATH",
                    help="a drafter by name, from a Hugging Face folder sharing the target's vocabulary (repeatable; "
                         "adds to or replaces MODELS/drafter-NAME); --drafters and --pools take these names")
+    p.add_argument("--head", type=Path, default=None,
+                   help="a draft head trained for this target (`specfleet train head`; default: MODELS/head when "
+                        "present); the drafter named head (--proposer head, or head in --drafters)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights, activations and KV cache (auto: float32 on the CPU); output equals Hugging Face's "
                         "in the same dtype")
@@ -112,7 +115,8 @@ def model_set_from_args(args):
     try:
         return ModelSet.bundled(args.models).with_overrides(getattr(args, "target", None),
                                                             getattr(args, "drafter", None) or (),
-                                                            getattr(args, "dtype", None))
+                                                            getattr(args, "dtype", None),
+                                                            getattr(args, "head", None))
     except ValueError as exc:
         sys.exit(f"error: {exc}")
 

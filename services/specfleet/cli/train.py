@@ -55,6 +55,12 @@ def cmd_train(args) -> int:
                         names=args.drafters, device_name=args.device,
                         steps=args.drafter_steps, windows=args.teacher_windows, generate=generate,
                         precision=args.precision)
+        elif stage == "head":
+            from specfleet.training.head import HeadRunConfig, train_head
+
+            cfg = HeadRunConfig(steps=args.head_steps, batch=args.batch, seed=args.seed)
+            train_head(data / "tokens", model_dir(models / "target"), models / "head", data / "runs" / "head", cfg,
+                       minutes=args.minutes, device_name=args.device, precision=args.precision)
         elif stage == "card":
             from specfleet.training.cards import write_card
 
@@ -92,8 +98,8 @@ def add_parser(sub, fmt) -> None:
                        description="Rebuild the model family from text on this machine. Stages run in order with "
                                    "`all`; each is resumable (target checkpoints in DATA_DIR/runs/target) and "
                                    "seeded. Runs on CUDA when available, else the CPU (slowly).")
-    p.add_argument("stage", choices=["all", "corpus", "tokenizer", "target", "drafters", "card"],
-                   help="what to (re)build")
+    p.add_argument("stage", choices=["all", "corpus", "tokenizer", "target", "drafters", "head", "card"],
+                   help="what to (re)build (head: the draft head on the target's features; not part of all)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="corpora, tokens and checkpoints")
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="where model folders are written")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -109,7 +115,10 @@ def add_parser(sub, fmt) -> None:
                    help="target optimiser steps (sets the LR schedule; training resumes up to it)")
     p.add_argument("--batch", type=positive_int, default=8, help="target sequences per step (256 tokens each)")
     p.add_argument("--lr", type=float, default=1.5e-3, help="target peak learning rate")
-    p.add_argument("--minutes", type=float, default=None, help="stop target training after this long (resumable)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="stop target or head training after this long (resumable)")
+    p.add_argument("--head-steps", type=positive_int, default=3000,
+                   help="draft head optimiser steps (sets its LR schedule; training resumes up to it)")
     p.add_argument("--drafter-steps", type=positive_int, default=None,
                    help="distillation steps per drafter (default: each drafter's recipe in training/distill.py)")
     p.add_argument("--teacher-windows", type=positive_int, default=None,

@@ -71,7 +71,9 @@ class FixedK:
 class SpecEngine:
     def __init__(self, target, proposer: Proposer, *, max_batch: int = 8, k: int = 4, policy=None,
                  eos_token_id: int | None = None, limits: KvLimits | None = None):
-        self.target = TargetVerifier(target, slots=max_batch, limits=limits)
+        # a draft head reads the target's features of every request (`use_proposer` switches it on)
+        self.target = TargetVerifier(target, slots=max_batch, limits=limits,
+                                     features=bool(getattr(proposer, "needs_features", False)))
         self.runner = self.target.runner
         self.proposer = proposer
         self.max_batch = self.runner.slots  # what the KV budget holds (at most max_batch)
@@ -81,6 +83,13 @@ class SpecEngine:
         self.timings = {"draft_s": 0.0, "verify_s": 0.0, "prefill_s": 0.0}
 
     # ------------------------------------------------------------------ public
+
+    def use_proposer(self, proposer: Proposer) -> None:
+        """Drafts with `proposer` from now on (before any request is live)."""
+        if len(self.target):
+            raise RuntimeError("the proposer changes only while no request is live")
+        self.proposer = proposer
+        self.target.keep_features = bool(getattr(proposer, "needs_features", False))
 
     def calibrate(self) -> None:
         """Profiles a target forward (1 and 16 tokens) and a drafter step (batch 1 and max) on this machine and
@@ -165,8 +174,10 @@ class SpecEngine:
     def step(self, live: list[_Live], on_tokens=None) -> None:
         """One round for every live request: plan, draft, verify all trees in one forward, accept, commit."""
         plans = self.policy.decide([lv.req.rid for lv in live], max_k={lv.req.rid: lv.remaining - 1 for lv in live})
+        features = self.target.features_of if self.target.keep_features else None
         drafts = [Draft(lv.req.rid, lv.tokens, plans[lv.req.rid].k, tuple(plans[lv.req.rid].drafters) or None,
-                        lv.req.params, lv.seed, len(lv.output)) for lv in live]
+                        lv.req.params, lv.seed, len(lv.output),
+                        features(lv.req.rid) if features and lv.req.rid in self.target else None) for lv in live]
         t0 = time.perf_counter()
         trees = self.proposer.propose(drafts)
         t1 = time.perf_counter()

@@ -10,7 +10,8 @@ from specfleet.engine.models import ModelSet, check_all
 from specfleet.engine.proposers import NgramProposer, NoProposer, Proposer
 from specfleet.training.family import DRAFTER_NAMES
 
-PROPOSERS = ("fused", "model", "suffix", "ngram", "none")  # fused = CoSine fusion of the drafters + suffix trees
+# fused = CoSine fusion of the drafters (and the draft head, when named) + suffix trees
+PROPOSERS = ("fused", "model", "head", "suffix", "ngram", "none")
 DEFAULT_DRAFTERS = {"fused": ("python", "prose", "c"), "model": ("general",)}
 
 
@@ -20,6 +21,8 @@ def parse_drafters(text: str | None, proposer: str, known: tuple[str, ...] | lis
     drafters: all of them for fused, the first for model). Raises ValueError on names not in `known` (default: the
     bundled drafters)."""
     known = tuple(known) if known is not None else tuple(n.removeprefix("drafter-") for n in DRAFTER_NAMES)
+    if proposer == "head":
+        return ("head",)
     if not text:
         default = DEFAULT_DRAFTERS.get(proposer, ())
         if all(n in known for n in default):
@@ -50,8 +53,20 @@ def load_model(models: Path | ModelSet, name: str):
     return load(path, dtype=models.torch_dtype)
 
 
+def build_head(models: Path | ModelSet, slots: int, limits: KvLimits | None = None, target=None):
+    """The model set's draft head as a proposer (ValueError when it has none)."""
+    from specfleet.engine.head import HeadModel, HeadProposer
+
+    models = ModelSet.of(models)
+    if models.head is None:
+        raise ValueError("this model set has no draft head: train one with `specfleet train head` or give --head PATH")
+    target = target if target is not None else load_model(models, "target")
+    return HeadProposer(HeadModel(models.head, target, slots, limits, target_dir=models.target))
+
+
 def build_proposer(kind: str, models: Path | ModelSet, drafters: tuple[str, ...], slots: int,
-                   limits: KvLimits | None = None, stack: bool = True) -> Proposer:
+                   limits: KvLimits | None = None, stack: bool = True, target=None) -> Proposer:
+    """`target`: the loaded target, shared with a draft head (loaded again when not given)."""
     if kind == "none":
         return NoProposer()
     if kind == "ngram":
@@ -60,18 +75,25 @@ def build_proposer(kind: str, models: Path | ModelSet, drafters: tuple[str, ...]
         from specfleet.engine.suffix import SuffixProposer
 
         return SuffixProposer()
+    if kind == "head":
+        return build_head(models, slots, limits, target)
     if kind in ("model", "fused"):
         from specfleet.engine.drafters import ModelProposer, stack_drafters
 
+        head = build_head(models, slots, limits, target) if "head" in drafters else None
+        drafters = tuple(n for n in drafters if n != "head")
+
         # drafters of one shape draft each level in one batched forward (`stack=False`: one forward each)
-        loaded = ModelProposer(stack_drafters([(n, load_model(models, n)) for n in drafters], slots, limits, stack))
+        loaded = (ModelProposer(stack_drafters([(n, load_model(models, n)) for n in drafters], slots, limits, stack))
+                  if drafters or kind == "model" else None)
         if kind == "model":
             return loaded
         from specfleet.engine.proposers import MergedProposer
         from specfleet.engine.suffix import SuffixProposer
 
         # the suffix tree costs microseconds and catches what the text repeats; the drafters handle the rest
-        return MergedProposer([loaded, SuffixProposer(max_tree_nodes=8)], name="fused")
+        members = [p for p in (loaded, head) if p is not None]
+        return MergedProposer(members + [SuffixProposer(max_tree_nodes=8)], name="fused")
     raise ValueError(f"unknown proposer {kind!r}; choose from {', '.join(PROPOSERS)}")
 
 
@@ -84,16 +106,19 @@ def build_engine(models: Path | ModelSet, proposer: str = "fused", drafters: str
     from specfleet.engine.engine import SpecEngine
 
     models = ModelSet.of(models)
-    names = drafters if isinstance(drafters, tuple) else parse_drafters(drafters, proposer, tuple(models.drafters))
+    known = tuple(models.drafters) + (("head",) if models.head is not None else ())
+    names = drafters if isinstance(drafters, tuple) else parse_drafters(drafters, proposer, known)
     if proposer in ("model", "fused"):
         check_all(models, names)
     target = target if target is not None else load_model(models, "target")
     policy = None
     if adaptive and proposer != "none":
-        policy = SpeculationController(k_max=k, drafters=list(names) or [proposer])
+        # the head drafts whenever a request drafts (like the suffix tree): the controller picks among the models
+        policy = SpeculationController(k_max=k, drafters=[n for n in names if n != "head"] or [proposer])
     engine = SpecEngine(target, NoProposer(), max_batch=batch_size, k=k, policy=policy, limits=limits)
     # the drafters hold as many requests as the target's KV budget lets the engine run, over the same context
-    engine.proposer = build_proposer(proposer, models, names, engine.max_batch,
-                                     KvLimits(engine.max_positions, (limits or KvLimits()).kv_cache_memory), stack)
+    engine.use_proposer(build_proposer(proposer, models, names, engine.max_batch,
+                                       KvLimits(engine.max_positions, (limits or KvLimits()).kv_cache_memory), stack,
+                                       target))
     engine.calibrate()
     return engine

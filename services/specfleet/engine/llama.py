@@ -302,13 +302,16 @@ class LlamaRunner:
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, write_cols: torch.Tensor, bias: torch.Tensor,
-                logits_at: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                inputs: torch.Tensor | None = None, return_hidden: bool = False):
         """One forward for the requests in `slots` [B] (None: slots 0..B-1, read as a view with no copy).
 
         tokens, positions, write_cols: [B, T] (token ids, rotary positions, cache column each token's KV goes to);
         bias: [B, 1, T, S] additive attention bias over cache columns 0..S-1 (0 visible, NEG hidden).
         logits_at: optional [B, m] indices into T; only those positions get logits (saves the vocab matmul).
-        Returns logits [B, T or m, V].
+        inputs: optional [B, T, hidden] input vectors in place of the tokens' embeddings (a draft head's).
+        Returns logits [B, T or m, V]; with return_hidden, (logits, hidden [B, T, hidden]): every position's last
+        hidden state after the final norm, the features a draft head reads.
         """
         b, t = tokens.shape
         g = self.group
@@ -316,7 +319,12 @@ class LlamaRunner:
         s = bias.shape[-1]
         bias = bias.to(self.dtype)  # SDPA takes a mask of the queries' dtype (NEG stays hidden: -inf in fp16)
         self.reserve(max(s, int(write_cols.max()) + 1))
-        if g == 1:
+        if (inputs is not None or return_hidden) and g != 1:
+            raise ValueError("input vectors and hidden states are for a single model, not a group")
+        if inputs is not None:
+            x = inputs.to(self.dtype)
+            rows = (torch.arange(b) if slots is None else slots)[:, None].expand(b, t)
+        elif g == 1:
             x = F.embedding(tokens, self.embed)  # [B, T, hidden]
             rows = (torch.arange(b) if slots is None else slots)[:, None].expand(b, t)
         else:
@@ -356,6 +364,11 @@ class LlamaRunner:
             x = x + self._linear(att.transpose(1, 2).reshape(n, t, q_size), layer.w_o, layer.b_o)
             gate, up = self._linear(self._norm(x, layer.w_post), layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
             x = x + self._linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+        if return_hidden:
+            hidden = self._norm(x, self.final_norm)
+            picked = hidden if logits_at is None else hidden.gather(
+                1, logits_at[..., None].expand(b, logits_at.shape[1], hidden.shape[-1]))
+            return F.linear(picked, self.lm_head), hidden
         if logits_at is not None:
             at = logits_at if g == 1 else logits_at.repeat(g, 1)
             x = x.gather(1, at[..., None].expand(n, at.shape[1], x.shape[-1]))

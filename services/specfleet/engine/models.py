@@ -25,6 +25,7 @@ class ModelSet:
     target: Path
     drafters: dict[str, Path] = field(default_factory=dict)
     dtype: str = "auto"  # weights, activations and KV cache: auto (float32 on the CPU), float32, bfloat16, float16
+    head: Path | None = None  # a draft head trained for this target (training/head.py), the drafter named "head"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -43,14 +44,15 @@ class ModelSet:
         models_dir = Path(models_dir)
         drafters = {p.name.removeprefix("drafter-"): p for p in sorted(models_dir.glob("drafter-*"))
                     if (p / "config.json").exists()}
-        return cls(models_dir / "target", drafters)
+        head = models_dir / "head"
+        return cls(models_dir / "target", drafters, head=head if (head / "head.json").exists() else None)
 
     @classmethod
     def of(cls, models: Path | str | ModelSet) -> ModelSet:
         return models if isinstance(models, ModelSet) else cls.bundled(Path(models))
 
     def with_overrides(self, target: Path | None = None, drafters: list[str] | tuple[str, ...] = (),
-                       dtype: str | None = None) -> ModelSet:
+                       dtype: str | None = None, head: Path | None = None) -> ModelSet:
         """This set with the target replaced and `NAME=PATH` drafters added or replaced. Raises ValueError on a
         malformed entry, an invalid name or a folder without config.json."""
         out = dict(self.drafters)
@@ -59,11 +61,15 @@ class ModelSet:
             name = name.strip().removeprefix("drafter-")
             if not sep or not path.strip():
                 raise ValueError(f"--drafter takes NAME=PATH (a name and a Hugging Face folder), got {entry!r}")
-            if not NAME.match(name) or name in MODEL_FREE:
+            if not NAME.match(name) or name in MODEL_FREE or name == "head":
                 raise ValueError(f"drafter name {name!r} must be lower-case letters, digits and '-' (at most 40, a "
-                                 f"DNS label) and not one of the model-free pools {', '.join(MODEL_FREE)}")
+                                 f"DNS label) and not one of the model-free pools {', '.join(MODEL_FREE)} or head "
+                                 "(a draft head is given with --head)")
             out[name] = _folder(Path(path.strip()), f"drafter {name}")
-        return ModelSet(_folder(Path(target), "target") if target else self.target, out, dtype or self.dtype)
+        # a new target makes the bundled head meaningless (a head reads one target's features): it goes unless given
+        kept = self.head if not target else None
+        return ModelSet(_folder(Path(target), "target") if target else self.target, out, dtype or self.dtype,
+                        _folder(Path(head), "draft head", "head.json") if head else kept)
 
     def drafter(self, name: str) -> Path:
         name = name.removeprefix("drafter-")
@@ -77,12 +83,15 @@ class ModelSet:
         out = ["--target", str(self.target), "--dtype", self.dtype]
         for name, path in self.drafters.items():
             out += ["--drafter", f"{name}={path}"]
+        if self.head is not None:
+            out += ["--head", str(self.head)]
         return out
 
 
-def _folder(path: Path, what: str) -> Path:
-    if not (path / "config.json").exists():
-        raise ValueError(f"no model for the {what} at {path} (expected a Hugging Face folder with config.json)")
+def _folder(path: Path, what: str, marker: str = "config.json") -> Path:
+    if not (path / marker).exists():
+        kind = "a Hugging Face folder" if marker == "config.json" else "a folder"
+        raise ValueError(f"no model for the {what} at {path} (expected {kind} with {marker})")
     return path
 
 
@@ -123,5 +132,5 @@ def check_compatible(target: Path, drafter: Path, name: str) -> None:
 def check_all(models: ModelSet, names: list[str] | tuple[str, ...] | None = None) -> None:
     """check_compatible for the named drafters (default: all of them)."""
     for name in names if names is not None else list(models.drafters):
-        if name not in MODEL_FREE:
+        if name not in MODEL_FREE and name != "head":  # the head is checked against its target when it loads
             check_compatible(models.target, models.drafter(name), name)

@@ -42,6 +42,8 @@ class Draft:
     params: SamplingParams | None = None
     seed: int | None = None
     position: int = 0
+    # A draft head's input (proposers with needs_features): the target's features of context[:-1], [len - 1, H].
+    features: object | None = None
 
     @property
     def sampled(self) -> bool:
@@ -104,6 +106,10 @@ class MergedProposer:
 
     def __getattr__(self, attr):  # step_seconds, drafters, ...: the first proposer's (the model drafters)
         return getattr(self.proposers[0], attr)
+
+    @property
+    def needs_features(self) -> bool:
+        return any(getattr(p, "needs_features", False) for p in self.proposers)
 
     def start(self, rid: str, prompt: list[int]) -> None:
         for p in self.proposers:

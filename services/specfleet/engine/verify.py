@@ -47,12 +47,39 @@ class Verdict:
     tokens: list[int]  # accepted draft tokens followed by the target's own next token
 
 
+class FeatureRows:
+    """One request's target features (the last hidden state after the final norm, row i for token i) of the tokens
+    whose KV is cached, in a buffer grown by doubling: what a draft head reads."""
+
+    def __init__(self, width: int, dtype: torch.dtype):
+        self.buf = torch.empty(64, width, dtype=dtype)
+        self.n = 0
+
+    def truncate(self, n: int) -> None:
+        self.n = min(self.n, n)
+
+    def extend(self, rows: torch.Tensor) -> None:
+        need = self.n + len(rows)
+        if need > len(self.buf):
+            grown = torch.empty(max(need, 2 * len(self.buf)), self.buf.shape[1], dtype=self.buf.dtype)
+            grown[:self.n] = self.buf[:self.n]
+            self.buf = grown
+        self.buf[self.n:need] = rows
+        self.n = need
+
+    def view(self) -> torch.Tensor:
+        return self.buf[:self.n]
+
+
 FOLD_MAX = 32  # context tokens missing from a request's cache fed in the verify forward itself; more: a prefill
 
 
 class TargetVerifier:
-    def __init__(self, target, slots: int, limits: KvLimits | None = None):
+    def __init__(self, target, slots: int, limits: KvLimits | None = None, features: bool = False):
+        """features: keep each request's target features (`features_of`) for a draft head."""
         self.runner = LlamaRunner(target, slots=slots, limits=limits)
+        self.keep_features = features
+        self.feats: dict[str, FeatureRows] = {}
         self.vocab_size = self.runner.vocab_size
         self.max_positions = self.runner.max_positions
         self.slot_of: dict[str, int] = {}
@@ -78,18 +105,26 @@ class TargetVerifier:
                 raise RuntimeError(f"no free KV slot for request {rid!r} ({self.runner.slots} in use)")
             self.slot_of[rid] = len(self.slot_of)  # live slots stay packed at 0..n-1
             self.known[rid] = []
+            if self.keep_features:
+                self.feats[rid] = FeatureRows(self.runner.config.hidden_size, self.runner.dtype)
         known, want = self.known[rid], context[:-1]
         common = common_prefix(known, want)
         if common == len(known) == len(want):
             return 1  # in step already
         if 0 < common and len(context) - common <= FOLD_MAX:
             self.known[rid] = known[:common]  # columns past it are overwritten by this forward
+            if self.keep_features:
+                self.feats[rid].truncate(common)
             return len(context) - common
         if common < len(want):
             n = len(want) - common
             cols = torch.arange(common, len(want))[None]  # [1, n]
-            self.runner.forward(torch.tensor([want[common:]]), cols, cols, causal_bias([common], [n], len(want)),
-                                logits_at=torch.tensor([[n - 1]]), slots=torch.tensor([self.slot_of[rid]]))
+            out = self.runner.forward(torch.tensor([want[common:]]), cols, cols,
+                                      causal_bias([common], [n], len(want)), logits_at=torch.tensor([[n - 1]]),
+                                      slots=torch.tensor([self.slot_of[rid]]), return_hidden=self.keep_features)
+            if self.keep_features:
+                self.feats[rid].truncate(common)
+                self.feats[rid].extend(out[1][0])
         self.known[rid] = list(want)
         return 1
 
@@ -99,6 +134,7 @@ class TargetVerifier:
         if slot is None:
             return
         del self.known[rid]
+        self.feats.pop(rid, None)
         last = next((r for r, s in self.slot_of.items() if s == len(self.slot_of)), None)
         if last is not None:
             self.runner.move_slot(self.slot_of[last], slot, len(self.known[last]))
@@ -113,6 +149,9 @@ class TargetVerifier:
         order = sorted(range(len(items)), key=lambda i: self.slot_of[items[i].rid])
         items, fed = [items[i] for i in order], [fed[i] for i in order]
         logits = self._forward(items, fed)  # [B, T, V]
+        hidden = None
+        if self.keep_features:
+            logits, hidden = logits
         verdicts: list[Verdict] = []
         for b, (item, m) in enumerate(zip(items, fed, strict=True)):
             tree, n = item.tree, len(item.tree)
@@ -132,6 +171,9 @@ class TargetVerifier:
             self.runner.keep(self.slot_of[item.rid], cached + m, cached + m + torch.tensor(path, dtype=torch.long))
             accepted = tree.tokens[path].tolist()
             self.known[item.rid] += item.context[len(item.context) - m:] + accepted
+            if hidden is not None:  # the fed context tokens' features, then the accepted nodes'
+                self.feats[item.rid].extend(hidden[b, torch.cat([torch.arange(m), m + torch.tensor(path,
+                                                                                              dtype=torch.long)])])
             verdicts.append(Verdict(path, accepted + [nxt]))
         restored: list[Verdict] = [None] * len(items)  # type: ignore[list-item]
         for row, original in enumerate(order):
@@ -162,4 +204,10 @@ class TargetVerifier:
             bias[r, 0, :n, p:p + n] = torch.where(tree_ancestor_mask(parents), 0.0, NEG)
             bias[r, 0, n:, 0] = 0.0  # padding rows see one column (never an all-hidden row)
         packed = slots == list(range(b))  # rows are slots 0..B-1: the runner reads a view, no copy
-        return self.runner.forward(tokens, positions, cols, bias, slots=None if packed else torch.tensor(slots))
+        return self.runner.forward(tokens, positions, cols, bias, slots=None if packed else torch.tensor(slots),
+                                   return_hidden=self.keep_features)
+
+    def features_of(self, rid: str) -> torch.Tensor:
+        """[len(cached tokens), hidden]: the target's features of the request's tokens but the last (needs
+        features=True)."""
+        return self.feats[rid].view()

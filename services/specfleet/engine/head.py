@@ -1,0 +1,180 @@
+"""The draft head as a proposer: an EAGLE-style head (training/head.py) drafting from the target's own features.
+
+The verifier keeps each request's features (the target's last hidden state after its final norm, per cached token:
+`TargetVerifier(features=True)`); every round the head first catches up on the pairs (f_i, x_{i+1}) it has not seen
+-- the context tokens and the accepted nodes of the last verification -- in one forward over its own one-layer KV
+cache, then drafts level by level from its own predicted features: the prediction at the last pair gives the first
+draft token, and (predicted feature, drafted token) is fed for the next. Greedy rows draft the head's argmax and keep
+its runner-up as a sibling; sampled rows draw with the request's noise at that output position (as the model
+drafters do) and keep the argmax as the sibling. Acceptance is the engine's, so the output is the target's whatever
+the head drafts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from specfleet.engine.drafters import PREFILL_FEED, candidates
+from specfleet.engine.llama import KvLimits, LlamaRunner, causal_bias, common_prefix
+from specfleet.engine.proposers import Draft
+from specfleet.engine.tree import TokenTree
+from specfleet.training.head import read_head
+
+HEAD = "head"  # the head's name among drafters (plans, credits, --drafters)
+
+
+class HeadModel:
+    """A draft head loaded for one target: its decoder layer in a LlamaRunner (slot KV cache) sharing the target's
+    embedding and LM head, and the `fc` joining a feature and a token embedding into the layer's input."""
+
+    def __init__(self, head_dir: Path, target, slots: int, limits: KvLimits | None = None,
+                 target_dir: Path | None = None):
+        from transformers import LlamaForCausalLM
+
+        config, weights, self.info = read_head(head_dir, target_dir)
+        tcfg = target.config
+        if (config.hidden_size, config.vocab_size) != (tcfg.hidden_size, tcfg.vocab_size):
+            raise ValueError(f"draft head {head_dir}: hidden size {config.hidden_size} / vocabulary "
+                             f"{config.vocab_size} do not match the target's {tcfg.hidden_size} / {tcfg.vocab_size}")
+        embed = target.model.embed_tokens.weight
+        model = LlamaForCausalLM(config)
+        state = {k: v for k, v in weights.items() if k != "fc.weight"}
+        state["model.embed_tokens.weight"] = embed.detach().float()
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise ValueError(f"draft head {head_dir}: weights missing {sorted(set(missing) - {'lm_head.weight'})}, "
+                             f"not implemented {sorted(unexpected)}")
+        model = model.to(embed.dtype).eval()
+        model.model.embed_tokens.weight = embed  # the target's own tensor: one copy in memory
+        self.runner = LlamaRunner(model, slots=slots, limits=limits)
+        if self.runner.slots < slots:
+            raise ValueError(f"draft head: a KV cache of {self.runner.slots} slots fits the budget but {slots} are "
+                             "needed; raise --kv-cache-memory or lower --max-model-len")
+        self.fc = weights["fc.weight"].to(embed.dtype)
+        self.embed = embed.detach()
+
+    def inputs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """fc(cat(feature, embedding of the next token)): features [..., H], tokens [...] -> [..., H]."""
+        return F.linear(torch.cat([features.to(self.fc.dtype), F.embedding(tokens, self.embed)], dim=-1), self.fc)
+
+
+class HeadProposer:
+    """Drafts a chain (with one sibling per level) for every request from the target's features."""
+
+    name = HEAD
+    needs_features = True  # the engine hands each Draft the verifier's features of its context
+    drafts_in_one_forward = True
+
+    def __init__(self, head: HeadModel, siblings: bool = True):
+        self.head = head
+        self.runner = head.runner
+        self.siblings = siblings
+        self.drafters = {HEAD: self}
+        self.last_prefill_seconds = 0.0
+        self.free = list(range(self.runner.slots - 1, -1, -1))
+        self.slot: dict[str, int] = {}
+        self.seen: dict[str, list[int]] = {}  # rid -> tokens behind the true pairs in its cache (pairs = len - 1)
+
+    def start(self, rid: str, prompt: list[int]) -> None:
+        pass
+
+    def stop(self, rid: str, output: list[int]) -> None:
+        if rid in self.slot:
+            self.free.append(self.slot.pop(rid))
+            del self.seen[rid]
+
+    def step_seconds(self, batch: int) -> float:
+        """Profiled seconds of one draft level over `batch` requests."""
+        return self.runner.time_forward(batch, 1)
+
+    def _slot_for(self, rid: str) -> int:
+        if rid not in self.slot:
+            if not self.free:
+                raise RuntimeError(f"draft head: all {self.runner.slots} slots are busy")
+            self.slot[rid] = self.free.pop()
+            self.seen[rid] = []
+        return self.slot[rid]
+
+    @torch.no_grad()
+    def propose(self, batch: list[Draft]) -> list[TokenTree]:
+        trees = [TokenTree.empty()] * len(batch)
+        self.last_prefill_seconds = 0.0
+        rows = [i for i, d in enumerate(batch) if d.k > 0 and d.features is not None and len(d.context) >= 2
+                and len(d.features) == len(d.context) - 1]
+        if not rows:
+            return trees
+        drafts = [batch[i] for i in rows]
+        logits, feature = self._catch_up(drafts)
+        built = self._draft(drafts, logits, feature)
+        for i, tree in zip(rows, built, strict=True):
+            trees[i] = tree
+        return trees
+
+    def _catch_up(self, drafts: list[Draft]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feeds each request's pairs (f_i, x_{i+1}) its cache lacks; returns the logits and predicted feature at
+        its last pair: [B, V], [B, H]."""
+        slots, starts, chunks = [], [], []
+        for d in drafts:
+            slots.append(self._slot_for(d.rid))
+            pairs = len(d.features)
+            kept = max(min(len(self.seen[d.rid]), common_prefix(self.seen[d.rid], d.context)) - 1, 0)
+            start = min(kept, pairs - 1)  # feed at least the last pair: its prediction is the first draft
+            starts.append(start)
+            chunks.append(self.head.inputs(d.features[start:pairs], torch.tensor(d.context[start + 1:pairs + 1])))
+            self.seen[d.rid] = list(d.context[:pairs + 1])
+        lengths = [len(c) for c in chunks]
+        t = max(lengths)
+        started = time.perf_counter()
+        inputs = torch.zeros(len(drafts), t, chunks[0].shape[-1], dtype=chunks[0].dtype)
+        for r, c in enumerate(chunks):
+            inputs[r, :len(c)] = c
+        cols = torch.tensor(starts)[:, None] + torch.arange(t)[None]
+        bias = causal_bias(starts, lengths, int(cols.max()) + 1)
+        last = torch.tensor(lengths)[:, None] - 1
+        logits, hidden = self.runner.forward(torch.zeros(len(drafts), t, dtype=torch.long), cols, cols, bias,
+                                             logits_at=last, slots=torch.tensor(slots), inputs=inputs,
+                                             return_hidden=True)
+        self.last_prefill_seconds = time.perf_counter() - started if t > PREFILL_FEED else 0.0
+        feature = hidden.gather(1, last[..., None].expand(len(drafts), 1, hidden.shape[-1]))[:, 0]
+        return logits[:, 0], feature
+
+    def _draft(self, drafts: list[Draft], logits: torch.Tensor, feature: torch.Tensor) -> list[TokenTree]:
+        nodes: list[list[tuple[int, int, float]]] = [[] for _ in drafts]  # (token, parent, confidence)
+        tip = [-1] * len(drafts)  # each chain's last node
+        rows = list(range(len(drafts)))
+        for level in range(max(d.k for d in drafts)):
+            chosen, confidence = candidates(logits, [drafts[r] for r in rows], level)
+            probs = torch.softmax(logits.float(), dim=-1)
+            top = probs.topk(2, dim=-1)
+            for j, r in enumerate(rows):
+                parent = tip[r]
+                nodes[r].append((chosen[j], parent, confidence[j]))
+                tip[r] = len(nodes[r]) - 1
+                if self.siblings:
+                    alt = next(int(x) for x in top.indices[j].tolist() if int(x) != chosen[j])
+                    nodes[r].append((alt, parent, float(probs[j, alt])))
+            keep = [j for j, r in enumerate(rows) if level + 1 < drafts[r].k]
+            if not keep:
+                break
+            rows = [rows[j] for j in keep]
+            fed = torch.tensor([chosen[j] for j in keep])
+            x = self.head.inputs(feature[keep], fed)[:, None]  # [B', 1, H]
+            rids = [drafts[r].rid for r in rows]
+            cols = torch.tensor([len(drafts[r].features) + level for r in rows])[:, None]
+            bias = causal_bias(cols[:, 0].tolist(), [1] * len(rows), int(cols.max()) + 1)
+            slots = torch.tensor([self.slot[rid] for rid in rids])
+            logits, hidden = self.runner.forward(torch.zeros(len(rows), 1, dtype=torch.long), cols, cols, bias,
+                                                 slots=slots, inputs=x, return_hidden=True)
+            logits, feature = logits[:, 0], hidden[:, 0]
+        trees = []
+        for chain in nodes:
+            tokens = [n[0] for n in chain]
+            trees.append(TokenTree(torch.tensor(tokens, dtype=torch.long),
+                                   torch.tensor([n[1] for n in chain], dtype=torch.long),
+                                   torch.tensor([n[2] for n in chain], dtype=torch.float32),
+                                   origins=((HEAD,),) * len(chain)))
+        return trees

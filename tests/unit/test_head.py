@@ -1,0 +1,154 @@
+"""The draft head (training/head.py, engine/head.py): the engine's head computes what the trained head computed
+(the pass the training-time test feeds its own features included), the verifier's features are the target's,
+a head of another target or with unknown weights is refused, and speculation with the head -- alone and fused with
+the drafters and the suffix tree -- leaves greedy and seeded sampled output unchanged."""
+
+import pytest
+import torch
+
+from specfleet.engine.engine import Request
+from specfleet.engine.factory import build_engine
+from specfleet.engine.head import HeadModel, HeadProposer
+from specfleet.engine.llama import causal_bias
+from specfleet.engine.models import ModelSet
+from specfleet.engine.proposers import Draft
+from specfleet.engine.sampling import SamplingParams
+from specfleet.training.head import HEAD_FILE, HEAD_INFO, TrainHead, head_config, save_head, target_fingerprint
+
+
+@pytest.fixture(scope="module")
+def target(load_model):
+    return load_model("target")
+
+
+@pytest.fixture(scope="module")
+def trained_like(target):
+    """A head with random weights of a trained head's scale (its output is then not a constant)."""
+    torch.manual_seed(3)
+    head = TrainHead(head_config(target.config), target.model.embed_tokens.weight)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return head
+
+
+@pytest.fixture(scope="module")
+def head_dir(tmp_path_factory, target, trained_like, models_dir):
+    out = tmp_path_factory.mktemp("head") / "head"
+    save_head(trained_like, head_config(target.config), out, {"target_fingerprint": target_fingerprint(
+        models_dir / "target")})
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_set(models_dir, head_dir):
+    return ModelSet.bundled(models_dir).with_overrides(head=head_dir)
+
+
+def _features(target, ids):
+    with torch.no_grad():
+        return target.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+
+
+def test_engine_head_computes_the_trained_heads_passes(target, head_dir, models_dir):
+    """Pass 0 (true features) and pass 1 (the head's own prediction at the last position, as while drafting) of the
+    training module equal the engine's head runner over the same inputs, from the bf16-stored weights."""
+    ids = list(range(100, 140))
+    feats = _features(target, ids)  # f_0..f_39
+    head = HeadModel(head_dir, target, slots=2, target_dir=models_dir / "target")
+    train = TrainHead(head_config(target.config), target.model.embed_tokens.weight)
+    from specfleet.training.head import read_head
+
+    train.load_head_state(read_head(head_dir, None)[1])
+    t = len(ids) - 1
+    with torch.no_grad():
+        passes = train.unroll(feats[None, :t], torch.tensor([ids[1:]]), passes=2)
+    # the engine: pairs (f_i, x_{i+1}) for i < t in one forward, then one level fed its own prediction
+    x = head.inputs(feats[:t], torch.tensor(ids[1:]))[None]
+    cols = torch.arange(t)[None]
+    _, hidden = head.runner.forward(torch.zeros(1, t, dtype=torch.long), cols, cols, causal_bias([0], [t], t),
+                                    inputs=x, return_hidden=True)
+    assert torch.allclose(hidden[0], passes[0][0], atol=1e-4)
+    # pass 1 at position i = t-1: (prediction made at i-1, x_{i+1}) seeing true pairs < i and itself
+    i = t - 1
+    cols = torch.arange(i)[None]
+    head.runner.forward(torch.zeros(1, i, dtype=torch.long), cols, cols, causal_bias([0], [i], i),
+                        inputs=x[:, :i], return_hidden=True)
+    fed = head.inputs(passes[0][0, i - 1][None], torch.tensor([ids[i + 1]]))[None]
+    col = torch.tensor([[i]])
+    _, h1 = head.runner.forward(torch.zeros(1, 1, dtype=torch.long), col, col, causal_bias([i], [1], i + 1),
+                                inputs=fed, return_hidden=True)
+    assert torch.allclose(h1[0, 0], passes[1][0, i], atol=1e-4)
+
+
+def test_the_verifier_keeps_the_targets_features(model_set, target):
+    """After prefill and several speculative rounds (accepted nodes, fed context), the features the engine hands the
+    head are the target's own last hidden states of the context."""
+    engine = build_engine(model_set, "head", batch_size=2, target=target, adaptive=False, k=3)
+    seen = []
+    proposer = engine.proposer
+    original = proposer.propose
+
+    def spy(batch):
+        seen.extend((list(d.context), d.features.clone()) for d in batch if d.features is not None)
+        return original(batch)
+
+    proposer.propose = spy
+    engine.generate([Request("a", list(range(200, 230)), 12), Request("b", list(range(300, 305)), 9)])
+    assert len(seen) >= 6
+    for context, feats in seen:
+        assert feats.shape[0] == len(context) - 1
+        assert torch.allclose(feats, _features(target, context[:-1]), atol=1e-4)
+
+
+def test_a_head_of_another_target_is_refused(head_dir, target, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"not the bundled target")
+    with pytest.raises(ValueError, match="trained for target .* retrain it"):
+        HeadModel(head_dir, target, slots=1, target_dir=other)
+
+
+def test_unknown_or_missing_head_weights_are_refused(head_dir, target, tmp_path, models_dir):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(head_dir, bad)
+    weights = load_file(bad / HEAD_FILE)
+    weights["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(384)
+    save_file(weights, bad / HEAD_FILE)
+    with pytest.raises(ValueError, match="not implemented .*q_proj.bias"):
+        HeadModel(bad, target, slots=1, target_dir=models_dir / "target")
+    (bad / HEAD_INFO).unlink()
+    with pytest.raises(FileNotFoundError, match="head.json is missing"):
+        HeadModel(bad, target, slots=1)
+
+
+@pytest.mark.parametrize("proposer, drafters", [("head", None), ("fused", "python,prose,c,head")])
+def test_speculation_with_the_head_is_lossless(model_set, target, proposer, drafters, tokenizer, held_out_text):
+    prompts = [tokenizer(text, add_special_tokens=False).input_ids[-32:] for text in held_out_text.values()]
+    plain = build_engine(model_set, "none", batch_size=4, target=target)
+    spec = build_engine(model_set, proposer, drafters, batch_size=4, target=target, adaptive=False, k=4)
+    greedy = [Request(f"g{i}", p, 20) for i, p in enumerate(prompts)]
+    sampled = [Request(f"s{i}", p, 20, params=SamplingParams(0.8, 0.95, 0, 11 + i)) for i, p in enumerate(prompts)]
+    want = [r.token_ids for r in plain.generate(greedy + sampled)]
+    got = spec.generate(greedy + sampled)
+    assert [r.token_ids for r in got] == want
+    assert sum(r.stats["draft_tokens"] for r in got) > 0  # the head did draft
+
+
+def test_head_drafts_a_chain_with_siblings(model_set, target, models_dir):
+    head = HeadProposer(HeadModel(model_set.head, target, slots=1, target_dir=models_dir / "target"))
+    ids = list(range(50, 70))
+    trees = head.propose([Draft("r", ids, 3, features=_features(target, ids[:-1]))])
+    tree = trees[0]
+    assert len(tree) == 6 and tree.parents.tolist() == [-1, -1, 0, 0, 2, 2]
+    assert tree.origins == (("head",),) * 6
+
+
+def test_bundled_models_folder_names_the_head_only_when_present(models_dir):
+    bundled = ModelSet.bundled(models_dir)
+    assert bundled.head == (models_dir / "head" if (models_dir / "head" / HEAD_INFO).exists() else None)

@@ -18,7 +18,11 @@ does, and finally enforces the spec's bounds:
   line over the last `TREND_WINDOW_S` (only while no sample there is saturated: then utilisation measures the pods,
   not the demand); the slope less `TREND_T` standard errors, where positive, recommends the demand expected one
   provisioning time ahead, when a pod asked for now would serve. The provisioning time is measured (memory: from a
-  scale-up to the serving count reaching it), `DEFAULT_PROVISION_S` until the first one.
+  scale-up to the serving count reaching it), `DEFAULT_PROVISION_S` until the first one. While the verifiers are
+  saturated now (utilisation stops at the pods), the arrival rate's trend (work done plus the backlog's growth) is used
+  instead, with a stricter bound (`SATURATED_TREND_T`), at least `TREND_MIN_SAMPLES` + 1 samples at today's serving
+  count, and only while the arrivals outrun the pods by more than the tolerance; it adds the backlog that queues
+  until the new pods serve (`queued_while_starting`), worked off within `BACKLOG_DRAIN_S`.
 - damping: a tolerance band (no change while metric/target is within 1 +- tolerance); stabilisation windows
   (scale up only to the lowest recommendation of the last `up` seconds, down only to the highest of the last `down`
   seconds, and not before the window has been observed); at most `maxStep` replicas per change; after a change of
@@ -26,13 +30,19 @@ does, and finally enforces the spec's bounds:
   is removed in fewer, larger steps than it is added).
 - panic (Knative KPA's rule): while a role's recommendation is >= `PANIC_RATIO` x its serving pods, or the verifier
   queue wait is >= `PANIC_WAIT_RATIO` x its target, the role panics for `PANIC_HOLD_S`: scale-up uses the
-  `PANIC_WINDOW_S` window instead of the up window, skips the up cooldown and may add max(maxStep, current) pods
-  (at most doubling, the HPA's default scale-up rate); nothing is removed while panicking. Panicking, the verifiers
+  `PANIC_WINDOW_S` window instead of the up window, skips the up cooldown and, sized by the arrival rate below, goes
+  to that count in one step (Knative allows 1000x; every extra step waits another provisioning time), or, sized by
+  the queue-wait ratio alone (no rate measured yet), adds at most max(maxStep, current) pods (at most doubling, the
+  HPA's default scale-up rate); nothing is removed while panicking. Panicking, the verifiers
   are sized for their arrival rate one provisioning time ahead (`panic_demand`): the work arriving (work done plus
   the backlog's growth, which saturation does not cap) now, plus its fitted trend's slope less `PANIC_TREND_T`
   standard errors x the provisioning time (only while the load outruns the pods now; in the hold, the rate alone),
-  plus the backlog worked off within `BACKLOG_DRAIN_S`, at the utilisation target; not by the queue-wait ratio,
+  plus the backlog (now, and what queues until the new pods serve) worked off within `BACKLOG_DRAIN_S`, at the
+  utilisation target; not by the queue-wait ratio,
   which keeps growing while new pods start. The trend is fitted only over intervals with today's serving count.
+- burst headroom: each panic records the burst's size (its arrival rate when the pods asked for now serve, at the
+  utilisation target; not the backlog); for `BURST_MEMORY_S` after, no scale-down goes below the largest recorded
+  (a burst that came may come again, and its first provisioning time would queue).
 - a scale-down of one pod that is under the tolerance of the count waits (noise on the band's edge adds a pod now
   and then; taking it straight back would be a reversal at a constant load).
 

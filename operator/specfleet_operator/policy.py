@@ -18,7 +18,11 @@ does, and finally enforces the spec's bounds:
   line over the last `TREND_WINDOW_S` (only while no sample there is saturated: then utilisation measures the pods,
   not the demand); the slope less `TREND_T` standard errors, where positive, recommends the demand expected one
   provisioning time ahead, when a pod asked for now would serve. The provisioning time is measured (memory: from a
-  scale-up to the serving count reaching it), `DEFAULT_PROVISION_S` until the first one.
+  scale-up to the serving count reaching it), `DEFAULT_PROVISION_S` until the first one. While the verifiers are
+  saturated now (utilisation stops at the pods), the arrival rate's trend (work done plus the backlog's growth) is used
+  instead, with a stricter bound (`SATURATED_TREND_T`), at least `TREND_MIN_SAMPLES` + 1 samples at today's serving
+  count, and only while the arrivals outrun the pods by more than the tolerance; it adds the backlog that queues
+  until the new pods serve (`queued_while_starting`), worked off within `BACKLOG_DRAIN_S`.
 - damping: a tolerance band (no change while metric/target is within 1 +- tolerance); stabilisation windows
   (scale up only to the lowest recommendation of the last `up` seconds, down only to the highest of the last `down`
   seconds, and not before the window has been observed); at most `maxStep` replicas per change; after a change of
@@ -26,13 +30,19 @@ does, and finally enforces the spec's bounds:
   is removed in fewer, larger steps than it is added).
 - panic (Knative KPA's rule): while a role's recommendation is >= `PANIC_RATIO` x its serving pods, or the verifier
   queue wait is >= `PANIC_WAIT_RATIO` x its target, the role panics for `PANIC_HOLD_S`: scale-up uses the
-  `PANIC_WINDOW_S` window instead of the up window, skips the up cooldown and may add max(maxStep, current) pods
-  (at most doubling, the HPA's default scale-up rate); nothing is removed while panicking. Panicking, the verifiers
+  `PANIC_WINDOW_S` window instead of the up window, skips the up cooldown and, sized by the arrival rate below, goes
+  to that count in one step (Knative allows 1000x; every extra step waits another provisioning time), or, sized by
+  the queue-wait ratio alone (no rate measured yet), adds at most max(maxStep, current) pods (at most doubling, the
+  HPA's default scale-up rate); nothing is removed while panicking. Panicking, the verifiers
   are sized for their arrival rate one provisioning time ahead (`panic_demand`): the work arriving (work done plus
   the backlog's growth, which saturation does not cap) now, plus its fitted trend's slope less `PANIC_TREND_T`
   standard errors x the provisioning time (only while the load outruns the pods now; in the hold, the rate alone),
-  plus the backlog worked off within `BACKLOG_DRAIN_S`, at the utilisation target; not by the queue-wait ratio,
+  plus the backlog (now, and what queues until the new pods serve) worked off within `BACKLOG_DRAIN_S`, at the
+  utilisation target; not by the queue-wait ratio,
   which keeps growing while new pods start. The trend is fitted only over intervals with today's serving count.
+- burst headroom: each panic records the burst's size (its arrival rate when the pods asked for now serve, at the
+  utilisation target; not the backlog); for `BURST_MEMORY_S` after, no scale-down goes below the largest recorded
+  (a burst that came may come again, and its first provisioning time would queue).
 - a scale-down of one pod that is under the tolerance of the count waits (noise on the band's edge adds a pod now
   and then; taking it straight back would be a reversal at a constant load).
 
@@ -59,10 +69,12 @@ PANIC_HOLD_S = 60.0  # Knative's stable window: panic ends 60 s after its condit
 TREND_WINDOW_S = 60.0  # the demand trend is fitted over this much history (the control loop keeps 60 s)
 TREND_MIN_SAMPLES = 4
 TREND_T = 2.0  # the trend used is the slope less this many standard errors (its lower confidence bound)
+SATURATED_TREND_T = 4.0  # the same for the arrival-rate trend that predicts while the pods are saturated
 SATURATED_PERCENT = 98.0  # utilisation at which a pod's figure stops telling how much more work there is
 PANIC_TREND_T = 1.0  # panicking, the arrival trend's slope less this many standard errors
 BACKLOG_DRAIN_S = 60.0  # panicking, the verifiers are sized to work off the queued backlog within this
 DEFAULT_PROVISION_S = 60.0  # until a scale-up has been seen through: a GPU pod pulls its image, loads weights
+BURST_MEMORY_S = 900.0  # after a panic, the count it reached is held this long (bursts that came may come again)
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,8 @@ class PolicyMemory:
     scale_up_pending: Mapping[str, tuple[float, int]] = field(default_factory=dict)
     provision_s: Mapping[str, float] = field(default_factory=dict)
     hand_set_s: Mapping[str, float] = field(default_factory=dict)  # role -> when a spec replicas change was adopted
+    burst_peaks: Mapping[str, tuple[tuple[float, int], ...]] = field(default_factory=dict)  # role -> (panic
+    # ended or still on at, the count it reached), one per panic of the last BURST_MEMORY_S
 
 
 @dataclass(frozen=True)
@@ -227,10 +241,28 @@ def panic_demand(history: Sequence[MetricsSample], now: float, provision_s: floa
         return None
     rate, slope, stderr, backlog = trend
     rising = max(0.0, slope - trend_t * stderr)
-    demand = rate + rising * provision_s + backlog / drain_s
+    serving = len(history[-1].role(VERIFIER).serving)
+    # what queues until the pods serve grows with the square of the slope's time: only the slope's surer part
+    # (less TREND_T standard errors) counts there, or noise on one pod's rate asks for pods it gives back
+    backlog_then = backlog + queued_while_starting(rate, max(0.0, slope - TREND_T * stderr), serving, provision_s)
+    demand = rate + rising * provision_s + backlog_then / drain_s
     return demand, {"arrival_pods": round(rate, 3), "arrival_slope_per_min": round(60 * slope, 3),
                     "arrival_slope_low_per_min": round(60 * rising, 3), "backlog_pod_s": round(backlog, 3),
-                    "panic_demand_pods": round(demand, 3), "provision_s": round(provision_s, 1)}
+                    "backlog_when_serving_pod_s": round(backlog_then, 3), "panic_demand_pods": round(demand, 3),
+                    "provision_s": round(provision_s, 1)}
+
+
+def queued_while_starting(rate: float, slope: float, serving: int, provision_s: float) -> float:
+    """Pod-seconds of work that queue while pods asked for now start: the arrival rate (in pods, rising `slope`
+    per second) over the `serving` pods' work, for `provision_s` seconds (never negative: spare pods bank nothing)."""
+    if provision_s <= 0:
+        return 0.0
+    # the excess rate - serving + slope t is integrated from where it turns positive to provision_s
+    start = 0.0 if rate >= serving else ((serving - rate) / slope if slope > 0 else provision_s)
+    if start >= provision_s:
+        return 0.0
+    excess = lambda t: (rate - serving) * t + slope * t * t / 2  # noqa: E731
+    return excess(provision_s) - excess(start)
 
 
 def _ratio_target(base: int, metric: float, target: float, tolerance: float, current: int | None = None) -> int:
@@ -276,6 +308,33 @@ def _recommend(role: RoleSpec, current: int, figures: Mapping[str, _Figures], sp
             metrics.update(t_target_ms=round(mine.step_ms, 3), t_draft_ms=round(t_draft, 3), dsi_floor=floor)
             wants["DSI floor ceil(t_target / (k * t_draft))"] = floor
         trend = demand_trend(role.key, history, targets.gpu_utilization_percent, now, targets.queue_wait_ms)
+        latest = history[-1] if history else None
+        saturated_now = latest is not None and (
+            latest.role(VERIFIER).utilization_percent >= SATURATED_PERCENT
+            or (verifier_queue_wait_ms(latest) or 0.0) > targets.queue_wait_ms)
+        if trend is None and saturated_now:
+            # saturated or queueing now: utilisation stops at the pods, but the arrival rate (work done plus the
+            # backlog's growth) still measures the demand, and a ramp that outgrows the pods is still a trend
+            # (not after the pods caught up: a backlog being worked off makes the rate look as if it rose)
+            arrivals = arrival_trend(history, now)
+            # as many intervals at today's serving count as demand_trend asks samples (fewer fit noise)
+            serving_now = len(latest.role(VERIFIER).serving)
+            same = [s.time_s for s in history if s.time_s >= now - TREND_WINDOW_S
+                    and len(s.role(VERIFIER).serving) == serving_now and verifier_queue_wait_ms(s) is not None]
+            # and only while the work arriving outruns the pods by more than the tolerance (at the band's edge,
+            # rates measured while new pods work off a queue look like a rise)
+            if arrivals is not None and len(same) > TREND_MIN_SAMPLES and same[-1] - same[0] >= TREND_WINDOW_S / 2 \
+                    and arrivals[0] > serving_now * (1 + tolerance):
+                rate, slope, stderr, _ = arrivals
+                # a stricter bound than unsaturated: these rates include the backlog's growth, noisier than a
+                # utilisation, and few intervals fit (a real ramp that outruns the pods clears it by far)
+                rising = max(0.0, slope - SATURATED_TREND_T * stderr)
+                # the pods are outrun: the backlog that builds until a pod asked for now serves is worked off
+                # within BACKLOG_DRAIN_S as well
+                queued = queued_while_starting(rate, rising, mine.serving, provision_s)
+                share = targets.gpu_utilization_percent / 100
+                trend = (rate + queued / BACKLOG_DRAIN_S) / share, slope / share, \
+                    stderr * SATURATED_TREND_T / TREND_T / share
         if trend is not None:
             demand, slope, stderr = trend
             # the slope's lower confidence bound: noise at a constant load (a slope of 0 +- its error) predicts
@@ -345,6 +404,17 @@ def _remember(memory: PolicyMemory, key: str, raw: int, now: float, spec: FleetS
                    observed_since={**memory.observed_since, key: since})
 
 
+def _remember_burst(memory: PolicyMemory, key: str, size: int, now: float) -> PolicyMemory:
+    peaks = tuple((t, n) for t, n in memory.burst_peaks.get(key, ()) if t >= now - BURST_MEMORY_S) + ((now, size),)
+    return replace(memory, burst_peaks={**memory.burst_peaks, key: peaks})
+
+
+def burst_floor(memory: PolicyMemory, key: str, now: float) -> int:
+    """The pods a role keeps for bursts: the largest burst size (arrival rate at the utilisation target) measured
+    in a panic of the last `BURST_MEMORY_S`; 0 with none."""
+    return max((n for t, n in memory.burst_peaks.get(key, ()) if t >= now - BURST_MEMORY_S), default=0)
+
+
 def _forget(memory: PolicyMemory, key: str) -> PolicyMemory:
     """Drop a role's recommendations (its count was set by hand: the old ones describe another count)."""
     return replace(memory, recommendations={k: v for k, v in memory.recommendations.items() if k != key},
@@ -391,6 +461,7 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
             serving = figures[key].serving
             memory = _provisioning(key, memory, serving, now)
             panic_until = memory.panic_until.get(key, -math.inf)
+            rate_sized = False
             if idle:
                 raw, why = role.min_replicas, "idle: no live request, nothing in flight or queued"
                 metrics = {"live_requests": 0.0}
@@ -419,11 +490,26 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
                     why = f"arrival rate in {provision_s:.0f} s" if outrun else "arrival rate"
                     raw = max(need, floor, 1)
                     metrics.update(figures_ahead)
+                    rate_sized = True
+                    # the burst's size (its arrival rate when the pods asked for now serve, at the utilisation
+                    # target; not the backlog): held for BURST_MEMORY_S after the panic, as headroom for the next
+                    rate_then = figures_ahead["arrival_pods"] + figures_ahead["arrival_slope_low_per_min"] / 60 * (
+                        provision_s if outrun else 0.0)
+                    size = math.ceil(min(rate_then / (auto.targets.gpu_utilization_percent / 100), _MOST_REPLICAS)
+                                     - 1e-9)
+                    memory = _remember_burst(memory, key, size, now)
             panicking = not idle and now < panic_until
             if panicking:
                 why = f"panic: {why}"
             memory = _remember(memory, key, raw, now, spec)
             stable = _stabilize(key, raw, count, memory, spec, now, panicking, tolerance)
+            held = burst_floor(memory, key, now)
+            holding = stable < count and held > stable
+            if holding:
+                # headroom for bursts: a burst seen in the last BURST_MEMORY_S would take a provisioning time
+                # to come back to, and its first minute would queue; its size is kept (never more than now)
+                stable = min(count, held)
+                why = f"{why}; holding the size of a burst of the last {BURST_MEMORY_S:.0f} s ({held})"
             # a scale-down waits the longer cooldown: capacity is removed in fewer, larger steps (each change
             # restarts pods' share of work), while a scale-up only waits the short one, or none in a panic
             cooldown_s = auto.cooldown_s if stable > count else auto.scale_down_cooldown_s
@@ -432,11 +518,17 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
             cooling = key in last_change and now - last_change[key] < cooldown_s and not (
                 panicking and stable > count and own_change)
             if stable != count and not cooling:
-                up_step = max(auto.max_step, count) if panicking else auto.max_step
+                # panicking, sized by the measured arrival rate, the count goes there at once (Knative allows
+                # 1000x per decision): each step waits a provisioning time. Sized by the queue-wait ratio alone
+                # (no rate measured yet), which grows with the backlog, at most doubling (the HPA's default)
+                up_step = (stable - count if rate_sized else max(auto.max_step, count)) if panicking \
+                    else auto.max_step
                 step = max(-auto.max_step, min(up_step, stable - count))
                 count, reason = count + step, f"{why}: recommends {raw}, stabilised {stable}"
             elif stable != count:
                 reason = f"cooldown: {why} recommends {raw}, next change after {cooldown_s} s"
+            elif holding:
+                reason = f"{why}: recommends {raw}, held at {count}"
             if key == VERIFIER:  # growth the pools must follow: the verifiers' change within their bounds (from
                 # their stabilised recommendation: one noisy sample must not move the pools either), and no more
                 # than the load itself grew (a count rounded up from 1.25 x the target is not twice the tokens)

@@ -244,3 +244,18 @@ def test_a_tiny_grid_runs_every_policy_on_every_trace():
             assert r["scaling_actions"] == 0 and r["surge_to_scale_up_s"] is None
         if r["trace"] in ("steady", "diurnal"):
             assert r["surge_to_scale_up_s"] is None and r["surges_without_scale_up"] == 0
+
+
+def test_the_ideal_reactive_reference_asks_for_the_load_at_once_and_keeps_the_largest_seen():
+    ideal = autoscale.IdealReactivePolicy(1, 50, capacity_tokens_per_s=100.0, window_s=1, drain_s=10.0)
+
+    def obs(t, offered, ready, wait_ms=0.0):
+        return Observation(time_s=float(t), ready=ready, requested=ready, utilization_percent=0.0,
+                           queue_wait_ms=wait_ms, tokens_per_s=0.0, live_requests=1, offered_tokens_per_s=offered)
+
+    assert ideal.decide(obs(0, 250.0, 2)) == 3  # 2.5 replicas of tokens arriving, at once
+    # a backlog of 2 replicas x 5 s = 10 pod-s is worked off within 10 s: one more
+    assert ideal.decide(obs(1, 250.0, 3, wait_ms=5000.0 * 2 / 3)) == 4
+    assert ideal.decide(obs(2, 50.0, 4)) == 3  # the load fell: down to the largest load seen, never below
+    assert ideal.decide(obs(3, 900.0, 3)) == 9
+    assert ideal.decide(obs(4, 0.0, 9)) == 9

@@ -10,7 +10,14 @@ from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
 from specfleet_operator.metrics import PodLoad, aggregate
-from specfleet_operator.policy import PolicyMemory, decide, drain_plan
+from specfleet_operator.policy import (
+    BURST_MEMORY_S,
+    PolicyMemory,
+    burst_floor,
+    decide,
+    drain_plan,
+    queued_while_starting,
+)
 from specfleet_operator.spec import FleetSpec
 
 NO_DAMPING = {"stabilizationWindowSeconds": {"up": 0, "down": 0}, "cooldownSeconds": 0, "scaleDownCooldownSeconds": 0,
@@ -238,20 +245,65 @@ def saturated_history(backlogs_pod_s: list[float], pods: int = 2, interval: floa
 def test_panic_is_sized_for_the_arrival_rate_one_provisioning_time_ahead():
     spec = fleet({"maxStep": 8}, verifier={"maxReplicas": 50})
     current = {**CURRENT, "verifier": 2}
-    # the backlog grows by 3, 3, 3 pod-s per 15 s: 2 pods' work plus 0.2 pods arriving unserved, at a flat rate:
-    # (2.2 + 9 / 60 worked off within a minute) / 90% -> 3 pods, not the queue-wait ratio's 2 x 4500 / 50
+    # the backlog grows by 3, 3, 3 pod-s per 15 s: 2 pods' work plus 0.2 pods arriving unserved, at a flat rate.
+    # While new pods start (60 s) 0.2 x 60 = 12 more pod-s queue: (2.2 + (9 + 12) / 60 worked off within a minute)
+    # / 90% -> 3 pods, not the queue-wait ratio's 2 x 4500 / 50
     flat = decide(saturated_history([0, 3, 6, 9]), spec, current, now=45.0)
     assert flat.desired["verifier"] == 3 and "panic: arrival rate in 60 s" in flat.reasons["verifier"]
-    # growing by 3, 6, 9: the rate rises 2.2 -> 2.4 -> 2.6 pods, 0.8 pods a minute; 60 s ahead it is 3.5 pods,
-    # plus 18 / 60 for the backlog: 3.8 / 90% -> 5
+    # growing by 3, 6, 9: the rate rises 2.2 -> 2.4 -> 2.6 pods, 0.8 pods a minute (2.7 on the fitted line now);
+    # 60 s ahead it is 3.5 pods, and the backlog when they serve is 18 + 0.7 x 60 + 0.8 / 60 x 60^2 / 2 = 84 pod-s:
+    # (3.5 + 84 / 60) / 90% -> 6, in one step (sized by the rate, a panic is not held to doubling)
     rising = decide(saturated_history([0, 3, 9, 18]), spec, current, now=45.0)
-    assert rising.desired["verifier"] == 5
+    assert rising.desired["verifier"] == 6
     verifier = next(d for d in rising.decisions if d.role == "verifier")
     assert verifier.metrics["arrival_slope_per_min"] == pytest.approx(0.8)
-    # a measured provisioning time of 120 s looks twice as far ahead: (2.7 + 1.6 + 0.3) / 90% -> 6
+    assert verifier.metrics["backlog_when_serving_pod_s"] == pytest.approx(84.0)
+    # a measured provisioning time of 120 s looks twice as far ahead: (2.7 + 1.6 + (18 + 84 + 96) / 60) / 90% -> 9
     slow = decide(saturated_history([0, 3, 9, 18]), spec, current, PolicyMemory(provision_s={"verifier": 120.0}),
                   now=45.0)
-    assert slow.desired["verifier"] == 6
+    assert slow.desired["verifier"] == 9
+
+
+def test_queued_while_starting_matches_a_brute_force_sum():
+    for rate, slope, serving, provision in ((2.2, 0.0, 2, 60.0), (2.7, 0.8 / 60, 2, 60.0), (1.0, 0.05, 3, 60.0),
+                                            (5.0, 0.0, 8, 60.0), (1.0, 0.01, 3, 60.0), (4.0, 0.1, 4, 0.0)):
+        dt = 1e-3
+        brute = sum(max(0.0, rate + slope * (i + 0.5) * dt - serving) * dt for i in range(int(provision / dt)))
+        assert queued_while_starting(rate, slope, serving, provision) == pytest.approx(brute, abs=1e-3)
+
+
+def test_a_burst_is_held_for_the_burst_memory_then_released():
+    # a panic on a burst of 2.2 pods of work (at 90%: 3 pods) records its size; the burst ends at once, and the
+    # pods stay past the panic's hold and the down window, until BURST_MEMORY_S after it, then go
+    spec = fleet({"maxStep": 8}, verifier={"maxReplicas": 50})
+    result = decide(saturated_history([0, 3, 6, 9]), spec, {**CURRENT, "verifier": 2}, now=45.0)
+    assert result.desired["verifier"] == 3 and burst_floor(result.memory, "verifier", 45.0) == 3
+    current, memory = result.desired, result.memory
+    calm = {"busy_frac": 0.2, "queue_wait_ms": 1}
+    for t in (300.0, 600.0, 900.0):
+        result = decide([sample(t, {"verifier": 3}, verifier=calm)], spec, current, memory, now=t)
+        current, memory = result.desired, result.memory
+        assert current["verifier"] == 3, (t, result.reasons["verifier"])
+    assert "holding the size of a burst" in result.reasons["verifier"]
+    after = 45.0 + BURST_MEMORY_S + 10
+    result = decide([sample(after, {"verifier": 3}, verifier=calm)], spec, current, memory, now=after)
+    assert result.desired["verifier"] == 1 and burst_floor(result.memory, "verifier", after) == 0
+
+
+def test_a_ramp_that_outruns_saturated_pods_is_predicted_from_the_arrival_rate():
+    # 4 pods saturated, their backlog growing faster each 10 s: utilisation (capped at 100%) shows no trend, the
+    # arrival rate (work done + backlog growth) rises 4.6 -> 5.8 pods over 40 s; the pods asked for now serve in
+    # 60 s, when the rate is ~ 8.5 and ~ 170 pod-s have queued: ask for that, not for the queue-wait ratio
+    spec = fleet({"maxStep": 20, "stabilizationWindowSeconds": {"up": 15, "down": 210}},
+                 verifier={"maxReplicas": 50})
+    backlogs = [0.0, 6.0, 15.0, 27.0, 42.0]  # growth 0.6, 0.9, 1.2, 1.5 pods over 4 pods' work
+    history = [sample(10.0 * i, {"verifier": 4}, verifier={"busy_frac": 1.0, "queue_wait_ms": 1e3 * b / 4})
+               for i, b in enumerate(backlogs)]
+    result = decide(history, spec, {**CURRENT, "verifier": 4}, now=40.0)
+    assert 10 <= result.desired["verifier"] <= 16, result.reasons["verifier"]
+    # the same pods at a constant, barely saturating rate predict nothing from the trend
+    flat = [sample(10.0 * i, {"verifier": 4}, verifier={"busy_frac": 1.0, "queue_wait_ms": 60.0}) for i in range(5)]
+    assert decide(flat, spec, {**CURRENT, "verifier": 4}, now=40.0).desired["verifier"] <= 5
 
 
 def test_the_arrival_trend_ignores_rates_from_before_pods_joined():

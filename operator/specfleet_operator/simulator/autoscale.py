@@ -27,7 +27,9 @@ from specfleet_operator.simulator.engine import saturated_tokens_per_s, simulate
 from specfleet_operator.simulator.systems import build
 from specfleet_operator.simulator.traces import AUTOSCALE_TRACES, Trace, make
 
-POLICIES = ("static-peak", "static-mean", "threshold", "hpa-gpu-util", "keda-queue", "knative-kpa", "operator")
+POLICIES = ("static-peak", "static-mean", "threshold", "hpa-gpu-util", "keda-queue", "knative-kpa", "operator",
+            "ideal-reactive")
+BASELINES = POLICIES[:6]  # what a platform team would deploy instead; "ideal-reactive" is a reference, not a policy
 PEAK_SHARE = 0.8  # every scored trace's peak needs this share of the most replicas
 
 
@@ -231,6 +233,33 @@ class KnativeKpaPolicy:
         return max(self.low, min(self.high, desired))
 
 
+class IdealReactivePolicy:
+    """A reference, not a deployable policy: the best a policy that waits for load to arrive can do without
+    foresight. Every second it knows the output tokens arriving exactly (no sampling, no smoothing, no noise to
+    filter) and asks at once for the replicas that carry the last `window_s` of them at full capacity, plus the
+    backlog worked off within `drain_s`; it never goes below the largest load it has seen (as much headroom as any
+    policy without foresight could justify), so every burst after the largest one so far finds its pods. It still
+    waits a provisioning time for each pod: a burst larger than any before it, or a ramp that outgrows the pods
+    within a provisioning time, queues until they serve. Static sizing (which reads the trace's peak in advance) or
+    a shorter provisioning time does better."""
+
+    period_s = 1.0
+
+    def __init__(self, low: int, high: int, capacity_tokens_per_s: float, window_s: int = 5, drain_s: float = 10.0):
+        self.low, self.high, self.capacity = low, high, capacity_tokens_per_s
+        self.window_s, self.drain_s = window_s, drain_s
+        self.arrived: list[float] = []
+        self.largest = 0
+
+    def decide(self, obs: Observation) -> int:
+        self.arrived = [*self.arrived, obs.offered_tokens_per_s][-self.window_s:]
+        load = sum(self.arrived) / len(self.arrived) / self.capacity
+        self.largest = max(self.largest, math.ceil(load - 1e-9))
+        backlog_pod_s = obs.queue_wait_ms / 1e3 * obs.ready
+        need = max(self.largest, math.ceil(load + backlog_pod_s / self.drain_s - 1e-9))
+        return max(self.low, min(self.high, need))
+
+
 class ThresholdPolicy:
     """Add `step` replicas while queue wait is over target, remove `step` while utilisation is under 50% and the
     queue is short; one cooldown after any change. No windows, no hysteresis beyond that gap."""
@@ -255,7 +284,10 @@ class ThresholdPolicy:
 
 class OperatorPolicy:
     """Adapter: feeds `specfleet_operator.policy.decide` the MetricsSample the fleet's heartbeats would produce
-    (one verifier role, one drafter pool sized with it) and returns its verifier count."""
+    (one verifier role, one drafter pool sized with it) and returns its verifier count, every `period_s` (the
+    operator's default `--interval`, 10 s)."""
+
+    period_s = 10.0
 
     def __init__(self, low: int, high: int, fleet: FleetModel, costs: CostModel, max_step: int,
                  queue_wait_ms: float):
@@ -430,6 +462,8 @@ def make_policy(name: str, low: int, high: int, fleet: FleetModel, costs: CostMo
         return KnativeKpaPolicy(low, high, 0.7 * costs.max_batch), start
     if name == "operator":
         return OperatorPolicy(low, high, fleet, costs, step, queue_wait_ms), start
+    if name == "ideal-reactive":
+        return IdealReactivePolicy(low, high, fleet.capacity_tokens_per_s), start
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
 
 

@@ -152,3 +152,43 @@ def test_head_drafts_a_chain_with_siblings(model_set, target, models_dir):
 def test_bundled_models_folder_names_the_head_only_when_present(models_dir):
     bundled = ModelSet.bundled(models_dir)
     assert bundled.head == (models_dir / "head" if (models_dir / "head" / HEAD_INFO).exists() else None)
+
+
+def test_the_profile_times_the_head_against_a_target_step(model_set):
+    from specfleet.engine.profile import _head_steps
+
+    rows = _head_steps(model_set, repeats=1)
+    assert [r["batch"] for r in rows] and all(r["ms"] > 0 and r["vs_target"] > 0 for r in rows)
+
+
+class _Oracle:
+    """A drafter that knows the continuation: drafts it exactly (or wrongly from depth `wrong_from` on)."""
+
+    def __init__(self, continuation, prompt_len, wrong_from=99):
+        self.continuation, self.p, self.wrong_from = continuation, prompt_len, wrong_from
+        self.released = []
+
+    def __call__(self, rids, contexts, features, k, seeds, positions):
+        out = []
+        for rid, context, feats, pos in zip(rids, contexts, features, positions, strict=True):
+            assert len(feats) == len(context) - 1 and pos == len(context) - self.p
+            b = int(rid.rsplit("-", 1)[1])
+            chain = self.continuation[b, pos:pos + k].tolist()
+            out.append([t if d < self.wrong_from else -1 for d, t in enumerate(chain)])
+        return out
+
+    def release(self, rids):
+        self.released += rids
+
+
+def test_head_rounds_are_simulated_round_by_round(target):
+    from specfleet.training.acceptance import head_cell
+
+    prompts = torch.randint(0, 8000, (2, 8))
+    continuation = torch.randint(0, 8000, (2, 20))
+    perfect = _Oracle(continuation, 8)
+    cell = head_cell(perfect, target, prompts, continuation, k=4, tag="t-")
+    assert cell["tokens_per_round"] == 5.0 and cell["accepted_per_round"] == 4.0  # 20 tokens: 4 rounds of 4 drafts + 1
+    assert sorted(perfect.released) == ["t-0", "t-1"]
+    first_only = head_cell(_Oracle(continuation, 8, wrong_from=1), target, prompts, continuation, k=4, tag="t-")
+    assert first_only["tokens_per_round"] == 2.0 and first_only["top1_agreement"] == 1.0

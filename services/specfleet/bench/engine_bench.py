@@ -79,8 +79,15 @@ def _engine_run(engine, prompts: list[Prompt], new_tokens: int, sampled: bool):
     return [r.token_ids for r in results], seconds, accepted
 
 
+REFERENCE_ROWS = ("hf-greedy", "hf-sample", "specfleet-none")  # every ratio and the lossless check need them
+
+
 def run(models_dir: Path, prompts_path: Path | None, new_tokens: int, limit: int, output: Path,
-        progress: bool = True, prompt_tokens: int = 64, batches: tuple[int, ...] = BATCHES) -> dict:
+        progress: bool = True, prompt_tokens: int = 64, batches: tuple[int, ...] = BATCHES,
+        systems: tuple[str, ...] | None = None) -> dict:
+    """systems: only these rows (plus the reference rows); None: all. The draft head's rows (specfleet-head,
+    specfleet-head-k4, specfleet-fused-head: the specialists, the head and the suffix tree) run when the models
+    folder holds a head."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -118,6 +125,14 @@ def run(models_dir: Path, prompts_path: Path | None, new_tokens: int, limit: int
             plan.append((f"specfleet-{proposer}-k4", 1, sampled,
                          lambda p=proposer, s=sampled: _engine_run(engine(p, 1, adaptive=False), prompts,
                                                                    new_tokens, s)))
+        if (models_dir / "head" / "head.json").exists():
+            plan.append(("specfleet-head", 1, sampled,
+                         lambda s=sampled: _engine_run(engine("head", 1), prompts, new_tokens, s)))
+            plan.append(("specfleet-head-k4", 1, sampled,
+                         lambda s=sampled: _engine_run(engine("head", 1, adaptive=False), prompts, new_tokens, s)))
+            plan.append(("specfleet-fused-head", 1, sampled,
+                         lambda s=sampled: _engine_run(engine("fused", 1, "python,prose,c,head"), prompts,
+                                                       new_tokens, s)))
     for sampled in (False, True):
         for batch in batches:
             if batch == 1:
@@ -127,6 +142,12 @@ def run(models_dir: Path, prompts_path: Path | None, new_tokens: int, limit: int
                              lambda p=proposer, b=batch, s=sampled: _engine_run(engine(p, b), batch_prompts,
                                                                                 new_tokens, s)))
 
+    if systems is not None:
+        unknown = set(systems) - {system for system, *_ in plan}
+        if unknown:
+            raise ValueError(f"unknown system(s) {', '.join(sorted(unknown))}; this run has "
+                             f"{', '.join(dict.fromkeys(system for system, *_ in plan))}")
+        plan = [row for row in plan if row[0] in systems or row[0] in REFERENCE_ROWS]
     results, outputs = [], {}
     bar = tqdm(plan, desc="bench engine", unit="system", disable=not progress)
     for system, batch, sampled, thunk in bar:

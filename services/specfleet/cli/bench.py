@@ -14,7 +14,7 @@ def cmd_bench_engine(args) -> int:
 
     try:
         report = run(args.models, args.prompts, args.max_new_tokens, args.limit, args.output,
-                     batches=tuple(args.batches))
+                     batches=tuple(args.batches), systems=tuple(args.systems.split(",")) if args.systems else None)
     except (ValueError, FileNotFoundError) as exc:
         sys.exit(f"error: {exc}")
     print(format_table(report))
@@ -88,6 +88,9 @@ def add_parser(sub, fmt) -> None:
     b.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens per prompt")
     b.add_argument("--batches", type=positive_int, nargs="+", default=[1, 4, 16, 32],
                    help="batch sweep (batched rows use at least as many prompts as the largest batch)")
+    b.add_argument("--systems", default=None,
+                   help="comma-separated rows to run, e.g. specfleet-fused,specfleet-head (hf-greedy, hf-sample and "
+                        "specfleet-none always run: the ratios and the lossless check need them); default: all")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "engine.json", help="JSON result (+ .png)")
     b.set_defaults(func=cmd_bench_engine)
     b = bsub.add_parser("fleet", formatter_class=fmt,

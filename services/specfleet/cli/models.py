@@ -42,7 +42,8 @@ def cmd_models_acceptance(args) -> int:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p)
         warps = Warps(target_probs=lambda logits: warp_probs(logits, params),
                       draft_probs=lambda logits: draft_probs(logits, params), sample=position_keyed_sample)
-    result = measure(args.models, args.data_dir / "tokens", cfg, drafters=names, warps=warps)
+    head = _head_drafter(args.models, args.temperature, args.top_p)
+    result = measure(args.models, args.data_dir / "tokens", cfg, drafters=names, warps=warps, head=head)
     write_json(result, args.output)
     print("greedy: tokens per round\n" + format_table(result))
     if warps is not None:
@@ -52,6 +53,37 @@ def cmd_models_acceptance(args) -> int:
     if args.update_card:
         print(f"wrote {write_card(args.models, args.output)}")
     return 0
+
+
+def _head_drafter(models_dir: Path, temperature: float, top_p: float):
+    """The bundled draft head as the engine runs it (a chain, no siblings: comparable with the drafters' rows), or
+    None when the models folder has none."""
+    from specfleet.engine.models import ModelSet
+
+    models = ModelSet.bundled(models_dir)
+    if models.head is None:
+        return None
+    from specfleet.engine.head import HeadModel, HeadProposer
+    from specfleet.engine.proposers import Draft
+    from specfleet.engine.sampling import SamplingParams
+    from specfleet.training.train import load_model
+
+    target = load_model(models.target)
+    proposer = HeadProposer(HeadModel(models.head, target, slots=64, target_dir=models.target), siblings=False)
+    params = SamplingParams(temperature=temperature, top_p=top_p) if temperature > 0 else None
+
+    class Drafter:
+        def __call__(self, rids, contexts, features, k, seeds, positions):
+            batch = [Draft(rid, context, k, None, None if seeds is None else params,
+                           None if seeds is None else seeds[i], positions[i], features=features[i])
+                     for i, (rid, context) in enumerate(zip(rids, contexts, strict=True))]
+            return [tree.tokens.tolist() for tree in proposer.propose(batch)]
+
+        def release(self, rids):
+            for rid in rids:
+                proposer.stop(rid, [])
+
+    return Drafter()
 
 
 def cmd_models_card(args) -> int:

@@ -54,12 +54,33 @@ def run(models: Path | ModelSet, drafters: tuple[str, ...] = ("drafter-python", 
             steps[name].append({"batch": batch, "ms": round(1e3 * runner.time_forward(batch, 1, repeats), 3)})
             bar.update()
     groups = _group_steps(loaded, steps, repeats)
+    head = _head_steps(models, repeats)
     bar.close()
     fixed, per_token = fit_line([(r["batch"] * r["tokens"], r["ms"]) for r in rows])
     return {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
             "target_forward_ms": rows, "drafter_step_ms": steps, "drafter_group_step_ms": groups,
+            **({"head_step_ms": head} if head else {}),
             "verify_cost": {"fixed_ms": round(fixed, 3), "per_token_ms": round(per_token, 4),
                             "model": "ms = fixed_ms + per_token_ms * (tokens in the forward over all sequences)"}}
+
+
+def _head_steps(models, repeats: int) -> list[dict]:
+    """One draft level of the model set's draft head (none: []), with its share of a target step of one token."""
+    from specfleet.engine.factory import build_head, load_model
+    from specfleet.engine.llama import LlamaRunner
+    from specfleet.engine.models import ModelSet
+
+    models = ModelSet.of(models)
+    if models.head is None:
+        return []
+    target = load_model(models, "target")
+    head = build_head(models, max(DRAFTER_BATCHES), target=target).runner
+    runner = LlamaRunner(target, slots=max(DRAFTER_BATCHES))
+    out = []
+    for batch in DRAFTER_BATCHES:
+        ms, step = 1e3 * head.time_forward(batch, 1, repeats), 1e3 * runner.time_forward(batch, 1, repeats)
+        out.append({"batch": batch, "ms": round(ms, 3), "target_ms": round(step, 3), "vs_target": round(ms / step, 3)})
+    return out
 
 
 def _group_steps(loaded: dict, steps: dict[str, list[dict]], repeats: int) -> dict[str, list[dict]]:
@@ -122,6 +143,10 @@ def format_table(profile: dict) -> str:
     for name, points in profile.get("drafter_group_step_ms", {}).items():
         lines.append(f"{name} as one forward, ms: " + ", ".join(
             f"batch {p['batch']}: {p['ms']:.2f} ({p['vs_one']:.2f}x one)" for p in points))
+    if profile.get("head_step_ms"):
+        steps = profile["head_step_ms"]
+        lines.append("draft head step, ms: " + ", ".join(
+            f"batch {p['batch']}: {p['ms']:.2f} ({p['vs_target']:.2f}x a target step)" for p in steps))
     c = profile["verify_cost"]
     lines.append(f"\nverifier cost model: {c['fixed_ms']:.2f} ms + {c['per_token_ms']:.3f} ms per token")
     return "\n".join(lines)

@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
         elif stage == "head":
             from specfleet.training.head import HeadRunConfig, train_head
 
-            cfg = HeadRunConfig(steps=args.head_steps, batch=args.batch, seed=args.seed)
+            cfg = HeadRunConfig(steps=args.head_steps, batch=args.batch, seed=args.seed, passes=args.head_passes)
             train_head(data / "tokens", model_dir(models / "target"), models / "head", data / "runs" / "head", cfg,
                        minutes=args.minutes, device_name=args.device, precision=args.precision)
         elif stage == "card":
@@ -119,6 +119,9 @@ def add_parser(sub, fmt) -> None:
                    help="stop target or head training after this long (resumable)")
     p.add_argument("--head-steps", type=positive_int, default=3000,
                    help="draft head optimiser steps (sets its LR schedule; training resumes up to it)")
+    p.add_argument("--head-passes", type=positive_int, default=2,
+                   help="draft head training-time test: pass 1 feeds the true features, each further pass the "
+                        "head's own predictions (as while drafting deeper levels)")
     p.add_argument("--drafter-steps", type=positive_int, default=None,
                    help="distillation steps per drafter (default: each drafter's recipe in training/distill.py)")
     p.add_argument("--teacher-windows", type=positive_int, default=None,

@@ -75,6 +75,7 @@ def render(models_dir: Path, acceptance: dict | None) -> str:
                 f"- validation loss: {_fmt_loss(info['validation_loss'])}", ""]
         if len(info.get("history", [])) > 1:
             out += _loss_curve(info["history"])
+    out += _head_card(models_dir)
     out += ["## Acceptance matrix", ""]
     if acceptance is None:
         out += ["_not measured yet: run `specfleet models acceptance`_", ""]
@@ -113,7 +114,50 @@ def render(models_dir: Path, acceptance: dict | None) -> str:
                            f"{row['best_other_specialist']} ({row['best_other_tokens_per_round']:.2f}) | "
                            f"{row['ratio']:.2f} |")
         out.append("")
+        if acceptance.get("head_gain"):
+            out += ["### Draft head against the specialists", "",
+                    "Accepted draft tokens per round of the head (simulated round by round: its deeper drafts read "
+                    "its own predicted features) over the best specialist's on each domain (goal: ≥ 1.3).", "",
+                    "| domain | requests | head | best specialist | ratio |", "|---|---|---|---|---|"]
+            for domain, row in acceptance["head_gain"].items():
+                for kind, cell in row.items():
+                    out.append(f"| {domain} | {kind} | {cell['head']:.2f} | {cell['best_specialist']} "
+                               f"({cell['specialist']:.2f}) | {cell['ratio']:.2f} |")
+            out.append("")
     return "\n".join(out)
+
+
+def _head_card(models_dir: Path) -> list[str]:
+    """The draft head's card entry (models/head/head.json), or nothing when there is none."""
+    path = models_dir / "head" / "head.json"
+    if not path.exists():
+        return []
+    info = json.loads(path.read_text())
+    out = ["## head", "",
+           "- role: EAGLE-style draft head for the bundled target (one Llama decoder layer over the target's "
+           "final-norm hidden state joined with the next token's embedding by a linear layer; drafts through the "
+           "target's own LM head; trained with a training-time-test pass on its own predicted features). "
+           f"It reads this target's features only (target fingerprint {info.get('target_fingerprint')}).",
+           f"- parameters: {info.get('parameters', 0):,} (stored in bfloat16; the embedding and LM head are the "
+           "target's, not stored)",
+           f"- tokens seen: {info.get('tokens_seen', 0):,} ({info.get('train_seconds', 0) / 60:.0f} min, "
+           f"{info.get('precision', 'fp32')})"]
+    val = info.get("validation", {})
+    if val:
+        out.append("- validation (held-out windows): " + "; ".join(
+            f"{d} loss {v['loss']:.3f}, top-1 agreement with the target {v['top1'][0]:.2f} (own features: "
+            f"{v['top1'][-1]:.2f})" for d, v in val.items()))
+    history = info.get("history", [])
+    if len(history) > 1:
+        keep = sorted({round(i * (len(history) - 1) / 7) for i in range(8)}) if len(history) > 8 else \
+            range(len(history))
+        out += ["", "| step | tokens seen | " + " | ".join(f"{d} top-1" for d in DOMAINS) + " |",
+                "|---|---|" + "---|" * len(DOMAINS)]
+        for i in keep:
+            h = history[i]
+            out.append(f"| {h['step']} | {h['tokens_seen'] / 1e6:.2f} M | "
+                       + " | ".join(f"{h['val'][d]['top1'][0]:.3f}" for d in DOMAINS if d in h["val"]) + " |")
+    return out + [""]
 
 
 def write_card(models_dir: Path, acceptance_json: Path) -> Path:

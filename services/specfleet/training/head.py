@@ -9,9 +9,9 @@ Recipe (EAGLE-1/2 architecture, EAGLE-3/HASS training-time test):
   of drafts stays coherent (unlike Medusa's independent heads).
 - Loss: SmoothL1 between f^ and the target's next feature, plus 0.1 x cross-entropy to the target's next-token
   distribution (EAGLE's weights; soft labels, so sampled drafting follows the target's distribution).
-- Training-time test: passes 1 and 2 feed the head its *own* predicted features, with the attention each position
-  would see while drafting (the context's true features, then its own chain), so errors do not compound at depth
-  2-3 (HASS, EAGLE-3). Uniform noise on the true features (EAGLE) does the same for pass 0.
+- Training-time test: pass 1 (and further passes, `passes`) feeds the head its *own* predicted features, with the
+  attention each position would see while drafting (the context's true features, then its own chain), so errors
+  do not compound at depth 2+ (HASS, EAGLE-3). Uniform noise on the true features (EAGLE) does the same for pass 0.
 Why this recipe: EAGLE's feature-level drafting is what gives its 2x acceptance over an independent 68 M drafter and
 Hydra++'s over Medusa; EAGLE-3's multi-layer feature fusion and reduced vocabulary buy little for a 10-layer, 8 k
 vocabulary target and would cost a second feature path through the fleet. The head reuses the target's embedding
@@ -38,7 +38,7 @@ from torch import nn
 HEAD_FILE = "head.safetensors"
 HEAD_INFO = "head.json"
 FORMAT = 1
-PASSES = 3  # training-time test: the true features, then the head's own features twice
+PASSES = 2  # training-time test: the true features, then the head's own (a third pass costs a third more per step)
 REGRESSION_WEIGHT, CE_WEIGHT, NOISE = 1.0, 0.1, 0.2  # EAGLE's: SmoothL1 + 0.1 CE, uniform noise of width 0.2
 
 

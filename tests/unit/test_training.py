@@ -155,3 +155,21 @@ def test_engine_continuations_are_the_targets_own(load_model, tokenizer, held_ou
     assert torch.equal(generate(prompts, 12, 0.0, 1.0, 0), greedy_continuation(load_model("target"), prompts, 12))
     sampled = generate(prompts, 12, 0.8, 0.95, 7)
     assert sampled.shape == (3, 12) and torch.equal(sampled, generate(prompts, 12, 0.8, 0.95, 7))
+
+
+def test_head_trains_exports_and_continues_on_a_fresh_machine(tmp_path, tiny_tokens):
+    """The draft head trains on the bundled target's features, exports a head the engine can read, and a clone
+    with the exported head but no checkpoint continues from it (schedule warmed up again from its step)."""
+    from specfleet.training.head import HeadRunConfig, read_head, train_head
+
+    cfg = HeadRunConfig(steps=3, batch=2, seq=32, warmup=1, eval_every=2, checkpoint_minutes=0.0)
+    target = MODELS_DIR / "target"
+    state = train_head(tiny_tokens, target, tmp_path / "head", tmp_path / "run", cfg, minutes=None,
+                       device_name="cpu", precision="fp32")
+    assert state["step"] == 3 and [h["step"] for h in state["history"]] == [2, 3]
+    _, weights, info = read_head(tmp_path / "head", target)
+    assert info["tokens_seen"] > 0 and len(info["validation"]["python"]["top1"]) == cfg.passes
+    longer = HeadRunConfig(steps=4, batch=2, seq=32, warmup=1, eval_every=2, checkpoint_minutes=0.0)
+    again = train_head(tiny_tokens, target, tmp_path / "head", tmp_path / "run-fresh-machine", longer,
+                       minutes=None, device_name="cpu", precision="fp32")
+    assert again["step"] == 4 and again["schedule_start"] == info["step"]

@@ -306,7 +306,7 @@ def train_head(tokens_dir: Path, target_dir: Path, out_dir: Path, run_dir: Path,
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     state = {"step": 0, "tokens_seen": 0, "best_val": float("inf"), "history": [], "seconds": 0.0,
-             "fingerprint": fingerprint}
+             "fingerprint": fingerprint, "schedule_start": 0}
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ckpt["state"].get("fingerprint") != fingerprint:
@@ -315,6 +315,18 @@ def train_head(tokens_dir: Path, target_dir: Path, out_dir: Path, run_dir: Path,
         opt.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
         print(f"resuming the head from step {state['step']} ({state['tokens_seen']:,} tokens seen)")
+    elif (out_dir / HEAD_INFO).exists():
+        # No checkpoint on this machine (a fresh clone): continue from the exported head, fresh optimiser state.
+        try:
+            _, weights, info = read_head(out_dir, target_dir)
+        except ValueError as exc:
+            print(f"not continuing the head in {out_dir}: {exc}")
+        else:
+            head.load_head_state(weights)
+            state.update(step=info["step"], tokens_seen=info["tokens_seen"], seconds=float(info["train_seconds"]),
+                         history=info.get("history", []), schedule_start=info["step"], remeasure=True)
+            print(f"no checkpoint in {run_dir}: continuing the head exported in {out_dir} at step {state['step']} "
+                  "with a fresh optimiser state")
 
     def evaluate() -> dict:
         head.eval()
@@ -347,6 +359,8 @@ def train_head(tokens_dir: Path, target_dir: Path, out_dir: Path, run_dir: Path,
         tqdm.write(f"step {state['step']}: val {json.dumps(losses)} mean {mean:.4f}"
                    f"{' (exported)' if improved else ''}")
 
+    if state.pop("remeasure", False):  # exports must beat the continued head on this machine's validation split
+        state["best_val"] = float(np.mean([v["loss"] for v in evaluate().values()]))
     head.train()
     start, last_ckpt = time.time(), time.time()
     domains = list(DOMAINS)
@@ -361,7 +375,7 @@ def train_head(tokens_dir: Path, target_dir: Path, out_dir: Path, run_dir: Path,
         x = torch.cat([train[domains[i % len(domains)]].windows(rng, 1, cfg.seq + 1)
                        for i in range(cfg.batch)]).to(device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, state.get("schedule_start", 0))
         loss, parts = head_losses(head, target, x, device, precision, cfg.passes, NOISE)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)

@@ -107,6 +107,14 @@ class MergedProposer:
     def __getattr__(self, attr):  # step_seconds, drafters, ...: the first proposer's (the model drafters)
         return getattr(self.proposers[0], attr)
 
+    def step_seconds(self, batch: int) -> float:
+        """A draft level of every member with a model (drafters, a draft head); lookups cost nothing here."""
+        return sum(p.step_seconds(batch) for p in self.proposers if hasattr(p, "step_seconds"))
+
+    @property
+    def last_prefill_seconds(self) -> float:
+        return sum(getattr(p, "last_prefill_seconds", 0.0) for p in self.proposers)
+
     @property
     def needs_features(self) -> bool:
         return any(getattr(p, "needs_features", False) for p in self.proposers)

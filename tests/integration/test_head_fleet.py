@@ -176,3 +176,17 @@ def test_a_head_pool_without_a_head_is_refused(models_dir):
     models = ModelSet(models_dir / "target", {})
     with pytest.raises(ValueError, match="needs a draft head"):
         asyncio.run(start_drafter("head", ServeOptions(models)))
+
+
+def test_up_refuses_a_head_pool_without_a_head(models_dir):
+    """--target replaces the bundled head too (a head reads one target's features): a head pool is then refused
+    before anything starts, saying how to get a head."""
+    import subprocess
+    import sys
+
+    from specfleet.state.embedded import free_port
+
+    cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(free_port()), "--pools", "head",
+           "--target", str(models_dir / "target"), "--redis-url", REDIS_URL, "--http-port", "-1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "drafter pool head needs a draft head" in done.stderr, done.stderr[-2000:]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from specfleet.cli.options import ablation_flags, kv_options, model_options, model_set_from_args, tracing_flags
-from specfleet.drafter.serve import DRAFTER_POOLS, MODEL_FREE_POOLS
+from specfleet.drafter.serve import DRAFTER_POOLS, HEAD_POOL, MODEL_FREE_POOLS
 from specfleet.router.limits import SERVED_MODEL_NAME
 from specfleet.runtime.process import ServeOptions
 from specfleet.runtime.security import (
@@ -118,8 +118,8 @@ def cmd_serve(args) -> int:
     if args.verify_intake < 1:
         sys.exit(f"error: --verify-intake must be >= 1 (rounds a verifier holds at once), got {args.verify_intake}")
     if args.role == "drafter" and not args.pool:
-        sys.exit(f"error: serve drafter needs --pool (a drafter's name, e.g. {', '.join(DRAFTER_POOLS)}, or one of "
-                 f"{', '.join(MODEL_FREE_POOLS)})")
+        sys.exit(f"error: serve drafter needs --pool (a drafter's name, e.g. {', '.join(DRAFTER_POOLS)}, one of "
+                 f"{', '.join(MODEL_FREE_POOLS)}, or {HEAD_POOL}: the draft head)")
     if args.role == "router" and not args.verifiers:
         sys.exit("error: serve router needs --verifiers HOST:PORT[,HOST:PORT...]")
     try:
@@ -185,7 +185,9 @@ def add_parser(sub, fmt) -> None:
     p.add_argument("--rate-limit-tpm", type=float, default=0.0,
                    help="router only: generated tokens per minute per caller token; a caller over it is refused "
                         "new requests until its budget refills; 0: no limit")
-    p.add_argument("--pool", help="drafter only: the pool to serve (python, prose, c, general, suffix, ngram)")
+    p.add_argument("--pool", help="drafter only: the pool to serve (python, prose, c, general, suffix, ngram, or head: "
+                                  "the draft head of --head / MODELS/head, drafting from the features the verifiers "
+                                  "return)")
     p.add_argument("--drafters", help="router only: POOL=HOST:PORT,... of the drafter pools")
     p.add_argument("--verifiers", help="router only: HOST:PORT,... of the verifiers")
     p.add_argument("--fusion", help="router only: HOST:PORT of the fusion service")

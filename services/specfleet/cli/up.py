@@ -32,7 +32,8 @@ def add_parser(sub, fmt) -> None:
     model_options(p)
     kv_options(p)
     p.add_argument("--pools", default="python,prose,c,suffix",
-                   help="drafter pools to start: drafter names (bundled or --drafter NAME) and suffix / ngram")
+                   help="drafter pools to start: drafter names (bundled or --drafter NAME), suffix / ngram, and head "
+                        "(the draft head of --head / MODELS/head: the verifiers then return the target's features)")
     p.add_argument("--verifiers", type=int, default=1, help="verifier replicas")
     p.add_argument("--token",
                    help=f"bearer token clients must send (prefer env {TOKEN_ENV} or --token-file); services get "

@@ -13,12 +13,15 @@ import grpc
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
 from specfleet.engine.proposers import Draft, Proposer
 from specfleet.runtime.server import Batcher, RecentRequests
-from specfleet.runtime.wire import sampling_from_pb, tree_to_pb
+from specfleet.runtime.wire import features_from_pb, sampling_from_pb, tree_to_pb
 
 
 class DrafterService(internal_pb2_grpc.DrafterServicer):
-    def __init__(self, proposer: Proposer, pool: str, capacity: int, max_k: int = 16, vocab_size: int = 1 << 31):
+    def __init__(self, proposer: Proposer, pool: str, capacity: int, max_k: int = 16, vocab_size: int = 1 << 31,
+                 feature_width: int | None = None):
+        """feature_width: a head pool's (the target's hidden size): the features a call carries go to the proposer."""
         self.proposer, self.pool, self.capacity = proposer, pool, capacity
+        self.feature_width = feature_width
         self.max_k, self.vocab_size = max_k, vocab_size
         self.recent = RecentRequests()
         self.batcher = Batcher(self._draft_batch, max_batch=capacity, max_wait_s=0.0005)
@@ -41,8 +44,12 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
         return [(tree, seconds) for tree in trees]
 
     def snapshot(self) -> dict:
-        """Heartbeat counters: the batcher's, plus drafted tokens and cached requests."""
-        return {**self.batcher.snapshot(), "tokens": self.drafted, "cached": len(self.recent)}
+        """Heartbeat counters: the batcher's, drafted tokens and cached requests (a head pool: feature rebuilds)."""
+        extra = {}
+        features = getattr(self.proposer, "features", None)
+        if features is not None:
+            extra = {"feature_rebuilds": features.rebuilds, "feature_rows_carried": features.carried_rows}
+        return {**self.batcher.snapshot(), "tokens": self.drafted, "cached": len(self.recent), **extra}
 
     async def Draft(self, request: internal_pb2.DraftRequest, context) -> internal_pb2.DraftResponse:
         drafts = []
@@ -66,7 +73,14 @@ class DrafterService(internal_pb2_grpc.DrafterServicer):
             if item.position < 0:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"request {item.request_id}: position must be >= 0, got {item.position}")
-            drafts.append(Draft(item.request_id, list(item.context), item.k, None, params, seed, item.position))
+            carried = None
+            if self.feature_width is not None and item.HasField("features"):
+                try:
+                    carried = (item.features.first, features_from_pb(item.features, self.feature_width))
+                except ValueError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {item.request_id}: {exc}")
+            drafts.append(Draft(item.request_id, list(item.context), item.k, None, params, seed, item.position,
+                                features=carried))
         results = await asyncio.gather(*(self.batcher.submit(d) for d in drafts))
         seconds = max((s for _, s in results), default=0.0)
         return internal_pb2.DraftResponse(trees=[tree_to_pb(t) for t, _ in results], drafter=self.pool, seconds=seconds)

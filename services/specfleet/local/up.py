@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from specfleet.drafter.serve import MODEL_FREE_POOLS
+from specfleet.drafter.serve import HEAD_POOL, MODEL_FREE_POOLS
 from specfleet.engine.models import ModelSet, check_all
 from specfleet.runtime.security import (
     INTERNAL_TOKEN_ENV,
@@ -232,16 +232,20 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     pools = [p.strip().removeprefix("drafter-") for p in (args.pools or "").split(",") if p.strip()]
     try:
-        models = ModelSet.bundled(args.models).with_overrides(args.target, args.drafter, args.dtype)
+        models = ModelSet.bundled(args.models).with_overrides(args.target, args.drafter, args.dtype,
+                                                              getattr(args, "head", None))
     except ValueError as exc:
         sys.exit(f"error: {exc}")
-    known = tuple(models.drafters) + MODEL_FREE_POOLS
+    if HEAD_POOL in pools and models.head is None:
+        sys.exit(f"error: drafter pool {HEAD_POOL} needs a draft head for the target: train one with `specfleet "
+                 "train head` (it lands in MODELS/head) or give --head PATH")
+    known = tuple(models.drafters) + MODEL_FREE_POOLS + ((HEAD_POOL,) if models.head is not None else ())
     unknown = [p for p in pools if p not in known]
     if unknown:
         sys.exit(f"error: unknown drafter pool(s) {', '.join(unknown)}; choose from {', '.join(known)} "
                  "(--drafter NAME=PATH adds a drafter)")
     try:  # every model is checked before anything starts: a bad one fails here, not after the ready timeout
-        check_all(models, [p for p in pools if p not in MODEL_FREE_POOLS])
+        check_all(models, [p for p in pools if p not in MODEL_FREE_POOLS + (HEAD_POOL,)])
         if not (models.target / "config.json").exists():
             raise ValueError(f"no target model at {models.target} (expected a Hugging Face folder with config.json)")
     except ValueError as exc:

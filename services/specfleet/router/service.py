@@ -19,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc, router_pb2, router_pb2_grpc
 from specfleet.engine.control import CostModel, SpeculationController
+from specfleet.engine.head import HEAD
 from specfleet.engine.sampling import SamplingParams
 from specfleet.engine.tree import TokenTree
 from specfleet.router.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, MIN_TEMPERATURE
@@ -26,7 +27,7 @@ from specfleet.runtime.chat import chat_prompt_ids, check_messages
 from specfleet.runtime.server import FAST_RECONNECT
 from specfleet.runtime.telemetry import client_interceptors
 from specfleet.runtime.text import TextDeltas
-from specfleet.runtime.wire import replayed_round, sampling_to_pb, tree_from_pb, tree_to_pb
+from specfleet.runtime.wire import FEATURE_DTYPES, replayed_round, sampling_to_pb, tree_from_pb, tree_to_pb
 
 log = logging.getLogger("specfleet.router")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -34,6 +35,36 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 # its turn in the verify stream keeps its place until then (at most FleetConfig.max_round_wait_s)
 _CALLER_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("caller_deadline", default=None)
 SUSPECT_S = 10.0  # a verifier that just failed or timed out is tried last this long (a heartbeat's lifetime)
+
+
+class PendingFeatures:
+    """One request's target features (from the verifier's replies) not yet passed to the head pool: rows of context
+    positions first..first+rows-1, packed as the verifier sent them. Rows already sent are not kept: a head replica
+    that lacks them (a failover, a failed call) rebuilds them from the context."""
+
+    def __init__(self):
+        self.first, self.rows, self.width, self.dtype, self.data = 0, 0, 0, "", b""
+        self.seen = False  # a reply carried features: before that the head pool would rebuild the prompt's
+
+    def add(self, msg: internal_pb2.Features) -> None:
+        self.seen = True
+        end = self.first + self.rows
+        if self.rows and (msg.width, msg.dtype) == (self.width, self.dtype) and self.first <= msg.first <= end:
+            size = self.width * FEATURE_DTYPES[self.dtype].itemsize  # rows from msg.first on are replaced
+            self.data = self.data[:(msg.first - self.first) * size] + msg.data
+            self.rows = msg.first - self.first + msg.rows
+        else:  # rows before the pending ones (already sent, now rewritten) or after a gap: these alone
+            self.first, self.rows, self.width, self.dtype, self.data = (msg.first, msg.rows, msg.width, msg.dtype,
+                                                                        msg.data)
+
+    def take(self) -> internal_pb2.Features | None:
+        """The pending rows as a message (None when there are none); they count as sent."""
+        if not self.rows:
+            return None
+        msg = internal_pb2.Features(first=self.first, rows=self.rows, width=self.width, dtype=self.dtype,
+                                    data=self.data)
+        self.first, self.rows, self.data = self.first + self.rows, 0, b""
+        return msg
 
 
 @dataclass
@@ -102,6 +133,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.queue_stats = {"depth": 0, "pending": 0, "oldest_age_ms": 0}  # the verify stream, read with members
         self.speculated = 0  # DSI rounds verified concurrently with the round before them
         self.speculated_used = 0  # ... and committed (the round before confirmed their context)
+        # a draft head pool drafts from the target's features: the verifier returns each round's new rows, kept here
+        # per live request until the head pool's next Draft call carries them
+        self.features_wanted = HEAD in config.drafters
+        self.pending: dict[str, PendingFeatures] = {}
 
     def snapshot(self) -> dict:
         """Heartbeat counters: live requests, rounds and committed tokens, mean tokens per round."""
@@ -262,13 +297,24 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _draft(self, rid: str, context: list[int], k: int, pools: list[str], params: SamplingParams,
                      prompt_len: int) -> tuple[TokenTree, float]:
+        if HEAD in pools and rid in self.pending and not self.pending[rid].seen:
+            # no features yet (a request's first round here): the verifier's reply brings the prompt's, which the
+            # head pool would otherwise compute again with a target forward of its own
+            pools = [p for p in pools if p != HEAD]
         if k <= 0 or not pools:
             return TokenTree.empty(), 0.0
         start = time.perf_counter()
         # a sampled request's drafts are drawn with its own noise at each output position (keyed by its seed)
         item = internal_pb2.DraftItem(request_id=rid, context=context, k=k, position=len(context) - prompt_len,
                                       sampling=None if params.greedy else sampling_to_pb(params))
-        calls = [self._drafter(p, rid).Draft(internal_pb2.DraftRequest(items=[item]),
+        items = {p: item for p in pools}
+        if HEAD in pools and rid in self.pending:  # the head pool gets the feature rows it has not had yet
+            rows = self.pending[rid].take()
+            if rows is not None:
+                items[HEAD] = head_item = internal_pb2.DraftItem()
+                head_item.CopyFrom(item)
+                head_item.features.CopyFrom(rows)
+        calls = [self._drafter(p, rid).Draft(internal_pb2.DraftRequest(items=[items[p]]),
                                              timeout=self.config.rpc_timeout_s, metadata=self._metadata)
                  for p in pools]
         replies = await asyncio.gather(*calls, return_exceptions=True)
@@ -312,7 +358,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         """PipeInfer-style continuous speculation: while the verifier checks `tree`, the drafters draft the next
         round from the optimistic continuation (the tree's most confident path fully accepted), one level deeper so
         its first level guesses the target's bonus token. Returns (task, the path's tokens) or None."""
-        if not self.config.pipeline or k <= 0 or not len(tree) or remaining <= tree.max_depth + 2:
+        # the head pool drafts only from the features of committed tokens: it sits out drafts made ahead
+        pools = [p for p in pools if p != HEAD]
+        if not self.config.pipeline or k <= 0 or not len(tree) or remaining <= tree.max_depth + 2 or not pools:
             return None
         path = [int(tree.tokens[i]) for i in tree.best_path()]
         return asyncio.get_running_loop().create_task(self._draft(rid, context + path, k + 1, pools, params,
@@ -344,7 +392,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                       speculative: bool = False) -> internal_pb2.VerifyResponse:
         msg = internal_pb2.VerifyRequest(request_id=rid, round=rnd, context=context, prompt_len=prompt_len,
                                          tree=tree_to_pb(tree), sampling=sampling_to_pb(params),
-                                         max_new_tokens=remaining, ignore_eos=ignore_eos, speculative=speculative)
+                                         max_new_tokens=remaining, ignore_eos=ignore_eos, speculative=speculative,
+                                         features=self.features_wanted)
         if self.queue is not None:  # any verifier takes it from the stream; a dead one's is reclaimed
             return await self.queue.verify(msg, self.config.rpc_timeout_s, self._round_wait_s())
         order = self._verifiers_for(rid)
@@ -466,57 +515,65 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 finished = True
         pools_asked = [p for p in request.drafters] or list(self.config.drafters)
         ready: TokenTree | None = None  # the next round's draft, made while this round was verified (pipelining)
-        while not finished:
-            remaining = request.max_new_tokens - len(output)
-            plan = self.controller.decide([rid], max_k={rid: remaining - 1})[rid]
-            pools = self._pools_for(rid, rnd, plan.drafters, pools_asked)
-            if ready is not None and plan.k > 0:
-                tree, draft_s = ready.prune_depth(plan.k), None  # drafted during the last verification
-            else:
-                tree, draft_s = await self._draft(rid, prompt + output, plan.k, pools if plan.k > 0 else [], params,
-                                                  len(prompt))
-            ready = None
-            ahead = self._draft_ahead(rid, prompt + output, tree, plan.k, pools, remaining, params, len(prompt))
-            dsi = self._speculate(rid, rnd, prompt + output, len(prompt), ahead, plan.k, pools, params, remaining,
-                                   request.ignore_eos)
-            start = time.perf_counter()
-            try:
-                reply = await self._verify(rid, rnd, prompt + output, len(prompt), tree, params, remaining,
-                                           request.ignore_eos)
-            except BaseException:
-                for task in (ahead[0] if ahead else None, dsi):
-                    if task is not None:
-                        task.cancel()
-                raise
-            verify_s = time.perf_counter() - start
-            if ahead is not None:
-                ready = await self._confirm_ahead(ahead, list(reply.token_ids), reply.finished)
-            if self.controller.cost is not None:
-                if plan.k > 0 and len(tree) and draft_s is not None:
-                    self.controller.cost.observe_draft(1, max(1, len(pools)), plan.k, draft_s)
-                self.controller.cost.observe_verify(len(tree) + 1, verify_s)
-            rounds = [(tree, reply)]
-            while rounds:
-                tree, reply = rounds.pop()
-                new, offset = list(reply.token_ids), len(output)
-                self._account(rid, plan, tree, reply, usage)
-                output += new
-                rnd += 1
-                finished, reason = reply.finished, reply.finish_reason
-                text, cut = streamer.feed(new)
-                if cut and not finished:
-                    await self.store.commit_round(rid, rnd, [], finished=True, finish_reason="stop")
-                    finished, reason = True, "stop"
-                yield self._message(rid, text, new, offset, finished, reason, prompt, output, usage)
-                # DSI: the round after this one, verified concurrently, stands when this one confirmed its context
-                used = await self._use_speculation(dsi, rid, rnd, output, ready is not None and not finished)
-                dsi = None
-                if used is not None:
-                    spec_tree, spec_reply, spec_ahead = used
-                    rounds.append((spec_tree, spec_reply))
-                    ready = None
-                    if spec_ahead is not None:
-                        ready = await self._confirm_ahead(spec_ahead, list(spec_reply.token_ids), spec_reply.finished)
+        if self.features_wanted:
+            self.pending[rid] = PendingFeatures()
+        try:
+            while not finished:
+                remaining = request.max_new_tokens - len(output)
+                plan = self.controller.decide([rid], max_k={rid: remaining - 1})[rid]
+                pools = self._pools_for(rid, rnd, plan.drafters, pools_asked)
+                if ready is not None and plan.k > 0:
+                    tree, draft_s = ready.prune_depth(plan.k), None  # drafted during the last verification
+                else:
+                    tree, draft_s = await self._draft(rid, prompt + output, plan.k, pools if plan.k > 0 else [],
+                                                      params, len(prompt))
+                ready = None
+                ahead = self._draft_ahead(rid, prompt + output, tree, plan.k, pools, remaining, params, len(prompt))
+                dsi = self._speculate(rid, rnd, prompt + output, len(prompt), ahead, plan.k, pools, params, remaining,
+                                       request.ignore_eos)
+                start = time.perf_counter()
+                try:
+                    reply = await self._verify(rid, rnd, prompt + output, len(prompt), tree, params, remaining,
+                                               request.ignore_eos)
+                except BaseException:
+                    for task in (ahead[0] if ahead else None, dsi):
+                        if task is not None:
+                            task.cancel()
+                    raise
+                verify_s = time.perf_counter() - start
+                if ahead is not None:
+                    ready = await self._confirm_ahead(ahead, list(reply.token_ids), reply.finished)
+                if self.controller.cost is not None:
+                    if plan.k > 0 and len(tree) and draft_s is not None:
+                        self.controller.cost.observe_draft(1, max(1, len(pools)), plan.k, draft_s)
+                    self.controller.cost.observe_verify(len(tree) + 1, verify_s)
+                rounds = [(tree, reply)]
+                while rounds:
+                    tree, reply = rounds.pop()
+                    if reply.HasField("features") and rid in self.pending:  # committed: its rows are the context's
+                        self.pending[rid].add(reply.features)
+                    new, offset = list(reply.token_ids), len(output)
+                    self._account(rid, plan, tree, reply, usage)
+                    output += new
+                    rnd += 1
+                    finished, reason = reply.finished, reply.finish_reason
+                    text, cut = streamer.feed(new)
+                    if cut and not finished:
+                        await self.store.commit_round(rid, rnd, [], finished=True, finish_reason="stop")
+                        finished, reason = True, "stop"
+                    yield self._message(rid, text, new, offset, finished, reason, prompt, output, usage)
+                    # DSI: the round after this one, verified concurrently, stands when this one confirmed its context
+                    used = await self._use_speculation(dsi, rid, rnd, output, ready is not None and not finished)
+                    dsi = None
+                    if used is not None:
+                        spec_tree, spec_reply, spec_ahead = used
+                        rounds.append((spec_tree, spec_reply))
+                        ready = None
+                        if spec_ahead is not None:
+                            ready = await self._confirm_ahead(spec_ahead, list(spec_reply.token_ids),
+                                                              spec_reply.finished)
+        finally:
+            self.pending.pop(rid, None)
         self.controller.forget(rid)
         asyncio.get_running_loop().create_task(self._release(rid, output))
 

@@ -60,3 +60,34 @@ def replayed_round(state, rnd: int) -> internal_pb2.VerifyResponse:
     return internal_pb2.VerifyResponse(request_id=state.rid, round=rnd, token_ids=tokens,
                                        accepted=max(0, len(tokens) - 1), replayed=True, finished=finished,
                                        finish_reason=state.finish_reason if finished else "")
+
+
+FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_FEATURE_DTYPE = "float16"  # half the bytes of float32; the head drafts from them (acceptance stays lossless)
+
+
+def features_to_pb(rows: torch.Tensor, first: int, dtype: str = DEFAULT_FEATURE_DTYPE) -> internal_pb2.Features:
+    """[n, H] target features of context positions first..first+n-1, packed little-endian in `dtype`."""
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {dtype!r}")
+    packed = rows.detach().to(FEATURE_DTYPES[dtype]).contiguous()
+    data = packed.view(torch.int16 if packed.element_size() == 2 else torch.int32).numpy().astype(
+        "<i2" if packed.element_size() == 2 else "<i4").tobytes()
+    return internal_pb2.Features(first=first, rows=rows.shape[0], width=rows.shape[1], dtype=dtype, data=data)
+
+
+def features_from_pb(msg: internal_pb2.Features, width: int | None = None) -> torch.Tensor:
+    """The rows of a Features message as a float32 [rows, width] tensor; ValueError when malformed."""
+    if msg.dtype not in FEATURE_DTYPES:
+        raise ValueError(f"features: dtype must be one of {', '.join(FEATURE_DTYPES)}, got {msg.dtype!r}")
+    if msg.first < 0 or msg.rows < 0 or msg.width <= 0 or (width is not None and msg.width != width):
+        raise ValueError(f"features: first {msg.first}, rows {msg.rows}, width {msg.width} (the target's hidden "
+                         f"size is {width})")
+    dtype = FEATURE_DTYPES[msg.dtype]
+    size = torch.empty((), dtype=dtype).element_size()
+    if len(msg.data) != msg.rows * msg.width * size:
+        raise ValueError(f"features: {len(msg.data)} bytes are not {msg.rows} x {msg.width} {msg.dtype}")
+    if not msg.rows:
+        return torch.empty(0, msg.width)
+    ints = np.frombuffer(msg.data, dtype="<i2" if size == 2 else "<i4").astype("i2" if size == 2 else "i4")
+    return torch.from_numpy(ints.copy()).view(dtype).reshape(msg.rows, msg.width).float()

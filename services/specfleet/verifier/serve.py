@@ -14,6 +14,7 @@ log = logging.getLogger("specfleet.fleet")
 
 async def start_verifier(opts: ServeOptions, port: int = 0) -> tuple[Running, object]:
     from specfleet.engine.factory import load_model
+    from specfleet.engine.models import ModelSet
     from specfleet.verifier.service import VerifierService
 
     target = load_model(opts.models, "target")  # on the serving thread: see Batcher
@@ -25,7 +26,11 @@ async def start_verifier(opts: ServeOptions, port: int = 0) -> tuple[Running, ob
         cap = max_batch_tokens(load(opts.profile), opts.max_batch_latency_ms)
         log.info("verifier: at most %d tokens per forward (profile %s, %.0f ms bound)", cap, opts.profile,
                  opts.max_batch_latency_ms)
-    service = VerifierService(target, slots=opts.slots, store=store, max_batch_tokens=cap, limits=opts.kv_limits())
+    # with a draft head in the model set the verifier keeps each request's features (one row of the target's width per
+    # cached token) and returns a round's new rows to a router that asks (its head pool drafts from them)
+    features = ModelSet.of(opts.models).head is not None
+    service = VerifierService(target, slots=opts.slots, store=store, max_batch_tokens=cap, limits=opts.kv_limits(),
+                              features=features)
     if service.verifier.runner.slots < opts.slots:
         log.warning("verifier: the KV cache budget holds %d of the %d slots asked for; further requests wait",
                     service.verifier.runner.slots, opts.slots)

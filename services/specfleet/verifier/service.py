@@ -14,10 +14,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from specfleet.api.v1 import internal_pb2, internal_pb2_grpc
-from specfleet.engine.llama import KvLimits
+from specfleet.engine.llama import KvLimits, common_prefix
 from specfleet.engine.verify import TargetVerifier, Verdict, VerifyItem, cut_at_finish
 from specfleet.runtime.server import Batcher, RecentRequests
-from specfleet.runtime.wire import replayed_round, sampling_from_pb, tree_from_pb
+from specfleet.runtime.wire import (
+    DEFAULT_FEATURE_DTYPE,
+    features_to_pb,
+    replayed_round,
+    sampling_from_pb,
+    tree_from_pb,
+)
 from specfleet.state.store import RequestNotFoundError, RoundGapError
 
 
@@ -36,8 +42,12 @@ def stream_seed(rid: str) -> int:
 
 class VerifierService(internal_pb2_grpc.VerifierServicer):
     def __init__(self, target, slots: int, store=None, eos_token_id: int | None = None, max_wait_s: float = 0.0005,
-                 max_batch_tokens: int = 0, limits: KvLimits | None = None):
-        self.verifier = TargetVerifier(target, slots=slots, limits=limits)
+                 max_batch_tokens: int = 0, limits: KvLimits | None = None, features: bool = False,
+                 feature_dtype: str = DEFAULT_FEATURE_DTYPE):
+        """features: keep each request's target features, and return those a round added when its request asks
+        (VerifyRequest.features: a router with a draft head pool), packed as `feature_dtype`."""
+        self.verifier = TargetVerifier(target, slots=slots, limits=limits, features=features)
+        self.feature_dtype = feature_dtype
         slots = self.verifier.runner.slots  # what the KV budget holds
         self.store = store
         self.eos_token_id = target.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -50,9 +60,11 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
                                weight=lambda item: len(item.tree) + 1, max_weight=max_batch_tokens)
         self.rounds = 0
         self.tokens = 0
+        self.feature_rounds = 0  # rounds answered with features, and their bytes (the wire cost of a head pool)
+        self.feature_bytes = 0
         self.consumer = None  # verifier.queue.VerifyConsumer, when rounds also come from the Redis stream
 
-    def _verify_batch(self, items: list[VerifyItem]) -> list[tuple[Verdict, float, int]]:
+    def _verify_batch(self, items: list[VerifyItem]) -> list[tuple[Verdict, float, int, object]]:
         """One forward per group of items with distinct requests: two rounds of one request (a round and the DSI
         round speculated after it) share that request's KV slot, so they never go in one forward."""
         groups: list[list[int]] = []
@@ -61,13 +73,16 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
             if group is None:
                 groups.append(group := [])
             group.append(i)
-        out: list[tuple[Verdict, float, int]] = [None] * len(items)  # type: ignore[list-item]
+        out: list[tuple[Verdict, float, int, object]] = [None] * len(items)  # type: ignore[list-item]
         for group in groups:
             for i, result in zip(group, self._forward_group([items[i] for i in group]), strict=True):
                 out[i] = result
         return out
 
-    def _forward_group(self, items: list[VerifyItem]) -> list[tuple[Verdict, float, int]]:
+    def _forward_group(self, items: list[VerifyItem]) -> list[tuple[Verdict, float, int, object]]:
+        """(verdict, forward seconds, batch size, features) per item; features: (first row, [rows, H] copy) of the rows
+        this round added to the request's features (every row whose token prefix changed), or None when none are
+        kept."""
         with self.lock:
             wanted = {it.rid for it in items}
             self.recent.touch(wanted)
@@ -76,12 +91,22 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
                 return len(self.verifier) + sum(r not in self.verifier for r in wanted) > self.verifier.runner.slots
 
             self.recent.evict(full, wanted, self.verifier.release)
+            keep = self.verifier.keep_features
+            before = {it.rid: (list(self.verifier.known[it.rid]), self.verifier.feats[it.rid].n)
+                      for it in items if keep and it.rid in self.verifier}
             start = time.perf_counter()
             verdicts = self.verifier.verify(items)
             seconds = time.perf_counter() - start
+            added: list[object] = [None] * len(items)
+            if keep:
+                for i, it in enumerate(items):
+                    known, n = before.get(it.rid, ([], 0))
+                    # a row stands while its token's prefix is unchanged: the first changed one is the first sent
+                    first = min(n, common_prefix(known, self.verifier.known[it.rid]))
+                    added[i] = (first, self.verifier.features_of(it.rid)[first:].clone())
         self.rounds += len(items)
         self.tokens += sum(len(it.tree) + 1 for it in items)
-        return [(v, seconds, len(items)) for v in verdicts]
+        return [(v, seconds, len(items), f) for v, f in zip(verdicts, added, strict=True)]
 
     def snapshot(self) -> dict:
         """Heartbeat counters: the batcher's (forwards, busy time, queue wait), verified tokens, cached requests."""
@@ -90,7 +115,7 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
             stream = {"stream_jobs": self.consumer.jobs, "stream_reclaimed": self.consumer.reclaimed,
                       "stream_expired": self.consumer.expired}
         return {**self.batcher.snapshot(), "tokens": self.tokens, "rounds": self.rounds, "cached": len(self.recent),
-                **stream}
+                "feature_rounds": self.feature_rounds, "feature_bytes": self.feature_bytes, **stream}
 
     async def Verify(self, request: internal_pb2.VerifyRequest, context) -> internal_pb2.VerifyResponse:
         try:
@@ -122,7 +147,7 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
             raise VerifyError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         seed = params.seed if params.seed is not None else stream_seed(rid)
         item = VerifyItem(rid, context_ids, tree, params, len(context_ids) - request.prompt_len, seed)
-        verdict, seconds, batch = await self.batcher.submit(item, waited_s)
+        verdict, seconds, batch, added = await self.batcher.submit(item, waited_s)
         tokens, reason = cut_at_finish(verdict.tokens, request.max_new_tokens, self.eos_token_id, request.ignore_eos)
         finished = bool(reason)
         if self.store is not None and not request.speculative:
@@ -143,9 +168,16 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
                 raise VerifyError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"request {rid} is already {result.state.status}")
         accepted = min(len(verdict.path), len(tokens))
-        return internal_pb2.VerifyResponse(request_id=rid, round=rnd, token_ids=tokens, accepted=accepted,
-                                           accepted_nodes=verdict.path[:accepted], seconds=seconds, batch=batch,
-                                           finished=finished, finish_reason=reason)
+        reply = internal_pb2.VerifyResponse(request_id=rid, round=rnd, token_ids=tokens, accepted=accepted,
+                                            accepted_nodes=verdict.path[:accepted], seconds=seconds, batch=batch,
+                                            finished=finished, finish_reason=reason)
+        if request.features and added is not None and not finished:
+            # rows up to the context and the accepted nodes; a round cut at the finish needs none (no next draft)
+            first, rows = added
+            reply.features.CopyFrom(features_to_pb(rows, first, self.feature_dtype))
+            self.feature_rounds += 1
+            self.feature_bytes += len(reply.features.data)
+        return reply
 
     async def Release(self, request: internal_pb2.ReleaseRequest, context) -> internal_pb2.ReleaseResponse:
         def release():

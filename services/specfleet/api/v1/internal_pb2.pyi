@@ -20,6 +20,20 @@ class TokenTree(_message.Message):
     origins: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., probs: _Optional[bytes] = ..., draft_probs: _Optional[bytes] = ..., origins: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class Features(_message.Message):
+    __slots__ = ("first", "rows", "width", "dtype", "data")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    first: int
+    rows: int
+    width: int
+    dtype: str
+    data: bytes
+    def __init__(self, first: _Optional[int] = ..., rows: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed", "has_seed")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -35,18 +49,20 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ...) -> None: ...
 
 class DraftItem(_message.Message):
-    __slots__ = ("request_id", "context", "k", "sampling", "position")
+    __slots__ = ("request_id", "context", "k", "sampling", "position", "features")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     context: _containers.RepeatedScalarFieldContainer[int]
     k: int
     sampling: SamplingParams
     position: int
-    def __init__(self, request_id: _Optional[str] = ..., context: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...
+    features: Features
+    def __init__(self, request_id: _Optional[str] = ..., context: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., position: _Optional[int] = ..., features: _Optional[_Union[Features, _Mapping]] = ...) -> None: ...
 
 class DraftRequest(_message.Message):
     __slots__ = ("items",)
@@ -95,7 +111,7 @@ class FuseResponse(_message.Message):
     def __init__(self, tree: _Optional[_Union[TokenTree, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("request_id", "round", "context", "prompt_len", "tree", "sampling", "max_new_tokens", "ignore_eos", "speculative")
+    __slots__ = ("request_id", "round", "context", "prompt_len", "tree", "sampling", "max_new_tokens", "ignore_eos", "speculative", "features")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +121,7 @@ class VerifyRequest(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     round: int
     context: _containers.RepeatedScalarFieldContainer[int]
@@ -114,7 +131,8 @@ class VerifyRequest(_message.Message):
     max_new_tokens: int
     ignore_eos: bool
     speculative: bool
-    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., speculative: _Optional[bool] = ...) -> None: ...
+    features: bool
+    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., speculative: _Optional[bool] = ..., features: _Optional[bool] = ...) -> None: ...
 
 class VerifyJob(_message.Message):
     __slots__ = ("request", "reply_to", "deadline_ms", "job_id", "trace")
@@ -150,7 +168,7 @@ class VerifyReply(_message.Message):
     def __init__(self, response: _Optional[_Union[VerifyResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("request_id", "round", "token_ids", "accepted", "accepted_nodes", "seconds", "batch", "finished", "finish_reason", "replayed")
+    __slots__ = ("request_id", "round", "token_ids", "accepted", "accepted_nodes", "seconds", "batch", "finished", "finish_reason", "replayed", "features")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +179,7 @@ class VerifyResponse(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     round: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -171,4 +190,5 @@ class VerifyResponse(_message.Message):
     finished: bool
     finish_reason: str
     replayed: bool
-    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ..., batch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    features: Features
+    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ..., batch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., replayed: _Optional[bool] = ..., features: _Optional[_Union[Features, _Mapping]] = ...) -> None: ...

@@ -396,6 +396,7 @@ BAD_BODIES = (
     ({"prompt": [2**40]}, 400), ({"prompt": [-4, 5]}, 400), ({"prompt": ""}, 400), ({"prompt": None}, 400),
     ({"prompt": {"a": 1}}, 400), ({"n": 3}, 400), ({"stop": [1, 2]}, 400), ({"stream": "yes"}, 400),
     ({"logit_bias": {"1": 5}}, 400), ({"prompt": ["a", "b"]}, 400),
+    ({"prompt": "\ud800"}, 400), ({"stop": ["\udfff"]}, 400),  # lone surrogates (json.dumps escapes them)
 )
 BAD_BYTES = (b"\xff\xfe not protobuf", b"\x12\x04\xff\xfe\xfd\xfc", b"\x0a\xff\xff\xff\xff\x0f", b"\x20")
 
@@ -574,7 +575,8 @@ def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seco
                       "max_growth": max(growth.values(), default=0.0)},
     }
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    kept = {k: v for k, v in json.loads(output.read_text()).items() if k not in report} if output.exists() else {}
+    output.write_text(json.dumps({**report, **kept}, indent=2) + "\n")  # keys of other runs (`bench fuzz`) stay
     return report
 
 

@@ -1,4 +1,4 @@
-"""`specfleet bench engine|fleet|reliability|autoscale`: benchmarks that print and write JSON, ratios measured side
+"""`specfleet bench engine|fleet|reliability|fuzz|autoscale`: benchmarks that print and write JSON, ratios measured side
 by side in one run."""
 
 from __future__ import annotations
@@ -68,6 +68,18 @@ def cmd_bench_reliability(args) -> int:
     return 0 if report["faults"]["requests_lost"] == report["server_crashes"] == 0 else 1
 
 
+def cmd_bench_fuzz(args) -> int:
+    from specfleet.bench.fuzz import format_table, run
+
+    try:
+        report = run(args.models, args.output, count=args.count, seed=args.seed, workers=args.workers)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+        sys.exit(f"error: {exc}")
+    print(format_table(report))
+    print(f"\nwrote the \"fuzz\" key of {args.output}")
+    ok = not report["wrong_answers"] and not report["server_crashes"] and report["valid_request_after"]
+    return 0 if ok else 1
+
 
 def add_parser(sub, fmt) -> None:
     p = sub.add_parser("bench", help="benchmarks that print and write JSON (ratios measured side by side)")
@@ -118,6 +130,25 @@ def add_parser(sub, fmt) -> None:
     b.add_argument("--seconds", type=float, default=60.0, help="how long the load run sends new requests")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "reliability.json", help="JSON result")
     b.set_defaults(func=cmd_bench_reliability)
+    b = bsub.add_parser("fuzz", formatter_class=fmt, help="10,000 malformed or extreme inputs against the fleet's "
+                                                         "gRPC and HTTP APIs: every answer a result or a typed error",
+                        description="Starts the fleet as one process per service (a suffix drafter, one verifier, "
+                                    "the router with its HTTP front) on a redis-server of its own, sends --count "
+                                    "generated inputs from --seed (gRPC: protobuf field mutations, out-of-range "
+                                    "numbers, huge repeated fields, unicode, damaged bytes; HTTP: /v1/completions, "
+                                    "/v1/chat/completions and /v1/models with wrong types, huge numbers, unicode, "
+                                    "missing fields, broken JSON) and classifies every answer: a result or "
+                                    "INVALID_ARGUMENT / HTTP 4xx with a message is right; UNKNOWN, INTERNAL, a 5xx, "
+                                    "an error without a message or no answer within 60 s is wrong. Then checks that "
+                                    "no process crashed and a normal request is served. Writes the \"fuzz\" key of "
+                                    "--output (other keys kept). Exits 1 on any wrong answer or crash.")
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    b.add_argument("--count", type=positive_int, default=10_000, help="inputs to send")
+    b.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (a wrong one replays by index)")
+    b.add_argument("--workers", type=positive_int, default=8, help="inputs in flight at a time")
+    b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "reliability.json",
+                   help="JSON file whose \"fuzz\" key gets the result")
+    b.set_defaults(func=cmd_bench_fuzz)
 
     b = bsub.add_parser("autoscale", formatter_class=fmt,
                         help="a load ramp up and down on `specfleet up --autoscale`: replicas over time, nothing lost",

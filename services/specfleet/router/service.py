@@ -5,6 +5,7 @@ verify and commit the round, and streams the committed tokens. A retried request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import random
@@ -466,59 +467,82 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 finished = True
         pools_asked = [p for p in request.drafters] or list(self.config.drafters)
         ready: TokenTree | None = None  # the next round's draft, made while this round was verified (pipelining)
-        while not finished:
-            remaining = request.max_new_tokens - len(output)
-            plan = self.controller.decide([rid], max_k={rid: remaining - 1})[rid]
-            pools = self._pools_for(rid, rnd, plan.drafters, pools_asked)
-            if ready is not None and plan.k > 0:
-                tree, draft_s = ready.prune_depth(plan.k), None  # drafted during the last verification
-            else:
-                tree, draft_s = await self._draft(rid, prompt + output, plan.k, pools if plan.k > 0 else [], params,
-                                                  len(prompt))
-            ready = None
-            ahead = self._draft_ahead(rid, prompt + output, tree, plan.k, pools, remaining, params, len(prompt))
-            dsi = self._speculate(rid, rnd, prompt + output, len(prompt), ahead, plan.k, pools, params, remaining,
-                                   request.ignore_eos)
-            start = time.perf_counter()
-            try:
-                reply = await self._verify(rid, rnd, prompt + output, len(prompt), tree, params, remaining,
-                                           request.ignore_eos)
-            except BaseException:
-                for task in (ahead[0] if ahead else None, dsi):
-                    if task is not None:
-                        task.cancel()
-                raise
-            verify_s = time.perf_counter() - start
-            if ahead is not None:
-                ready = await self._confirm_ahead(ahead, list(reply.token_ids), reply.finished)
-            if self.controller.cost is not None:
-                if plan.k > 0 and len(tree) and draft_s is not None:
-                    self.controller.cost.observe_draft(1, max(1, len(pools)), plan.k, draft_s)
-                self.controller.cost.observe_verify(len(tree) + 1, verify_s)
-            rounds = [(tree, reply)]
-            while rounds:
-                tree, reply = rounds.pop()
-                new, offset = list(reply.token_ids), len(output)
-                self._account(rid, plan, tree, reply, usage)
-                output += new
-                rnd += 1
-                finished, reason = reply.finished, reply.finish_reason
-                text, cut = streamer.feed(new)
-                if cut and not finished:
-                    await self.store.commit_round(rid, rnd, [], finished=True, finish_reason="stop")
-                    finished, reason = True, "stop"
-                yield self._message(rid, text, new, offset, finished, reason, prompt, output, usage)
-                # DSI: the round after this one, verified concurrently, stands when this one confirmed its context
-                used = await self._use_speculation(dsi, rid, rnd, output, ready is not None and not finished)
-                dsi = None
-                if used is not None:
-                    spec_tree, spec_reply, spec_ahead = used
-                    rounds.append((spec_tree, spec_reply))
-                    ready = None
-                    if spec_ahead is not None:
-                        ready = await self._confirm_ahead(spec_ahead, list(spec_reply.token_ids), spec_reply.finished)
-        self.controller.forget(rid)
-        asyncio.get_running_loop().create_task(self._release(rid, output))
+        ahead = dsi = None
+        try:
+            while not finished:
+                remaining = request.max_new_tokens - len(output)
+                plan = self.controller.decide([rid], max_k={rid: remaining - 1})[rid]
+                pools = self._pools_for(rid, rnd, plan.drafters, pools_asked)
+                if ready is not None and plan.k > 0:
+                    tree, draft_s = ready.prune_depth(plan.k), None  # drafted during the last verification
+                else:
+                    tree, draft_s = await self._draft(rid, prompt + output, plan.k, pools if plan.k > 0 else [], params,
+                                                      len(prompt))
+                ready = None
+                ahead = self._draft_ahead(rid, prompt + output, tree, plan.k, pools, remaining, params, len(prompt))
+                dsi = self._speculate(rid, rnd, prompt + output, len(prompt), ahead, plan.k, pools, params, remaining,
+                                       request.ignore_eos)
+                start = time.perf_counter()
+                try:
+                    reply = await self._verify(rid, rnd, prompt + output, len(prompt), tree, params, remaining,
+                                               request.ignore_eos)
+                except BaseException:
+                    for task in (ahead[0] if ahead else None, dsi):
+                        if task is not None:
+                            task.cancel()
+                    raise
+                verify_s = time.perf_counter() - start
+                if ahead is not None:
+                    ready = await self._confirm_ahead(ahead, list(reply.token_ids), reply.finished)
+                if self.controller.cost is not None:
+                    if plan.k > 0 and len(tree) and draft_s is not None:
+                        self.controller.cost.observe_draft(1, max(1, len(pools)), plan.k, draft_s)
+                    self.controller.cost.observe_verify(len(tree) + 1, verify_s)
+                rounds = [(tree, reply)]
+                while rounds:
+                    tree, reply = rounds.pop()
+                    new, offset = list(reply.token_ids), len(output)
+                    self._account(rid, plan, tree, reply, usage)
+                    output += new
+                    rnd += 1
+                    finished, reason = reply.finished, reply.finish_reason
+                    text, cut = streamer.feed(new)
+                    if cut and not finished:
+                        await self.store.commit_round(rid, rnd, [], finished=True, finish_reason="stop")
+                        finished, reason = True, "stop"
+                    yield self._message(rid, text, new, offset, finished, reason, prompt, output, usage)
+                    # DSI: the round after this one, verified concurrently, stands when this one confirmed its context
+                    used = await self._use_speculation(dsi, rid, rnd, output, ready is not None and not finished)
+                    dsi = None
+                    if used is not None:
+                        spec_tree, spec_reply, spec_ahead = used
+                        rounds.append((spec_tree, spec_reply))
+                        ready = None
+                        if spec_ahead is not None:
+                            ready = await self._confirm_ahead(spec_ahead, list(spec_reply.token_ids),
+                                                              spec_reply.finished)
+        finally:
+            # the call ended, finished or not (the client went away, a deadline, an error): nothing made for this
+            # request runs on after it (a draft made ahead, a speculative DSI round waiting in the verify stream)
+            self._stop_pending(ahead, dsi)
+            self.controller.forget(rid)
+            # its drafter and verifier caches are freed; a client that resumes it rebuilds them from Redis
+            asyncio.get_running_loop().create_task(self._release(rid, output))
+
+    @staticmethod
+    def _stop_pending(ahead: tuple[asyncio.Task, list[int]] | None, dsi: asyncio.Task | None) -> None:
+        """Cancels a request's pending work: its draft made ahead and its speculative round (and the draft that
+        round made ahead, when it already finished)."""
+        if ahead is not None:
+            ahead[0].cancel()
+        if dsi is None:
+            return
+        if not dsi.done():
+            dsi.cancel()
+        elif not dsi.cancelled() and dsi.exception() is None and dsi.result() is not None:
+            next_ahead = dsi.result()[3]
+            if next_ahead is not None:
+                next_ahead[0].cancel()
 
     def _account(self, rid: str, plan, tree: TokenTree, reply: internal_pb2.VerifyResponse, usage: dict) -> None:
         """A committed round's statistics: expertise routing's feedback, counters, usage."""
@@ -562,8 +586,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         remaining = context.time_remaining()
         _CALLER_DEADLINE.set(None if remaining is None else time.monotonic() + remaining)
         try:
-            async for message in self._run(request, context):
-                yield message
+            # closed here, not when collected: a client that goes away stops the request's work at once
+            async with contextlib.aclosing(self._run(request, context)) as messages:
+                async for message in messages:
+                    yield message
         except grpc.aio.AioRpcError as exc:  # every replica of a role failed: say so with a code the client retries
             code = grpc.StatusCode.UNAVAILABLE if exc.code() in RETRYABLE else grpc.StatusCode.INTERNAL
             await context.abort(code, f"an internal service failed ({exc.code().name}: {exc.details()}); retry with "

@@ -105,3 +105,18 @@ def test_a_client_that_goes_away_stops_its_work_within_2_s(fleet, stub):
     time.sleep(2.0)
     assert work_done(fleet) == at_2s, "drafters or verifiers still worked for a request its client left 2 s ago"
     assert time.monotonic() - cancelled < 10
+
+
+def test_the_census_counts_a_key_without_a_ttl_as_an_orphan(fleet):
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    key = f"{fleet.prefix}:req:orphan-{uuid.uuid4().hex}"
+    client.hset(key, "status", "running")  # as a request created without its TTL would be
+    try:
+        found = census(REDIS_URL, fleet.prefix)
+        assert found["orphans"] == 1 and found["orphan_keys"] == [key]
+        assert found["without_ttl"]["req"] == 1
+    finally:
+        client.delete(key)
+        client.close()

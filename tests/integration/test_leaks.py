@@ -120,3 +120,35 @@ def test_the_census_counts_a_key_without_a_ttl_as_an_orphan(fleet):
     finally:
         client.delete(key)
         client.close()
+
+
+def test_a_withdrawn_job_whose_consumer_died_does_not_stay_pending():
+    """A round the router withdrew (XDEL) after a verifier took it, and that verifier was killed: on the bundled Redis
+    6.2, XAUTOCLAIM hands the entry back as (nil, nil) and kept it pending for ever (found by `bench reliability`'s
+    census after the faults); the reclaim acknowledges it."""
+    import asyncio
+
+    from specfleet.bench.reliability import PersistentRedis
+    from specfleet.state import StateStore, connect
+
+    async def scenario(url: str) -> tuple[list, int, int]:
+        client = connect(url)
+        try:
+            store = StateStore(client, prefix="sftest-withdrawn")
+            await store.enqueue("verify", b"withdrawn")
+            await store.enqueue("verify", b"live")
+            taken = await store.consume("verify", "verifiers", "dead-verifier", count=2)
+            await client.xdel(store.keys.stream("verify"), taken[0][0])  # the router withdraws the first
+            await asyncio.sleep(0.05)
+            jobs = await store.reclaim("verify", "verifiers", "live-verifier", min_idle_ms=10)
+            pending = (await client.xpending(store.keys.stream("verify"), "verifiers"))["pending"]
+            await store.ack("verify", "verifiers", [entry_id for entry_id, _ in jobs])
+            after = (await client.xpending(store.keys.stream("verify"), "verifiers"))["pending"]
+            return jobs, pending, after
+        finally:
+            await client.aclose()
+
+    with PersistentRedis() as redis_server:  # the bundled redis-server (6.2), where the leak was
+        jobs, pending, after = asyncio.run(scenario(redis_server.url))
+    assert [payload for _, payload in jobs] == [b"live"]
+    assert pending == 1 and after == 0

@@ -400,6 +400,7 @@ class StateStore:
         check_name("consumer", consumer)
         jobs: list[tuple[str, bytes]] = []
         cursor: bytes | str = "0-0"
+        deleted = False
         while len(jobs) < count:
             try:
                 reply = await self.redis.xautoclaim(
@@ -410,10 +411,29 @@ class StateStore:
                     return []
                 raise
             cursor = reply[0]
+            deleted = deleted or any(entry_id is None or not fields for entry_id, fields in reply[1])
             jobs.extend(_stream_entries(reply[1]))
             if _decode(cursor) == "0-0":
                 break
+        if deleted:
+            await self._ack_deleted(key, group)
         return jobs
+
+    async def _ack_deleted(self, key: str, group: str, limit: int = 1000) -> int:
+        """Acknowledges pending entries whose stream entry is gone (a job its router withdrew after a consumer had
+        taken it, and that consumer died): nobody can run them. Redis 7 drops them from the pending list in
+        XAUTOCLAIM; Redis 6.2 (the bundled redis-server) returns each as (nil, nil) without its id and keeps it
+        pending for ever, one more in XPENDING and in the queue stats each time. Returns how many were acked."""
+        pending = await self.redis.xpending_range(key, group, min="-", max="+", count=limit)
+        ids = [p["message_id"] for p in pending]
+        if not ids:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xrange(key, min=entry_id, max=entry_id, count=1)
+            found = await pipe.execute()
+        gone = [entry_id for entry_id, entries in zip(ids, found, strict=True) if not entries]
+        return int(await self.redis.xack(key, group, *gone)) if gone else 0
 
     async def queue_stats(self, name: str, group: str) -> dict[str, int]:
         """depth: jobs not yet delivered; pending: delivered, not acked; oldest_age_ms: age of the oldest job not

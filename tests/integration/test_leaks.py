@@ -152,3 +152,35 @@ def test_a_withdrawn_job_whose_consumer_died_does_not_stay_pending():
         jobs, pending, after = asyncio.run(scenario(redis_server.url))
     assert [payload for _, payload in jobs] == [b"live"]
     assert pending == 1 and after == 0
+
+
+@pytest.mark.parametrize("bundled", [False, True], ids=["redis-7", "bundled-6.2"])
+def test_a_verifier_finds_the_jobs_it_holds_that_were_withdrawn(bundled):
+    """The verifier's once-a-second look: of the jobs it holds, the ones the router deleted since (withdrawn) are
+    named and acknowledged, so it drops their work and they leave the pending list."""
+    import asyncio
+
+    from specfleet.bench.reliability import PersistentRedis
+    from specfleet.state import StateStore, connect
+
+    async def scenario(url: str) -> tuple[list, list, int]:
+        client = connect(url)
+        store = StateStore(client, prefix=f"sftest-withdraw-{uuid.uuid4().hex[:8]}")
+        try:
+            await store.enqueue("verify", b"left")
+            await store.enqueue("verify", b"kept")
+            held = [entry_id for entry_id, _ in await store.consume("verify", "verifiers", "v0", count=2)]
+            await client.xdel(store.keys.stream("verify"), held[0])  # the router withdraws the first
+            gone = await store.withdrawn("verify", "verifiers", held)
+            pending = (await client.xpending(store.keys.stream("verify"), "verifiers"))["pending"]
+            return held, gone, pending
+        finally:
+            await store.purge()
+            await client.aclose()
+
+    if bundled:
+        with PersistentRedis() as redis_server:
+            held, gone, pending = asyncio.run(scenario(redis_server.url))
+    else:
+        held, gone, pending = asyncio.run(scenario(REDIS_URL))
+    assert gone == held[:1] and pending == 1

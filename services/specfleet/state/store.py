@@ -425,15 +425,25 @@ class StateStore:
         XAUTOCLAIM; Redis 6.2 (the bundled redis-server) returns each as (nil, nil) without its id and keeps it
         pending for ever, one more in XPENDING and in the queue stats each time. Returns how many were acked."""
         pending = await self.redis.xpending_range(key, group, min="-", max="+", count=limit)
-        ids = [p["message_id"] for p in pending]
+        return len(await self._gone(key, group, [_decode(p["message_id"]) for p in pending]))
+
+    async def withdrawn(self, name: str, group: str, ids: Sequence[str]) -> list[str]:
+        """Of `ids` (jobs a consumer holds), those whose stream entry is gone: their producer withdrew them (its
+        caller went away) or another consumer finished them. They are acknowledged here, so they leave the pending
+        list; the consumer may drop their work."""
+        return await self._gone(self.keys.stream(name), group, list(ids))
+
+    async def _gone(self, key: str, group: str, ids: list[str]) -> list[str]:
         if not ids:
-            return 0
+            return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry_id in ids:
                 pipe.xrange(key, min=entry_id, max=entry_id, count=1)
             found = await pipe.execute()
         gone = [entry_id for entry_id, entries in zip(ids, found, strict=True) if not entries]
-        return int(await self.redis.xack(key, group, *gone)) if gone else 0
+        if gone:
+            await self.redis.xack(key, group, *gone)
+        return gone
 
     async def queue_stats(self, name: str, group: str) -> dict[str, int]:
         """depth: jobs not yet delivered; pending: delivered, not acked; oldest_age_ms: age of the oldest job not

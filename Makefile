@@ -8,7 +8,7 @@ TORCH_VERSION := 2.13.0
 CHECKOV_VERSION := 3.3.30
 CHECKOV_VENV := .checkov-venv
 
-.PHONY: setup demo test lint models acceptance card protos chart scan simulate bench bench-reliability bench-autoscale soak clean help
+.PHONY: setup demo test lint models acceptance card protos chart scan simulate bench bench-reliability bench-fuzz bench-autoscale soak clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -56,6 +56,9 @@ bench: setup  ## the fleet benchmark: round overhead, throughput vs the engine, 
 
 bench-reliability: setup  ## kill -9 / SIGSTOP mid-stream, API fuzz, 200-stream load -> bench/reliability.json
 	$(VENV)/bin/specfleet bench reliability --output bench/reliability.json
+
+bench-fuzz: setup  ## 10,000 malformed / extreme gRPC and HTTP inputs against the fleet -> bench/reliability.json "fuzz"
+	$(VENV)/bin/specfleet bench fuzz --count 10000 --output bench/reliability.json
 
 SOAK_SECONDS ?= 1800
 SOAK_STREAMS ?= 200

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
+from specfleet.bench.fuzz import fuzz
 from specfleet.bench.reliability import BAD_BODIES, BAD_BYTES, BAD_FIELDS, purge
 from specfleet.local.inprocess import LocalFleet
 from specfleet.router.http import build_app, start_http_in_thread
@@ -234,6 +235,17 @@ def test_an_oversized_body_gets_413_and_the_front_still_serves(http):
     assert_error(post(http, b"x" * (2 << 20)), 413)
     reply = post(http, json.dumps({"prompt": "def f(x):", "max_tokens": 2, "temperature": 0}).encode())
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"] is not None
+
+
+# ---------------------------------------------------------------- a sample of the volume fuzz
+
+def test_a_seeded_sample_of_the_volume_fuzz_gets_only_right_answers(fleet, http, stub):
+    """200 inputs of `specfleet bench fuzz` (10,000 there): gRPC mutations and damaged bytes, HTTP bodies of both
+    completion kinds; every answer a result or a typed client error with a message, none a hang or a 5xx."""
+    report = fuzz(fleet.router_address, http, TOKEN, count=200, seed=22, workers=4)
+    assert report["inputs"] == 200 and report["grpc_inputs"] > 50 and report["http_inputs"] > 50
+    assert report["wrong_answers"] == 0, report["wrong_examples"]
+    assert_still_serving(stub)
 
 
 # ---------------------------------------------------------------- admission control

@@ -396,6 +396,7 @@ BAD_BODIES = (
     ({"prompt": [2**40]}, 400), ({"prompt": [-4, 5]}, 400), ({"prompt": ""}, 400), ({"prompt": None}, 400),
     ({"prompt": {"a": 1}}, 400), ({"n": 3}, 400), ({"stop": [1, 2]}, 400), ({"stream": "yes"}, 400),
     ({"logit_bias": {"1": 5}}, 400), ({"prompt": ["a", "b"]}, 400),
+    ({"prompt": "\ud800"}, 400), ({"stop": ["\udfff"]}, 400),  # lone surrogates (json.dumps escapes them)
 )
 BAD_BYTES = (b"\xff\xfe not protobuf", b"\x12\x04\xff\xfe\xfd\xfc", b"\x0a\xff\xff\xff\xff\x0f", b"\x20")
 
@@ -508,15 +509,25 @@ def load_run(fleet: ProcessFleet, prompts: list[list[int]], expected: list[list[
 
 # ---------------------------------------------------------------- the benchmark
 
+STAGES = ("faults", "bad-input", "cancel", "load")
+
+
 def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seconds: float = 60.0,
         new_tokens: int = 96, load_tokens: int = 16, fuzz_rounds: int = 40, seed: int = 0, rpc_timeout: float = 30.0,
-        progress: bool = True, own_redis: bool = True) -> dict:
-    """The whole benchmark. With own_redis (the default) the fleet runs on a redis-server of its own with persistence
-    on, so the faults include restarting Redis mid-stream; redis_url is then unused. own_redis=False uses redis_url
-    and skips that fault."""
+        progress: bool = True, own_redis: bool = True, stages: tuple[str, ...] = STAGES) -> dict:
+    """The benchmark's `stages` (all by default) against one fleet. With own_redis (the default) the fleet runs on a
+    redis-server of its own with persistence on, so the faults include restarting Redis mid-stream; redis_url is then
+    unused. own_redis=False uses redis_url and skips that fault. After the faults and after the load, the fleet's
+    Redis is counted (`leaks.settled_census`). The report's keys of the stages run replace those in `output`; the
+    others (stages not run now, `bench fuzz`'s) are kept."""
     from transformers import AutoTokenizer
 
     from specfleet.bench.engine_bench import load_prompts
+    from specfleet.bench.leaks import cancellation_run, settled_census
+
+    unknown = set(stages) - set(STAGES)
+    if unknown or not stages:
+        raise ValueError(f"stages are {', '.join(STAGES)}; got {', '.join(stages) or 'none'}")
 
     def say(text: str) -> None:
         if progress:
@@ -530,68 +541,98 @@ def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seco
     # the router's default 30 s deadline: a verifier round under 200 streams on 2 cores takes ~10 s, and a round that
     # times out is verified again elsewhere (10 s measured: every request failed, the load doubled by failovers)
     slots = max(32, streams // 2 + 12)
+    report: dict = {}
+    redis_counts: dict = {}
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(PersistentRedis()) if own_redis else None
         redis_url = redis.url if redis is not None else redis_url
         fleet = stack.enter_context(ProcessFleet(
             models_dir, redis_url, pools=("python", "prose"), verifiers=2, token=token, http=True, slots=slots,
             router_flags=("--rpc-timeout", str(rpc_timeout), "--no-adaptive"), redis=redis))
-        names = list(fault_actions(fleet))
-        say(f"unfaulted runs of {len(prompts)} prompts")
-        baseline = [stream_with_fault(fleet.router_address, ids, new_tokens, token=token).tokens for ids in prompts]
-        faults = []
-        for i, name in enumerate(names):
-            say(f"fault {i + 1}/{len(names)}: {name}")
-            r = run_fault(fleet, name, prompts[i % len(prompts)], new_tokens)
-            want = baseline[i % len(prompts)]
-            faults.append({"fault": name, "injected_after_tokens": r.injected_at, "seconds": round(r.seconds, 2),
-                           "completed": not r.error and len(r.tokens) == len(want), "identical": r.tokens == want,
-                           "error": r.error})
-        say("fuzzing the gRPC and HTTP APIs")
-        fuzzed = fuzz(fleet, seed, fuzz_rounds)
-        load_baseline = [stream_with_fault(fleet.router_address, ids, load_tokens, token=token).tokens
-                         for ids in prompts]
-        rss_before = fleet.rss_mb()
-        say(f"load: {streams} concurrent streams for {seconds:.0f} s")
-        load = load_run(fleet, prompts, load_baseline, streams, seconds, load_tokens)
-        rss_after = fleet.rss_mb()
+        if "faults" in stages:
+            names = list(fault_actions(fleet))
+            say(f"unfaulted runs of {len(prompts)} prompts")
+            baseline = [stream_with_fault(fleet.router_address, ids, new_tokens, token=token).tokens
+                        for ids in prompts]
+            faults = []
+            for i, name in enumerate(names):
+                say(f"fault {i + 1}/{len(names)}: {name}")
+                r = run_fault(fleet, name, prompts[i % len(prompts)], new_tokens)
+                want = baseline[i % len(prompts)]
+                faults.append({"fault": name, "injected_after_tokens": r.injected_at, "seconds": round(r.seconds, 2),
+                               "completed": not r.error and len(r.tokens) == len(want),
+                               "identical": r.tokens == want, "error": r.error})
+            report["faults"] = {
+                "injected": len(faults), "survived": sum(f["completed"] and f["identical"] for f in faults),
+                "requests_lost": sum(not f["completed"] for f in faults),
+                "outputs_differing_from_unfaulted": sum(f["completed"] and not f["identical"] for f in faults),
+                "runs": faults}
+            redis_counts["after_faults"] = settled_census(redis_url, fleet.prefix)
+        if "bad-input" in stages:
+            say("fuzzing the gRPC and HTTP APIs")
+            report["bad_input"] = fuzz(fleet, seed, fuzz_rounds)
+        if "cancel" in stages:
+            say("cancellation: long streams whose clients go away")
+            report["cancellation"] = cancellation_run(fleet.router_address, redis_url, fleet.prefix, token)
+            redis_counts["after_cancellation"] = settled_census(redis_url, fleet.prefix)
+        if "load" in stages:
+            load_baseline = [stream_with_fault(fleet.router_address, ids, load_tokens, token=token).tokens
+                             for ids in prompts]
+            rss_before = fleet.rss_mb()
+            say(f"load: {streams} concurrent streams for {seconds:.0f} s")
+            report["load"] = load_run(fleet, prompts, load_baseline, streams, seconds, load_tokens)
+            rss_after = fleet.rss_mb()
+            growth = {n: round(rss_after[n] - rss_before[n], 1) for n in rss_before
+                      if rss_before[n] is not None and rss_after.get(n) is not None}
+            report["memory_mb"] = {"before_load": rss_before, "after_load": rss_after, "growth": growth,
+                                   "max_growth": max(growth.values(), default=0.0)}
+            redis_counts["after_load"] = settled_census(redis_url, fleet.prefix)
         crashed = fleet.crashed()
-    growth = {n: round(rss_after[n] - rss_before[n], 1) for n in rss_before
-              if rss_before[n] is not None and rss_after.get(n) is not None}
-    report = {
-        "config": {"fleet": "one `specfleet serve` process per service on loopback, SDK clients with retries",
-                   "pools": ["python", "prose"], "verifiers": 2, "fusion": True, "max_new_tokens": new_tokens,
-                   "router_rpc_timeout_s": rpc_timeout, "slots": slots, "cpu_count": os.cpu_count(),
-                   "redis": ("own redis-server (appendonly yes, appendfsync always)" if own_redis else redis_url)},
-        "faults": {"injected": len(faults), "survived": sum(f["completed"] and f["identical"] for f in faults),
-                   "requests_lost": sum(not f["completed"] for f in faults),
-                   "outputs_differing_from_unfaulted": sum(f["completed"] and not f["identical"] for f in faults),
-                   "runs": faults},
-        "bad_input": fuzzed,
-        "server_crashes": len(crashed) + fuzzed["server_crashes"],
-        "load": load,
-        "memory_mb": {"before_load": rss_before, "after_load": rss_after, "growth": growth,
-                      "max_growth": max(growth.values(), default=0.0)},
-    }
+    report["config"] = {
+        "fleet": "one `specfleet serve` process per service on loopback, SDK clients with retries",
+        "pools": ["python", "prose"], "verifiers": 2, "fusion": True, "max_new_tokens": new_tokens,
+        "router_rpc_timeout_s": rpc_timeout, "slots": slots, "cpu_count": os.cpu_count(), "stages": list(stages),
+        "redis": ("own redis-server (appendonly yes, appendfsync always)" if own_redis else redis_url)}
+    report["server_crashes"] = len(crashed) + report.get("bad_input", {}).get("server_crashes", 0)
+    if redis_counts:
+        report["redis"] = redis_counts
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    previous = json.loads(output.read_text()) if output.exists() else {}
+    if "redis" in previous and "redis" in report:  # counts after stages not run now stay
+        report["redis"] = {**previous["redis"], **report["redis"]}
+    output.write_text(json.dumps({**previous, **report}, indent=2) + "\n")
     return report
 
 
 def format_table(report: dict) -> str:
-    f, b, load, mem = report["faults"], report["bad_input"], report["load"], report["memory_mb"]
-    lines = [f"faults injected {f['injected']}, survived {f['survived']}, requests lost {f['requests_lost']}, "
-             f"outputs differing from the unfaulted run {f['outputs_differing_from_unfaulted']}"]
-    lines += [f"  {r['fault']:<26} after {r['injected_after_tokens']:>3} tokens  {r['seconds']:>6.2f} s  "
-              f"{'identical' if r['identical'] else 'DIFFERENT'}{'  ' + r['error'] if r['error'] else ''}"
-              for r in f["runs"]]
-    lines.append(f"inputs fuzzed {b['inputs_fuzzed']} (gRPC {b['grpc_requests']}, malformed protobuf "
-                 f"{b['malformed_protobuf']}, HTTP {b['http_bodies']}): wrong answers {b['wrong_answers']}; "
-                 f"server crashes {report['server_crashes']}")
-    lines.append(f"load: {load['streams']} streams for {load['seconds']} s: {load['completed']} requests, "
-                 f"{load['errors']} errors, {load.get('retries', 0)} retries, {load['outputs_differing']} differing, "
-                 f"p50 {load['latency_ms']['p50']} ms, "
-                 f"p99 {load['latency_ms']['p99']} ms, {load['tokens_per_s']} tok/s")
-    growth = ", ".join(f"{name} {mb:+.1f}" for name, mb in mem["growth"].items())
-    lines.append(f"memory growth over the load (MB RSS): {growth}")
+    lines = []
+    if "faults" in report:
+        f = report["faults"]
+        lines.append(f"faults injected {f['injected']}, survived {f['survived']}, requests lost {f['requests_lost']}, "
+                     f"outputs differing from the unfaulted run {f['outputs_differing_from_unfaulted']}")
+        lines += [f"  {r['fault']:<26} after {r['injected_after_tokens']:>3} tokens  {r['seconds']:>6.2f} s  "
+                  f"{'identical' if r['identical'] else 'DIFFERENT'}{'  ' + r['error'] if r['error'] else ''}"
+                  for r in f["runs"]]
+    if "bad_input" in report:
+        b = report["bad_input"]
+        lines.append(f"inputs fuzzed {b['inputs_fuzzed']} (gRPC {b['grpc_requests']}, malformed protobuf "
+                     f"{b['malformed_protobuf']}, HTTP {b['http_bodies']}): wrong answers {b['wrong_answers']}")
+    if "cancellation" in report:
+        c = report["cancellation"]
+        lines.append(f"cancellation: {c['requests']} streams left by their clients, work stopped within "
+                     f"{c['bound_s']:g} s for {c['within_bound']}, latest {c['work_stopped_after_s_max']} s")
+    if "load" in report:
+        load, mem = report["load"], report["memory_mb"]
+        lines.append(f"load: {load['streams']} streams for {load['seconds']} s: {load['completed']} requests, "
+                     f"{load['errors']} errors, {load.get('retries', 0)} retries, {load['outputs_differing']} "
+                     f"differing, p50 {load['latency_ms']['p50']} ms, "
+                     f"p99 {load['latency_ms']['p99']} ms, {load['tokens_per_s']} tok/s")
+        growth = ", ".join(f"{name} {mb:+.1f}" for name, mb in mem["growth"].items())
+        lines.append(f"memory growth over the load (MB RSS): {growth}")
+    for when, found in report.get("redis", {}).items():
+        kinds = ", ".join(f"{k} {n}" for k, n in found["by_kind"].items())
+        lines.append(f"redis {when.replace('_', ' ')}: {found['keys']} keys ({kinds}), requests {found['requests']}, "
+                     f"orphans {found['orphans']}, verify stream pending {found['verify_pending']} waiting "
+                     f"{found['verify_undelivered']}")
+    lines.append(f"server crashes {report['server_crashes']}")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """The memory soak (`make soak`): the reliability benchmark's load (concurrent SDK streams sending greedy requests back
 to back, outputs checked against the unloaded run) held for a long time against the fleet as real processes, with
-every service's RSS sampled all along. A leak shows as a steady slope; the report gives each service's growth and
-its least-squares slope over the run after a warm-up (caches, allocator pools and first-shape compilation fill
-then), and calls the run flat when no slope passes `--max-slope-mb-per-min`.
+every service's RSS sampled all along, and the fleet's Redis counted when it is done (keys by kind, orphans,
+verify-stream entries: `bench.leaks.settled_census`). A leak shows as a steady slope; the report gives each
+service's growth and its least-squares slope over the run after a warm-up (caches, allocator pools and first-shape
+compilation fill then), and calls the run flat when no slope passes `--max-slope-mb-per-min`.
 
     python -m specfleet.bench.soak --seconds 1800 --streams 200 --output bench/reliability-soak.json
 """
@@ -17,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from specfleet.bench.leaks import settled_census
 from specfleet.bench.reliability import PersistentRedis, ProcessFleet, load_run, stream_with_fault
 
 DEFAULT_OUTPUT = Path("bench/reliability-soak.json")
@@ -95,6 +97,7 @@ def run(models_dir: Path, output: Path, seconds: float = 1800.0, streams: int = 
             done.set()
             sampler.join(timeout=30)
         crashed = fleet.crashed()
+        redis_counts = settled_census(redis.url, fleet.prefix)  # every client call has returned: 0 live
     report = {
         "config": {"fleet": "one `specfleet serve` process per service on loopback, SDK clients with retries",
                    "pools": ["python", "prose"], "verifiers": 2, "fusion": True, "streams": streams,
@@ -103,6 +106,7 @@ def run(models_dir: Path, output: Path, seconds: float = 1800.0, streams: int = 
                    "redis": "own redis-server (appendonly yes, appendfsync always)"},
         "load": load,
         "server_crashes": len(crashed), "crashed": crashed,
+        "redis": redis_counts,
         "memory": memory_summary(samples, round(warmup_frac * load["seconds"], 1), max_slope),
         "rss_samples": samples,
     }
@@ -122,6 +126,12 @@ def format_table(report: dict) -> str:
     lines += [f"  {name:<16} {s['after_warmup_mb']:>8.1f} -> {s['end_mb']:>8.1f} MB  "
               f"({s['growth_after_warmup_mb']:+.1f} MB, {s['slope_mb_per_min']} MB/min)"
               for name, s in mem["services"].items()]
+    if "redis" in report:
+        found = report["redis"]
+        kinds = ", ".join(f"{k} {n}" for k, n in found["by_kind"].items())
+        lines.append(f"redis after the load: {found['keys']} keys ({kinds}), requests {found['requests']}, orphans "
+                     f"{found['orphans']}, verify stream pending {found['verify_pending']} waiting "
+                     f"{found['verify_undelivered']}")
     return "\n".join(lines)
 
 
@@ -131,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Memory soak: the reliability load held for --seconds against the fleet as one process per "
                     "service, RSS of every service sampled every --sample-s; writes the samples, each service's "
                     "growth and slope after the warm-up, and whether memory stayed flat. Exits 1 on errors, "
-                    "differing outputs, a crashed server or a slope above --max-slope-mb-per-min.")
+                    "differing outputs, a crashed server, a slope above --max-slope-mb-per-min, or a Redis key "
+                    "left without a TTL (an orphan) or a verify-stream entry left pending once the load is done.")
     parser.add_argument("--models", type=Path, default=Path(__file__).resolve().parents[3] / "models",
                         help="folder of bundled models")
     parser.add_argument("--seconds", type=float, default=1800.0, help="how long the load sends new requests")
@@ -159,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.output}")
     load = report["load"]
     ok = not load["errors"] and not load["outputs_differing"] and not report["server_crashes"] and \
-        report["memory"]["flat"]
+        report["memory"]["flat"] and report["redis"]["leak_free"]
     return 0 if ok else 1
 
 

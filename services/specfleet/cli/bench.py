@@ -1,4 +1,4 @@
-"""`specfleet bench engine|fleet|reliability|autoscale`: benchmarks that print and write JSON, ratios measured side
+"""`specfleet bench engine|fleet|reliability|fuzz|autoscale`: benchmarks that print and write JSON, ratios measured side
 by side in one run."""
 
 from __future__ import annotations
@@ -60,13 +60,31 @@ def cmd_bench_reliability(args) -> int:
     from specfleet.bench.reliability import format_table, run
 
     try:
-        report = run(args.models, args.redis_url, args.output, streams=args.streams, seconds=args.seconds)
+        stages = tuple(x.strip() for x in args.stages.split(",") if x.strip())
+        report = run(args.models, args.redis_url, args.output, streams=args.streams, seconds=args.seconds,
+                     stages=stages)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
         sys.exit(f"error: {exc}")
     print(format_table(report))
     print(f"\nwrote {args.output}")
-    return 0 if report["faults"]["requests_lost"] == report["server_crashes"] == 0 else 1
+    lost = report.get("faults", {}).get("requests_lost", 0)
+    leaks = [found for found in report.get("redis", {}).values() if not found["leak_free"]]
+    late = report.get("cancellation", {})
+    late = late.get("requests", 0) - late.get("within_bound", 0)
+    return 0 if lost == report["server_crashes"] == late == 0 and not leaks else 1
 
+
+def cmd_bench_fuzz(args) -> int:
+    from specfleet.bench.fuzz import format_table, run
+
+    try:
+        report = run(args.models, args.output, count=args.count, seed=args.seed, workers=args.workers)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+        sys.exit(f"error: {exc}")
+    print(format_table(report))
+    print(f"\nwrote the \"fuzz\" key of {args.output}")
+    ok = not report["wrong_answers"] and not report["server_crashes"] and report["valid_request_after"]
+    return 0 if ok else 1
 
 
 def add_parser(sub, fmt) -> None:
@@ -114,13 +132,39 @@ def add_parser(sub, fmt) -> None:
                                     "and the router, SIGSTOP of a verifier and a restart of the fleet's own persistent "
                                     "Redis mid-stream (outputs vs the unfaulted run), a fuzz of the gRPC and HTTP "
                                     "APIs, then a bounded load run with each "
-                                    "service's memory before and after. Exits 1 when a request was lost or a server "
-                                    "crashed.")
+                                    "service's memory before and after; Redis keys by kind and verify-stream entries "
+                                    "counted after the faults and the load; cancelled streams timed. Exits 1 when a "
+                                    "request was lost, a server crashed, Redis kept an orphan or a pending entry, or "
+                                    "cancelled work ran on past 2 s.")
     fleet_bench_options(b)
     b.add_argument("--streams", type=positive_int, default=200, help="concurrent streams in the load run")
     b.add_argument("--seconds", type=float, default=60.0, help="how long the load run sends new requests")
+    b.add_argument("--stages", default="faults,bad-input,cancel,load",
+                   help="comma-separated: faults (each fault mid-stream, then Redis counted), bad-input (the fixed "
+                        "bad-input corpus; `bench fuzz` is the volume run), cancel (long streams whose clients go "
+                        "away: when their work stopped), load (--streams for --seconds with RSS, then Redis counted). "
+                        "Keys of stages not run stay in --output as they were")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "reliability.json", help="JSON result")
     b.set_defaults(func=cmd_bench_reliability)
+    b = bsub.add_parser("fuzz", formatter_class=fmt, help="10,000 malformed or extreme inputs against the fleet's "
+                                                         "gRPC and HTTP APIs: every answer a result or a typed error",
+                        description="Starts the fleet as one process per service (a suffix drafter, one verifier, "
+                                    "the router with its HTTP front) on a redis-server of its own, sends --count "
+                                    "generated inputs from --seed (gRPC: protobuf field mutations, out-of-range "
+                                    "numbers, huge repeated fields, unicode, damaged bytes; HTTP: /v1/completions, "
+                                    "/v1/chat/completions and /v1/models with wrong types, huge numbers, unicode, "
+                                    "missing fields, broken JSON) and classifies every answer: a result or "
+                                    "INVALID_ARGUMENT / HTTP 4xx with a message is right; UNKNOWN, INTERNAL, a 5xx, "
+                                    "an error without a message or no answer within 60 s is wrong. Then checks that "
+                                    "no process crashed and a normal request is served. Writes the \"fuzz\" key of "
+                                    "--output (other keys kept). Exits 1 on any wrong answer or crash.")
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    b.add_argument("--count", type=positive_int, default=10_000, help="inputs to send")
+    b.add_argument("--seed", type=int, default=0, help="seed of the generated inputs (a wrong one replays by index)")
+    b.add_argument("--workers", type=positive_int, default=8, help="inputs in flight at a time")
+    b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "reliability.json",
+                   help="JSON file whose \"fuzz\" key gets the result")
+    b.set_defaults(func=cmd_bench_fuzz)
 
     b = bsub.add_parser("autoscale", formatter_class=fmt,
                         help="a load ramp up and down on `specfleet up --autoscale`: replicas over time, nothing lost",

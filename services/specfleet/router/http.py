@@ -115,6 +115,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _check_unicode(body) -> None:
+    """JSON may escape a lone UTF-16 surrogate (`"\\ud800"`): Python parses it into a str that no UTF-8 encoder (the
+    tokenizer, protobuf) accepts. Such a body is refused here with a 400 rather than failing deep inside."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply; send a flat request object") from None
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"the request body has a string that is not valid Unicode ({exc.reason}: "
+                            f"{exc.object[exc.start:exc.end]!r}); send text as UTF-8 without lone surrogate escapes"
+                       ) from None
+
+
 def _usage_json(usage: router_pb2.Usage | None) -> dict:
     if usage is None:
         return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -228,6 +241,7 @@ def build_app(router_address: str, token: str | None = None, model_name: str = S
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
         except RecursionError:  # json.loads recurses per nesting level
             raise ApiError(400, "the request body nests JSON too deeply; send a flat request object") from None
+        _check_unicode(body)
         req = kind(body, model_name)
         rid = uuid.uuid4().hex
         cid, created = f"{req.ID_PREFIX}{rid}", int(time.time())

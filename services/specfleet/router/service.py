@@ -5,6 +5,7 @@ verify and commit the round, and streams the committed tokens. A retried request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import random
@@ -517,6 +518,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         ready: TokenTree | None = None  # the next round's draft, made while this round was verified (pipelining)
         if self.features_wanted:
             self.pending[rid] = PendingFeatures()
+        ahead = dsi = None
         try:
             while not finished:
                 remaining = request.max_new_tokens - len(output)
@@ -573,9 +575,28 @@ class RouterService(router_pb2_grpc.RouterServicer):
                             ready = await self._confirm_ahead(spec_ahead, list(spec_reply.token_ids),
                                                               spec_reply.finished)
         finally:
+            # the call ended, finished or not (the client went away, a deadline, an error): nothing made for this
+            # request runs on after it (a draft made ahead, a speculative DSI round waiting in the verify stream)
+            self._stop_pending(ahead, dsi)
             self.pending.pop(rid, None)
-        self.controller.forget(rid)
-        asyncio.get_running_loop().create_task(self._release(rid, output))
+            self.controller.forget(rid)
+            # its drafter and verifier caches are freed; a client that resumes it rebuilds them from Redis
+            asyncio.get_running_loop().create_task(self._release(rid, output))
+
+    @staticmethod
+    def _stop_pending(ahead: tuple[asyncio.Task, list[int]] | None, dsi: asyncio.Task | None) -> None:
+        """Cancels a request's pending work: its draft made ahead and its speculative round (and the draft that
+        round made ahead, when it already finished)."""
+        if ahead is not None:
+            ahead[0].cancel()
+        if dsi is None:
+            return
+        if not dsi.done():
+            dsi.cancel()
+        elif not dsi.cancelled() and dsi.exception() is None and dsi.result() is not None:
+            next_ahead = dsi.result()[3]
+            if next_ahead is not None:
+                next_ahead[0].cancel()
 
     def _account(self, rid: str, plan, tree: TokenTree, reply: internal_pb2.VerifyResponse, usage: dict) -> None:
         """A committed round's statistics: expertise routing's feedback, counters, usage."""
@@ -619,8 +640,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         remaining = context.time_remaining()
         _CALLER_DEADLINE.set(None if remaining is None else time.monotonic() + remaining)
         try:
-            async for message in self._run(request, context):
-                yield message
+            # closed here, not when collected: a client that goes away stops the request's work at once
+            async with contextlib.aclosing(self._run(request, context)) as messages:
+                async for message in messages:
+                    yield message
         except grpc.aio.AioRpcError as exc:  # every replica of a role failed: say so with a code the client retries
             code = grpc.StatusCode.UNAVAILABLE if exc.code() in RETRYABLE else grpc.StatusCode.INTERNAL
             await context.abort(code, f"an internal service failed ({exc.code().name}: {exc.details()}); retry with "

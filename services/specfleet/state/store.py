@@ -400,6 +400,7 @@ class StateStore:
         check_name("consumer", consumer)
         jobs: list[tuple[str, bytes]] = []
         cursor: bytes | str = "0-0"
+        deleted = False
         while len(jobs) < count:
             try:
                 reply = await self.redis.xautoclaim(
@@ -410,10 +411,39 @@ class StateStore:
                     return []
                 raise
             cursor = reply[0]
+            deleted = deleted or any(entry_id is None or not fields for entry_id, fields in reply[1])
             jobs.extend(_stream_entries(reply[1]))
             if _decode(cursor) == "0-0":
                 break
+        if deleted:
+            await self._ack_deleted(key, group)
         return jobs
+
+    async def _ack_deleted(self, key: str, group: str, limit: int = 1000) -> int:
+        """Acknowledges pending entries whose stream entry is gone (a job its router withdrew after a consumer had
+        taken it, and that consumer died): nobody can run them. Redis 7 drops them from the pending list in
+        XAUTOCLAIM; Redis 6.2 (the bundled redis-server) returns each as (nil, nil) without its id and keeps it
+        pending for ever, one more in XPENDING and in the queue stats each time. Returns how many were acked."""
+        pending = await self.redis.xpending_range(key, group, min="-", max="+", count=limit)
+        return len(await self._gone(key, group, [_decode(p["message_id"]) for p in pending]))
+
+    async def withdrawn(self, name: str, group: str, ids: Sequence[str]) -> list[str]:
+        """Of `ids` (jobs a consumer holds), those whose stream entry is gone: their producer withdrew them (its
+        caller went away) or another consumer finished them. They are acknowledged here, so they leave the pending
+        list; the consumer may drop their work."""
+        return await self._gone(self.keys.stream(name), group, list(ids))
+
+    async def _gone(self, key: str, group: str, ids: list[str]) -> list[str]:
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xrange(key, min=entry_id, max=entry_id, count=1)
+            found = await pipe.execute()
+        gone = [entry_id for entry_id, entries in zip(ids, found, strict=True) if not entries]
+        if gone:
+            await self.redis.xack(key, group, *gone)
+        return gone
 
     async def queue_stats(self, name: str, group: str) -> dict[str, int]:
         """depth: jobs not yet delivered; pending: delivered, not acked; oldest_age_ms: age of the oldest job not

@@ -4,8 +4,10 @@ The router appends a `VerifyJob` per round and waits for the `VerifyReply` on it
 reads jobs while it holds fewer than its intake (`--verify-intake`), so a job waits in the stream rather than in one
 verifier's memory: visible to the operator as queue depth, first come first served across verifiers. It answers and
 acknowledges each job in one transaction, and reclaims jobs another verifier took and left unacknowledged for
-`claim_idle_ms` (it died or hangs). A reclaimed round may be verified twice; the commit is idempotent per (request,
-round), so it commits once and both answers carry the same tokens."""
+`claim_idle_ms` (it died or hangs). Once a second it drops the jobs it holds whose entry the router deleted (the
+router withdraws a round whose caller went away): a withdrawn round still waiting for its forward never runs. A
+reclaimed round may be verified twice; the commit is idempotent per (request, round), so it commits once and both
+answers carry the same tokens."""
 
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ class VerifyConsumer:
         self.capacity = max(1, capacity)
         self.claim_idle_ms, self.block_ms = claim_idle_ms, block_ms
         self.inflight: dict[str, asyncio.Task] = {}  # stream id -> job task
-        self.jobs = self.reclaimed = self.expired = 0
+        self.jobs = self.reclaimed = self.expired = self.withdrawn = 0
         self._room = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._stopping = False  # redis-py can turn a cancelled blocking read into a ConnectionError: loops check this
@@ -99,8 +101,16 @@ class VerifyConsumer:
     async def _reclaim_loop(self) -> None:
         while not self._stopping:
             await asyncio.sleep(self.claim_idle_ms / 3000)
+            held = list(self.inflight)
             try:  # jobs in hand wait in a busy batcher: keep them ours while we live
-                await self.store.keep_claims(VERIFY_STREAM, VERIFY_GROUP, self.consumer, list(self.inflight))
+                await self.store.keep_claims(VERIFY_STREAM, VERIFY_GROUP, self.consumer, held)
+                # a job whose router withdrew it (its client went away, its speculation was not needed) is dropped:
+                # one still waiting for a forward never runs (the batcher skips a cancelled call)
+                for entry_id in await self.store.withdrawn(VERIFY_STREAM, VERIFY_GROUP, held):
+                    task = self.inflight.get(entry_id)
+                    if task is not None and not task.done():
+                        self.withdrawn += 1
+                        task.cancel()
             except (RedisError, OSError) as exc:
                 log.warning("keeping verify jobs claimed failed: %s", exc)
             room = self.capacity - len(self.inflight)

@@ -113,7 +113,7 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
         stream = {}
         if self.consumer is not None:
             stream = {"stream_jobs": self.consumer.jobs, "stream_reclaimed": self.consumer.reclaimed,
-                      "stream_expired": self.consumer.expired}
+                      "stream_expired": self.consumer.expired, "stream_withdrawn": self.consumer.withdrawn}
         return {**self.batcher.snapshot(), "tokens": self.tokens, "rounds": self.rounds, "cached": len(self.recent),
                 "feature_rounds": self.feature_rounds, "feature_bytes": self.feature_bytes, **stream}
 

@@ -14,6 +14,8 @@ from specfleet.engine.engine import Request
 from specfleet.engine.factory import build_engine
 from specfleet.engine.sampling import SamplingParams, make_generator, warp_probs
 
+from conftest import MODELS_DIR
+
 # requests/sessions.py, Session.mount: the next two tokens open the docstring (151 tokens in the top-p nucleus)
 PREFIX = '    def mount(self, prefix: str, adapter: BaseAdapter) -> None:\n        """'
 PARAMS = SamplingParams(temperature=0.8, top_p=0.95)
@@ -26,6 +28,8 @@ FIRST_TOKENS_MASS = 0.99  # p(x2 | x1) is computed for the likeliest first token
 MAX_FIRST_TOKENS = 64
 P_VALUE_FLOOR = 1e-3
 PROPOSERS = {"model": ("python", 10_000), "fused": (None, 20_000)}  # drafters, first seed (distinct per request)
+if (MODELS_DIR / "head" / "head.json").exists():  # the bundled draft head fused with the specialists
+    PROPOSERS["fused-head"] = ("python,prose,c,head", 30_000)
 
 
 class TwoTokens:
@@ -117,7 +121,8 @@ def engine_runs(target, prefix_ids, models_dir):
     """proposer -> (pairs [N, 2] of the first two committed tokens, results)."""
     runs = {}
     for proposer, (drafters, first_seed) in PROPOSERS.items():
-        engine = build_engine(models_dir, proposer, drafters, batch_size=BATCH, k=3, adaptive=False, target=target)
+        engine = build_engine(models_dir, proposer.removesuffix("-head"), drafters, batch_size=BATCH, k=3,
+                              adaptive=False, target=target)
         requests = [Request(f"r{i}", list(prefix_ids), NEW_TOKENS,
                             SamplingParams(PARAMS.temperature, PARAMS.top_p, PARAMS.top_k, first_seed + i),
                             ignore_eos=True)  # end-of-text is a token like any other here

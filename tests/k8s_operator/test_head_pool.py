@@ -103,8 +103,8 @@ SPEC_ERRORS = {
     "head pool with a model, by path": (with_models(BY_PATH, pools=[{"name": "one-b"}, {"name": "head",
                                                                                          "model": "x"}]),
                                         "spec.drafters[1].model 'x': the head pool serves spec.models.head"),
-    "absolute head": (with_models(BUNDLED, {"head": "/models/head"}), "spec.models.head must be a folder under "
-                                                                      "spec.models.path, relative to it and without '..'"),
+    "absolute head": (with_models(BUNDLED, {"head": "/models/head"}),
+                      "spec.models.head must be a folder under spec.models.path, relative to it and without '..'"),
     "head climbing out": (with_models(BUNDLED, {"head": "heads/../../etc"}), "spec.models.head must be a folder"),
     "head not a string": (with_models(BUNDLED, {"head": ["head"]}), "spec.models.head must be a folder"),
     "a drafter named head": (with_models(BY_PATH, {"drafters": [{"name": "head", "path": "llama-3.2-1b"}]}),

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from specfleet.engine.models import MODEL_FREE
-from specfleet_operator.spec import DRAFTER, FUSION, ROUTER, VERIFIER, FleetSpec, RoleSpec, SpecError
+from specfleet_operator.spec import DRAFTER, FUSION, HEAD_POOL, ROUTER, VERIFIER, FleetSpec, RoleSpec, SpecError
 
 GRPC_PORT, HTTP_PORT, HEALTH_PORT = 50051, 8000, 50052
 TLS_DIR = "/etc/specfleet/tls"  # the internal TLS Secret, read-only (tls.crt, tls.key, ca.crt)
@@ -94,11 +94,19 @@ def _model_args(spec: FleetSpec, role: RoleSpec) -> list[str]:
     layout). Each role gets only what it reads, so changing one drafter rolls only its pool: the router the
     target (its tokenizer and context length), the verifier the target, a pool the target (for the vocabulary
     check) and its own drafter. The router and model-free pools hold no weights or KV cache, so dtype and KV memory
-    are not theirs."""
+    are not theirs.
+
+    With spec.models.head (in either layout) `--head` goes to the verifier (its model set then has a head, so it
+    keeps each request's features and returns them to a router that asks: the router asks when `head` is among its
+    --drafters), the head pool (it holds the head and the target, a model pod like any other) and the router (its
+    model set is then the verifiers', as `specfleet up` gives every process the same one). The other pools never
+    read the head, so a new head rolls none of them."""
     args = ["--target", spec.model_path(spec.models_target)] if spec.models_target else []
     folder = spec.drafter_folder(str(role.pool)) if role.component == DRAFTER else ""
     if folder:
         args += ["--drafter", f"{role.pool}={spec.model_path(folder)}"]
+    if spec.has_head and (role.component in (ROUTER, VERIFIER) or role.pool == HEAD_POOL):
+        args += ["--head", spec.model_path(spec.models_head)]
     weights = role.component == VERIFIER or (role.component == DRAFTER and role.pool not in MODEL_FREE)
     if spec.models_dtype and weights:
         args += ["--dtype", spec.models_dtype]

@@ -5,7 +5,9 @@ object, a local `specfleet up --autoscale` have none), so `FleetSpec.from_dict` 
 checks the two agree. Role keys name one scalable unit: `router`, `fusion`, `verifier`, `drafter-<pool>`.
 
 Models come either in the bundled layout under models.path (`target/`, `drafter-<pool>/`) or by path: models.target
-and models.drafters ({name, path}, folders under models.path), pools then named after a declared drafter."""
+and models.drafters ({name, path}, folders under models.path), pools then named after a declared drafter. A draft
+head (models.head, a folder under models.path in either layout) is what a pool named `head` serves; the spec must
+name it for such a pool, even the bundled `head/`, since the operator cannot look into the image or the volume."""
 
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from specfleet.engine.models import NAME as DRAFTER_NAME
 
 ROUTER, FUSION, VERIFIER, DRAFTER = "router", "fusion", "verifier", "drafter"
 DRAFTER_PREFIX = "drafter-"
+# the draft head's pool (specfleet.engine.head.HEAD; a test checks they agree): it serves spec.models.head
+HEAD_POOL = "head"
 _POOL_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # A model folder under models.path: relative, no empty, `.` or `..` segment (a pod never reads outside the models
 # volume); the CRD's pattern is the same (a test checks it).
@@ -109,9 +113,10 @@ def _drafters(raw: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         if not isinstance(item, Mapping):
             raise SpecError(f"{at} must be an object {{name, path}}, got {type(item).__name__}")
         name = item.get("name")
-        if not isinstance(name, str) or not DRAFTER_NAME.match(name) or name in MODEL_FREE:
+        if not isinstance(name, str) or not DRAFTER_NAME.match(name) or name in MODEL_FREE or name == HEAD_POOL:
             raise SpecError(f"{at}.name must be a DNS label of at most 40 characters (lower-case letters, digits, "
-                            f"'-') other than the model-free pools {', '.join(MODEL_FREE)}, got {name!r}")
+                            f"'-') other than the model-free pools {', '.join(MODEL_FREE)} and {HEAD_POOL} (a draft "
+                            f"head is given as spec.models.head), got {name!r}")
         if name in out:
             raise SpecError(f"{at}.name {name!r} is used by two drafters: give each drafter its own name")
         out[name] = _folder(item.get("path"), f"{at}.path")
@@ -250,6 +255,9 @@ class FleetSpec:
     # under models.path, and the services' dtype and KV options (empty or 0: the services' defaults)
     models_target: str = ""
     models_drafters: tuple[tuple[str, str], ...] = ()  # (name, folder); pools name these
+    # the draft head's folder under models.path ("": none); the `head` pool serves it, and the pods that build the
+    # model set the head belongs to (router, verifier, that pool) get --head, so the verifiers keep the features
+    models_head: str = ""
     models_dtype: str = ""
     max_model_len: int = 0
     kv_cache_memory: str = ""
@@ -283,6 +291,10 @@ class FleetSpec:
     def pools(self) -> tuple[RoleSpec, ...]:
         return tuple(role for role in self.roles if role.component == DRAFTER)
 
+    @property
+    def has_head(self) -> bool:
+        return bool(self.models_head)
+
     def model_path(self, folder: str) -> str:
         """Where a pod finds a model folder of the spec: under models.path."""
         return str(PurePosixPath(self.models_path) / folder)
@@ -314,6 +326,7 @@ class FleetSpec:
             raise SpecError("spec.drafters must be a non-empty list of pools, e.g. [{name: python, model: "
                             "drafter-python}]")
         drafters = _drafters(models)
+        head = _folder(models["head"], "spec.models.head") if models.get("head") else ""
         pools = []
         for index, pool in enumerate(pools_raw):
             where = f"spec.drafters[{index}]"
@@ -323,7 +336,9 @@ class FleetSpec:
             if drafter_key(pool_name) in {p.key for p in pools}:
                 raise SpecError(f"{where}.name {pool_name!r} is used by two pools: give each pool its own name")
             role = RoleSpec.from_dict(drafter_key(pool_name), pool, where, max_default=8, gpu_default=True)
-            if drafters:  # pools are declared by drafter name; their folder comes from models.drafters
+            if pool_name == HEAD_POOL:  # either layout: its folder is spec.models.head
+                role = _head_pool(role, head, where)
+            elif drafters:  # pools are declared by drafter name; their folder comes from models.drafters
                 role = _declared_pool(role, dict(drafters), where)
             pools.append(role)
         roles = (
@@ -346,6 +361,7 @@ class FleetSpec:
             models_claim=_str(models, "claimName", "", "spec.models"),
             models_target=_folder(models["target"], "spec.models.target") if models.get("target") else "",
             models_drafters=drafters,
+            models_head=head,
             models_dtype=_str(models, "dtype", "", "spec.models", DTYPES) if "dtype" in models else "",
             max_model_len=_int(models, "maxModelLen", 0, "spec.models", minimum=1) if "maxModelLen" in models else 0,
             kv_cache_memory=_kv_cache_memory(models),
@@ -384,3 +400,16 @@ def _declared_pool(role: RoleSpec, drafters: Mapping[str, str], where: str) -> R
                         f"and no model-free pool ({', '.join(MODEL_FREE)}): declare it there as {{name: {name}, "
                         "path: FOLDER}, or name the pool after a declared drafter")
     return dataclasses.replace(role, model=drafters[name])
+
+
+def _head_pool(role: RoleSpec, head: str, where: str) -> RoleSpec:
+    """The pool named `head`: it serves the draft head of spec.models.head, which the spec must name (in the bundled
+    layout too: the operator cannot see whether the image or the volume holds models.path/head)."""
+    if not head:
+        raise SpecError(f"{where}.name {HEAD_POOL!r} is the draft head's pool, but spec.models.head is not set: set "
+                        f"it to the head's folder under spec.models.path (head for the bundled layout's head/, where "
+                        f"`specfleet train head` puts it), or remove the pool")
+    if role.model:
+        raise SpecError(f"{where}.model {role.model!r}: the {HEAD_POOL} pool serves spec.models.head "
+                        f"({head}): remove {where}.model")
+    return dataclasses.replace(role, model=head)

@@ -184,6 +184,9 @@ BAD_VALUES = {
     "typo in a drafter model": ({"models": {"drafters": [{"name": "one-b", "pth": "x"}]}}, "pth"),
     "bad enum: dtype": ({"models": {"dtype": "fp8"}}, "/models/dtype"),
     "KV memory in petabytes": ({"models": {"kvCacheMemory": "4PiB"}}, "/models/kvCacheMemory"),
+    "absolute head path": ({"models": {"head": "/models/head"}}, "/models/head"),
+    "drafter named like the head pool": ({"models": {"drafters": [{"name": "head", "path": "x"}]}},
+                                         "/models/drafters/0/name"),
 }
 
 
@@ -216,6 +219,12 @@ RENDER_FAILURES = {
     "duplicate drafter names": ({"models": {"drafters": [{"name": "one-b", "path": "a"}, {"name": "one-b",
                                                                                            "path": "b"}]}},
                                 'drafter name "one-b" appears twice'),
+    "head pool without a head": ({"drafter": [{"name": "head", "replicas": 1, "minReplicas": 1, "maxReplicas": 2}]},
+                                 'pool "head" serves the draft head, but models.head is not set'),
+    "head pool with a model": ({"models": {"head": "head"},
+                                "drafter": [{"name": "head", "model": "head", "replicas": 1, "minReplicas": 1,
+                                             "maxReplicas": 2}]},
+                               'pool "head" sets model "head"; it serves models.head (head): remove model'),
 }
 
 

@@ -125,6 +125,27 @@ def test_the_gpu_example_serves_its_models_by_path(rendered):
     assert "nvidia.com/gpu" not in pods["specfleet-drafter-suffix"]["resources"]["limits"]
 
 
+def test_the_head_example_runs_a_head_pool(rendered):
+    # examples/bundled-head.yaml: models.head reaches the SpecFleet; the operator gives --head to the router, the
+    # verifier and the head pool (a model pod, loading the target too), and to no other pool.
+    from specfleet_operator.manifests import fleet_manifests
+    from specfleet_operator.spec import FleetSpec
+
+    fleet = one(rendered["example-bundled-head"], "SpecFleet")
+    assert fleet["spec"]["models"]["head"] == "head"
+    assert [pool["name"] for pool in fleet["spec"]["drafters"]] == ["head", "python", "suffix"]
+    spec = FleetSpec.from_dict(fleet["metadata"]["name"], fleet["spec"])
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]
+            for d in fleet_manifests(spec) if d["kind"] == "Deployment"}
+    head = ["--head", "/models/head"]
+    assert pods["specfleet-drafter-head"]["args"][-6:] == ["--models", "/models", "--pool", "head", *head]
+    assert pods["specfleet-verifier"]["args"][-2:] == pods["specfleet-router"]["args"][-2:] == head
+    assert "head=specfleet-drafter-head:50051" in ",".join(pods["specfleet-router"]["args"])
+    for name in ("specfleet-drafter-python", "specfleet-drafter-suffix"):
+        assert "--head" not in pods[name]["args"], name
+    assert pods["specfleet-drafter-head"]["resources"]["limits"] == {"cpu": "4", "memory": "4Gi"}
+
+
 def _secret_refs(docs):
     """(secret name, key) of every Secret key a chart pod reads (mounted as a file: never through the environment)."""
     refs = set()

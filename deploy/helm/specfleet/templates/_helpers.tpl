@@ -181,8 +181,8 @@ affinity:
 
 {{/*
 Checks what values.schema.json cannot express: minReplicas <= maxReplicas per role, unique drafter pool names, and
-with models.drafters unique drafter names and pools named after a declared drafter (or suffix / ngram), as the
-operator checks them too. Renders nothing; fails the install with a message naming the value to fix.
+with models.drafters unique drafter names and pools named after a declared drafter (or suffix / ngram), and a pool
+named head only with models.head and no model, as the operator checks them too. Renders nothing; fails the install with a message naming the value to fix.
 */}}
 {{- define "specfleet.checkRoles" -}}
 {{- $roles := dict "router" .Values.router "fusion" .Values.fusion "verifier" .Values.verifier -}}
@@ -208,13 +208,26 @@ operator checks them too. Renders nothing; fails the install with a message nami
 {{- end -}}
 {{- $_ := set $declared .name .path -}}
 {{- end -}}
+{{- $head := .Values.models.head | default "" -}}
+{{- range .Values.drafter -}}
+{{- if eq .name "head" -}}
+{{- if not $head -}}
+{{- fail "drafter: pool \"head\" serves the draft head, but models.head is not set: set it to the head's folder under models.path (head for the bundled layout's head/, where `specfleet train head` puts it), or remove the pool" -}}
+{{- end -}}
+{{- if .model -}}
+{{- fail (printf "drafter: pool \"head\" sets model %q; it serves models.head (%s): remove model" .model $head) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if $declared -}}
 {{- range .Values.drafter -}}
+{{- if ne .name "head" -}}
 {{- if not (or (hasKey $declared .name) (has .name (list "suffix" "ngram"))) -}}
 {{- fail (printf "drafter: pool %q names no drafter of models.drafters (%s) and no model-free pool (suffix, ngram); declare it there or name the pool after a declared drafter" .name (keys $declared | sortAlpha | join ", ")) -}}
 {{- end -}}
 {{- if .model -}}
 {{- fail (printf "drafter: pool %q sets model %q; with models.drafters a pool takes its drafter's folder from there by its name: remove model" .name .model) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

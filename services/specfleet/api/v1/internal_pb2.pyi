@@ -95,7 +95,7 @@ class FuseResponse(_message.Message):
     def __init__(self, tree: _Optional[_Union[TokenTree, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("request_id", "round", "context", "prompt_len", "tree", "sampling", "max_new_tokens", "ignore_eos", "speculative")
+    __slots__ = ("request_id", "round", "context", "prompt_len", "tree", "sampling", "max_new_tokens", "ignore_eos", "speculative", "sent_unix")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class VerifyRequest(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     round: int
     context: _containers.RepeatedScalarFieldContainer[int]
@@ -114,7 +115,8 @@ class VerifyRequest(_message.Message):
     max_new_tokens: int
     ignore_eos: bool
     speculative: bool
-    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., speculative: _Optional[bool] = ...) -> None: ...
+    sent_unix: float
+    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., speculative: _Optional[bool] = ..., sent_unix: _Optional[float] = ...) -> None: ...
 
 class VerifyJob(_message.Message):
     __slots__ = ("request", "reply_to", "deadline_ms", "job_id", "trace")
@@ -150,7 +152,7 @@ class VerifyReply(_message.Message):
     def __init__(self, response: _Optional[_Union[VerifyResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("request_id", "round", "token_ids", "accepted", "accepted_nodes", "seconds", "batch", "finished", "finish_reason", "replayed")
+    __slots__ = ("request_id", "round", "token_ids", "accepted", "accepted_nodes", "seconds", "batch", "finished", "finish_reason", "replayed", "timings")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +163,7 @@ class VerifyResponse(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     round: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -171,4 +174,17 @@ class VerifyResponse(_message.Message):
     finished: bool
     finish_reason: str
     replayed: bool
-    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ..., batch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    timings: VerifyTimings
+    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ..., batch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., replayed: _Optional[bool] = ..., timings: _Optional[_Union[VerifyTimings, _Mapping]] = ...) -> None: ...
+
+class VerifyTimings(_message.Message):
+    __slots__ = ("queue_s", "batch_wait_s", "commit_s", "handle_s")
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_S_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_S_FIELD_NUMBER: _ClassVar[int]
+    queue_s: float
+    batch_wait_s: float
+    commit_s: float
+    handle_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., batch_wait_s: _Optional[float] = ..., commit_s: _Optional[float] = ..., handle_s: _Optional[float] = ...) -> None: ...

@@ -117,7 +117,8 @@ def hop_table(records: list[dict]) -> dict[str, dict[str, float]]:
     table = {}
     for name in [h for h, _, _ in HOPS] + [s for s, _ in SUMMARY]:
         values = [r[name] for r in rows]
-        table[name] = {"p50": round(_percentile(values, 0.5) * 1e3, 3), "p99": round(_percentile(values, 0.99) * 1e3, 3),
+        table[name] = {"p50": round(_percentile(values, 0.5) * 1e3, 3),
+                       "p99": round(_percentile(values, 0.99) * 1e3, 3),
                        "mean": round(statistics.fmean(values) * 1e3, 3)}
     return table
 

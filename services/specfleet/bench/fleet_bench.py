@@ -284,9 +284,10 @@ def round_hops(models_dir: Path, redis_url: str, prefix: str, prompts: list[list
 
 
 def compare_hops(baseline: dict, now: dict) -> dict:
-    """A previous report's hop tables beside this one's: p50 / p99 per hop before and now (ms)."""
+    """A previous report's hop tables beside this one's: [before, now] p50 and p99 per hop (ms), and its plain
+    decoding overhead figures."""
     old = baseline.get("round_hops", {})
-    out: dict = {}
+    out: dict = {key: baseline[key] for key in ("round_overhead_ms", "round_overhead_ms_rpc") if key in baseline}
     for name, entry in now.items():
         if name == "hops" or name not in old:
             continue

@@ -2,7 +2,8 @@
 delivers against the in-process engine on the same models and prompts, measured side by side in one run.
 
 - per-round overhead: plain decoding (no drafts) through both; the fleet's round time (gaps between streamed
-  messages at concurrency 1) minus the engine's median round time, p50 and p99;
+  messages at concurrency 1) minus the engine's median round time, p50 and p99; then the round trip hop by hop
+  (`bench.overhead`), with the bundled models and with the smallest ones, at each of `hop_concurrency`;
 - throughput at concurrency 1, 8, 32: the fleet (concurrent streams) against the engine (batch = concurrency),
   greedy, with speculation on in both;
 - the CoSine ablation on the mixed-domain held-out prompts at concurrency 8, each switch off in turn (routing ->
@@ -145,7 +146,8 @@ def ablation(models_dir: Path, redis_url: str, prefix: str, prompts: list[list[i
 def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: Path,
         concurrency: tuple[int, ...] = (1, 8, 32), progress: bool = True,
         stages: tuple[str, ...] = ("overhead", "throughput", "ablation"), ablation_concurrency: int = 8,
-        dsi_concurrency: tuple[int, ...] = (1, 8)) -> dict:
+        dsi_concurrency: tuple[int, ...] = (1, 8), hop_models: tuple[str, ...] = ("bundled", "tiny"),
+        hop_concurrency: tuple[int, ...] = (1, 8), baseline: dict | None = None) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -160,7 +162,7 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
     prompts = [p.ids for p in load_prompts(tok, None, limit, 64)]
     target = load_model(models_dir, "target")
     prefix = f"sfbench-{uuid.uuid4().hex[:8]}"
-    steps = 3 * ("overhead" in stages) + 2 * len(concurrency) * ("throughput" in stages) + \
+    steps = (3 + len(hop_models)) * ("overhead" in stages) + 2 * len(concurrency) * ("throughput" in stages) + \
         len(ABLATION) * ("ablation" in stages) + len(DSI) * len(dsi_concurrency) * ("dsi" in stages)
     bar = tqdm(total=steps, desc="bench fleet", unit="step", disable=not progress)
     results: dict = {"config": {"prompts": len(prompts), "max_new_tokens": new_tokens, "redis": redis_url,
@@ -199,6 +201,10 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
                             "fleet_round_p50": round(statistics.median(fleet_rounds) * 1e3, 3),
                             "p50": round(_percentile(overhead, 0.5) * 1e3, 3),
                             "p99": round(_percentile(overhead, 0.99) * 1e3, 3)}
+        results["round_hops"] = round_hops(models_dir, redis_url, prefix, prompts, new_tokens, hop_models,
+                                           hop_concurrency, slots, bar)
+        if baseline is not None:
+            results["before"] = compare_hops(baseline, results["round_hops"])
 
     rows = []
     if "throughput" in stages:
@@ -236,12 +242,65 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
                            "systems": ablation(models_dir, redis_url, f"{prefix}-d{c}", prompts, new_tokens, c, bar,
                                                DSI)} for c in dsi_concurrency]
     bar.close()
-    for suffix in ("", "-t", *(f"-a{i}" for i in range(len(ABLATION))),
+    for suffix in ("", "-t", *(f"-h{m}" for m in hop_models), *(f"-a{i}" for i in range(len(ABLATION))),
                    *(f"-d{c}-a{i}" for c in dsi_concurrency for i in range(len(DSI)))):
         delete_prefix(redis_url, prefix + suffix)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def round_hops(models_dir: Path, redis_url: str, prefix: str, prompts: list[list[int]], new_tokens: int,
+               hop_models: tuple[str, ...], concurrency: tuple[int, ...], slots: int, bar) -> dict:
+    """The round trip hop by hop (`bench.overhead`) on each model set: the bundled models and/or the smallest ones
+    (built into a temporary folder), each fleet streaming the prompts `c` at a time for each c; every output
+    checked against the target's own plain decoding."""
+    import tempfile
+
+    from specfleet.bench.overhead import HOP_FLAGS, HOPS, SUMMARY, profile, tiny_models
+    from specfleet.engine.engine import Request
+    from specfleet.engine.factory import build_engine
+
+    out: dict = {"hops": {h: f"{kind}: {what}" for h, kind, what in HOPS} | {s: what for s, what in SUMMARY}}
+    for name in hop_models:
+        with tempfile.TemporaryDirectory(prefix="specfleet-tiny-") as tmp:
+            models = models_dir if name == "bundled" else tiny_models(models_dir, Path(tmp))
+            engine = build_engine(models, "none", batch_size=8)
+            refs = [r.token_ids for r in engine.generate([Request(f"h{i}", ids, new_tokens, ignore_eos=True)
+                                                          for i, ids in enumerate(prompts)])]
+            del engine
+            entry = {"models": "models/ (bundled)" if name == "bundled" else
+                     "1-layer Llama, hidden 64, random weights, bundled tokenizer (target and python/prose/c "
+                     "drafters)", "flags": HOP_FLAGS, "runs": []}
+            with fleet_processes(models, redis_url, f"{prefix}-h{name}", slots, HOP_FLAGS) as fleet:
+                for c in concurrency:
+                    run = profile(fleet, prompts, new_tokens, c)
+                    outs = run.pop("outputs")
+                    run["identical_outputs"] = f"{sum(a == b for a, b in zip(outs, refs, strict=True))}/{len(refs)}"
+                    entry["runs"].append(run)
+        out[name] = entry
+        bar.update()
+    return out
+
+
+def compare_hops(baseline: dict, now: dict) -> dict:
+    """A previous report's hop tables beside this one's: [before, now] p50 and p99 per hop (ms), and its plain
+    decoding overhead figures."""
+    old = baseline.get("round_hops", {})
+    out: dict = {key: baseline[key] for key in ("round_overhead_ms", "round_overhead_ms_rpc") if key in baseline}
+    for name, entry in now.items():
+        if name == "hops" or name not in old:
+            continue
+        runs = {r["concurrency"]: r for r in old[name]["runs"]}
+        for run in entry["runs"]:
+            before = runs.get(run["concurrency"])
+            if before is None:
+                continue
+            out[f"{name}, c={run['concurrency']}"] = {
+                hop: {"p50": [before["hops_ms"][hop]["p50"], figures["p50"]],
+                      "p99": [before["hops_ms"][hop]["p99"], figures["p99"]]}
+                for hop, figures in run["hops_ms"].items() if hop in before["hops_ms"]}
+    return out
 
 
 def delete_prefix(redis_url: str, prefix: str) -> None:
@@ -254,6 +313,8 @@ def delete_prefix(redis_url: str, prefix: str) -> None:
 
 
 def format_table(report: dict) -> str:
+    from specfleet.bench.overhead import format_hops
+
     lines = []
     for key in ("round_overhead_ms", "round_overhead_ms_rpc"):
         if key in report:
@@ -261,6 +322,9 @@ def format_table(report: dict) -> str:
             lines += [f"per-round fleet overhead (gRPC + Redis, verify queue {o.get('verify_queue', 'rpc')}): p50 "
                       f"{o['p50']:.2f} ms, p99 {o['p99']:.2f} ms (engine round {o['engine_round_p50']:.2f} ms, fleet "
                       f"round {o['fleet_round_p50']:.2f} ms)"]
+    for name in ("bundled", "tiny"):
+        if name in report.get("round_hops", {}):
+            lines += [""] + format_hops(name, report["round_hops"][name])
     lines.append("")
     if report.get("throughput"):
         lines.append(f"{'concurrency':>12}{'engine tok/s':>14}{'fleet tok/s':>13}{'fleet/engine':>14}{'identical':>11}")

@@ -3,6 +3,7 @@ by side in one run."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -30,9 +31,16 @@ def cmd_bench_fleet(args) -> int:
         unknown = set(stages) - {"overhead", "throughput", "ablation", "dsi"}
         if unknown or not stages:
             raise ValueError(f"--stages takes overhead, throughput, ablation, dsi; got {args.stages!r}")
+        hop_models = ("bundled", "tiny") if args.hop_models == "both" else (args.hop_models,)
+        baseline = None
+        if args.baseline is not None:
+            baseline = json.loads(args.baseline.read_text())
+            if "round_hops" not in baseline:
+                raise ValueError(f"{args.baseline} has no round_hops: give a report of --stages overhead")
         report = run(args.models, args.redis_url, args.max_new_tokens, args.limit, args.output,
                      concurrency=tuple(args.concurrency), stages=stages,
-                     ablation_concurrency=args.ablation_concurrency)
+                     ablation_concurrency=args.ablation_concurrency, hop_models=hop_models,
+                     hop_concurrency=tuple(args.hop_concurrency), baseline=baseline)
     except (ValueError, FileNotFoundError, OSError) as exc:
         sys.exit(f"error: {exc}")
     print(format_table(report))
@@ -121,10 +129,20 @@ def add_parser(sub, fmt) -> None:
     b.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens per prompt")
     b.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 32], help="concurrent streams")
     b.add_argument("--stages", default="overhead,throughput,ablation,dsi",
-                   help="comma-separated: overhead (per-round gRPC + Redis cost), throughput (fleet vs engine), "
+                   help="comma-separated: overhead (per-round gRPC + Redis cost, and the round trip hop by hop: "
+                        "router planning, drafter RPCs, fusion, verify queue, batch wait, forward, commit, answer, "
+                        "delivery, p50/p99 each, compute apart from orchestration), throughput (fleet vs engine), "
                         "ablation (each CoSine switch off in turn, greedy and sampled), dsi (two verifiers with "
                         "speculation parallelism on and off, stream and gRPC verify queues, at concurrency 1 and 8)")
     b.add_argument("--ablation-concurrency", type=positive_int, default=8, help="streams at a time in the ablation")
+    b.add_argument("--hop-models", choices=("bundled", "tiny", "both"), default="both",
+                   help="overhead stage: the models of the hop-by-hop run (tiny: a 1-layer target and drafters with "
+                        "random weights on the bundled tokenizer, built into a temporary folder, so that compute "
+                        "does not hide the orchestration)")
+    b.add_argument("--hop-concurrency", type=positive_int, nargs="+", default=[1, 8],
+                   help="overhead stage: concurrent streams of the hop-by-hop run")
+    b.add_argument("--baseline", type=Path, default=None,
+                   help="overhead stage: an earlier report of it; its hop tables go beside this run's (\"before\")")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "fleet.json", help="JSON result")
     b.set_defaults(func=cmd_bench_fleet)
     b = bsub.add_parser("reliability", formatter_class=fmt, help="faults, bad input and load against the fleet",

@@ -297,7 +297,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
     # ------------------------------------------------------------------ rounds
 
     async def _draft(self, rid: str, context: list[int], k: int, pools: list[str], params: SamplingParams,
-                     prompt_len: int) -> tuple[TokenTree, float]:
+                     prompt_len: int, timings: router_pb2.RoundTimings | None = None) -> tuple[TokenTree, float]:
+        """The round's draft tree and the seconds it took; `timings` (profiling) gets the drafter RPCs' and the
+        fusion call's wall times and the slowest drafter's own drafting time."""
         if HEAD in pools and rid in self.pending and not self.pending[rid].seen:
             # no features yet (a request's first round here): the verifier's reply brings the prompt's, which the
             # head pool would otherwise compute again with a target forward of its own
@@ -319,6 +321,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                              timeout=self.config.rpc_timeout_s, metadata=self._metadata)
                  for p in pools]
         replies = await asyncio.gather(*calls, return_exceptions=True)
+        if timings is not None:
+            drafted = time.perf_counter()
+            timings.draft_s = drafted - start
+            timings.draft_compute_s = max((r.seconds for r in replies if not isinstance(r, Exception)), default=0.0)
         trees, names = [], []
         for pool, reply in zip(pools, replies, strict=True):
             if isinstance(reply, Exception):  # a drafter down costs speed, never output: draft without it
@@ -339,7 +345,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         except grpc.aio.AioRpcError as exc:  # fusion down costs speed, never output: the best-routed draft alone
             log.warning("fusion failed for %s: %s; using the %s draft alone", rid, exc.code().name, names[0])
             tree = self._single_draft(trees[0], names[0])
-        return tree, time.perf_counter() - start
+        end = time.perf_counter()
+        if timings is not None:
+            timings.fuse_s = end - drafted
+        return tree, end - start
 
     def _single_draft(self, draft: internal_pb2.TokenTree, pool: str) -> TokenTree:
         """One pool's draft as the round's tree, every node credited to that pool (acceptance per pool)."""
@@ -390,11 +399,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def _verify(self, rid: str, rnd: int, context: list[int], prompt_len: int, tree: TokenTree,
                       params: SamplingParams, remaining: int, ignore_eos: bool,
-                      speculative: bool = False) -> internal_pb2.VerifyResponse:
+                      speculative: bool = False, timed: bool = False) -> internal_pb2.VerifyResponse:
         msg = internal_pb2.VerifyRequest(request_id=rid, round=rnd, context=context, prompt_len=prompt_len,
                                          tree=tree_to_pb(tree), sampling=sampling_to_pb(params),
                                          max_new_tokens=remaining, ignore_eos=ignore_eos, speculative=speculative,
                                          features=self.features_wanted)
+        if timed:  # the verifier answers with where the round's time went
+            msg.sent_unix = time.time()
         if self.queue is not None:  # any verifier takes it from the stream; a dead one's is reclaimed
             return await self.queue.verify(msg, self.config.rpc_timeout_s, self._round_wait_s())
         order = self._verifiers_for(rid)
@@ -519,16 +530,23 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if self.features_wanted:
             self.pending[rid] = PendingFeatures()
         ahead = dsi = None
+        timed = request.round_timings
         try:
             while not finished:
+                round_start = time.perf_counter()
+                timings = router_pb2.RoundTimings() if timed else None
                 remaining = request.max_new_tokens - len(output)
                 plan = self.controller.decide([rid], max_k={rid: remaining - 1})[rid]
                 pools = self._pools_for(rid, rnd, plan.drafters, pools_asked)
+                if timed:
+                    timings.plan_s = time.perf_counter() - round_start
                 if ready is not None and plan.k > 0:
                     tree, draft_s = ready.prune_depth(plan.k), None  # drafted during the last verification
+                    if timed:
+                        timings.drafted_ahead = True
                 else:
                     tree, draft_s = await self._draft(rid, prompt + output, plan.k, pools if plan.k > 0 else [],
-                                                      params, len(prompt))
+                                                      params, len(prompt), timings)
                 ready = None
                 ahead = self._draft_ahead(rid, prompt + output, tree, plan.k, pools, remaining, params, len(prompt))
                 dsi = self._speculate(rid, rnd, prompt + output, len(prompt), ahead, plan.k, pools, params, remaining,
@@ -536,13 +554,19 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 start = time.perf_counter()
                 try:
                     reply = await self._verify(rid, rnd, prompt + output, len(prompt), tree, params, remaining,
-                                               request.ignore_eos)
+                                               request.ignore_eos, timed=timed)
                 except BaseException:
                     for task in (ahead[0] if ahead else None, dsi):
                         if task is not None:
                             task.cancel()
                     raise
                 verify_s = time.perf_counter() - start
+                if timed:
+                    v = reply.timings
+                    timings.MergeFrom(router_pb2.RoundTimings(
+                        verify_s=verify_s, queue_s=v.queue_s, batch_wait_s=v.batch_wait_s, forward_s=reply.seconds,
+                        commit_s=v.commit_s, verifier_s=v.handle_s, batch=reply.batch))
+                    answered = time.perf_counter()
                 if ahead is not None:
                     ready = await self._confirm_ahead(ahead, list(reply.token_ids), reply.finished)
                 if self.controller.cost is not None:
@@ -563,7 +587,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     if cut and not finished:
                         await self.store.commit_round(rid, rnd, [], finished=True, finish_reason="stop")
                         finished, reason = True, "stop"
-                    yield self._message(rid, text, new, offset, finished, reason, prompt, output, usage)
+                    message = self._message(rid, text, new, offset, finished, reason, prompt, output, usage)
+                    if timings is not None:  # the first round of the batch (a DSI round's hops were not measured)
+                        timings.account_s = time.perf_counter() - answered
+                        timings.sent_unix = time.time()
+                        message.timings.CopyFrom(timings)
+                        timings = None
+                    yield message
                     # DSI: the round after this one, verified concurrently, stands when this one confirmed its context
                     used = await self._use_speculation(dsi, rid, rnd, output, ready is not None and not finished)
                     dsi = None

@@ -238,7 +238,9 @@ class RecentRequests:
 class Batcher:
     """Collects concurrent calls into batches: a batch takes every call waiting when the worker is free (calls that
     arrive while a batch runs form the next one: continuous batching), plus, with max_wait_s > 0, calls arriving
-    within that window; it closes early at `max_batch` items. One batch at a time.
+    within that window; it closes early at `max_batch` items. One batch at a time. The window is held only while
+    calls come together (the batch before held several): a lone caller's call runs at once, with no timer in its
+    path.
 
     `run(items) -> results` runs on the event loop's own thread by default (`inline`): measured on these machines, a
     CPU forward ran 2.2x slower unless the weights were loaded and the forward run on the process's main thread,
@@ -261,6 +263,7 @@ class Batcher:
         self.waited = 0
         self.recent_waits: deque[float] = deque(maxlen=512)
         self.running = 0  # items in the batch being run
+        self._last_size = 0  # items in the last batch: the window is held only after one of several
 
     async def submit(self, item, waited_s: float = 0.0) -> object:
         """Runs `item` in a batch; `waited_s`: how long it already waited upstream (in a Redis stream), counted in
@@ -291,7 +294,7 @@ class Batcher:
                 batch = [await self._queue.get()]
             capped = self.weight is not None and self.max_weight > 0
             total = self.weight(batch[0][0]) if capped else 0
-            deadline = time.monotonic() + self.max_wait_s
+            deadline = time.monotonic() + (self.max_wait_s if self._last_size > 1 else 0.0)
             while len(batch) < self.max_batch:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0 and self._queue.empty():
@@ -315,7 +318,7 @@ class Batcher:
             self.wait_s += sum(waits)
             self.recent_waits.extend(waits)
             self.waited += len(live)
-            self.running = len(live)
+            self.running = self._last_size = len(live)
             try:
                 items = [item for item, _ in live]
                 if self.inline:

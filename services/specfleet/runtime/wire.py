@@ -34,12 +34,15 @@ def tree_from_pb(msg: internal_pb2.TokenTree, vocab_size: int | None = None) -> 
             raise ValueError("malformed token tree: draft_probs is not n x vocab float32")
         draft = torch.from_numpy(flat.reshape(n, -1).copy())
     origins = tuple(tuple(o.split(",")) if o else () for o in msg.origins) if msg.origins else None
-    tree = TokenTree(torch.tensor(list(msg.tokens), dtype=torch.long),
-                     torch.tensor(list(msg.parents), dtype=torch.long), torch.from_numpy(probs.copy()), draft, origins)
-    tree.validate()
-    if vocab_size is not None and n and (int(tree.tokens.min()) < 0 or int(tree.tokens.max()) >= vocab_size):
+    # checked on the Python lists (a few nodes): as TokenTree.validate() would, without a dozen tiny tensor ops per
+    # tree, and trees cross the wire several times a round
+    tokens, parents = list(msg.tokens), list(msg.parents)
+    if any(not -1 <= p < i for i, p in enumerate(parents)):
+        raise ValueError("parents must satisfy -1 <= parents[i] < i (topological order)")
+    if vocab_size is not None and n and (min(tokens) < 0 or max(tokens) >= vocab_size):
         raise ValueError(f"token tree holds token ids outside [0, {vocab_size})")
-    return tree
+    return TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long),
+                     torch.from_numpy(probs.copy()), draft, origins)
 
 
 def sampling_to_pb(params: SamplingParams) -> internal_pb2.SamplingParams:

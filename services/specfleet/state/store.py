@@ -61,11 +61,26 @@ class RequestState:
         return self.output_ids[start:end]
 
 
-@dataclass(frozen=True)
 class CommitResult:
-    applied: bool
-    state: RequestState
-    outcome: str  # "applied" | "retry" (that round was already committed) | "closed" (request finished or failed)
+    """A commit's outcome: "applied" | "retry" (that round was already committed) | "closed" (request finished or
+    failed), and the request's state after it. The state is parsed from Redis' reply only when read: a round's
+    commit that applied (every round but a retry's) never needs it."""
+
+    __slots__ = ("applied", "outcome", "_rid", "_flat", "_state")
+
+    def __init__(self, applied: bool, outcome: str, rid: str = "", flat: Sequence[bytes] = (),
+                 state: RequestState | None = None):
+        self.applied, self.outcome = applied, outcome
+        self._rid, self._flat, self._state = rid, flat, state
+
+    @property
+    def state(self) -> RequestState:
+        if self._state is None:
+            self._state = _state_from_hash(self._rid, _hash_from_flat(self._flat))
+        return self._state
+
+    def __repr__(self) -> str:
+        return f"CommitResult(applied={self.applied}, outcome={self.outcome!r}, state={self.state!r})"
 
 
 def _decode(value: bytes | str | None) -> str:
@@ -193,13 +208,13 @@ class StateStore:
         outcome = _decode(reply[0])
         if outcome == "missing":
             raise RequestNotFoundError(f"request {rid!r} has no state in Redis (never created, deleted or expired)")
-        state = _state_from_hash(rid, _hash_from_flat(reply[1]))
+        result = CommitResult(applied=outcome == "applied", outcome=outcome, rid=rid, flat=reply[1])
         if outcome == "gap":
             raise RoundGapError(
-                f"request {rid!r}: commit of round {round} but only {state.round} rounds are committed "
-                f"(the next commit must be round {state.round})"
+                f"request {rid!r}: commit of round {round} but only {result.state.round} rounds are committed "
+                f"(the next commit must be round {result.state.round})"
             )
-        return CommitResult(applied=outcome == "applied", state=state, outcome=outcome)
+        return result
 
     async def fail(self, rid: str, reason: str) -> RequestState | None:
         """Mark a running request failed (finished_ttl_s applies); a finished or failed one is left as it is."""
@@ -379,17 +394,27 @@ class StateStore:
     async def take(self, name: str, count: int = 100, block_ms: int | None = None) -> list[tuple[str, bytes]]:
         """Reads and deletes up to `count` entries of a stream that has one reader (a router's reply stream);
         block_ms: wait up to that long for one (None or <= 0: return at once)."""
+        jobs = await self.read_after(name, "0-0", count, block_ms)
+        await self.delete_entries(name, [i for i, _ in jobs])
+        return jobs
+
+    async def read_after(self, name: str, after: str, count: int = 100,
+                         block_ms: int | None = None) -> list[tuple[str, bytes]]:
+        """Up to `count` entries of a stream newer than the id `after` ("0-0": from the start), left in the stream;
+        block_ms: wait up to that long for one (None or <= 0: return at once)."""
         key = self.keys.stream(name)
         block = int(block_ms) if block_ms and block_ms > 0 else None
-        reply = await self.redis.xread({key: "0-0"}, count=count, block=block)
+        reply = await self.redis.xread({key: after}, count=count, block=block)
         streams = reply.values() if isinstance(reply, dict) else [entries for _, entries in reply or []]
         jobs = []
         for entries in streams:
             entries = entries[0] if entries and isinstance(entries[0], list) else entries
             jobs.extend(_stream_entries(entries))
-        if jobs:
-            await self.redis.xdel(key, *[i for i, _ in jobs])
         return jobs
+
+    async def delete_entries(self, name: str, ids: Sequence[str]) -> None:
+        if ids:
+            await self.redis.xdel(self.keys.stream(name), *ids)
 
     async def reclaim(
         self, name: str, group: str, consumer: str, min_idle_ms: int, count: int = 10

@@ -247,15 +247,21 @@ class VerifyQueueClient:
             await self.store.redis.xdel(self.store.keys.stream(VERIFY_STREAM), entry)
 
     async def _read_loop(self) -> None:
+        # Replies are handed to their waiting rounds first and deleted from the stream after, while those rounds
+        # go on (deleting first would put a Redis round trip into every round); reads start after the last id seen
+        last = "0-0"
         while not self._closed:
             try:
-                entries = await self.store.take(self.reply_to, count=256, block_ms=self.block_ms)
+                entries = await self.store.read_after(self.reply_to, last, count=256, block_ms=self.block_ms)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:  # the waiting calls hit their deadlines if Redis stays away
                 log.warning("reading verify replies failed: %s", exc)
                 await asyncio.sleep(0.2)
                 continue
+            if not entries:
+                continue
+            last = entries[-1][0]
             for _, payload in entries:
                 try:
                     reply = internal_pb2.VerifyReply.FromString(payload)
@@ -264,6 +270,12 @@ class VerifyQueueClient:
                 future = self._waiting.get(reply.job_id)
                 if future is not None and not future.done():  # a reclaimed job's second answer finds no one
                     future.set_result(reply)
+            try:
+                await self.store.delete_entries(self.reply_to, [i for i, _ in entries])
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:  # left behind, they expire with the stream (reply_ttl_s)
+                log.warning("deleting read verify replies failed: %s", exc)
 
     async def close(self) -> None:
         self._closed = True

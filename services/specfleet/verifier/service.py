@@ -125,7 +125,11 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
 
     async def handle(self, request: internal_pb2.VerifyRequest, waited_s: float = 0.0) -> internal_pb2.VerifyResponse:
         """One round, from a Verify call or a stream job (`waited_s` in the stream): validate, verify (batched),
-        commit unless speculative. Raises VerifyError with the status a Verify call answers."""
+        commit unless speculative. Raises VerifyError with the status a Verify call answers. A request with
+        `sent_unix` gets the round's timings in its answer (profiling: `specfleet bench fleet --stages overhead`)."""
+        picked = time.perf_counter()
+        timed = request.sent_unix > 0
+        queue_s = max(0.0, time.time() - request.sent_unix) if timed else 0.0
         rid, rnd = request.request_id, request.round
         context_ids = list(request.context)
         vocab = self.verifier.vocab_size
@@ -147,7 +151,9 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
             raise VerifyError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         seed = params.seed if params.seed is not None else stream_seed(rid)
         item = VerifyItem(rid, context_ids, tree, params, len(context_ids) - request.prompt_len, seed)
+        submitted = time.perf_counter()
         verdict, seconds, batch, added = await self.batcher.submit(item, waited_s)
+        verified = time.perf_counter()
         tokens, reason = cut_at_finish(verdict.tokens, request.max_new_tokens, self.eos_token_id, request.ignore_eos)
         finished = bool(reason)
         if self.store is not None and not request.speculative:
@@ -167,6 +173,7 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
                     return replayed_round(result.state, rnd)
                 raise VerifyError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"request {rid} is already {result.state.status}")
+        committed = time.perf_counter()
         accepted = min(len(verdict.path), len(tokens))
         reply = internal_pb2.VerifyResponse(request_id=rid, round=rnd, token_ids=tokens, accepted=accepted,
                                             accepted_nodes=verdict.path[:accepted], seconds=seconds, batch=batch,
@@ -177,6 +184,12 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
             reply.features.CopyFrom(features_to_pb(rows, first, self.feature_dtype))
             self.feature_rounds += 1
             self.feature_bytes += len(reply.features.data)
+        if timed:
+            done = time.perf_counter()
+            reply.timings.queue_s = queue_s
+            reply.timings.batch_wait_s = max(0.0, verified - submitted - seconds)
+            reply.timings.commit_s = committed - verified
+            reply.timings.handle_s = done - picked
         return reply
 
     async def Release(self, request: internal_pb2.ReleaseRequest, context) -> internal_pb2.ReleaseResponse:

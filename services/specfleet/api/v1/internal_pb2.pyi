@@ -111,7 +111,7 @@ class FuseResponse(_message.Message):
     def __init__(self, tree: _Optional[_Union[TokenTree, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("request_id", "round", "context", "prompt_len", "tree", "sampling", "max_new_tokens", "ignore_eos", "speculative", "features")
+    __slots__ = ("request_id", "round", "context", "prompt_len", "tree", "sampling", "max_new_tokens", "ignore_eos", "speculative", "features", "sent_unix")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class VerifyRequest(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     round: int
     context: _containers.RepeatedScalarFieldContainer[int]
@@ -132,7 +133,8 @@ class VerifyRequest(_message.Message):
     ignore_eos: bool
     speculative: bool
     features: bool
-    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., speculative: _Optional[bool] = ..., features: _Optional[bool] = ...) -> None: ...
+    sent_unix: float
+    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., context: _Optional[_Iterable[int]] = ..., prompt_len: _Optional[int] = ..., tree: _Optional[_Union[TokenTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., speculative: _Optional[bool] = ..., features: _Optional[bool] = ..., sent_unix: _Optional[float] = ...) -> None: ...
 
 class VerifyJob(_message.Message):
     __slots__ = ("request", "reply_to", "deadline_ms", "job_id", "trace")
@@ -168,7 +170,7 @@ class VerifyReply(_message.Message):
     def __init__(self, response: _Optional[_Union[VerifyResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("request_id", "round", "token_ids", "accepted", "accepted_nodes", "seconds", "batch", "finished", "finish_reason", "replayed", "features")
+    __slots__ = ("request_id", "round", "token_ids", "accepted", "accepted_nodes", "seconds", "batch", "finished", "finish_reason", "replayed", "features", "timings")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +182,7 @@ class VerifyResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     round: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -191,4 +194,17 @@ class VerifyResponse(_message.Message):
     finish_reason: str
     replayed: bool
     features: Features
-    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ..., batch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., replayed: _Optional[bool] = ..., features: _Optional[_Union[Features, _Mapping]] = ...) -> None: ...
+    timings: VerifyTimings
+    def __init__(self, request_id: _Optional[str] = ..., round: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ..., batch: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., replayed: _Optional[bool] = ..., features: _Optional[_Union[Features, _Mapping]] = ..., timings: _Optional[_Union[VerifyTimings, _Mapping]] = ...) -> None: ...
+
+class VerifyTimings(_message.Message):
+    __slots__ = ("queue_s", "batch_wait_s", "commit_s", "handle_s")
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_S_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_S_FIELD_NUMBER: _ClassVar[int]
+    queue_s: float
+    batch_wait_s: float
+    commit_s: float
+    handle_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., batch_wait_s: _Optional[float] = ..., commit_s: _Optional[float] = ..., handle_s: _Optional[float] = ...) -> None: ...

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecfleet/api/v1/router.proto\x12\x10specfleet.api.v1\"\x8d\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x10\n\x08\x64rafters\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12/\n\x08messages\x18\x0c \x03(\x0b\x32\x1d.specfleet.api.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"x\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x0e\n\x06rounds\x18\x03 \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\x05\"\xa8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12&\n\x05usage\x18\x06 \x01(\x0b\x32\x17.specfleet.api.v1.Usage\x12\x0e\n\x06offset\x18\x07 \x01(\x05\x32\xb0\x01\n\x06Router\x12S\n\x08Generate\x12!.specfleet.api.v1.GenerateRequest\x1a\".specfleet.api.v1.GenerateResponse0\x01\x12Q\n\x08\x43omplete\x12!.specfleet.api.v1.GenerateRequest\x1a\".specfleet.api.v1.GenerateResponseB8\n\x13io.specfleet.api.v1P\x01Z\x1fspecfleet.io/api/v1;specfleetv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecfleet/api/v1/router.proto\x12\x10specfleet.api.v1\"\xa4\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x10\n\x08\x64rafters\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12/\n\x08messages\x18\x0c \x03(\x0b\x32\x1d.specfleet.api.v1.ChatMessage\x12\x15\n\rround_timings\x18\r \x01(\x08\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"x\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x0e\n\x06rounds\x18\x03 \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x04 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\x05\"\xd9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12&\n\x05usage\x18\x06 \x01(\x0b\x32\x17.specfleet.api.v1.Usage\x12\x0e\n\x06offset\x18\x07 \x01(\x05\x12/\n\x07timings\x18\x08 \x01(\x0b\x32\x1e.specfleet.api.v1.RoundTimings\"\x96\x02\n\x0cRoundTimings\x12\x0e\n\x06plan_s\x18\x01 \x01(\x01\x12\x0f\n\x07\x64raft_s\x18\x02 \x01(\x01\x12\x17\n\x0f\x64raft_compute_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x66use_s\x18\x04 \x01(\x01\x12\x10\n\x08verify_s\x18\x05 \x01(\x01\x12\x0f\n\x07queue_s\x18\x06 \x01(\x01\x12\x14\n\x0c\x62\x61tch_wait_s\x18\x07 \x01(\x01\x12\x11\n\tforward_s\x18\x08 \x01(\x01\x12\x10\n\x08\x63ommit_s\x18\t \x01(\x01\x12\x12\n\nverifier_s\x18\n \x01(\x01\x12\x11\n\taccount_s\x18\x0b \x01(\x01\x12\x11\n\tsent_unix\x18\x0c \x01(\x01\x12\x15\n\rdrafted_ahead\x18\r \x01(\x08\x12\r\n\x05\x62\x61tch\x18\x0e \x01(\x05\x32\xb0\x01\n\x06Router\x12S\n\x08Generate\x12!.specfleet.api.v1.GenerateRequest\x1a\".specfleet.api.v1.GenerateResponse0\x01\x12Q\n\x08\x43omplete\x12!.specfleet.api.v1.GenerateRequest\x1a\".specfleet.api.v1.GenerateResponseB8\n\x13io.specfleet.api.v1P\x01Z\x1fspecfleet.io/api/v1;specfleetv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023io.specfleet.api.v1P\001Z\037specfleet.io/api/v1;specfleetv1'
   _globals['_GENERATEREQUEST']._serialized_start=52
-  _globals['_GENERATEREQUEST']._serialized_end=321
-  _globals['_CHATMESSAGE']._serialized_start=323
-  _globals['_CHATMESSAGE']._serialized_end=367
-  _globals['_USAGE']._serialized_start=369
-  _globals['_USAGE']._serialized_end=489
-  _globals['_GENERATERESPONSE']._serialized_start=492
-  _globals['_GENERATERESPONSE']._serialized_end=660
-  _globals['_ROUTER']._serialized_start=663
-  _globals['_ROUTER']._serialized_end=839
+  _globals['_GENERATEREQUEST']._serialized_end=344
+  _globals['_CHATMESSAGE']._serialized_start=346
+  _globals['_CHATMESSAGE']._serialized_end=390
+  _globals['_USAGE']._serialized_start=392
+  _globals['_USAGE']._serialized_end=512
+  _globals['_GENERATERESPONSE']._serialized_start=515
+  _globals['_GENERATERESPONSE']._serialized_end=732
+  _globals['_ROUNDTIMINGS']._serialized_start=735
+  _globals['_ROUNDTIMINGS']._serialized_end=1013
+  _globals['_ROUTER']._serialized_start=1016
+  _globals['_ROUTER']._serialized_end=1192
 # @@protoc_insertion_point(module_scope)

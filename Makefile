@@ -8,7 +8,7 @@ TORCH_VERSION := 2.13.0
 CHECKOV_VERSION := 3.3.30
 CHECKOV_VENV := .checkov-venv
 
-.PHONY: setup demo test lint models acceptance card protos chart scan simulate bench bench-reliability bench-fuzz bench-autoscale soak clean help
+.PHONY: setup demo test lint models head acceptance card protos chart scan simulate bench bench-reliability bench-fuzz bench-autoscale soak clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -34,6 +34,9 @@ lint: setup  ## ruff only
 
 models: setup  ## rebuild the model family from scratch or resume it (long: hours on a CPU)
 	$(VENV)/bin/specfleet train all
+
+head: setup  ## train or resume the draft head on the target's features (HEAD_MINUTES, default 60) -> models/head
+	$(VENV)/bin/specfleet train head --minutes $(or $(HEAD_MINUTES),60)
 
 acceptance: setup  ## re-measure the drafter x domain acceptance matrix and rewrite models/README.md
 	$(VENV)/bin/specfleet models acceptance

@@ -404,15 +404,22 @@ def _remember(memory: PolicyMemory, key: str, raw: int, now: float, spec: FleetS
                    observed_since={**memory.observed_since, key: since})
 
 
-def _remember_burst(memory: PolicyMemory, key: str, size: int, now: float) -> PolicyMemory:
-    peaks = tuple((t, n) for t, n in memory.burst_peaks.get(key, ()) if t >= now - BURST_MEMORY_S) + ((now, size),)
+def burst_memory_s(spec) -> float:
+    """How long a panic's size is held: BURST_MEMORY_S at the default 210-s down window, scaled with it (a fleet
+    tuned to react in seconds, such as `specfleet up --autoscale`, forgets bursts as fast as it removes pods)."""
+    return BURST_MEMORY_S * spec.autoscaling.window_down_s / 210.0
+
+
+def _remember_burst(memory: PolicyMemory, key: str, size: int, now: float,
+                    hold_s: float = BURST_MEMORY_S) -> PolicyMemory:
+    peaks = tuple((t, n) for t, n in memory.burst_peaks.get(key, ()) if t >= now - hold_s) + ((now, size),)
     return replace(memory, burst_peaks={**memory.burst_peaks, key: peaks})
 
 
-def burst_floor(memory: PolicyMemory, key: str, now: float) -> int:
+def burst_floor(memory: PolicyMemory, key: str, now: float, hold_s: float = BURST_MEMORY_S) -> int:
     """The pods a role keeps for bursts: the largest burst size (arrival rate at the utilisation target) measured
     in a panic of the last `BURST_MEMORY_S`; 0 with none."""
-    return max((n for t, n in memory.burst_peaks.get(key, ()) if t >= now - BURST_MEMORY_S), default=0)
+    return max((n for t, n in memory.burst_peaks.get(key, ()) if t >= now - hold_s), default=0)
 
 
 def _forget(memory: PolicyMemory, key: str) -> PolicyMemory:
@@ -497,19 +504,19 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
                         provision_s if outrun else 0.0)
                     size = math.ceil(min(rate_then / (auto.targets.gpu_utilization_percent / 100), _MOST_REPLICAS)
                                      - 1e-9)
-                    memory = _remember_burst(memory, key, size, now)
+                    memory = _remember_burst(memory, key, size, now, burst_memory_s(spec))
             panicking = not idle and now < panic_until
             if panicking:
                 why = f"panic: {why}"
             memory = _remember(memory, key, raw, now, spec)
             stable = _stabilize(key, raw, count, memory, spec, now, panicking, tolerance)
-            held = burst_floor(memory, key, now)
+            held = burst_floor(memory, key, now, burst_memory_s(spec))
             holding = stable < count and held > stable
             if holding:
                 # headroom for bursts: a burst seen in the last BURST_MEMORY_S would take a provisioning time
                 # to come back to, and its first minute would queue; its size is kept (never more than now)
                 stable = min(count, held)
-                why = f"{why}; holding the size of a burst of the last {BURST_MEMORY_S:.0f} s ({held})"
+                why = f"{why}; holding the size of a burst of the last {burst_memory_s(spec):.0f} s ({held})"
             # a scale-down waits the longer cooldown: capacity is removed in fewer, larger steps (each change
             # restarts pods' share of work), while a scale-up only waits the short one, or none in a panic
             cooldown_s = auto.cooldown_s if stable > count else auto.scale_down_cooldown_s

@@ -274,8 +274,9 @@ def test_queued_while_starting_matches_a_brute_force_sum():
 
 def test_a_burst_is_held_for_the_burst_memory_then_released():
     # a panic on a burst of 2.2 pods of work (at 90%: 3 pods) records its size; the burst ends at once, and the
-    # pods stay past the panic's hold and the down window, until BURST_MEMORY_S after it, then go
-    spec = fleet({"maxStep": 8}, verifier={"maxReplicas": 50})
+    # pods stay past the panic's hold and the down window, until BURST_MEMORY_S after it (at the default 210-s
+    # down window; the memory scales with that window), then go
+    spec = fleet({"maxStep": 8, "stabilizationWindowSeconds": {"up": 15, "down": 210}}, verifier={"maxReplicas": 50})
     result = decide(saturated_history([0, 3, 6, 9]), spec, {**CURRENT, "verifier": 2}, now=45.0)
     assert result.desired["verifier"] == 3 and burst_floor(result.memory, "verifier", 45.0) == 3
     current, memory = result.desired, result.memory

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -285,10 +284,10 @@ def train_head(tokens_dir: Path, target_dir: Path, out_dir: Path, run_dir: Path,
         _atomic_save,
         device_for,
         load_model,
-        lr_at,
         resolve_precision,
         set_threads,
         token_files,
+        train_loop,
     )
 
     set_threads()
@@ -362,38 +361,17 @@ def train_head(tokens_dir: Path, target_dir: Path, out_dir: Path, run_dir: Path,
     if state.pop("remeasure", False):  # exports must beat the continued head on this machine's validation split
         state["best_val"] = float(np.mean([v["loss"] for v in evaluate().values()]))
     head.train()
-    start, last_ckpt = time.time(), time.time()
     domains = list(DOMAINS)
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc="head", unit="step")
-    while state["step"] < cfg.steps:
-        if minutes is not None and time.time() - start > minutes * 60:
-            tqdm.write(f"time budget of {minutes} min reached at step {state['step']}")
-            break
-        t0 = time.time()
-        step = state["step"]
+
+    def batch(step: int) -> torch.Tensor:
         rng = np.random.default_rng([cfg.seed, step, 7])
-        x = torch.cat([train[domains[i % len(domains)]].windows(rng, 1, cfg.seq + 1)
-                       for i in range(cfg.batch)]).to(device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, state.get("schedule_start", 0))
+        return torch.cat([train[domains[i % len(domains)]].windows(rng, 1, cfg.seq + 1)
+                          for i in range(cfg.batch)]).to(device)
+
+    def loss_of(x: torch.Tensor):
         loss, parts = head_losses(head, target, x, device, precision, cfg.passes, NOISE)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["tokens_seen"] += x.numel()
-        state["seconds"] += time.time() - t0
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{parts[0]['top1']:.2f}/{parts[-1]['top1']:.2f}")
-        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
-            evaluate_and_export()
-        if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
-            save_checkpoint()
-            last_ckpt = time.time()
-    bar.close()
-    if not state["history"] or state["history"][-1]["step"] != state["step"]:
-        evaluate_and_export()
-    save_checkpoint()
-    return state
+        return loss, {"top1": f"{parts[0]['top1']:.2f}/{parts[-1]['top1']:.2f}"}
+
+    return train_loop("head", cfg, state, opt, head.parameters(), minutes, batch, loss_of, evaluate_and_export,
+                      save_checkpoint)
 

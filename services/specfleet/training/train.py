@@ -245,31 +245,49 @@ def train_target(tokens_dir: Path, tokenizer_dir: Path, out_dir: Path, run_dir: 
         tqdm.write(f"step {state['step']}: val {losses} mean {mean:.4f}{' (exported)' if improved else ''}")
 
     model.train()
-    start, last_ckpt = time.time(), time.time()
     domains = list(DOMAINS)
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc="target", unit="step")
+
+    def batch(step: int) -> torch.Tensor:
+        rng = np.random.default_rng([cfg.seed, step])
+        return torch.cat([train[domains[i % len(domains)]].windows(rng, 1, cfg.seq + 1)
+                          for i in range(cfg.batch)]).to(device)
+
+    def loss_of(x: torch.Tensor):
+        with autocast(device, precision):
+            return model(input_ids=x, labels=x).loss, {}
+
+    return train_loop("target", cfg, state, opt, model.parameters(), minutes, batch, loss_of, evaluate_and_export,
+                      save_checkpoint)
+
+
+def train_loop(desc: str, cfg, state: dict, opt, params, minutes: float | None, batch, loss_of, evaluate_and_export,
+               save_checkpoint) -> dict:
+    """The optimiser loop the target and the draft head share: up to cfg.steps (or `minutes`), each step
+    batch(step) -> loss_of(batch) -> (loss, progress-bar extras), clipped, with the learning rate of `lr_at` from the
+    run's `schedule_start`; evaluates (and exports) every cfg.eval_every steps and at the end, checkpoints every
+    cfg.checkpoint_minutes and at the end. Returns the state."""
+    params = list(params)
+    start, last_ckpt = time.time(), time.time()
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=desc, unit="step")
     while state["step"] < cfg.steps:
         if minutes is not None and time.time() - start > minutes * 60:
             tqdm.write(f"time budget of {minutes} min reached at step {state['step']}")
             break
         t0 = time.time()
         step = state["step"]
-        rng = np.random.default_rng([cfg.seed, step])
-        rows = [train[domains[i % len(domains)]].windows(rng, 1, cfg.seq + 1) for i in range(cfg.batch)]
-        x = torch.cat(rows).to(device)
+        x = batch(step)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, state["schedule_start"])
-        with autocast(device, precision):
-            loss = model(input_ids=x, labels=x).loss
+            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, state.get("schedule_start", 0))
+        loss, extras = loss_of(x)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         state["step"] += 1
         state["tokens_seen"] += x.numel()
         state["seconds"] += time.time() - t0
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{group['lr']:.2e}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{group['lr']:.2e}", **extras)
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
             evaluate_and_export()
         if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:

@@ -57,3 +57,20 @@ def held_out_text() -> dict[str, str]:
         "prose": requests.__doc__ + "\n" + (yaml.__doc__ or "") + read(requests, "api.py").split('"""')[3],
         "code": read(jwt, "api_jws.py") + read(pygments, "lexer.py")[:4000],
     }
+
+
+def write_random_head(out: Path, target) -> Path:
+    """A random-weight draft head for the bundled target, of a trained head's scale (its drafts are not a constant),
+    saved to `out` as `specfleet train head` would: tests never depend on models/ holding a trained head."""
+    import torch
+
+    from specfleet.training.head import TrainHead, head_config, save_head, target_fingerprint
+
+    torch.manual_seed(3)
+    head = TrainHead(head_config(target.config), target.model.embed_tokens.weight)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    save_head(head, head_config(target.config), out, {"target_fingerprint": target_fingerprint(MODELS_DIR / "target")})
+    return out

@@ -19,9 +19,9 @@ from specfleet.local.inprocess import LocalFleet
 from specfleet.router.service import PendingFeatures
 from specfleet.runtime.process import ServeOptions
 from specfleet.runtime.wire import features_from_pb, features_to_pb
-from specfleet.training.head import TrainHead, head_config, save_head, target_fingerprint
 
 from .switches import NEW_TOKENS, SAMPLED, run_all
+from conftest import write_random_head
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -29,15 +29,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 @pytest.fixture(scope="module")
 def head_models(tmp_path_factory, load_model, models_dir):
     """The bundled models with a random-weight head of a trained head's scale (its drafts are not constant)."""
-    target = load_model("target")
-    torch.manual_seed(3)
-    head = TrainHead(head_config(target.config), target.model.embed_tokens.weight)
-    with torch.no_grad():
-        for p in head.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    out = tmp_path_factory.mktemp("head") / "head"
-    save_head(head, head_config(target.config), out, {"target_fingerprint": target_fingerprint(models_dir / "target")})
+    out = write_random_head(tmp_path_factory.mktemp("head") / "head", load_model("target"))
     return ModelSet.bundled(models_dir).with_overrides(head=out)
 
 

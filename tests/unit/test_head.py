@@ -13,7 +13,9 @@ from specfleet.engine.llama import causal_bias
 from specfleet.engine.models import ModelSet
 from specfleet.engine.proposers import Draft
 from specfleet.engine.sampling import SamplingParams
-from specfleet.training.head import HEAD_FILE, HEAD_INFO, TrainHead, head_config, save_head, target_fingerprint
+from specfleet.training.head import HEAD_FILE, HEAD_INFO, TrainHead, head_config
+
+from conftest import write_random_head
 
 
 @pytest.fixture(scope="module")
@@ -22,23 +24,8 @@ def target(load_model):
 
 
 @pytest.fixture(scope="module")
-def trained_like(target):
-    """A head with random weights of a trained head's scale (its output is then not a constant)."""
-    torch.manual_seed(3)
-    head = TrainHead(head_config(target.config), target.model.embed_tokens.weight)
-    with torch.no_grad():
-        for p in head.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    return head
-
-
-@pytest.fixture(scope="module")
-def head_dir(tmp_path_factory, target, trained_like, models_dir):
-    out = tmp_path_factory.mktemp("head") / "head"
-    save_head(trained_like, head_config(target.config), out, {"target_fingerprint": target_fingerprint(
-        models_dir / "target")})
-    return out
+def head_dir(tmp_path_factory, target):
+    return write_random_head(tmp_path_factory.mktemp("head") / "head", target)
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,11 @@ def fleet(request, models_dir):
 def test_greedy_output_is_the_targets_for_every_switch(fleet, prompt_ids, greedy_refs):
     assert run_all(fleet.router_address, prompt_ids, None) == greedy_refs
     router = fleet.services["router"]
-    if fleet.pipeline:
+    if fleet.pipeline and not fleet.adaptive:
+        # fixed k: every round drafts, so the repetitive prompts' fully accepted rounds use their drafts made ahead
+        # (under the adaptive controller a loaded machine may price drafting out: whether it drafts is timing)
         assert router.used_ahead > 0, "no round used a draft made during the previous verification"
-    else:
+    elif not fleet.pipeline:
         assert router.used_ahead == router.cancelled_ahead == 0
 
 

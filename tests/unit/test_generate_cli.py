@@ -74,10 +74,10 @@ def test_output_lines_follow_the_contract(greedy_reference, tokenizer, load_mode
     ["--proposer", "none", "--batch-size", "3"],
     ["--proposer", "ngram", "--batch-size", "3"],
     ["--proposer", "suffix", "--batch-size", "3"],
-    ["--proposer", "model", "--batch-size", "3"],
+    ["--proposer", "model", "--batch-size", "3", "--no-adaptive"],
     ["--proposer", "model", "--drafters", "python", "--batch-size", "1"],
     ["--proposer", "fused", "--batch-size", "1"],
-    ["--proposer", "fused", "--batch-size", "3"],
+    ["--proposer", "fused", "--batch-size", "3", "--no-adaptive"],
     ["--proposer", "fused", "--drafters", "python,c", "--batch-size", "4", "--no-adaptive", "--k", "3"],
 ], ids=" ".join)
 def test_greedy_output_is_the_same_for_every_proposer_and_batch_size(options, greedy_reference, tmp_path):
@@ -88,7 +88,9 @@ def test_greedy_output_is_the_same_for_every_proposer_and_batch_size(options, gr
         assert stats["accepted_tokens"] <= stats["draft_tokens"]
         assert stats["rounds"] + stats["accepted_tokens"] == NEW_TOKENS, "each round: accepted drafts + one token"
         assert stats["accepted_per_round"] == round(stats["accepted_tokens"] / stats["rounds"], 4)
-    if "none" not in options:
+    if "--no-adaptive" in options or options[1] in ("ngram", "suffix"):
+        # the adaptive controller prices drafting from timings measured at start: on a loaded machine it may
+        # rightly decode plainly for all 8 tokens, so only fixed-k (and free suffix/ngram) runs must have drafted
         assert sum(line["stats"]["draft_tokens"] for line in lines) > 0, "the proposer drafted (else nothing tested)"
 
 

@@ -127,6 +127,25 @@ def test_speculation_with_the_head_is_lossless(model_set, target, proposer, draf
     assert sum(r.stats["draft_tokens"] for r in got) > 0  # the head did draft
 
 
+def test_the_head_is_routed_like_any_drafter(model_set, target):
+    """Fused with the head, a plan names the drafters that draft: the head only where named, the specialists only
+    where named, and the adaptive controller ranks the head among them (credit and routing by name)."""
+    from specfleet.engine.factory import build_proposer
+
+    engine = build_engine(model_set, "fused", "python,head", batch_size=2, target=target)
+    assert engine.policy.drafters == ["python", "head"]
+    assert set(engine.proposer.drafters) == {"python", "head"}
+    proposer = build_proposer("fused", model_set, ("python", "head"), 2, target=target)
+    ids = list(range(50, 70))
+    feats = _features(target, ids[:-1])
+    only_head, only_python = proposer.propose([Draft("a", ids, 3, ("head",), features=feats),
+                                               Draft("b", ids, 3, ("python",), features=feats)])
+    assert only_head.origins and all(set(o) <= {"head", "suffix"} for o in only_head.origins)
+    assert any("head" in o for o in only_head.origins)
+    assert only_python.origins and all("head" not in o for o in only_python.origins)
+    assert any("python" in o for o in only_python.origins)
+
+
 def test_head_drafts_a_chain_with_siblings(model_set, target, models_dir):
     head = HeadProposer(HeadModel(model_set.head, target, slots=1, target_dir=models_dir / "target"))
     ids = list(range(50, 70))

@@ -164,8 +164,11 @@ class ModelProposer:
         # Requests that share a drafter set draft together; usually that is the whole batch.
         groups: dict[tuple[str, ...], list[int]] = {}
         for i in live:
-            names = tuple(n for n in (batch[i].drafters or self.drafters) if n in self.drafters) or tuple(self.drafters)
-            groups.setdefault(names, []).append(i)
+            # a plan naming none of these drafters (only the draft head, say) leaves the row to the others
+            asked = batch[i].drafters
+            names = tuple(n for n in asked if n in self.drafters) if asked else tuple(self.drafters)
+            if names:
+                groups.setdefault(names, []).append(i)
         for names, idx in groups.items():
             for i, tree in zip(idx, self._draft([batch[i] for i in idx], names), strict=True):
                 trees[i] = tree

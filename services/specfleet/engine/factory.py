@@ -113,8 +113,8 @@ def build_engine(models: Path | ModelSet, proposer: str = "fused", drafters: str
     target = target if target is not None else load_model(models, "target")
     policy = None
     if adaptive and proposer != "none":
-        # the head drafts whenever a request drafts (like the suffix tree): the controller picks among the models
-        policy = SpeculationController(k_max=k, drafters=[n for n in names if n != "head"] or [proposer])
+        # the draft head is routed and credited like any drafter: a request drafts with the models that earn it
+        policy = SpeculationController(k_max=k, drafters=list(names) or [proposer])
     engine = SpecEngine(target, NoProposer(), max_batch=batch_size, k=k, policy=policy, limits=limits)
     # the drafters hold as many requests as the target's KV budget lets the engine run, over the same context
     engine.use_proposer(build_proposer(proposer, models, names, engine.max_batch,

@@ -104,7 +104,7 @@ class HeadProposer:
         trees = [TokenTree.empty()] * len(batch)
         self.last_prefill_seconds = 0.0
         rows = [i for i, d in enumerate(batch) if d.k > 0 and d.features is not None and len(d.context) >= 2
-                and len(d.features) == len(d.context) - 1]
+                and len(d.features) == len(d.context) - 1 and (d.drafters is None or HEAD in d.drafters)]
         if not rows:
             return trees
         drafts = [batch[i] for i in rows]

@@ -107,6 +107,17 @@ class MergedProposer:
     def __getattr__(self, attr):  # step_seconds, drafters, ...: the first proposer's (the model drafters)
         return getattr(self.proposers[0], attr)
 
+    @property
+    def drafters(self) -> dict:
+        """Every member's drafters by name (the specialists and the draft head are routed and credited alike)."""
+        return {name: d for p in self.proposers for name, d in getattr(p, "drafters", {}).items()}
+
+    @property
+    def drafts_in_one_forward(self) -> bool:
+        """One member with models drafting in one forward; a draft head beside the drafters is a second forward."""
+        models = [p for p in self.proposers if hasattr(p, "step_seconds")]
+        return len(models) == 1 and bool(getattr(models[0], "drafts_in_one_forward", False))
+
     def step_seconds(self, batch: int) -> float:
         """A draft level of every member with a model (drafters, a draft head); lookups cost nothing here."""
         return sum(p.step_seconds(batch) for p in self.proposers if hasattr(p, "step_seconds"))

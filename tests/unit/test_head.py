@@ -198,3 +198,57 @@ def test_head_rounds_are_simulated_round_by_round(target):
     assert sorted(perfect.released) == ["t-0", "t-1"]
     first_only = head_cell(_Oracle(continuation, 8, wrong_from=1), target, prompts, continuation, k=4, tag="t-")
     assert first_only["tokens_per_round"] == 2.0 and first_only["top1_agreement"] == 1.0
+
+
+def _with_vocab(head_dir, out, vocab):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(head_dir, out)
+    weights = load_file(out / HEAD_FILE)
+    weights["draft_vocab"] = vocab
+    save_file(weights, out / HEAD_FILE)
+    return out
+
+
+def test_a_draft_vocabulary_drafts_only_its_tokens_and_stays_lossless(head_dir, target, tmp_path, models_dir,
+                                                                      model_set, tokenizer, held_out_text):
+    """EAGLE-3's reduced vocabulary: the head's LM head keeps the rows of the stored ids; its drafts come only from
+    them (greedy and sampled), speculation still gives the target's own output, and a malformed one is refused."""
+    vocab = torch.arange(0, 8192, 3)  # every third id: a vocabulary the drafts visibly respect
+    small = _with_vocab(head_dir, tmp_path / "small", vocab)
+    model = HeadModel(small, target, slots=2, target_dir=models_dir / "target")
+    assert model.runner.lm_head.shape[0] == len(vocab)
+    proposer = HeadProposer(model)
+    ids = list(range(50, 70))
+    feats = _features(target, ids[:-1])
+    greedy, sampled = proposer.propose([Draft("g", ids, 3, features=feats),
+                                        Draft("s", ids, 3, params=SamplingParams(0.8, 0.95, 0, 5), seed=5,
+                                              features=feats)])
+    for tree in (greedy, sampled):
+        assert len(tree) and all(t % 3 == 0 for t in tree.tokens.tolist())
+    prompts = [tokenizer(text, add_special_tokens=False).input_ids[-32:] for text in held_out_text.values()]
+    plain = build_engine(model_set, "none", batch_size=4, target=target)
+    spec = build_engine(model_set.with_overrides(head=small), "head", batch_size=4, target=target, adaptive=False)
+    requests = [Request(f"g{i}", p, 12) for i, p in enumerate(prompts)]
+    requests += [Request(f"s{i}", p, 12, params=SamplingParams(0.8, 0.95, 0, 3 + i)) for i, p in enumerate(prompts)]
+    assert [r.token_ids for r in spec.generate(requests)] == [r.token_ids for r in plain.generate(requests)]
+    for bad in (torch.tensor([5, 3, 9]), torch.tensor([1, 8192]), torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match="draft_vocab must be"):
+            HeadModel(_with_vocab(head_dir, tmp_path / f"bad{len(list(tmp_path.iterdir()))}", bad), target, slots=1)
+
+
+def test_the_draft_vocabulary_is_the_most_frequent_training_tokens(tmp_path):
+    import numpy as np
+
+    from specfleet.training.head import draft_vocabulary, vocabulary_coverage
+
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    np.array([7, 7, 7, 9, 9, 4, 2], dtype=np.uint16).tofile(tokens / "python.train.bin")
+    np.array([9, 7, 4], dtype=np.uint16).tofile(tokens / "prose.train.bin")
+    np.array([7, 9, 5, 5], dtype=np.uint16).tofile(tokens / "python.val.bin")
+    assert draft_vocabulary(tokens, 2).tolist() == [7, 9]  # 4 x 7, 3 x 9, 2 x 4
+    assert draft_vocabulary(tokens, 3, always=(0,)).tolist() == [0, 7, 9]
+    assert vocabulary_coverage(tokens, torch.tensor([7, 9])) == {"python": 0.5}

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specfleet.cli.options import DEFAULT_BENCH, DEFAULT_DATA, DEFAULT_MODELS, model_dir, positive_int, unit_fraction
+from specfleet.cli.options import (
+    DEFAULT_BENCH,
+    DEFAULT_DATA,
+    DEFAULT_MODELS,
+    model_dir,
+    non_negative_int,
+    positive_int,
+    unit_fraction,
+)
 from specfleet.training.family import DRAFTER_NAMES
 
 PRECISIONS = ("auto", "fp32", "bf16")  # training.train.PRECISIONS (not imported here: it pulls in torch)
@@ -58,7 +66,8 @@ def cmd_train(args) -> int:
         elif stage == "head":
             from specfleet.training.head import HeadRunConfig, train_head
 
-            cfg = HeadRunConfig(steps=args.head_steps, batch=args.batch, seed=args.seed, passes=args.head_passes)
+            cfg = HeadRunConfig(steps=args.head_steps, batch=args.batch, seed=args.seed, passes=args.head_passes,
+                                draft_vocab=args.draft_vocab)
             train_head(data / "tokens", model_dir(models / "target"), models / "head", data / "runs" / "head", cfg,
                        minutes=args.minutes, device_name=args.device, precision=args.precision)
         elif stage == "card":
@@ -119,6 +128,10 @@ def add_parser(sub, fmt) -> None:
                    help="stop target or head training after this long (resumable)")
     p.add_argument("--head-steps", type=positive_int, default=3000,
                    help="draft head optimiser steps (sets its LR schedule; training resumes up to it)")
+    p.add_argument("--draft-vocab", type=non_negative_int, default=None, metavar="N",
+                   help="draft head: draft from the N most frequent training tokens only (EAGLE-3's reduced "
+                        "vocabulary: a cheaper LM head per draft level); 0: the full vocabulary; default: what the "
+                        "exported head has")
     p.add_argument("--head-passes", type=positive_int, default=2,
                    help="draft head training-time test: pass 1 feeds the true features, each further pass the "
                         "head's own predictions (as while drafting deeper levels)")

@@ -22,7 +22,7 @@ from specfleet.engine.drafters import PREFILL_FEED, candidates
 from specfleet.engine.llama import KvLimits, LlamaRunner, causal_bias, common_prefix
 from specfleet.engine.proposers import Draft
 from specfleet.engine.tree import TokenTree
-from specfleet.training.head import read_head
+from specfleet.training.head import DRAFT_VOCAB, read_head
 
 HEAD = "head"  # the head's name among drafters (plans, credits, --drafters)
 
@@ -42,6 +42,7 @@ class HeadModel:
                              f"{config.vocab_size} do not match the target's {tcfg.hidden_size} / {tcfg.vocab_size}")
         embed = target.model.embed_tokens.weight
         model = LlamaForCausalLM(config)
+        vocab = weights.pop(DRAFT_VOCAB, None)
         state = {k: v for k, v in weights.items() if k != "fc.weight"}
         state["model.embed_tokens.weight"] = embed.detach().float()
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -56,6 +57,19 @@ class HeadModel:
                              "needed; raise --kv-cache-memory or lower --max-model-len")
         self.fc = weights["fc.weight"].to(embed.dtype)
         self.embed = embed.detach()
+        self.vocab_size = tcfg.vocab_size
+        # a draft vocabulary: the LM head's rows for those tokens only (logits come back over the full vocabulary)
+        self.draft_vocab = vocab
+        if vocab is not None:
+            self.runner.lm_head = self.runner.lm_head[vocab].contiguous()
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary -> over the target's (-inf elsewhere: never drafted)."""
+        if self.draft_vocab is None:
+            return logits
+        out = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        out[..., self.draft_vocab] = logits
+        return out
 
     def inputs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """fc(cat(feature, embedding of the next token)): features [..., H], tokens [...] -> [..., H]."""
@@ -140,7 +154,7 @@ class HeadProposer:
                                              return_hidden=True)
         self.last_prefill_seconds = time.perf_counter() - started if t > PREFILL_FEED else 0.0
         feature = hidden.gather(1, last[..., None].expand(len(drafts), 1, hidden.shape[-1]))[:, 0]
-        return logits[:, 0], feature
+        return self.head.full_logits(logits[:, 0]), feature
 
     def _draft(self, drafts: list[Draft], logits: torch.Tensor, feature: torch.Tensor) -> list[TokenTree]:
         nodes: list[list[tuple[int, int, float]]] = [[] for _ in drafts]  # (token, parent, confidence)
@@ -169,7 +183,7 @@ class HeadProposer:
             slots = torch.tensor([self.slot[rid] for rid in rids])
             logits, hidden = self.runner.forward(torch.zeros(len(rows), 1, dtype=torch.long), cols, cols, bias,
                                                  slots=slots, inputs=x, return_hidden=True)
-            logits, feature = logits[:, 0], hidden[:, 0]
+            logits, feature = self.head.full_logits(logits[:, 0]), hidden[:, 0]
         trees = []
         for chain in nodes:
             tokens = [n[0] for n in chain]

@@ -76,6 +76,49 @@ def _names() -> list[str]:
 
 
 HEAD_WEIGHTS = tuple(_names())
+# Optional: the draft vocabulary (EAGLE-3's reduced vocabulary), the token ids the head may draft, ascending. The
+# head's LM head is then the target's rows for those ids only: a draft level reads a fraction of the LM head, the
+# largest part of a one-layer head's step. Acceptance compares tokens, so drafts from a subset stay lossless.
+DRAFT_VOCAB = "draft_vocab"
+
+
+def draft_vocabulary(tokens_dir: Path, size: int, always: tuple[int, ...] = ()) -> torch.Tensor:
+    """The `size` most frequent token ids of the training split over every domain (and `always`, e.g. EOS),
+    ascending."""
+    files = _split_files(tokens_dir, "train")
+    if not files:
+        raise FileNotFoundError(f"no training tokens in {tokens_dir}: run `specfleet train corpus` and "
+                                "`specfleet train tokenizer` first")
+    counts = sum(np.bincount(np.asarray(tf.ids), minlength=1 << 16) for tf in files.values())
+    for token in always:
+        counts[token] = np.iinfo(np.int64).max
+    top = np.argsort(-counts, kind="stable")[:size]
+    return torch.from_numpy(np.sort(top).astype(np.int64))
+
+
+def vocabulary_coverage(tokens_dir: Path, vocab: torch.Tensor) -> dict[str, float]:
+    """Per domain, the share of the validation split's tokens inside a draft vocabulary."""
+    inside = np.zeros(1 << 16, dtype=bool)
+    inside[vocab.numpy()] = True
+    return {domain: round(float(inside[np.asarray(tf.ids)].mean()), 4)
+            for domain, tf in _split_files(tokens_dir, "val").items()}
+
+
+def _split_files(tokens_dir: Path, split: str) -> dict:
+    """The domains' token files of one split that exist in tokens_dir."""
+    from specfleet.training.train import TokenFile
+
+    return {path.name.split(".")[0]: TokenFile(path) for path in sorted(Path(tokens_dir).glob(f"*.{split}.bin"))}
+
+
+def check_draft_vocab(vocab: torch.Tensor, vocab_size: int, where: str) -> torch.Tensor:
+    """A stored draft vocabulary as int64 ids, or ValueError naming what is wrong with it."""
+    ids = vocab.to(torch.int64)
+    if ids.dim() != 1 or len(ids) < 2 or bool((ids[1:] <= ids[:-1]).any()) or int(ids[0]) < 0 \
+            or int(ids[-1]) >= vocab_size or vocab.dtype.is_floating_point:
+        raise ValueError(f"draft head {where}: {DRAFT_VOCAB} must be >= 2 ascending, distinct integer token ids "
+                         f"below the vocabulary size {vocab_size}")
+    return ids
 
 
 class TrainHead(nn.Module):
@@ -185,13 +228,15 @@ class TrainHead(nn.Module):
         return outs
 
 
-def save_head(head: TrainHead, config, out_dir: Path, info: dict) -> None:
+def save_head(head: TrainHead, config, out_dir: Path, info: dict, draft_vocab: torch.Tensor | None = None) -> None:
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out_dir)
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in head.head_state().items()}, out_dir / HEAD_FILE,
-              metadata={"format": str(FORMAT)})
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in head.head_state().items()}
+    if draft_vocab is not None:
+        tensors[DRAFT_VOCAB] = draft_vocab.to(torch.int64).contiguous()
+    save_file(tensors, out_dir / HEAD_FILE, metadata={"format": str(FORMAT)})
     (out_dir / HEAD_INFO).write_text(json.dumps({"format": FORMAT, **info}, indent=2) + "\n")
 
 
@@ -215,12 +260,17 @@ def read_head(head_dir: Path, target_dir: Path | None) -> tuple[object, dict[str
             raise ValueError(f"draft head {head_dir} was trained for target {info.get('target_fingerprint')} but "
                              f"the target at {target_dir} is {want}: a head reads one target's features only; "
                              "retrain it with `specfleet train head`")
-    weights = {k: v.float() for k, v in load_file(head_dir / HEAD_FILE).items()}
+    stored = load_file(head_dir / HEAD_FILE)
+    vocab = stored.pop(DRAFT_VOCAB, None)
+    weights = {k: v.float() for k, v in stored.items()}
     missing, unknown = set(HEAD_WEIGHTS) - set(weights), set(weights) - set(HEAD_WEIGHTS)
     if missing or unknown:
         raise ValueError(f"draft head {head_dir}: weights missing {sorted(missing)}, not implemented "
                          f"{sorted(unknown)}")
-    return LlamaConfig.from_pretrained(head_dir), weights, info
+    config = LlamaConfig.from_pretrained(head_dir)
+    if vocab is not None:
+        weights[DRAFT_VOCAB] = check_draft_vocab(vocab, config.vocab_size, str(head_dir))
+    return config, weights, info
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -237,6 +287,7 @@ class HeadRunConfig:
     eval_every: int = 100
     checkpoint_minutes: float = 4.0
     passes: int = PASSES
+    draft_vocab: int | None = None  # draft vocabulary size (0: the full vocabulary; None: keep the exported head's)
 
 
 def _features(target, x: torch.Tensor, device, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,7 +372,9 @@ def train_head(tokens_dir: Path, target_dir: Path, out_dir: Path, run_dir: Path,
         except ValueError as exc:
             print(f"not continuing the head in {out_dir}: {exc}")
         else:
-            head.load_head_state(weights)
+            if cfg.draft_vocab is None and DRAFT_VOCAB in weights:
+                cfg.draft_vocab = len(weights[DRAFT_VOCAB])
+            head.load_head_state({k: v for k, v in weights.items() if k != DRAFT_VOCAB})
             state.update(step=info["step"], tokens_seen=info["tokens_seen"], seconds=float(info["train_seconds"]),
                          history=info.get("history", []), schedule_start=info["step"], remeasure=True)
             print(f"no checkpoint in {run_dir}: continuing the head exported in {out_dir} at step {state['step']} "
@@ -354,10 +407,18 @@ def train_head(tokens_dir: Path, target_dir: Path, out_dir: Path, run_dir: Path,
                 "target_fingerprint": fingerprint, "feature": "final-norm hidden state", "passes": cfg.passes,
                 "parameters": sum(p.numel() for p in head.parameters()), "step": state["step"],
                 "tokens_seen": state["tokens_seen"], "train_seconds": round(state["seconds"]),
-                "validation": losses, "run": asdict(cfg), "precision": precision, "history": state["history"]})
+                "validation": losses, "run": asdict(cfg), "precision": precision, "history": state["history"],
+                **({"draft_vocab": {"size": len(vocab), "validation_coverage": coverage}} if vocab is not None
+                   else {})}, vocab)
         tqdm.write(f"step {state['step']}: val {json.dumps(losses)} mean {mean:.4f}"
                    f"{' (exported)' if improved else ''}")
 
+    vocab = None
+    if cfg.draft_vocab and cfg.draft_vocab < config.vocab_size:
+        eos = getattr(target.config, "eos_token_id", None)
+        vocab = draft_vocabulary(tokens_dir, cfg.draft_vocab, () if eos is None else (int(eos),))
+        coverage = vocabulary_coverage(tokens_dir, vocab)
+        print(f"draft vocabulary: the {len(vocab)} most frequent tokens; validation tokens inside it: {coverage}")
     if state.pop("remeasure", False):  # exports must beat the continued head on this machine's validation split
         state["best_val"] = float(np.mean([v["loss"] for v in evaluate().values()]))
     head.train()

@@ -252,3 +252,36 @@ def test_the_draft_vocabulary_is_the_most_frequent_training_tokens(tmp_path):
     assert draft_vocabulary(tokens, 2).tolist() == [7, 9]  # 4 x 7, 3 x 9, 2 x 4
     assert draft_vocabulary(tokens, 3, always=(0,)).tolist() == [0, 7, 9]
     assert vocabulary_coverage(tokens, torch.tensor([7, 9])) == {"python": 0.5}
+
+
+def test_the_head_vocab_command_compares_sizes_side_by_side(models_dir, target, tmp_path, capsys):
+    """`specfleet models head-vocab`: the full vocabulary and each size, measured in one run, written as JSON."""
+    import json
+
+    import numpy as np
+
+    from specfleet.cli.main import main
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "target").symlink_to(models_dir / "target")
+    write_random_head(folder / "head", target)
+    tokens = tmp_path / "data" / "tokens"
+    tokens.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for domain in ("python", "prose", "c"):
+        for split in ("train", "val"):
+            rng.integers(0, 600, 3000, dtype=np.uint16).tofile(tokens / f"{domain}.{split}.bin")
+    out = tmp_path / "head-vocab.json"
+    assert main(["models", "head-vocab", "--models", str(folder), "--data-dir", str(tmp_path / "data"),
+                 "--sizes", "512", "--prompts", "2", "--new-tokens", "6", "--repeats", "2",
+                 "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"full", "512"} and rows["full"]["coverage"] is None
+    assert 0.8 < rows["512"]["coverage"]["python"] < 0.9  # 512 of the 600 ids drawn
+    for row in rows.values():
+        assert set(row["greedy_tokens_per_round"]) == set(row["sampled_tokens_per_round"]) == {"python", "prose", "c"}
+        assert row["step_ms"] > 0 and row["step_vs_target"] > 0
+    with pytest.raises(SystemExit, match="below the target's vocabulary"):
+        main(["models", "head-vocab", "--models", str(folder), "--data-dir", str(tmp_path / "data"),
+              "--sizes", "9000", "--output", str(out)])

@@ -111,6 +111,21 @@ def _split_files(tokens_dir: Path, split: str) -> dict:
     return {path.name.split(".")[0]: TokenFile(path) for path in sorted(Path(tokens_dir).glob(f"*.{split}.bin"))}
 
 
+def copy_with_draft_vocab(head_dir: Path, out_dir: Path, vocab: torch.Tensor | None) -> Path:
+    """A copy of a head folder drafting from `vocab` (None: the full vocabulary); the weights are untouched."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(head_dir, out_dir)
+    tensors = load_file(Path(head_dir) / HEAD_FILE)
+    tensors.pop(DRAFT_VOCAB, None)
+    if vocab is not None:
+        tensors[DRAFT_VOCAB] = vocab.to(torch.int64).contiguous()
+    save_file(tensors, out_dir / HEAD_FILE, metadata={"format": str(FORMAT)})
+    return out_dir
+
+
 def check_draft_vocab(vocab: torch.Tensor, vocab_size: int, where: str) -> torch.Tensor:
     """A stored draft vocabulary as int64 ids, or ValueError naming what is wrong with it."""
     ids = vocab.to(torch.int64)

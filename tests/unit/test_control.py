@@ -306,3 +306,67 @@ def test_probes_are_priced_staggered_and_bounded():
     assert spent <= 0.05 * plain
     # with the old fixed schedule every request would probe every 5th round: 8 * 200 / 5 = 320 probes
     assert sum(probes_per_round) < 100
+
+
+# --- the controller: what a round costs when speculation is off -------------------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(alphas=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8),
+       caps=st.lists(st.integers(0, 6), min_size=8, max_size=8),
+       draft=st.tuples(st.floats(0.0, 0.02), st.floats(0.0, 2e-3)),
+       verify=st.tuples(st.floats(1e-3, 0.05), st.floats(0.0, 5e-3)),
+       extra=st.integers(0, 40), drafters=st.integers(1, 3))
+def test_the_fast_path_plans_exactly_as_the_full_computation(alphas, caps, draft, verify, extra, drafters):
+    """`_hopeless` only skips the per-depth Dinkelbach where it would plan nothing: same plans, same rates."""
+    names = ["a", "b", "c"][:drafters]
+
+    def run(fast: bool):
+        ctl = SpeculationController(names, k_max=4, cost=CostModel(draft_prior=draft, verify_prior=verify))
+        if not fast:
+            ctl._hopeless = lambda *args: False
+        rids = [f"r{i}" for i in range(len(alphas))]
+        for rid, alpha in zip(rids, alphas, strict=False):
+            with_alpha(ctl, [rid], alpha)
+        plans = ctl.decide(rids, extra_verify_tokens=extra, max_k=dict(zip(rids, caps, strict=False)))
+        return plans, ctl.last_rates
+
+    assert run(True) == run(False)
+
+
+def test_a_round_with_speculation_off_runs_no_dinkelbach():
+    ctl = controller(drafters=("a", "b"))
+    rids = [f"r{i}" for i in range(32)]
+    with_alpha(ctl, rids, 0.02)
+
+    def refuse(*args):
+        raise AssertionError("Dinkelbach ran although no request can gain from drafting")
+
+    ctl._best_for_depth = refuse
+    assert all(plan == Plan(0, []) for plan in ctl.decide(rids).values())
+    with_alpha(ctl, rids[:1], 0.99)  # one request worth drafting for: the full computation again
+    with pytest.raises(AssertionError, match="Dinkelbach ran"):
+        ctl.decide(rids)
+
+
+def test_the_probes_catch_up_is_paid_from_the_probe_budget():
+    """A probe whose drafters had to catch up on many missed tokens costs more than its draft levels: charged to
+    the budget afterwards, it delays the next probe, so probing stays near probe_share of the time."""
+    def probe_rounds(charge: float) -> list[int]:
+        cost = CostModel(draft_prior=(2e-3, 1e-3), verify_prior=(1e-2, 1e-3))
+        ctl = controller(cost=cost, probe_every=4, probe_k=2, probe_share=0.05)
+        rids = [f"r{i}" for i in range(8)]
+        with_alpha(ctl, rids, 0.0)
+        rounds = []
+        for step in range(200):
+            plans = ctl.decide(rids)
+            if any(plan.probe for plan in plans.values()):
+                rounds.append(step)
+                ctl.charge_probes(charge)
+            for rid, plan in plans.items():
+                ctl.observe(rid, plan, plan.k, 0, [])
+        return rounds
+
+    free, charged = probe_rounds(0.0), probe_rounds(0.02)  # 0.02 s: two plain rounds of this batch
+    assert free and charged and len(charged) < len(free) / 2
+

@@ -140,3 +140,40 @@ def test_catch_up_is_reported_as_prefill_not_as_a_draft_level(drafters):
     assert proposer.last_prefill_seconds == 0.0
     proposer.propose([Draft("r", context + [7, 8], 0)])  # not drafting: nothing fed, nothing reported
     assert proposer.last_prefill_seconds == 0.0
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_forward_skipping_padding_gives_the_padded_forwards_outputs(drafters, grouped):
+    """`lengths`: one long row (a tree, a drafter catching up) beside rows of one token costs its own tokens: the
+    per-token layers skip the padding, and logits, hidden states and every real token's KV stay as padded."""
+    model = drafters if grouped else drafters[0]
+    padded, packed = LlamaRunner(model, slots=4, max_len=96), LlamaRunner(model, slots=4, max_len=96)
+    torch.manual_seed(0)
+    slots = torch.tensor([2, 0, 3])
+    context = torch.randint(0, 8000, (3, 12))
+    cols = torch.arange(12)[None].expand(3, 12)
+    for runner in (padded, packed):
+        runner.forward(context, cols, cols, causal_bias([0] * 3, [12] * 3, 12), slots=slots)
+    starts, lengths = [12, 9, 5], [1, 6, 3]
+    tokens = torch.randint(0, 8000, (3, 6))
+    cols = torch.tensor(starts)[:, None] + torch.arange(6)[None]
+    bias = causal_bias(starts, lengths, int(cols.max()) + 1)
+    last = torch.tensor(lengths)[:, None] - 1
+    want = padded.forward(tokens, cols, cols, bias, logits_at=last, slots=slots)
+    got = packed.forward(tokens, cols, cols, bias, logits_at=last, slots=slots, lengths=lengths)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    every = padded.forward(tokens, cols, cols, bias, slots=slots).view(len(drafters) if grouped else 1, 3, 6, -1)
+    got = packed.forward(tokens, cols, cols, bias, slots=slots, lengths=lengths)  # packed: real tokens in row order
+    want = torch.cat([every[m, r, :n] for m in range(every.shape[0]) for r, n in enumerate(lengths)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    rows = [m * 4 + int(s) for m in range(every.shape[0]) for s in slots]
+    ends = [start + n for start, n in zip(starts, lengths, strict=True)] * every.shape[0]
+    for row, end in zip(rows, ends, strict=True):
+        for a, b in ((padded.k_cache, packed.k_cache), (padded.v_cache, packed.v_cache)):
+            torch.testing.assert_close(b[:, row, :, :end], a[:, row, :, :end], rtol=1e-5, atol=1e-5)
+    if not grouped:  # the target's features for a draft head: hidden states packed like the logits
+        logits, hidden = packed.forward(tokens, cols, cols, bias, slots=slots, lengths=lengths, return_hidden=True)
+        _, every_hidden = padded.forward(tokens, cols, cols, bias, slots=slots, return_hidden=True)
+        want = torch.cat([every_hidden[r, :n] for r, n in enumerate(lengths)])
+        torch.testing.assert_close(hidden, want, rtol=1e-5, atol=1e-5)
+        assert logits.shape == (sum(lengths), every.shape[-1])

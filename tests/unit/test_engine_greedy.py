@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from specfleet.bench.prompts import build_prompts
-from specfleet.engine.engine import Request, SpecEngine
+from specfleet.engine.control import Plan
+from specfleet.engine.engine import FixedK, Request, SpecEngine
 from specfleet.engine.factory import build_engine
 from specfleet.engine.llama import LlamaRunner, causal_bias
 from specfleet.engine.proposers import Draft, NgramProposer, NoProposer
@@ -120,6 +121,55 @@ class _Scripted:
             trees.append(TokenTree(torch.tensor([self.wrong, a, b, self.wrong]), torch.tensor([-1, -1, 1, 1]),
                                    torch.ones(4)))
         return trees
+
+
+class _EveryThirdRound:
+    """A policy drafting 2 levels for the first request every third round and nothing otherwise."""
+
+    cost = None
+
+    def __init__(self):
+        self.rounds, self.drafting = 0, 0
+
+    def decide(self, requests, max_k=None):
+        self.rounds += 1
+        plans = {rid: Plan(2 if i == 0 and self.rounds % 3 == 0 and (max_k or {}).get(rid, 2) >= 2 else 0)
+                 for i, rid in enumerate(requests)}
+        self.drafting += any(plan.k for plan in plans.values())
+        return plans
+
+    def observe(self, *args, **kwargs):
+        pass
+
+    def forget(self, rid):
+        pass
+
+
+class _Counting(NgramProposer):
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def propose(self, batch):
+        self.batches.append([d.k for d in batch])
+        return super().propose(batch)
+
+
+def test_a_round_where_nobody_drafts_never_calls_the_proposer(target, prompts, references):
+    """Speculation off for the whole batch (the usual round at a large batch) is plain decoding: no proposer call,
+    no draft built; rounds where some request drafts still reach it, and the output stays the target's."""
+    proposer, policy = _Counting(), _EveryThirdRound()
+    engine = SpecEngine(target, proposer, max_batch=3, policy=policy)
+    results = engine.generate([Request(str(i), p, NEW_TOKENS) for i, p in enumerate(prompts[:3])])
+    for prompt, result, want in zip(prompts, results, references, strict=False):
+        _assert_equal_or_near_tie(target, prompt, result.token_ids, want)
+    assert proposer.batches and all(any(ks) for ks in proposer.batches)
+    assert len(proposer.batches) == policy.drafting and 0 < policy.drafting < policy.rounds
+    silent = SpecEngine(target, _Counting(), max_batch=3, policy=FixedK(0))
+    assert [r.token_ids for r in silent.generate([Request(str(i), p, NEW_TOKENS)
+                                                  for i, p in enumerate(prompts[:3])])] == [
+        r.token_ids for r in results]
+    assert silent.proposer.batches == []
 
 
 def test_a_branching_tree_commits_only_the_accepted_path(target, prompts, references):

@@ -223,8 +223,9 @@ class SpeculationController:
     Probing: a request that drafted nothing for `probe_every` consecutive rounds drafts `probe_k` levels once,
     so its alpha (and the draft cost) can recover. Probes are priced and paid from a budget that grows by
     `probe_share` of every round's expected plain time: a probe's draft levels and its verified nodes, by the cost
-    model. So probing takes at most about probe_share of the time
-    at any batch size, one request at a time (longest off first) instead of a whole batch at once.
+    model, and afterwards its drafters' catch-up on the tokens it missed (`charge_probes`). So probing takes at most
+    about probe_share of the time at any batch size, one request at a time (longest off first) instead of a whole
+    batch at once.
     """
 
     def __init__(self, drafters: list[str], k_max: int = 8, cost: CostModel | None = None, *,
@@ -293,12 +294,8 @@ class SpeculationController:
 
         batch_tokens = len(requests) + extra_verify_tokens
         plain_rate = batch_tokens / self.cost.verify_time(batch_tokens) if requests else 0.0
-        best_rate, best_ks = plain_rate, {c.rid: 0 for c in candidates}
         n_drafters = len(used)
-        for depth in range(1, max((c.cap for c in candidates), default=0) + 1):
-            rate, ks = self._best_for_depth(candidates, depth, n_drafters, extra_verify_tokens, plain_rate)
-            if rate > best_rate * (1.0 if any(best_ks.values()) else self.min_gain):
-                best_rate, best_ks = rate, ks
+        best_rate, best_ks = self._plan(candidates, n_drafters, extra_verify_tokens, plain_rate)
         self.last_rates = (plain_rate, best_rate)
 
         probes = self._probes(candidates, best_ks, batch_tokens, n_drafters)
@@ -307,9 +304,40 @@ class SpeculationController:
             k, probe = best_ks[c.rid], c.rid in probes
             if probe:
                 k = probes[c.rid]
-            names = self.trackers[c.rid].active_drafters(self.drafters, self.keep_share, self.explore_every)
-            plans[c.rid] = Plan(k, names if k > 0 else [], probe)
+            names = self.trackers[c.rid].active_drafters(self.drafters, self.keep_share,
+                                                         self.explore_every) if k > 0 else []
+            plans[c.rid] = Plan(k, names, probe)
         return plans
+
+    def _plan(self, candidates: list[_Candidate], n_drafters: int, extra_tokens: int,
+              plain_rate: float) -> tuple[float, dict[str, int]]:
+        """The best common depth's plan (rate, rid -> k); all k = 0 unless it beats plain decoding by min_gain."""
+        best_rate, best_ks = plain_rate, {c.rid: 0 for c in candidates}
+        # speculation off and no request able to gain (the usual round at a large batch): no Dinkelbach per depth
+        top = 0 if self._hopeless(candidates, plain_rate, n_drafters) else max((c.cap for c in candidates), default=0)
+        for depth in range(1, top + 1):
+            rate, ks = self._best_for_depth(candidates, depth, n_drafters, extra_tokens, plain_rate)
+            if rate > best_rate * (1.0 if any(best_ks.values()) else self.min_gain):
+                best_rate, best_ks = rate, ks
+        return best_rate, best_ks
+
+    def _hopeless(self, candidates: list[_Candidate], rate: float, n_drafters: int) -> bool:
+        """True when no request would draft at any depth starting from `rate` (plain decoding's), so every depth's
+        Dinkelbach would stop at its first step with all k = 0. A level j is worth alpha^j tokens at a price of at
+        least rate * (width * verify seconds per token + one level's per-request draft seconds), since a plan of
+        depth >= k pays k levels: with alpha below that price even one level gains nothing (`_best_k` gives 0).
+        The margin keeps the borderline cases, where rounding could tip `_best_k`, on the full computation."""
+        verify_per_token = self.cost.verify_seconds_per_token()
+        draft_level = self.cost.draft_seconds_per_request(n_drafters, 1)
+        return all(c.cap <= 0 or min(c.alpha, 1.0) < rate * (verify_per_token * c.width + draft_level) * (1 - 1e-6)
+                   for c in candidates)
+
+    def charge_probes(self, seconds: float) -> None:
+        """A cost of this round's probes the plan could not price, measured after it: the drafters catching up on the
+        tokens a probing request committed while it did not draft (a prefill whose length the plan does not know).
+        Paid from the probe budget, which may go below zero and then delays the next probe, so probing keeps to
+        about probe_share of the time whatever the catch-up costs."""
+        self.probe_credit -= max(float(seconds), 0.0)
 
     def _probes(self, candidates: list[_Candidate], ks: dict[str, int], batch_tokens: int,
                 n_drafters: int) -> dict[str, int]:
@@ -325,8 +353,8 @@ class SpeculationController:
         probes = {}
         for c in due:
             k = min(self.probe_k, c.cap)
-            # its draft levels and its verified nodes (the drafters' catch-up on missed tokens is a prefill,
-            # a forward over many tokens at once, far cheaper per token than a draft level: not priced)
+            # its draft levels and its verified nodes; the drafters' catch-up on missed tokens (a prefill, far
+            # cheaper per token than a draft level, of a length not known here) is charged after the round
             seconds = (self.cost.draft_time(1, max(n_drafters, 1), k)
                        + self.cost.verify_seconds_per_token() * k * c.width)
             if seconds > self.probe_credit:

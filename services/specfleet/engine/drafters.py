@@ -67,7 +67,9 @@ class DrafterModel:
         cols = torch.tensor(starts)[:, None] + torch.arange(t)[None]  # [B, T]
         bias = causal_bias(starts, lengths, int(cols.max()) + 1)
         last = torch.tensor(lengths)[:, None] - 1  # [B, 1]
-        logits = self.runner.forward(tokens, cols, cols, bias, logits_at=last, slots=torch.tensor(slots))[:, 0]
+        # lengths: a row catching up on many tokens beside rows fed one costs its own tokens, not t for every row
+        logits = self.runner.forward(tokens, cols, cols, bias, logits_at=last, slots=torch.tensor(slots),
+                                     lengths=lengths)[:, 0]
         # A long feed is a prefill (a new request's prompt, or tokens missed while it did not draft), not the
         # per-level cost of drafting: reported apart so the cost model prices draft levels only.
         self.last_prefill_seconds = time.perf_counter() - started if t > PREFILL_FEED else 0.0

@@ -15,6 +15,7 @@ from specfleet.engine.control import Plan
 from specfleet.engine.llama import KvLimits
 from specfleet.engine.proposers import Draft, Proposer
 from specfleet.engine.sampling import SamplingParams, make_generator
+from specfleet.engine.tree import TokenTree
 from specfleet.engine.verify import TargetVerifier, VerifyItem, cut_at_finish
 
 
@@ -178,24 +179,29 @@ class SpecEngine:
         drafts = [Draft(lv.req.rid, lv.tokens, plans[lv.req.rid].k, tuple(plans[lv.req.rid].drafters) or None,
                         lv.req.params, lv.seed, len(lv.output),
                         features(lv.req.rid) if features and lv.req.rid in self.target else None) for lv in live]
+        drafting = [d for d in drafts if d.k > 0]
         t0 = time.perf_counter()
-        trees = self.proposer.propose(drafts)
+        # a round where nobody drafts (speculation off at a large batch) never reaches the proposer: plain decoding
+        trees = self.proposer.propose(drafts) if drafting else [TokenTree.empty()] * len(drafts)
         t1 = time.perf_counter()
         verdicts = self.target.verify([VerifyItem(lv.req.rid, lv.tokens, tree, lv.req.params, len(lv.output),
                                                   lv.seed, lv.generator) for lv, tree in zip(live, trees, strict=True)])
         t2 = time.perf_counter()
         # drafters catching up on a prompt or on tokens they missed: prefill, not the price of a draft level
-        prefill = getattr(self.proposer, "last_prefill_seconds", 0.0)
+        prefill = getattr(self.proposer, "last_prefill_seconds", 0.0) if drafting else 0.0
         self.timings["draft_s"] += t1 - t0 - prefill
         self.timings["prefill_s"] += prefill
         self.timings["verify_s"] += t2 - t1
         if self.policy.cost is not None:
-            drafting = [d for d in drafts if d.k > 0]
             if drafting:
                 used = {n for d in drafting for n in (d.drafters or ())} or {self.proposer.name}
                 self.policy.cost.observe_draft(len(drafting), len(used), max(d.k for d in drafting),
                                                t1 - t0 - prefill)
             self.policy.cost.observe_verify(sum(len(t) + 1 for t in trees), t2 - t1)
+        probes = sum(1 for d in drafting if plans[d.rid].probe)
+        if probes and prefill and hasattr(self.policy, "charge_probes"):
+            # the probes' share of the drafters' catch-up (tokens missed while off): paid from the probe budget
+            self.policy.charge_probes(prefill * probes / len(drafting))
         for lv, tree, verdict in zip(live, trees, verdicts, strict=True):
             lv.stats["rounds"] += 1
             lv.stats["draft_tokens"] += len(tree)

@@ -303,16 +303,34 @@ class LlamaRunner:
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, write_cols: torch.Tensor, bias: torch.Tensor,
                 logits_at: torch.Tensor | None = None, slots: torch.Tensor | None = None,
-                inputs: torch.Tensor | None = None, return_hidden: bool = False):
+                inputs: torch.Tensor | None = None, return_hidden: bool = False, lengths: list[int] | None = None):
         """One forward for the requests in `slots` [B] (None: slots 0..B-1, read as a view with no copy).
 
         tokens, positions, write_cols: [B, T] (token ids, rotary positions, cache column each token's KV goes to);
         bias: [B, 1, T, S] additive attention bias over cache columns 0..S-1 (0 visible, NEG hidden).
         logits_at: optional [B, m] indices into T; only those positions get logits (saves the vocab matmul).
         inputs: optional [B, T, hidden] input vectors in place of the tokens' embeddings (a draft head's).
+        lengths: optional [B]: row b's first lengths[b] tokens are real, the rest padding. The per-token work
+        (norms, projections, MLP, logits) then runs on the real tokens only, so one long row (a draft tree, a
+        drafter catching up) costs its own tokens, not T for every row; nothing is written for padding.
         Returns logits [B, T or m, V]; with return_hidden, (logits, hidden [B, T, hidden]): every position's last
-        hidden state after the final norm, the features a draft head reads.
+        hidden state after the final norm, the features a draft head reads. With lengths and no logits_at, logits
+        and hidden come back packed: the real tokens in row order, [sum(lengths), ...] (a group's member-major).
         """
+        b, t = tokens.shape
+        if lengths is not None and len(lengths) != b:
+            raise ValueError(f"lengths names {len(lengths)} rows for a batch of {b}")
+        if lengths is not None and min(lengths) < t:
+            return self._forward_packed(tokens, positions, write_cols, bias, logits_at, slots, inputs,
+                                        return_hidden, lengths)
+        out = self._forward_padded(tokens, positions, write_cols, bias, logits_at, slots, inputs, return_hidden)
+        if lengths is None or logits_at is not None:
+            return out
+        if return_hidden:  # no padding: the packed layout is the padded one, flattened
+            return out[0].flatten(0, 1), out[1].flatten(0, 1)
+        return out.flatten(0, 1)
+
+    def _forward_padded(self, tokens, positions, write_cols, bias, logits_at, slots, inputs, return_hidden):
         b, t = tokens.shape
         g = self.group
         n = g * b  # rows: member-major, member j's request i at row j * b + i
@@ -375,6 +393,82 @@ class LlamaRunner:
         x = self._norm(x, self.final_norm)
         return F.linear(x, self.lm_head) if g == 1 else self._linear(x, self.lm_head, None)
 
+    def _forward_packed(self, tokens, positions, write_cols, bias, logits_at, slots, inputs, return_hidden,
+                        lengths):
+        """`forward` with padding: the real tokens (P of them over the G members, member-major) go through every
+        per-token layer packed [P, ...]; only attention sees rows of T (queries scattered into them and back)."""
+        b, t = tokens.shape
+        g = self.group
+        n = g * b
+        s = bias.shape[-1]
+        bias = bias.to(self.dtype)
+        self.reserve(max(s, int(write_cols.max()) + 1))
+        if (inputs is not None or return_hidden) and g != 1:
+            raise ValueError("input vectors and hidden states are for a single model, not a group")
+        real = (torch.arange(t)[None] < torch.tensor(lengths)[:, None]).flatten().nonzero()[:, 0]  # [N] in B*T
+        count = len(real)
+        base = torch.arange(b) if slots is None else slots
+        at = torch.arange(g)[:, None] * self.slots + base[None]  # [G, B]: each member's cache row of each request
+        rows = at[:, :, None].expand(g, b, t).reshape(g, b * t)[:, real].reshape(-1)  # [P]
+        cols = write_cols.flatten()[real].repeat(g)  # [P]
+        where = (torch.arange(g)[:, None] * (b * t) + real[None]).reshape(-1)  # [P]: each real token's row in n*T
+        if inputs is not None:
+            x = inputs.to(self.dtype).flatten(0, 1)[real]  # [P, hidden]
+        else:
+            x = F.embedding(tokens.flatten()[real][None] + self.vocab_offsets.view(g, 1), self.embed).view(
+                g * count, -1)
+        read = None if slots is None and g == 1 else at.reshape(n)
+        if g != 1:
+            positions, bias = positions.repeat(g, 1), bias.repeat(g, 1, 1, 1)
+        cos, sin = self.rotary(x[None], positions.flatten()[real].repeat(g)[None])  # [1, P, head_dim]
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [P, 1, head_dim]
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        windowed: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            h = self._norm(x, layer.w_in)
+            q, k, v = self._linear(h, layer.w_qkv, layer.b_qkv).split([q_size, kv_size, kv_size], dim=-1)
+            q, k = q.view(-1, self.heads, self.head_dim), k.view(-1, self.kv_heads, self.head_dim)
+            if layer.q_norm is not None:
+                q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)  # [P, heads, D]
+            v = v.view(-1, self.kv_heads, self.head_dim)
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc[rows, :, cols] = k
+            vc[rows, :, cols] = v
+            if read is None:
+                keys, values = kc[:b, :, :s], vc[:b, :, :s]
+            else:
+                keys, values = kc[:, :, :s].index_select(0, read), vc[:, :, :s].index_select(0, read)
+            mask = bias
+            if layer.window is not None:
+                if layer.window not in windowed:
+                    out_of_window = torch.arange(s)[None, None, None, :] <= positions[:, None, :, None] - layer.window
+                    windowed[layer.window] = bias.masked_fill(out_of_window, torch.finfo(self.dtype).min)
+                mask = windowed[layer.window]
+            padded = q.new_zeros(n * t, self.heads, self.head_dim)
+            padded[where] = q
+            att = F.scaled_dot_product_attention(padded.view(n, t, self.heads, self.head_dim).transpose(1, 2),
+                                                 keys, values, attn_mask=mask,
+                                                 enable_gqa=self.kv_heads != self.heads)  # [n, heads, T, D]
+            x = x + self._linear(att.transpose(1, 2).reshape(n * t, q_size)[where], layer.w_o, layer.b_o)
+            gate, up = self._linear(self._norm(x, layer.w_post), layer.w_gate_up, layer.b_gate_up).chunk(2, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+        picked = None
+        if logits_at is not None:  # each row's indices into T, as packed rows
+            packed_at = torch.full((b * t,), -1, dtype=torch.long)
+            packed_at[real] = torch.arange(count)
+            picked = packed_at[(torch.arange(b) * t)[:, None] + logits_at]  # [B, m]
+            if bool((picked < 0).any()):
+                raise ValueError("logits_at names a padding position")
+            picked = (torch.arange(g)[:, None, None] * count + picked[None]).view(n, -1)  # [n, m]
+        if return_hidden:
+            hidden = self._norm(x, self.final_norm)
+            return F.linear(hidden if picked is None else hidden[picked], self.lm_head), hidden
+        x = self._norm(x if picked is None else x[picked.flatten()], self.final_norm)
+        logits = F.linear(x, self.lm_head) if g == 1 else self._linear(x, self.lm_head, None)
+        return logits if picked is None else logits.view(n, picked.shape[1], -1)
+
+    @torch.no_grad()
     def keep(self, slot: int, start: int, columns: torch.Tensor) -> None:
         """KV compaction for one slot: columns [m] (all >= start) move to start..start+m-1, in that order."""
         if len(columns) == 0 or bool((columns == torch.arange(start, start + len(columns))).all()):

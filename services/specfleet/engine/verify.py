@@ -148,14 +148,15 @@ class TargetVerifier:
         # rows in slot order: when every live request is in the batch the runner reads a view of slots 0..B-1
         order = sorted(range(len(items)), key=lambda i: self.slot_of[items[i].rid])
         items, fed = [items[i] for i in order], [fed[i] for i in order]
-        logits = self._forward(items, fed)  # [B, T, V]
+        logits = self._forward(items, fed)  # [sum of rows' tokens, V]: each row's fed tokens then its tree, packed
         hidden = None
         if self.keep_features:
             logits, hidden = logits
         verdicts: list[Verdict] = []
-        for b, (item, m) in enumerate(zip(items, fed, strict=True)):
+        start = 0  # the row's first token in the packed outputs
+        for item, m in zip(items, fed, strict=True):
             tree, n = item.tree, len(item.tree)
-            rows = logits[b, m - 1:m + n]  # [n + 1, V]: after the last context token, then after each node
+            rows = logits[start + m - 1:start + m + n]  # [n + 1, V]: after the last context token, then each node
             if item.params.greedy:
                 path, nxt = greedy_accept(tree.tokens, tree.parents, rows.argmax(-1))
             else:
@@ -172,9 +173,10 @@ class TargetVerifier:
             accepted = tree.tokens[path].tolist()
             self.known[item.rid] += item.context[len(item.context) - m:] + accepted
             if hidden is not None:  # the fed context tokens' features, then the accepted nodes'
-                self.feats[item.rid].extend(hidden[b, torch.cat([torch.arange(m), m + torch.tensor(path,
-                                                                                              dtype=torch.long)])])
+                self.feats[item.rid].extend(hidden[start + torch.cat([torch.arange(m), m + torch.tensor(
+                    path, dtype=torch.long)])])
             verdicts.append(Verdict(path, accepted + [nxt]))
+            start += m + n
         restored: list[Verdict] = [None] * len(items)  # type: ignore[list-item]
         for row, original in enumerate(order):
             restored[original] = verdicts[row]
@@ -204,8 +206,11 @@ class TargetVerifier:
             bias[r, 0, :n, p:p + n] = torch.where(tree_ancestor_mask(parents), 0.0, NEG)
             bias[r, 0, n:, 0] = 0.0  # padding rows see one column (never an all-hidden row)
         packed = slots == list(range(b))  # rows are slots 0..B-1: the runner reads a view, no copy
+        # rows of unequal length (a tree beside plain rows): the runner skips the padding, so a probe's few nodes
+        # cost their own tokens, not T for every row of the batch
         return self.runner.forward(tokens, positions, cols, bias, slots=None if packed else torch.tensor(slots),
-                                   return_hidden=self.keep_features)
+                                   return_hidden=self.keep_features,
+                                   lengths=[m + len(it.tree) for it, m in zip(items, fed, strict=True)])
 
     def features_of(self, rid: str) -> torch.Tensor:
         """[len(cached tokens), hidden]: the target's features of the request's tokens but the last (needs

@@ -149,11 +149,15 @@ class HeadProposer:
         cols = torch.tensor(starts)[:, None] + torch.arange(t)[None]
         bias = causal_bias(starts, lengths, int(cols.max()) + 1)
         last = torch.tensor(lengths)[:, None] - 1
+        # lengths: a row catching up on many pairs beside rows fed one costs its own pairs, not t for every row
         logits, hidden = self.runner.forward(torch.zeros(len(drafts), t, dtype=torch.long), cols, cols, bias,
                                              logits_at=last, slots=torch.tensor(slots), inputs=inputs,
-                                             return_hidden=True)
+                                             return_hidden=True, lengths=lengths)
         self.last_prefill_seconds = time.perf_counter() - started if t > PREFILL_FEED else 0.0
-        feature = hidden.gather(1, last[..., None].expand(len(drafts), 1, hidden.shape[-1]))[:, 0]
+        if hidden.dim() == 2:  # packed: the real pairs in row order, each row's last at its running total - 1
+            feature = hidden[torch.tensor(lengths).cumsum(0) - 1]
+        else:
+            feature = hidden.gather(1, last[..., None].expand(len(drafts), 1, hidden.shape[-1]))[:, 0]
         return self.head.full_logits(logits[:, 0]), feature
 
     def _draft(self, drafts: list[Draft], logits: torch.Tensor, feature: torch.Tensor) -> list[TokenTree]:

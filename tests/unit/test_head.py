@@ -285,3 +285,16 @@ def test_the_head_vocab_command_compares_sizes_side_by_side(models_dir, target, 
     with pytest.raises(SystemExit, match="below the target's vocabulary"):
         main(["models", "head-vocab", "--models", str(folder), "--data-dir", str(tmp_path / "data"),
               "--sizes", "9000", "--output", str(out)])
+
+
+def test_the_model_card_names_the_heads_draft_vocabulary(tmp_path):
+    import json
+
+    from specfleet.training.cards import _head_card
+
+    (tmp_path / "head").mkdir()
+    info = {"target_fingerprint": "abc", "parameters": 10, "tokens_seen": 5, "train_seconds": 60,
+            "draft_vocab": {"size": 4096, "validation_coverage": {"python": 0.947, "c": 0.9645}}}
+    (tmp_path / "head" / "head.json").write_text(json.dumps(info))
+    card = "\n".join(_head_card(tmp_path))
+    assert "the 4,096 most frequent training tokens" in card and "python 94.7%, c 96.5%" in card

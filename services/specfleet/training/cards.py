@@ -142,6 +142,11 @@ def _head_card(models_dir: Path) -> list[str]:
            "target's, not stored)",
            f"- tokens seen: {info.get('tokens_seen', 0):,} ({info.get('train_seconds', 0) / 60:.0f} min, "
            f"{info.get('precision', 'fp32')})"]
+    vocab = info.get("draft_vocab")
+    if vocab:
+        out.append(f"- draft vocabulary: the {vocab['size']:,} most frequent training tokens (EAGLE-3's reduced "
+                   "vocabulary: a draft level reads only their rows of the LM head); validation tokens inside it: "
+                   + ", ".join(f"{d} {c:.1%}" for d, c in vocab["validation_coverage"].items()))
     val = info.get("validation", {})
     if val:
         out.append("- validation (held-out windows): " + "; ".join(

@@ -59,6 +59,27 @@ def held_out_text() -> dict[str, str]:
     }
 
 
+def target_greedy(target, prompts: list[list[int]], new_tokens: int, pad_token_id: int | None) -> list[list[int]]:
+    """Each prompt's greedy continuation of up to `new_tokens` tokens by `target`'s own Hugging Face `generate`,
+    stopping at end-of-text as it does for a prompt alone. Prompts of one length share a `generate` call: no padding,
+    so every row is the same unpadded greedy decoding as alone; a row that ends early is padded by `generate` after
+    its end-of-text token, which is cut off here."""
+    import torch
+
+    eos = target.generation_config.eos_token_id
+    ends = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    out: list[list[int]] = [[] for _ in prompts]
+    with torch.no_grad():
+        for length in sorted({len(p) for p in prompts}):
+            rows = [i for i, p in enumerate(prompts) if len(p) == length]
+            ids = target.generate(torch.tensor([prompts[i] for i in rows]), do_sample=False,
+                                  max_new_tokens=new_tokens, pad_token_id=pad_token_id)
+            for i, new in zip(rows, ids[:, length:].tolist(), strict=True):
+                end = next((j for j, t in enumerate(new) if t in ends), len(new) - 1)
+                out[i] = new[:end + 1]
+    return out
+
+
 def write_random_head(out: Path, target) -> Path:
     """A random-weight draft head for the bundled target, of a trained head's scale (its drafts are not a constant),
     saved to `out` as `specfleet train head` would: tests never depend on models/ holding a trained head."""

@@ -83,11 +83,12 @@ def test_subset_of_a_group_drafts_like_those_members_alone(drafters):
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
-def test_grouped_and_separate_drafters_give_the_same_output(tokenizer, sampled):
+def test_grouped_and_separate_drafters_give_the_same_output(tokenizer, load_model, sampled):
     prompts = [tokenizer(p["prompt"], add_special_tokens=False).input_ids[-32:] for p in build_prompts()[:6]]
     outputs = []
-    for stack in (True, False):
-        engine = build_engine(MODELS_DIR, "fused", NAMES, batch_size=3, k=4, adaptive=False, stack=stack)
+    for stack in (True, False):  # one loaded target for both engines (and the session), as the other engine tests do
+        engine = build_engine(MODELS_DIR, "fused", NAMES, batch_size=3, k=4, adaptive=False, stack=stack,
+                              target=load_model("target"))
         assert engine.proposer.proposers[0].drafts_in_one_forward == stack
         params = [SamplingParams(0.8, 0.95, 0, 11 + i) if sampled else SamplingParams() for i in range(len(prompts))]
         results = engine.generate([Request(str(i), p, 20, params[i]) for i, p in enumerate(prompts)])

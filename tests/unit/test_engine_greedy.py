@@ -16,6 +16,8 @@ from specfleet.engine.llama import LlamaRunner, causal_bias
 from specfleet.engine.proposers import Draft, NgramProposer, NoProposer
 from specfleet.engine.tree import TokenTree
 
+from conftest import target_greedy
+
 NEW_TOKENS = 24
 PROMPT_TOKENS = 40
 # batch 1 runs one request at a time (the costliest case on a CPU) through the same per-request path that batch 8
@@ -38,13 +40,7 @@ def target(load_model):
 @pytest.fixture(scope="module")
 def references(target, prompts, tokenizer):
     """The target's own greedy decoding (stops at end-of-text like the engine does)."""
-    out = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = target.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                                  pad_token_id=tokenizer.pad_token_id)
-            out.append(ids[0, len(prompt):].tolist())
-    return out
+    return target_greedy(target, prompts, NEW_TOKENS, tokenizer.pad_token_id)
 
 
 def _assert_equal_or_near_tie(target, prompt, got, want):

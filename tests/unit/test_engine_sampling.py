@@ -1,5 +1,5 @@
-"""Sampling through the real engine on the bundled models is lossless: after a held-out line of code (from the
-`requests` package, never in any training split) at temperature 0.8 and top-p 0.95, the first two tokens that
+"""Sampling through the real engine on the bundled models is lossless: after the end of a held-out line of code (from
+the `requests` package, never in any training split) at temperature 0.8 and top-p 0.95, the first two tokens that
 SpecEngine commits, drafting every round (proposer model and fused, k=3, batch 16), follow the target's exact
 two-token distribution, computed from its logits with warp_probs (which equals Hugging Face generate's warping;
 see test_sampling.py). Chi-square over (x1, x2) and over x1 alone, plus a support check; negative controls show
@@ -16,8 +16,12 @@ from specfleet.engine.sampling import SamplingParams, make_generator, warp_probs
 
 from conftest import MODELS_DIR
 
-# requests/sessions.py, Session.mount: the next two tokens open the docstring (151 tokens in the top-p nucleus)
-PREFIX = '    def mount(self, prefix: str, adapter: BaseAdapter) -> None:\n        """'
+# requests/sessions.py, Session.mount: the next two tokens open the docstring (84 tokens in the top-p nucleus). The
+# line's last 9 tokens, not all 22: the engine prefills every request's prompt, so this prefix makes the fixture ~2x
+# cheaper; its distribution is, if anything, easier to tell apart from the wrong ones below (chi-square
+# noncentrality at this file's sample sizes, this prefix vs the whole line: wrong temperature 2025 vs 239, second
+# token from the wrong context 171 vs 113), so every check keeps at least its power.
+PREFIX = 'BaseAdapter) -> None:\n        """'
 PARAMS = SamplingParams(temperature=0.8, top_p=0.95)
 REQUESTS_PER_PROPOSER = 512  # 32 batches of 16
 BATCH = 16
@@ -105,9 +109,9 @@ def target(load_model):
 
 @pytest.fixture(scope="module")
 def prefix_ids(tokenizer, held_out_text):
-    assert PREFIX in held_out_text["python"], "the prefix is a line of requests/sessions.py"
+    assert PREFIX in held_out_text["python"], "the prefix ends a line of requests/sessions.py"
     ids = tokenizer(PREFIX, add_special_tokens=False).input_ids
-    assert 15 <= len(ids) <= 30
+    assert 6 <= len(ids) <= 12
     return ids
 
 

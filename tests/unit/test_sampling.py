@@ -1,6 +1,7 @@
 """Sampling is lossless: warp_probs equals Hugging Face's warpers, and speculative sampling through
 sampled_tree_accept reproduces the target's two-token distribution (chi-square) for single- and multi-draft trees."""
 
+import functools
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from specfleet.engine.sampling import SamplingParams, make_generator, warp_probs
 from specfleet_kernels.reference import (
     ROOT,
     greedy_accept,
+    position_gumbels,
     position_keyed_accept,
     position_keyed_sample,
     sampled_tree_accept,
@@ -382,15 +384,37 @@ def second_drafter_logits():
     return logits_after_every_context(tiny_llama(0.06))
 
 
+@pytest.fixture(scope="module")
+def shared_noise():
+    """Every coupled test draws with the same (seed, position) keys (SEED0.., positions 0-2): the noise is computed once
+    for the module instead of once per draft, per verification and per test (the kernels' own cache holds 128 keys).
+    The values are position_gumbels' own (the same pure function, cached without a bound); the cache goes with the
+    module."""
+    from specfleet_kernels import reference
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reference, "_gumbels", functools.lru_cache(maxsize=None)(reference._gumbels.__wrapped__))
+        yield
+
+
+def keyed_draws(probs: torch.Tensor, seeds: list[int], position: int) -> torch.Tensor:
+    """position_keyed_sample(probs, seeds, [position] * N) as one batched argmax of log q + the rows' noise (the
+    drafts only propose: the acceptance under test is called row by row). Checked against it on the first rows."""
+    noise = torch.stack([position_gumbels(seed, position, probs.shape[-1]) for seed in seeds])  # [N, V]
+    draws = (probs.float().log() + noise).argmax(-1)  # [N]
+    head = slice(0, 64)
+    assert torch.equal(draws[head], position_keyed_sample(probs[head], seeds[head], [position] * len(seeds[head])))
+    return draws
+
+
 def coupled_tree(drafters: list[Tables], lookup: Tables | None, context: torch.Tensor, seeds: list[int], start: int):
     """Per row a tree of sibling chains under the root: two levels sampled from each drafter with the row's noise,
     and with `lookup` one deterministic node (its argmax, as a suffix tree would propose a fixed token).
     Returns (tokens [N, n], parents [n], target contexts of every node [n] as [N, d] tensors)."""
     columns, parents, paths = [], [], []
     for drafter in drafters:
-        first = position_keyed_sample(drafter.after(context), seeds, [start] * len(seeds))[:, None]  # [N, 1]
-        second = position_keyed_sample(drafter.after(torch.cat([context, first], 1)), seeds,
-                                       [start + 1] * len(seeds))[:, None]
+        first = keyed_draws(drafter.after(context), seeds, start)[:, None]  # [N, 1]
+        second = keyed_draws(drafter.after(torch.cat([context, first], 1)), seeds, start + 1)[:, None]
         parents += [ROOT, len(columns)]
         paths += [torch.cat([context, first], 1), torch.cat([context, first, second], 1)]
         columns += [first, second]
@@ -429,7 +453,8 @@ COUPLED_TREES = {"one_drafter": (1, False), "two_drafters": (2, False), "drafter
 
 @pytest.mark.parametrize("params", SAMPLED_PARAMS, ids=["t1", "t0.8-p0.95", "t0.8-k5"])
 @pytest.mark.parametrize("tree", list(COUPLED_TREES))
-def test_coupled_stochastic_drafts_reproduce_the_target(model_logits, second_drafter_logits, tree, params):
+def test_coupled_stochastic_drafts_reproduce_the_target(model_logits, second_drafter_logits, shared_noise, tree,
+                                                        params):
     target = Tables(model_logits[0], params)
     pool = [Tables(model_logits[1], params), Tables(second_drafter_logits, params)]
     count, lookup = COUPLED_TREES[tree]
@@ -467,14 +492,14 @@ def accept_any_supported_draft(tokens, parents, target_probs, seed, start):
 
 
 @pytest.mark.parametrize("wrong_accept", [accept_with_stale_noise, accept_any_supported_draft])
-def test_a_wrong_coupled_acceptance_fails_the_same_check(model_logits, wrong_accept):
+def test_a_wrong_coupled_acceptance_fails_the_same_check(model_logits, shared_noise, wrong_accept):
     params = SamplingParams(temperature=1.0)
     target, drafter = Tables(model_logits[0], params), Tables(model_logits[1], params)
     pairs, _ = coupled_two_tokens(target, [drafter], None, wrong_accept, SAMPLES)
     assert chi_square_p_value(pairs, target.two_token_joint()) < P_VALUE_FLOOR
 
 
-def test_the_target_drafting_for_itself_is_always_accepted(model_logits):
+def test_the_target_drafting_for_itself_is_always_accepted(model_logits, shared_noise):
     params = SamplingParams(temperature=0.8, top_p=0.95)
     target = Tables(model_logits[0], params)
     _, accepted = coupled_two_tokens(target, [target], None, position_keyed_accept, 2_000)

@@ -67,7 +67,7 @@ def cmd_train(args) -> int:
             from specfleet.training.head import HeadRunConfig, train_head
 
             cfg = HeadRunConfig(steps=args.head_steps, batch=args.batch, seed=args.seed, passes=args.head_passes,
-                                draft_vocab=args.draft_vocab)
+                                draft_vocab=args.draft_vocab, lr=args.head_lr)
             train_head(data / "tokens", model_dir(models / "target"), models / "head", data / "runs" / "head", cfg,
                        minutes=args.minutes, device_name=args.device, precision=args.precision)
         elif stage == "card":
@@ -128,6 +128,9 @@ def add_parser(sub, fmt) -> None:
                    help="stop target or head training after this long (resumable)")
     p.add_argument("--head-steps", type=positive_int, default=3000,
                    help="draft head optimiser steps (sets its LR schedule; training resumes up to it)")
+    p.add_argument("--head-lr", type=float, default=1e-3,
+                   help="draft head peak learning rate (a run continuing an exported head warms up to it again: "
+                        "lower it there, e.g. 3e-4)")
     p.add_argument("--draft-vocab", type=non_negative_int, default=None, metavar="N",
                    help="draft head: draft from the N most frequent training tokens only (EAGLE-3's reduced "
                         "vocabulary: a cheaper LM head per draft level); 0: the full vocabulary; default: what the "

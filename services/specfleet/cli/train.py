@@ -11,6 +11,7 @@ from specfleet.cli.options import (
     model_dir,
     non_negative_int,
     positive_int,
+    probability,
     unit_fraction,
 )
 from specfleet.training.family import DRAFTER_NAMES
@@ -128,7 +129,7 @@ def add_parser(sub, fmt) -> None:
                    help="stop target or head training after this long (resumable)")
     p.add_argument("--head-steps", type=positive_int, default=3000,
                    help="draft head optimiser steps (sets its LR schedule; training resumes up to it)")
-    p.add_argument("--head-lr", type=float, default=1e-3,
+    p.add_argument("--head-lr", type=probability, default=1e-3,
                    help="draft head peak learning rate (a run continuing an exported head warms up to it again: "
                         "lower it there, e.g. 3e-4)")
     p.add_argument("--draft-vocab", type=non_negative_int, default=None, metavar="N",

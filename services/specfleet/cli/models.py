@@ -44,7 +44,8 @@ def cmd_models_acceptance(args) -> int:
         warps = Warps(target_probs=lambda logits: warp_probs(logits, params),
                       draft_probs=lambda logits: draft_probs(logits, params), sample=position_keyed_sample)
     head = _head_drafter(args.models, args.temperature, args.top_p)
-    result = measure(args.models, args.data_dir / "tokens", cfg, drafters=names, warps=warps, head=head)
+    result = measure(args.models, args.data_dir / "tokens", cfg, drafters=names, warps=warps,
+                     heads={"head": head} if head is not None else None)
     write_json(result, args.output)
     print("greedy: tokens per round\n" + format_table(result))
     if warps is not None:
@@ -131,23 +132,27 @@ def cmd_models_head_vocab(args) -> int:
     if max(args.sizes) >= target.config.vocab_size:
         sys.exit(f"error: --sizes must stay below the target's vocabulary of {target.config.vocab_size} tokens")
     eos = target.config.eos_token_id
-    rows = {}
+    plain = LlamaRunner(target, slots=1)
+    rows, vocabs, dirs, drafters = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in [0, *args.sizes]:
-            vocab = draft_vocabulary(tokens, size, () if eos is None else (int(eos),)) if size else None
-            head_dir = copy_with_draft_vocab(models.head, Path(tmp) / f"head-{size}", vocab)
-            drafter = _head_drafter(args.models, args.temperature, args.top_p, head_dir)
-            matrix = measure(args.models, tokens, cfg, drafters=(), warps=warps, head=drafter)["matrix"]["head"]
+            name = str(size or "full")
+            vocabs[name] = draft_vocabulary(tokens, size, () if eos is None else (int(eos),)) if size else None
+            dirs[name] = copy_with_draft_vocab(models.head, Path(tmp) / f"head-{size}", vocabs[name])
+            drafters[name] = _head_drafter(args.models, args.temperature, args.top_p, dirs[name])
+        # one measurement: every size drafts against the same target continuations, computed once
+        matrix = measure(args.models, tokens, cfg, drafters=(), warps=warps, heads=drafters)["matrix"]
+        for name, head_dir in dirs.items():
             head = build_head(models.with_overrides(head=head_dir), 1, target=target).runner
-            plain = LlamaRunner(target, slots=1)
             steps = [(head.time_forward(1, 1, 1), plain.time_forward(1, 1, 1)) for _ in range(args.repeats)]
-            rows[str(size or "full")] = {
-                "coverage": vocabulary_coverage(tokens, vocab) if vocab is not None else None,
-                "greedy_tokens_per_round": {d: cell["tokens_per_round"] for d, cell in matrix.items()},
-                "sampled_tokens_per_round": {d: cell["sampled"]["tokens_per_round"] for d, cell in matrix.items()},
+            cells = matrix[name]
+            rows[name] = {
+                "coverage": vocabulary_coverage(tokens, vocabs[name]) if vocabs[name] is not None else None,
+                "greedy_tokens_per_round": {d: cell["tokens_per_round"] for d, cell in cells.items()},
+                "sampled_tokens_per_round": {d: cell["sampled"]["tokens_per_round"] for d, cell in cells.items()},
                 "step_ms": round(1e3 * min(h for h, _ in steps), 3),
                 "step_vs_target": round(min(h for h, _ in steps) / min(t for _, t in steps), 4)}
-            print(f"{size or 'full':>6}: {json.dumps(rows[str(size or 'full')])}", flush=True)
+            print(f"{name:>6}: {json.dumps(rows[name])}", flush=True)
     write_json({"config": {**cfg.__dict__, "sizes": args.sizes}, "rows": rows}, args.output)
     print(f"wrote {args.output}")
     return 0

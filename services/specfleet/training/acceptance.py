@@ -187,10 +187,11 @@ def _cell(matches: np.ndarray, k: int) -> dict:
 
 def measure(models_dir: Path, tokens_dir: Path, cfg: AcceptanceConfig, drafters=DRAFTER_NAMES,
             domains=DOMAINS, target_dir: Path | None = None, warps: Warps | None = None,
-            head: HeadDrafter | None = None) -> dict:
+            heads: dict[str, HeadDrafter] | None = None) -> dict:
     """Returns {"config", "matrix": {drafter: {domain: {"tokens_per_round", "accepted_per_round", ...}}}}; with
     warps (the engine's processing at cfg.sampled), every cell also holds "sampled": the same for sampled requests
-    plus "acceptance_rate" (mean sum min(p, q))."""
+    plus "acceptance_rate" (mean sum min(p, q)). heads: draft heads by row name, measured on the same continuations
+    (the bundled one as "head", which also gets "head_gain")."""
     set_threads()
     target = load_model(target_dir or models_dir / "target")
     prompts, continuations, sampled, target_logits, seeds = {}, {}, {}, {}, {}
@@ -221,17 +222,18 @@ def measure(models_dir: Path, tokens_dir: Path, cfg: AcceptanceConfig, drafters=
                                              seeds[domain])
                 matrix[name][domain]["sampled"] = {**_cell(m, cfg.k),
                                                    "acceptance_rate": round(float(overlap.mean()), 3)}
-    if head is not None:  # the draft head's row: simulated rounds (its deeper drafts read its own features)
-        matrix["head"] = {}
-        for domain in tqdm(domains, desc="head"):
-            matrix["head"][domain] = head_cell(head, target, prompts[domain], continuations[domain], cfg.k,
-                                               tag=f"{domain}-greedy-")
+    # a draft head's row: simulated rounds (its deeper drafts read its own features)
+    for name, head in (heads or {}).items():
+        matrix[name] = {}
+        for domain in tqdm(domains, desc=name):
+            matrix[name][domain] = head_cell(head, target, prompts[domain], continuations[domain], cfg.k,
+                                             tag=f"{domain}-greedy-")
             if warps is not None:
-                matrix["head"][domain]["sampled"] = head_cell(head, target, prompts[domain], sampled[domain], cfg.k,
-                                                              seeds[domain], tag=f"{domain}-sampled-")
+                matrix[name][domain]["sampled"] = head_cell(head, target, prompts[domain], sampled[domain], cfg.k,
+                                                            seeds[domain], tag=f"{domain}-sampled-")
     result = {"config": cfg.__dict__, "target_distinct4": distinct4, "matrix": matrix,
               "specialisation": specialisation(matrix)}
-    if head is not None:
+    if "head" in matrix:
         result["head_gain"] = head_gain(matrix)
     if warps is not None:
         result["target_distinct4_sampled"] = {d: round(distinct_n(sampled[d], 4), 3) for d in domains}

@@ -93,14 +93,21 @@ class SpecEngine:
         self.target.keep_features = bool(getattr(proposer, "needs_features", False))
 
     def calibrate(self) -> None:
-        """Profiles a target forward (1 and 16 tokens) and a drafter step (batch 1 and max) on this machine and
-        gives them to the speculation controller as priors, so its first decisions are already informed."""
+        """Profiles a target forward (batch 1: 1 and 16 tokens; a batched engine: 1 and 3 tokens in each of its
+        rows) and a drafter step (batch 1 and max) on this machine and gives them to the speculation controller as
+        priors, so its first decisions are already informed."""
         cost = getattr(self.policy, "cost", None)
         if cost is None:
             return
-        one, many = self.runner.time_forward(1, 1), self.runner.time_forward(1, 16)
-        slope = max((many - one) / 15, 1e-6)
-        verify = (max(one - slope, 1e-5), slope)
+        # at the batch this engine runs (a token's marginal cost at batch 16 is not batch 1's: with the packed CPU
+        # matmul a lone request's first few tree tokens are nearly free, while 16 rows pay attention per token)
+        rows = self.max_batch
+        if rows == 1:
+            one, many, extra = self.runner.time_forward(1, 1), self.runner.time_forward(1, 16), 15
+        else:
+            one, many, extra = self.runner.time_forward(rows, 1), self.runner.time_forward(rows, 3), 2 * rows
+        slope = max((many - one) / extra, 1e-6)
+        verify = (max(one - slope * rows, 1e-5), slope)
         step = getattr(self.proposer, "step_seconds", None)
         if step is None:  # model-free proposers: drafting is a lookup
             draft = (5e-5, 1e-5)

@@ -23,6 +23,7 @@ from specfleet.engine.llama import KvLimits, LlamaRunner, causal_bias, common_pr
 from specfleet.engine.proposers import Draft
 from specfleet.engine.tree import TokenTree
 from specfleet.training.head import DRAFT_VOCAB, read_head
+from specfleet_kernels import cpu_gemm
 
 HEAD = "head"  # the head's name among drafters (plans, credits, --drafters)
 
@@ -56,12 +57,14 @@ class HeadModel:
             raise ValueError(f"draft head: a KV cache of {self.runner.slots} slots fits the budget but {slots} are "
                              "needed; raise --kv-cache-memory or lower --max-model-len")
         self.fc = weights["fc.weight"].to(embed.dtype)
+        if self.runner.matmul == "packed":  # the runner's CPU kernel for the fc too
+            self.fc = cpu_gemm.PackedWeight(self.fc)
         self.embed = embed.detach()
         self.vocab_size = tcfg.vocab_size
         # a draft vocabulary: the LM head's rows for those tokens only (logits come back over the full vocabulary)
         self.draft_vocab = vocab
         if vocab is not None:
-            self.runner.lm_head = self.runner.lm_head[vocab].contiguous()
+            self.runner.keep_logit_rows(vocab)
 
     def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary -> over the target's (-inf elsewhere: never drafted)."""
@@ -73,7 +76,8 @@ class HeadModel:
 
     def inputs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """fc(cat(feature, embedding of the next token)): features [..., H], tokens [...] -> [..., H]."""
-        return F.linear(torch.cat([features.to(self.fc.dtype), F.embedding(tokens, self.embed)], dim=-1), self.fc)
+        joined = torch.cat([features.to(self.fc.dtype), F.embedding(tokens, self.embed)], dim=-1)
+        return self.fc(joined) if isinstance(self.fc, cpu_gemm.PackedWeight) else F.linear(joined, self.fc)
 
 
 class HeadProposer:

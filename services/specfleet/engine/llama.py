@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from specfleet_kernels import cpu_gemm
 from specfleet_kernels.reference import gather_kv
 
 NEG = torch.finfo(torch.float32).min
@@ -255,6 +256,12 @@ class LlamaRunner:
         weights = parts[0] if self.group == 1 else _stack(parts)
         self.embed, self.lm_head, self.final_norm = weights.embed, weights.lm_head, weights.final_norm
         self.layers: list[_Layer] = weights.layers
+        # fp32 on the CPU: every linear weight packed for specfleet_kernels.cpu_gemm (one sequential pass over the
+        # weights per forward, batch-invariant), unless the kernel cannot be built here (then torch's matmul)
+        self.matmul = "torch"
+        if self.embed.dtype == torch.float32 and self.embed.device.type == "cpu" and cpu_gemm.available():
+            self.matmul = "packed"
+            self._pack(parts)
         self.vocab_offsets = torch.arange(self.group)[:, None, None] * self.vocab_size  # [G, 1, 1]
         self.dtype = self.embed.dtype  # weights, activations and KV cache (the checkpoint as loaded)
         # Columns are allocated as contexts reach them (doubling, up to max_len): memory follows the longest context
@@ -287,7 +294,45 @@ class LlamaRunner:
             return weight * normed
         return (normed.view(self.group, -1, normed.shape[-1]) * weight).view(normed.shape)  # rows member-major
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    def _pack(self, parts: list[_Model]) -> None:
+        """Every linear weight (and its bias) of the G members as one cpu_gemm.PackedWeight."""
+        def packed(name: str, bias: str | None, i: int | None = None):
+            def of(part, attr):
+                return getattr(part if i is None else part.layers[i], attr)
+
+            weights = [of(p, name) for p in parts]
+            biases = None if bias is None or of(parts[0], bias) is None else [of(p, bias) for p in parts]
+            if self.group == 1:
+                return cpu_gemm.PackedWeight(weights[0], None if biases is None else biases[0])
+            return cpu_gemm.PackedWeight(torch.stack(weights), None if biases is None else torch.stack(biases))
+
+        self.lm_head = packed("lm_head", None)
+        for i, layer in enumerate(self.layers):
+            for weight, bias in (("w_qkv", "b_qkv"), ("w_o", "b_o"), ("w_gate_up", "b_gate_up"),
+                                 ("w_down", "b_down")):
+                setattr(layer, weight, packed(weight, bias, i))
+                setattr(layer, bias, None)  # packed with its weight
+
+    def keep_logit_rows(self, rows: torch.Tensor) -> None:
+        """Logits for these vocabulary ids only, in this order (a draft head's reduced vocabulary)."""
+        if self.group != 1:
+            raise ValueError("a reduced vocabulary is for a single model, not a group")
+        full = self.lm_head_weight()
+        kept = full[rows].contiguous()
+        self.lm_head = cpu_gemm.PackedWeight(kept) if self.matmul == "packed" else kept
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """The LM head as a [V, hidden] tensor (unpacked)."""
+        if isinstance(self.lm_head, cpu_gemm.PackedWeight):
+            return self.lm_head.unpack()
+        return self.lm_head
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, self.lm_head, None)
+
+    def _linear(self, x: torch.Tensor, w, b: torch.Tensor | None) -> torch.Tensor:
+        if type(w) is cpu_gemm.PackedWeight:
+            return w(x)  # its bias packed with it
         if self.group == 1:
             return F.linear(x, w, b)
         flat = x.reshape(self.group, -1, x.shape[-1])  # [G, rows of one member, in]
@@ -320,6 +365,16 @@ class LlamaRunner:
         b, t = tokens.shape
         if lengths is not None and len(lengths) != b:
             raise ValueError(f"lengths names {len(lengths)} rows for a batch of {b}")
+        if self.matmul == "packed":  # the C layer runs on packed tokens: padded rows in, padded rows out
+            out = self._forward_packed(tokens, positions, write_cols, bias, logits_at, slots, inputs, return_hidden,
+                                       [t] * b if lengths is None else lengths)
+            if lengths is not None:
+                return out
+            if return_hidden:
+                logits, hidden = out
+                return (logits if logits_at is not None else logits.view(self.group * b, t, -1),
+                        hidden.view(b, t, -1))
+            return out if logits_at is not None else out.view(self.group * b, t, -1)
         if lengths is not None and min(lengths) < t:
             return self._forward_packed(tokens, positions, write_cols, bias, logits_at, slots, inputs,
                                         return_hidden, lengths)
@@ -386,12 +441,12 @@ class LlamaRunner:
             hidden = self._norm(x, self.final_norm)
             picked = hidden if logits_at is None else hidden.gather(
                 1, logits_at[..., None].expand(b, logits_at.shape[1], hidden.shape[-1]))
-            return F.linear(picked, self.lm_head), hidden
+            return self._logits(picked), hidden
         if logits_at is not None:
             at = logits_at if g == 1 else logits_at.repeat(g, 1)
             x = x.gather(1, at[..., None].expand(n, at.shape[1], x.shape[-1]))
         x = self._norm(x, self.final_norm)
-        return F.linear(x, self.lm_head) if g == 1 else self._linear(x, self.lm_head, None)
+        return self._logits(x)
 
     def _forward_packed(self, tokens, positions, write_cols, bias, logits_at, slots, inputs, return_hidden,
                         lengths):
@@ -418,13 +473,29 @@ class LlamaRunner:
             x = F.embedding(tokens.flatten()[real][None] + self.vocab_offsets.view(g, 1), self.embed).view(
                 g * count, -1)
         read = None if slots is None and g == 1 else at.reshape(n)
+        fused = self.matmul == "packed"  # each layer in one call of cpu_gemm.decoder_layer
+        if fused:
+            x = x.contiguous()
+            bias_rows = real.repeat(g)  # each token's row of the bias [B*T, S] (every member's alike)
+            token_positions = positions.flatten()[real].repeat(g).contiguous()
+            flat_bias = bias.contiguous()
         if g != 1:
             positions, bias = positions.repeat(g, 1), bias.repeat(g, 1, 1, 1)
         cos, sin = self.rotary(x[None], positions.flatten()[real].repeat(g)[None])  # [1, P, head_dim]
+        if fused:  # the C layer writes where it is told: out-of-range slots or columns are refused here
+            if count and (int(rows.min()) < 0 or int(rows.max()) >= self.k_cache.shape[1] or int(cols.min()) < 0):
+                raise ValueError(f"slots must be in [0, {self.slots}) and write columns >= 0")
+            for i, layer in enumerate(self.layers):
+                cpu_gemm.decoder_layer(
+                    x, groups=g, heads=self.heads, eps=self.eps, w_in=layer.w_in, w_post=layer.w_post,
+                    qkv=layer.w_qkv, o=layer.w_o, gate_up=layer.w_gate_up, down=layer.w_down, q_norm=layer.q_norm,
+                    k_norm=layer.k_norm, cos=cos[0].contiguous(), sin=sin[0].contiguous(), k_cache=self.k_cache[i],
+                    v_cache=self.v_cache[i], rows=rows, cols=cols.contiguous(), bias=flat_bias, bias_row=bias_rows,
+                    positions=token_positions, window=layer.window)
         cos, sin = cos[0, :, None], sin[0, :, None]  # [P, 1, head_dim]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         windowed: dict[int, torch.Tensor] = {}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers if not fused else ()):
             h = self._norm(x, layer.w_in)
             q, k, v = self._linear(h, layer.w_qkv, layer.b_qkv).split([q_size, kv_size, kv_size], dim=-1)
             q, k = q.view(-1, self.heads, self.head_dim), k.view(-1, self.kv_heads, self.head_dim)
@@ -463,9 +534,9 @@ class LlamaRunner:
             picked = (torch.arange(g)[:, None, None] * count + picked[None]).view(n, -1)  # [n, m]
         if return_hidden:
             hidden = self._norm(x, self.final_norm)
-            return F.linear(hidden if picked is None else hidden[picked], self.lm_head), hidden
+            return self._logits(hidden if picked is None else hidden[picked]), hidden
         x = self._norm(x if picked is None else x[picked.flatten()], self.final_norm)
-        logits = F.linear(x, self.lm_head) if g == 1 else self._linear(x, self.lm_head, None)
+        logits = self._logits(x)
         return logits if picked is None else logits.view(n, picked.shape[1], -1)
 
     @torch.no_grad()

@@ -57,7 +57,12 @@ def run(models: Path | ModelSet, drafters: tuple[str, ...] = ("drafter-python", 
     head = _head_steps(models, repeats)
     bar.close()
     fixed, per_token = fit_line([(r["batch"] * r["tokens"], r["ms"]) for r in rows])
-    return {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
+    from specfleet_kernels import cpu_gemm
+
+    matmul = "packed (specfleet_kernels.cpu_gemm)" if cpu_gemm.available() else (
+        f"torch ({cpu_gemm.unavailable_reason()})")
+    return {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu",
+                        "matmul": matmul},
             "target_forward_ms": rows, "drafter_step_ms": steps, "drafter_group_step_ms": groups,
             **({"head_step_ms": head} if head else {}),
             "verify_cost": {"fixed_ms": round(fixed, 3), "per_token_ms": round(per_token, 4),
@@ -132,8 +137,10 @@ def max_batch_tokens(profile: dict, latency_ms: float) -> int:
 def format_table(profile: dict) -> str:
     rows = profile["target_forward_ms"]
     tokens = sorted({r["tokens"] for r in rows})
-    lines = ["target forward, ms (rows: batch; columns: tokens per sequence)",
-             f"{'batch':>6}" + "".join(f"{t:>9}" for t in tokens)]
+    machine = profile.get("machine", {})
+    lines = [f"matmul: {machine['matmul']}"] if "matmul" in machine else []
+    lines += ["target forward, ms (rows: batch; columns: tokens per sequence)",
+              f"{'batch':>6}" + "".join(f"{t:>9}" for t in tokens)]
     for batch in sorted({r["batch"] for r in rows}):
         by = {r["tokens"]: r["ms"] for r in rows if r["batch"] == batch}
         lines.append(f"{batch:>6}" + "".join(f"{by[t]:>9.2f}" for t in tokens))

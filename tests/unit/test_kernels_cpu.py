@@ -1,0 +1,165 @@
+"""The CPU runner's packed matmul (specfleet_kernels.cpu_gemm): F.linear's result, batch-invariant, and a runner
+that uses it decodes as the one on torch's matmul."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specfleet_kernels import cpu_gemm
+
+pytestmark = pytest.mark.skipif(not cpu_gemm.available(),
+                                reason=f"CPU kernel not built here: {cpu_gemm.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("out_features, in_features", [(1152, 384), (100, 37), (64, 64), (5, 3), (1, 1)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_weight_computes_linear(out_features, in_features, with_bias):
+    gen = torch.Generator().manual_seed(out_features * 31 + in_features)
+    w = torch.randn(out_features, in_features, generator=gen)
+    b = torch.randn(out_features, generator=gen) if with_bias else None
+    packed = cpu_gemm.PackedWeight(w, b)
+    assert torch.equal(packed.unpack(), w)
+    for rows in (0, 1, 2, 5, 6, 7, 13, 40):
+        x = torch.randn(rows, in_features, generator=gen)
+        torch.testing.assert_close(packed(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    x = torch.randn(2, 3, in_features, generator=gen)  # leading dimensions kept
+    torch.testing.assert_close(packed(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(packed(x.transpose(0, 1)), F.linear(x.transpose(0, 1), w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_each_row_is_computed_alike_whatever_is_beside_it():
+    """Batch invariance: a row's outputs are bit-identical alone, in any slice of a batch and at any thread count
+    (one summation order per output) — a token's logits do not depend on what else shares its forward."""
+    gen = torch.Generator().manual_seed(1)
+    w, b = torch.randn(1000, 384, generator=gen), torch.randn(1000, generator=gen)
+    packed = cpu_gemm.PackedWeight(w, b)
+    x = torch.randn(41, 384, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        full = packed(x)
+        for lo, hi in [(0, 1), (5, 6), (3, 9), (7, 41), (40, 41)]:
+            assert torch.equal(packed(x[lo:hi]), full[lo:hi])
+        torch.set_num_threads(1)
+        assert torch.equal(packed(x), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_group_packs_each_member_apart():
+    gen = torch.Generator().manual_seed(2)
+    w, b = torch.randn(3, 70, 48, generator=gen), torch.randn(3, 70, generator=gen)
+    packed = cpu_gemm.PackedWeight(w, b)
+    assert packed.shape == (3, 70, 48) and torch.equal(packed.unpack(), w)
+    x = torch.randn(3 * 4, 48, generator=gen)  # member-major rows: 4 per member
+    want = torch.cat([F.linear(x[4 * g:4 * g + 4], w[g], b[g]) for g in range(3)])
+    torch.testing.assert_close(packed(x), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="do not split among 3"):
+        packed(torch.randn(4, 48))
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="float32 CPU weight"):
+        cpu_gemm.PackedWeight(torch.randn(4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="bias"):
+        cpu_gemm.PackedWeight(torch.randn(4, 4), torch.randn(5))
+    packed = cpu_gemm.PackedWeight(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="8 float32 inputs"):
+        packed(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="8 float32 inputs"):
+        packed(torch.randn(2, 8, dtype=torch.float64))
+
+
+def test_no_compiler_is_reported_not_raised(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(cpu_gemm.CACHE, str(tmp_path))
+    with pytest.raises((RuntimeError, OSError)):
+        cpu_gemm._build()
+    monkeypatch.setenv(cpu_gemm.SWITCH, "0")
+    assert not cpu_gemm.available() and cpu_gemm.unavailable_reason() == f"{cpu_gemm.SWITCH}=0"
+
+
+def test_the_runner_decodes_alike_on_either_matmul(monkeypatch):
+    """The bundled target on the packed kernel and on torch's matmul: the same greedy tokens, logits within fp32
+    rounding, and on the kernel a request's logits do not change when another request shares the forward."""
+    from specfleet.engine.factory import load_model
+    from specfleet.engine.llama import LlamaRunner, causal_bias
+
+    model = load_model(Path(__file__).resolve().parents[2] / "models", "target")
+    packed = LlamaRunner(model, slots=2, max_len=96)
+    monkeypatch.setenv(cpu_gemm.SWITCH, "0")
+    plain = LlamaRunner(model, slots=2, max_len=96)
+    monkeypatch.delenv(cpu_gemm.SWITCH)
+    assert (packed.matmul, plain.matmul) == ("packed", "torch")
+    prompt = torch.randint(2, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    outputs = []
+    for runner in (packed, plain):
+        tokens, ids, logits_seen = [], prompt, []
+        start = 0
+        for _ in range(8):
+            n = ids.shape[1]
+            cols = (start + torch.arange(n))[None]
+            logits = runner.forward(ids, cols, cols, causal_bias([start], [n], start + n))[0, -1]
+            logits_seen.append(logits)
+            start += n
+            ids = logits.argmax()[None, None]
+            tokens.append(int(ids))
+        outputs.append((tokens, torch.stack(logits_seen)))
+    assert outputs[0][0] == outputs[1][0]
+    torch.testing.assert_close(outputs[0][1], outputs[1][1], rtol=1e-4, atol=1e-3)
+    # the same last token in slot 0 alone and beside another request in slot 1: bit-identical on the kernel
+    cols = torch.arange(24)[None]
+    packed.forward(prompt, cols, cols, causal_bias([0], [24], 24), slots=torch.tensor([1]))
+    packed.forward(prompt, cols, cols, causal_bias([0], [24], 24), slots=torch.tensor([0]))
+    one = torch.tensor([[24]])
+    alone = packed.forward(prompt[:, -1:], one, one, causal_bias([24], [1], 25), slots=torch.tensor([0]))
+    both = packed.forward(torch.cat([prompt[:, -1:], prompt[:, :1]]), one.repeat(2, 1), one.repeat(2, 1),
+                          causal_bias([24, 24], [1, 1], 25), slots=torch.tensor([0, 1]))
+    assert torch.equal(alone[0], both[0])
+
+
+def test_verifying_a_tree_gives_the_logits_of_plain_decoding_bit_for_bit():
+    """On the kernel a token's logits are the same bits whether it is decoded alone or verified inside a draft tree
+    beside siblings: every product and every attention sum runs in one order over the same visible columns."""
+    from specfleet.engine.factory import load_model
+    from specfleet.engine.llama import NEG, LlamaRunner, causal_bias
+
+    runner = LlamaRunner(load_model(Path(__file__).resolve().parents[2] / "models", "target"), slots=2, max_len=96)
+    assert runner.matmul == "packed"
+    prompt = torch.randint(2, runner.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
+    cols = torch.arange(20)[None]
+    for slot in (0, 1):
+        runner.forward(prompt, cols, cols, causal_bias([0], [20], 20), slots=torch.tensor([slot]))
+    a, x, b = 11, 222, 3333
+    plain = []
+    for i, token in enumerate((a, b)):  # slot 0: decode a at position 20, then b at 21
+        at = torch.tensor([[20 + i]])
+        plain.append(runner.forward(torch.tensor([[token]]), at, at, causal_bias([20 + i], [1], 21 + i),
+                                    slots=torch.tensor([0]))[0, 0])
+    # slot 1: one forward of the tree a, x (a's sibling), b (a's child) at columns 20, 21, 22
+    bias = torch.full((1, 1, 3, 23), NEG)
+    bias[..., :20] = 0.0
+    for node, seen in enumerate(([20], [21], [20, 22])):
+        bias[0, 0, node, seen] = 0.0
+    tree = runner.forward(torch.tensor([[a, x, b]]), torch.tensor([[20, 20, 21]]), torch.tensor([[20, 21, 22]]), bias,
+                          slots=torch.tensor([1]))[0]
+    assert torch.equal(tree[0], plain[0]) and torch.equal(tree[2], plain[1])
+
+
+def test_decoder_layer_refuses_what_it_cannot_read():
+    packed = cpu_gemm.PackedWeight(torch.randn(8, 8))
+    args = dict(groups=1, heads=1, eps=1e-6, w_in=torch.ones(8), w_post=torch.ones(8), qkv=packed, o=packed,
+                gate_up=packed, down=packed, q_norm=None, k_norm=None, cos=torch.ones(1, 8), sin=torch.zeros(1, 8),
+                k_cache=torch.zeros(1, 1, 4, 8), v_cache=torch.zeros(1, 1, 4, 8), bias=torch.zeros(1, 4),
+                rows=torch.zeros(1, dtype=torch.long), cols=torch.zeros(1, dtype=torch.long),
+                bias_row=torch.zeros(1, dtype=torch.long), positions=torch.zeros(1, dtype=torch.long), window=None)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        cpu_gemm.decoder_layer(torch.zeros(8, 2).t(), **args)
+    with pytest.raises(ValueError, match="shapes do not fit: qkv"):
+        cpu_gemm.decoder_layer(torch.zeros(1, 8), **args)
+    with pytest.raises(ValueError, match="int64"):
+        cpu_gemm.decoder_layer(torch.zeros(1, 8), **{**args, "rows": torch.zeros(1, dtype=torch.int32)})

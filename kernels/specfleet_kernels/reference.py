@@ -18,11 +18,19 @@ ROOT = -1
 
 def check_parents(parents: torch.Tensor) -> None:
     """Raises ValueError unless parents is a 1-D integer tensor in topological order."""
+    parent_indices(parents)
+
+
+def parent_indices(parents: torch.Tensor) -> list[int]:
+    """parents as a list of ints; raises ValueError unless parents is a 1-D integer tensor in topological order.
+    Checked in Python on the host: trees are small, and a few tensor ops per check cost more than the acceptance walks
+    that need the list anyway."""
     if parents.dim() != 1 or parents.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"parents must be a 1-D integer tensor, got {tuple(parents.shape)} {parents.dtype}")
-    idx = torch.arange(len(parents), device=parents.device)
-    if bool(((parents < ROOT) | (parents >= idx)).any()):
+    parent_list = parents.tolist()
+    if any(not ROOT <= p < i for i, p in enumerate(parent_list)):
         raise ValueError("parents must satisfy -1 <= parents[i] < i (topological order)")
+    return parent_list
 
 
 def tree_depths(parents: torch.Tensor) -> torch.Tensor:
@@ -111,22 +119,22 @@ def sampled_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, target_prob
     device sync per visited row). The generator (CPU) gives one uniform per child tried and one draw for the next
     token, so a seeded generator reproduces the result. Returns (accepted node indices in path order, next token).
     """
-    check_parents(parents)
-    n = len(parents)
+    parent_list = parent_indices(parents)
+    n = len(parent_list)
     if target_probs.dim() != 2 or target_probs.shape[0] != n + 1:
         raise ValueError(f"target_probs must be [n + 1, vocab] = [{n + 1}, vocab], got {tuple(target_probs.shape)}")
     if draft_probs is not None and tuple(draft_probs.shape) != (n, target_probs.shape[1]):
         raise ValueError(f"draft_probs must be [n, vocab] = [{n}, {target_probs.shape[1]}], "
                          f"got {tuple(draft_probs.shape)}")
     children: dict[int, list[int]] = {}
-    for i, p in enumerate(parents.tolist()):
+    for i, p in enumerate(parent_list):
         children.setdefault(p, []).append(i)
     toks = tokens.tolist()
 
     def distribution(row: torch.Tensor, what: str) -> torch.Tensor:
         row = row.to("cpu", torch.float64)  # [V]
         total = float(row.sum())
-        if not total > 0 or not math.isfinite(total) or bool((row < 0).any()):
+        if not total > 0 or not math.isfinite(total) or float(row.min()) < 0:
             raise ValueError(f"{what} is not a distribution (sum {total}, min {float(row.min())})")
         return row / total
 
@@ -206,12 +214,16 @@ def position_keyed_sample(probs: torch.Tensor, seeds: list[int], positions: list
     Communication and Drafter-Invariant Speculative Decoding", 2024) -- and the output stays a function of (seed,
     target) alone. Zero-probability tokens are never drawn."""
     probs = probs.float()
-    vocab = probs.shape[-1]
+    rows, vocab = probs.shape
+    if not len(seeds) == len(positions) == rows:
+        raise ValueError(f"one seed and one position per row: {rows} rows, {len(seeds)} seeds, "
+                         f"{len(positions)} positions")
     out = []
-    for row, seed, position in zip(probs, seeds, positions, strict=True):
-        noise = position_gumbels(seed, position, vocab).to(row.device)
+    for b in range(rows):  # rows by index: iterating a tensor (unbind) costs more than the draw itself
+        row = probs[b]  # [V]
+        noise = position_gumbels(seeds[b], positions[b], vocab).to(row.device)
         support = row.nonzero()[:, 0]  # ascending, so argmax keeps the full-vocabulary version's first-max rule
-        if 0 < len(support) <= vocab // 4:  # a warped (top-p / top-k) row: the logarithm of its support only
+        if 0 < support.shape[0] <= vocab // 4:  # a warped (top-p / top-k) row: the logarithm of its support only
             out.append(support[(torch.log(row[support]) + noise[support]).argmax()])
         else:  # -inf off the support
             out.append((torch.log(row) + noise).argmax())

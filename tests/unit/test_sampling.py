@@ -252,8 +252,8 @@ def test_speculative_sampling_reproduces_the_target(model_logits, tree, params):
 
 def accept_first_children(tokens, parents, target_probs, draft_probs, generator):
     """Wrong on purpose: always accepts the first child, so the output follows the drafter."""
-    path, node = [], ROOT
-    while (child := next((i for i, p in enumerate(parents.tolist()) if p == node), None)) is not None:
+    path, node, parent_list = [], ROOT, parents.tolist()
+    while (child := next((i for i, p in enumerate(parent_list) if p == node), None)) is not None:
         path.append(child)
         node = child
     return path, int(torch.multinomial(target_probs[node + 1], 1, generator=generator))
@@ -263,10 +263,10 @@ def accept_without_residual(tokens, parents, target_probs, draft_probs, generato
     """Wrong on purpose: the right per-child test, but a rejected child is never removed from the target."""
     one_hot = torch.nn.functional.one_hot(tokens, target_probs.shape[1]).float()  # [n, V]
     draft_probs = one_hot if draft_probs is None else draft_probs
-    path, node = [], ROOT
+    path, node, parent_list = [], ROOT, parents.tolist()
     while True:
         target = target_probs[node + 1]
-        children = [i for i, p in enumerate(parents.tolist()) if p == node]
+        children = [i for i, p in enumerate(parent_list) if p == node]
         accepted = next((c for c in children if float(torch.rand((), generator=generator)) * draft_probs[c, tokens[c]]
                          < target[tokens[c]]), None)
         if accepted is None:
@@ -440,9 +440,10 @@ def coupled_two_tokens(target: Tables, drafters: list[Tables], lookup: Tables | 
         row_seeds = [seeds[i] for i in rows]
         tokens, parents, paths = coupled_tree(drafters, lookup, context, row_seeds, start)
         target_probs = torch.stack([target.after(context)] + [target.after(p) for p in paths], 1)  # [N, n + 1, V]
+        parents_tensor, token_rows = torch.tensor(parents), tokens.tolist()
         for j, i in enumerate(rows):
-            path, nxt = accept(tokens[j], torch.tensor(parents), target_probs[j], row_seeds[j], start)
-            emitted[i] += [int(tokens[j, n]) for n in path] + [nxt]
+            path, nxt = accept(tokens[j], parents_tensor, target_probs[j], row_seeds[j], start)
+            emitted[i] += [token_rows[j][n] for n in path] + [nxt]
             accepted_first += len(path) if start == 0 else 0
     return torch.tensor([e[:2] for e in emitted]), accepted_first / samples
 
@@ -481,9 +482,9 @@ def accept_with_stale_noise(tokens, parents, target_probs, seed, start):
 
 def accept_any_supported_draft(tokens, parents, target_probs, seed, start):
     """Wrong on purpose: trusts the first child whenever the target could have produced its token."""
-    path, node = [], ROOT
+    path, node, parent_list = [], ROOT, parents.tolist()
     while True:
-        child = next((i for i, p in enumerate(parents.tolist()) if p == node), None)
+        child = next((i for i, p in enumerate(parent_list) if p == node), None)
         if child is None or float(target_probs[node + 1][tokens[child]]) == 0:
             token = int(position_keyed_sample(target_probs[node + 1][None], [seed], [start + len(path)])[0])
             return path, token

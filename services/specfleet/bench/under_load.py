@@ -96,8 +96,10 @@ def run_streams(fleet: ProcessFleet, requests: list[LoadRequest], new_tokens: in
     async def inject_fault(start: float) -> None:
         inject, recover = fault
         await trigger.wait()
-        timing.update(injected=True, injected_after_s=round(time.monotonic() - start, 1))
+        injected = time.monotonic()
+        timing.update(injected=True, injected_after_s=round(injected - start, 1))
         await asyncio.to_thread(inject)  # blocking: kill -9 waits for the process, a restart for its readiness
+        timing["inject_took_s"] = round(time.monotonic() - injected, 1)  # the router's and Redis's include a restart
         await asyncio.sleep(outage_s)
         await asyncio.to_thread(recover)
         timing["recovered_after_s"] = round(time.monotonic() - start, 1)

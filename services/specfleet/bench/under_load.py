@@ -41,9 +41,9 @@ class Outcome:
 
 
 def mixed_requests(prompts: list[list[int]], streams: int, seed: int = 0) -> list[LoadRequest]:
-    """One request per stream, round-robin over `prompts`: even streams greedy, odd ones sampled (SAMPLED) with a
-    seed of their own."""
-    return [LoadRequest(prompts[i % len(prompts)]) if i % 2 == 0
+    """One request per stream, round-robin over `prompts`, greedy and sampled (SAMPLED, a seed of their own) in
+    turn; the turn flips at each pass over the prompts, so every prompt is sent both ways."""
+    return [LoadRequest(prompts[i % len(prompts)]) if (i % len(prompts) + i // len(prompts)) % 2 == 0
             else LoadRequest(prompts[i % len(prompts)], SAMPLED["temperature"], SAMPLED["top_p"], seed * 100_003 + i)
             for i in range(streams)]
 

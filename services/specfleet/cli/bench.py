@@ -176,8 +176,8 @@ def add_parser(sub, fmt) -> None:
                         "away: when their work stopped), load (--streams for --seconds with RSS, then Redis counted), "
                         "faults-under-load (as --under-load). Keys of stages not run stay in --output as they were")
     b.add_argument("--under-load", action="store_true",
-                   help="add the stage faults-under-load: --streams requests at once (even streams greedy, odd ones "
-                        "sampled at T=0.8, top-p 0.95 with seeds of their own), a fault-free run, then one run per "
+                   help="add the stage faults-under-load: --streams requests at once (greedy and sampled at T=0.8, "
+                        "top-p 0.95 with seeds of their own, in turn), a fault-free run, then one run per "
                         "fault injected once the streams hold half the fault-free run's tokens (the faulted service "
                         "restored --outage-s later); outputs vs the fault-free run, each request's end vs its "
                         "deadline + 5 s; then Redis counted. Alone: --stages faults-under-load")

@@ -2,7 +2,8 @@
 `specfleet serve ROLE` each, gRPC on loopback, one Redis), faults injected into a live stream (kill -9 of a drafter,
 the fusion service, a verifier or the router; SIGSTOP of a verifier; a restart of the fleet's own persistent
 Redis), a seeded fuzz of the public gRPC and HTTP
-APIs, and a bounded load run with each service's memory before and after.
+APIs, and a bounded load run with each service's memory before and after; `under_load` injects the same faults into
+many concurrent streams.
 
 The report counts faults injected and survived, requests lost and outputs that differ from the unfaulted run (both
 must be 0), inputs fuzzed and how they were answered, server crashes (must be 0), the load held (streams, p50/p99
@@ -539,8 +540,8 @@ def load_run(fleet: ProcessFleet, prompts: list[list[int]], expected: list[list[
 
 # ---------------------------------------------------------------- the benchmark
 
-STAGES = ("faults", "bad-input", "cancel", "load", "faults-under-load")
-DEFAULT_STAGES = STAGES[:4]  # faults-under-load (`--under-load`) runs the load once per fault: minutes each
+DEFAULT_STAGES = ("faults", "bad-input", "cancel", "load")
+STAGES = (*DEFAULT_STAGES, "faults-under-load")  # `--under-load`: the load once per fault, minutes each
 
 
 def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seconds: float = 60.0,

@@ -57,8 +57,8 @@ simulate: setup  ## compare CoSine, SpecInfer, PipeInfer, DSI and plain decoding
 bench: setup  ## the fleet benchmark: round overhead, throughput vs the engine, the CoSine ablation -> bench/fleet.json
 	$(VENV)/bin/specfleet bench fleet --output bench/fleet.json
 
-bench-reliability: setup  ## kill -9 / SIGSTOP mid-stream, API fuzz, 200-stream load -> bench/reliability.json
-	$(VENV)/bin/specfleet bench reliability --output bench/reliability.json
+bench-reliability: setup  ## kill -9 / SIGSTOP mid-stream, alone and under 200 streams, API fuzz, 200-stream load -> bench/reliability.json
+	$(VENV)/bin/specfleet bench reliability --under-load --output bench/reliability.json
 
 bench-fuzz: setup  ## 10,000 malformed / extreme gRPC and HTTP inputs against the fleet -> bench/reliability.json "fuzz"
 	$(VENV)/bin/specfleet bench fuzz --count 10000 --output bench/reliability.json

@@ -1,7 +1,9 @@
 """Faults injected into live streams of the fleet running as real processes (one `specfleet serve ROLE` each, gRPC
 on loopback, the real Redis): kill -9 of a drafter, the fusion service, a verifier and the router, SIGSTOP of a
 verifier, SIGTERM of the router. Every stream completes through the SDK (which resumes by request id) with output
-identical to the target's own greedy decoding: no token missing, none repeated."""
+identical to the target's own greedy decoding: no token missing, none repeated. Under load (several streams at once,
+greedy and seeded sampled), a fault mid-run loses no request, changes no output and holds every request to its
+deadline + 5 s."""
 
 import asyncio
 import signal
@@ -14,6 +16,7 @@ import torch
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
 from specfleet.bench.prompts import build_prompts
 from specfleet.bench.reliability import ProcessFleet, run_fault, stream_with_fault
+from specfleet.bench.under_load import faults_under_load
 from specfleet.router.serve import start_router
 from specfleet.runtime.process import ServeOptions
 from specfleet.state.embedded import free_port
@@ -22,6 +25,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN = "fault-test-token"
 NEW_TOKENS = 48  # the fault lands after the first chunk: dozens of tokens still follow it (resumed or not)
 FAULTS = ("kill -9 drafter-python", "kill -9 fusion", "kill -9 verifier-0", "SIGSTOP verifier-1", "kill -9 router")
+UNDER_LOAD_FAULTS = ("kill -9 drafter-python", "SIGSTOP verifier-1")
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,27 @@ def test_fault_mid_stream_leaves_the_output_identical(fleet, cases, tokenizer, i
     assert run.text == tokenizer.decode(want)
     assert run.offsets[0] == 0 and run.exactly_once
     assert fleet.crashed() == []  # the faulted service was restarted (or continued) and the rest never fell over
+
+
+def test_faults_under_load_lose_nothing_and_change_nothing(fleet, tokenizer):
+    """`bench reliability --under-load` in small: 6 streams at once (3 greedy, 3 sampled with seeds), a fault-free
+    run, then each fault injected once the streams hold half their tokens and repaired 5 s later. Every request
+    completes with the fault-free run's output and ends within its deadline + 5 s (a generous deadline: this checks
+    that nothing hangs, not speed)."""
+    prompts = [tokenizer(item["prompt"], add_special_tokens=False).input_ids[-32:] for item in build_prompts()[:3]]
+    section = faults_under_load(fleet, prompts, streams=6, new_tokens=12, deadline_s=120.0, outage_s=5.0,
+                                faults=UNDER_LOAD_FAULTS)
+    assert (section["greedy"], section["sampled"]) == (3, 3)
+    assert section["fault_free"]["completed"] == 6 and section["fault_free"]["late"] == 0
+    assert [r["fault"] for r in section["runs"]] == list(UNDER_LOAD_FAULTS)
+    for run in section["runs"]:
+        assert run["injected"] and run["live_at_injection"] > 0, run  # the fault hit live streams
+        assert run["completed"] == 6 and run["lost"] == 0, run
+        assert run["differing"] == 0 and run["uncompared"] == 0, run  # identical to the fault-free run
+        assert run["within_deadline"] == 6 and run["late"] == 0, run
+        assert run["crashed"] == [], run
+    assert section["survived"] == len(UNDER_LOAD_FAULTS)
+    assert section["requests_lost"] == section["outputs_differing_from_fault_free"] == section["requests_late"] == 0
 
 
 def test_sigterm_lets_the_in_flight_stream_finish(fleet, cases):

@@ -2,7 +2,8 @@
 `specfleet serve ROLE` each, gRPC on loopback, one Redis), faults injected into a live stream (kill -9 of a drafter,
 the fusion service, a verifier or the router; SIGSTOP of a verifier; a restart of the fleet's own persistent
 Redis), a seeded fuzz of the public gRPC and HTTP
-APIs, and a bounded load run with each service's memory before and after.
+APIs, and a bounded load run with each service's memory before and after; `under_load` injects the same faults into
+many concurrent streams.
 
 The report counts faults injected and survived, requests lost and outputs that differ from the unfaulted run (both
 must be 0), inputs fuzzed and how they were answered, server crashes (must be 0), the load held (streams, p50/p99
@@ -28,6 +29,9 @@ from pathlib import Path
 from specfleet.state.embedded import free_port
 
 READY_TIMEOUT_S = 240.0  # a 2-core machine starting six torch processes at once is slow
+# the harness's clients retry as a patient real client does: a restarted router or Redis takes seconds to come back
+SDK_RETRIES, SDK_BACKOFF_S = 12, 0.5
+BENCH_POOLS = ("python", "prose")
 
 
 @dataclass
@@ -277,6 +281,39 @@ def purge(redis_url: str, prefix: str) -> None:
     delete_prefix(redis_url, prefix)
 
 
+def bench_slots(streams: int) -> int:
+    """KV slots per verifier for `streams` concurrent streams: every live request keeps its KV cache on its verifier
+    (fewer slots than streams thrash the caches)."""
+    return max(32, streams // 2 + 12)
+
+
+def bench_fleet(models_dir: Path, redis: PersistentRedis | None, redis_url: str, token: str, streams: int,
+                rpc_timeout: float, http: bool = False) -> ProcessFleet:
+    """The benchmarks' fleet (not started): drafter pools python and prose, fusion, two verifiers, a router with a
+    bearer token and adaptive control off (every round drafts with both pools, so fusion is on every round's path),
+    on `redis` (a PersistentRedis the caller started, so restarting it is one of the faults) or else `redis_url`."""
+    return ProcessFleet(models_dir, redis.url if redis is not None else redis_url, pools=BENCH_POOLS, verifiers=2,
+                        token=token, http=http, slots=bench_slots(streams),
+                        router_flags=("--rpc-timeout", str(rpc_timeout), "--no-adaptive"), redis=redis)
+
+
+def bench_prompts(models_dir: Path, limit: int = 12, prompt_tokens: int = 48) -> list[list[int]]:
+    """Token ids of the held-out prompts the benchmarks send (round-robin over domains)."""
+    from transformers import AutoTokenizer
+
+    from specfleet.bench.engine_bench import load_prompts
+
+    tok = AutoTokenizer.from_pretrained(str(models_dir / "target"))
+    return [p.ids for p in load_prompts(tok, None, limit, prompt_tokens)]
+
+
+def percentile_ms(ordered: list[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of sorted seconds, in milliseconds; None for no values."""
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000, 1)
+
+
 # ---------------------------------------------------------------- faults
 
 @dataclass
@@ -306,7 +343,7 @@ def stream_with_fault(address: str, ids: list[int], new_tokens: int, fault: str 
     tokens, texts, offsets, injected_at = [], [], [], -1
     start = time.perf_counter()
     error = ""
-    with Client(address, token=token, timeout=timeout, retries=12, backoff=0.5) as client:
+    with Client(address, token=token, timeout=timeout, retries=SDK_RETRIES, backoff=SDK_BACKOFF_S) as client:
         try:
             for chunk in client.generate(prompt_token_ids=ids, max_new_tokens=new_tokens, request_id=request_id):
                 if chunk.token_ids:
@@ -494,35 +531,30 @@ def load_run(fleet: ProcessFleet, prompts: list[list[int]], expected: list[list[
 
     wall = asyncio.run(main())
     ordered = sorted(latencies)
-
-    def pct(q: float) -> float | None:
-        if not ordered:
-            return None
-        return round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000, 1)
-
     return {"streams": streams, "seconds": round(wall, 1), "requests": len(latencies) + len(errors),
             "completed": len(latencies), "errors": len(errors), "error_examples": errors[:3],
             "retries": retries,
             "outputs_differing": differing, "tokens_per_s": round(len(latencies) * new_tokens / wall, 1),
-            "latency_ms": {"p50": pct(0.5), "p99": pct(0.99)}}
+            "latency_ms": {"p50": percentile_ms(ordered, 0.5), "p99": percentile_ms(ordered, 0.99)}}
 
 
 # ---------------------------------------------------------------- the benchmark
 
-STAGES = ("faults", "bad-input", "cancel", "load")
+DEFAULT_STAGES = ("faults", "bad-input", "cancel", "load")
+STAGES = (*DEFAULT_STAGES, "faults-under-load")  # `--under-load`: the load once per fault, minutes each
 
 
 def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seconds: float = 60.0,
         new_tokens: int = 96, load_tokens: int = 16, fuzz_rounds: int = 40, seed: int = 0, rpc_timeout: float = 30.0,
-        progress: bool = True, own_redis: bool = True, stages: tuple[str, ...] = STAGES) -> dict:
-    """The benchmark's `stages` (all by default) against one fleet. With own_redis (the default) the fleet runs on a
-    redis-server of its own with persistence on, so the faults include restarting Redis mid-stream; redis_url is then
-    unused. own_redis=False uses redis_url and skips that fault. After the faults and after the load, the fleet's
-    Redis is counted (`leaks.settled_census`). The report's keys of the stages run replace those in `output`; the
-    others (stages not run now, `bench fuzz`'s) are kept."""
-    from transformers import AutoTokenizer
-
-    from specfleet.bench.engine_bench import load_prompts
+        progress: bool = True, own_redis: bool = True, stages: tuple[str, ...] = DEFAULT_STAGES,
+        deadline_s: float = 300.0, outage_s: float = 5.0) -> dict:
+    """The benchmark's `stages` (DEFAULT_STAGES by default) against one fleet. With own_redis (the default) the fleet
+    runs on a redis-server of its own with persistence on, so the faults include restarting Redis mid-stream;
+    redis_url is then unused. own_redis=False uses redis_url and skips that fault. After the faults, the faults
+    under load and the load, the fleet's Redis is counted (`leaks.settled_census`). The report's keys of the stages
+    run replace those in `output`; the others (stages not run now, `bench fuzz`'s) are kept. faults-under-load runs
+    `streams` requests of `load_tokens` tokens at once, each with `deadline_s`, and restores a faulted service
+    `outage_s` after the fault (see `under_load`)."""
     from specfleet.bench.leaks import cancellation_run, settled_census
 
     unknown = set(stages) - set(STAGES)
@@ -533,22 +565,18 @@ def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seco
         if progress:
             print(f"[bench reliability] {text}", file=sys.stderr, flush=True)
 
-    tok = AutoTokenizer.from_pretrained(str(models_dir / "target"))
-    prompts = [p.ids for p in load_prompts(tok, None, 12, 48)]
+    prompts = bench_prompts(models_dir)
     token = os.urandom(12).hex()
     say("starting the fleet: drafters python, prose; fusion; 2 verifiers; router (one process each)")
-    # slots: every live request keeps its KV cache on its verifier (fewer slots than streams thrash the caches);
     # the router's default 30 s deadline: a verifier round under 200 streams on 2 cores takes ~10 s, and a round that
     # times out is verified again elsewhere (10 s measured: every request failed, the load doubled by failovers)
-    slots = max(32, streams // 2 + 12)
+    slots = bench_slots(streams)
     report: dict = {}
     redis_counts: dict = {}
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(PersistentRedis()) if own_redis else None
         redis_url = redis.url if redis is not None else redis_url
-        fleet = stack.enter_context(ProcessFleet(
-            models_dir, redis_url, pools=("python", "prose"), verifiers=2, token=token, http=True, slots=slots,
-            router_flags=("--rpc-timeout", str(rpc_timeout), "--no-adaptive"), redis=redis))
+        fleet = stack.enter_context(bench_fleet(models_dir, redis, redis_url, token, streams, rpc_timeout, http=True))
         if "faults" in stages:
             names = list(fault_actions(fleet))
             say(f"unfaulted runs of {len(prompts)} prompts")
@@ -568,6 +596,12 @@ def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seco
                 "outputs_differing_from_unfaulted": sum(f["completed"] and not f["identical"] for f in faults),
                 "runs": faults}
             redis_counts["after_faults"] = settled_census(redis_url, fleet.prefix)
+        if "faults-under-load" in stages:
+            from specfleet.bench.under_load import faults_under_load
+
+            report["faults_under_load"] = faults_under_load(fleet, prompts, streams, load_tokens, deadline_s,
+                                                            outage_s, seed, say=say)
+            redis_counts["after_faults_under_load"] = settled_census(redis_url, fleet.prefix)
         if "bad-input" in stages:
             say("fuzzing the gRPC and HTTP APIs")
             report["bad_input"] = fuzz(fleet, seed, fuzz_rounds)
@@ -590,8 +624,9 @@ def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seco
         crashed = fleet.crashed()
     report["config"] = {
         "fleet": "one `specfleet serve` process per service on loopback, SDK clients with retries",
-        "pools": ["python", "prose"], "verifiers": 2, "fusion": True, "max_new_tokens": new_tokens,
-        "router_rpc_timeout_s": rpc_timeout, "slots": slots, "cpu_count": os.cpu_count(), "stages": list(stages),
+        "pools": list(BENCH_POOLS), "verifiers": 2, "fusion": True, "max_new_tokens": new_tokens,
+        "load_max_new_tokens": load_tokens, "router_rpc_timeout_s": rpc_timeout, "slots": slots,
+        "cpu_count": os.cpu_count(), "stages": list(stages),
         "redis": ("own redis-server (appendonly yes, appendfsync always)" if own_redis else redis_url)}
     report["server_crashes"] = len(crashed) + report.get("bad_input", {}).get("server_crashes", 0)
     if redis_counts:
@@ -613,6 +648,10 @@ def format_table(report: dict) -> str:
         lines += [f"  {r['fault']:<26} after {r['injected_after_tokens']:>3} tokens  {r['seconds']:>6.2f} s  "
                   f"{'identical' if r['identical'] else 'DIFFERENT'}{'  ' + r['error'] if r['error'] else ''}"
                   for r in f["runs"]]
+    if "faults_under_load" in report:
+        from specfleet.bench.under_load import format_table as under_load_table
+
+        lines += under_load_table(report["faults_under_load"])
     if "bad_input" in report:
         b = report["bad_input"]
         lines.append(f"inputs fuzzed {b['inputs_fuzzed']} (gRPC {b['grpc_requests']}, malformed protobuf "

@@ -19,7 +19,14 @@ import time
 from pathlib import Path
 
 from specfleet.bench.leaks import settled_census
-from specfleet.bench.reliability import PersistentRedis, ProcessFleet, load_run, stream_with_fault
+from specfleet.bench.reliability import (
+    PersistentRedis,
+    bench_fleet,
+    bench_prompts,
+    bench_slots,
+    load_run,
+    stream_with_fault,
+)
 
 DEFAULT_OUTPUT = Path("bench/reliability-soak.json")
 
@@ -60,22 +67,15 @@ def memory_summary(samples: list[dict], warmup_s: float, max_slope: float) -> di
 def run(models_dir: Path, output: Path, seconds: float = 1800.0, streams: int = 200, new_tokens: int = 16,
         sample_s: float = 5.0, warmup_frac: float = 0.2, max_slope: float = 1.0, rpc_timeout: float = 30.0,
         progress: bool = True) -> dict:
-    from transformers import AutoTokenizer
-
-    from specfleet.bench.engine_bench import load_prompts
-
     def say(text: str) -> None:
         if progress:
             print(f"[soak] {text}", file=sys.stderr, flush=True)
 
-    tok = AutoTokenizer.from_pretrained(str(models_dir / "target"))
-    prompts = [p.ids for p in load_prompts(tok, None, 12, 48)]
+    prompts = bench_prompts(models_dir)
     token = os.urandom(12).hex()
-    slots = max(32, streams // 2 + 12)  # as `bench reliability`: every live request keeps its KV cache
+    slots = bench_slots(streams)  # as `bench reliability`: every live request keeps its KV cache
     say("starting the fleet: drafters python, prose; fusion; 2 verifiers; router (one process each), own Redis")
-    with PersistentRedis() as redis, ProcessFleet(
-            models_dir, redis.url, pools=("python", "prose"), verifiers=2, token=token, slots=slots,
-            router_flags=("--rpc-timeout", str(rpc_timeout), "--no-adaptive"), redis=redis) as fleet:
+    with PersistentRedis() as redis, bench_fleet(models_dir, redis, redis.url, token, streams, rpc_timeout) as fleet:
         baseline = [stream_with_fault(fleet.router_address, ids, new_tokens, token=token).tokens for ids in prompts]
         samples: list[dict] = []
         done = threading.Event()

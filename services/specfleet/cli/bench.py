@@ -69,13 +69,20 @@ def cmd_bench_reliability(args) -> int:
 
     try:
         stages = tuple(x.strip() for x in args.stages.split(",") if x.strip())
+        if args.under_load and "faults-under-load" not in stages:
+            stages += ("faults-under-load",)
+        if not (args.deadline > 0 and args.outage_s >= 0):
+            raise ValueError(f"--deadline must be > 0 and --outage-s >= 0, got {args.deadline} and {args.outage_s}")
         report = run(args.models, args.redis_url, args.output, streams=args.streams, seconds=args.seconds,
-                     stages=stages)
+                     load_tokens=args.load_tokens, stages=stages, deadline_s=args.deadline, outage_s=args.outage_s)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
         sys.exit(f"error: {exc}")
     print(format_table(report))
     print(f"\nwrote {args.output}")
-    lost = report.get("faults", {}).get("requests_lost", 0)
+    under_load = report.get("faults_under_load", {})
+    # a fault under load not survived: not injected mid-run, or a request lost, differing or late, or a crash
+    lost = (report.get("faults", {}).get("requests_lost", 0)
+            + len(under_load.get("runs", ())) - under_load.get("survived", 0))
     leaks = [found for found in report.get("redis", {}).values() if not found["leak_free"]]
     late = report.get("cancellation", {})
     late = late.get("requests", 0) - late.get("within_bound", 0)
@@ -151,17 +158,34 @@ def add_parser(sub, fmt) -> None:
                                     "Redis mid-stream (outputs vs the unfaulted run), a fuzz of the gRPC and HTTP "
                                     "APIs, then a bounded load run with each "
                                     "service's memory before and after; Redis keys by kind and verify-stream entries "
-                                    "counted after the faults and the load; cancelled streams timed. Exits 1 when a "
-                                    "request was lost, a server crashed, Redis kept an orphan or a pending entry, or "
-                                    "cancelled work ran on past 2 s.")
+                                    "counted after the faults and the load; cancelled streams timed. With "
+                                    "--under-load, each fault again in the middle of --streams concurrent requests "
+                                    "(greedy and seeded sampled mixed), every output compared with a fault-free run "
+                                    "and every request held to its --deadline + 5 s. Exits 1 when a request was lost "
+                                    "(or, under load, differed or ended late), a server crashed, Redis kept an orphan "
+                                    "or a pending entry, or cancelled work ran on past 2 s.")
     fleet_bench_options(b)
-    b.add_argument("--streams", type=positive_int, default=200, help="concurrent streams in the load run")
+    b.add_argument("--streams", type=positive_int, default=200,
+                   help="concurrent streams in the load run and in the faults under load")
     b.add_argument("--seconds", type=float, default=60.0, help="how long the load run sends new requests")
+    b.add_argument("--load-tokens", type=positive_int, default=16,
+                   help="tokens per request in the load run and in the faults under load")
     b.add_argument("--stages", default="faults,bad-input,cancel,load",
                    help="comma-separated: faults (each fault mid-stream, then Redis counted), bad-input (the fixed "
                         "bad-input corpus; `bench fuzz` is the volume run), cancel (long streams whose clients go "
-                        "away: when their work stopped), load (--streams for --seconds with RSS, then Redis counted). "
-                        "Keys of stages not run stay in --output as they were")
+                        "away: when their work stopped), load (--streams for --seconds with RSS, then Redis counted), "
+                        "faults-under-load (as --under-load). Keys of stages not run stay in --output as they were")
+    b.add_argument("--under-load", action="store_true",
+                   help="add the stage faults-under-load: --streams requests at once (greedy and sampled at T=0.8, "
+                        "top-p 0.95 with seeds of their own, in turn), a fault-free run, then one run per "
+                        "fault injected once the streams hold half the fault-free run's tokens (the faulted service "
+                        "restored --outage-s later); outputs vs the fault-free run, each request's end vs its "
+                        "deadline + 5 s; then Redis counted. Alone: --stages faults-under-load")
+    b.add_argument("--deadline", type=float, default=300.0,
+                   help="faults under load: each request's deadline, seconds (the SDK's deadline per attempt; the "
+                        "request must end, with its tokens or a typed retryable error, within it + 5 s)")
+    b.add_argument("--outage-s", type=float, default=5.0,
+                   help="faults under load: seconds from a fault to the restart (or SIGCONT) of the faulted service")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "reliability.json", help="JSON result")
     b.set_defaults(func=cmd_bench_reliability)
     b = bsub.add_parser("fuzz", formatter_class=fmt, help="10,000 malformed or extreme inputs against the fleet's "

@@ -80,20 +80,27 @@ async def _sampler(redis_url: str, prefix: str, t0: float, stop: asyncio.Event, 
             beats = await store.heartbeats()
             roles: dict[str, int] = {}
             draining: dict[str, int] = {}
-            waits, means = [], []
+            waits, means, busy, depth, ages = [], [], [], 0, []
             for b in beats:
                 key = f"drafter-{b.get('pool')}" if b["role"] == "drafter" else b["role"]
                 roles[key] = roles.get(key, 0) + 1
                 draining[key] = draining.get(key, 0) + bool(b.get("draining"))
                 if b["role"] == "verifier":
                     waits.append(float(b.get("queue_wait_p99_ms") or 0.0))
+                    depth += int(b.get("queue_depth") or 0)
+                    ages.append(float(b.get("age_s") or 0.0))
                     if not b.get("draining"):
                         means.append(float(b.get("queue_wait_ms") or 0.0))
+                        busy.append(float(b.get("busy_frac") or 0.0))
             # the p99 of each verifier's recent waits (worst verifier), and the mean wait over the last heartbeat
             # interval across serving verifiers: what the policy scales on
             samples.append({"t": round(time.time() - t0, 2), "replicas": roles, "draining": draining,
                             "verifier_queue_wait_p99_ms": round(max(waits, default=0.0), 2),
-                            "verifier_queue_wait_ms": round(sum(means) / len(means), 2) if means else 0.0})
+                            "verifier_queue_wait_ms": round(sum(means) / len(means), 2) if means else 0.0,
+                            # where a decision's latency comes from: the verifiers' busy fraction and queue, and how
+                            # old their newest heartbeats are (a starved process beats late)
+                            "verifier_busy": round(sum(busy) / len(busy), 3) if busy else 0.0,
+                            "verifier_queue_depth": depth, "verifier_heartbeat_age_s": round(max(ages, default=0), 2)})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
     finally:

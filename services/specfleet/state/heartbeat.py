@@ -85,10 +85,8 @@ class HeartbeatPublisher:
         self.store, self.role, self.pod, self.address = store, role, pod, address
         self.snapshot, self.on_drain, self.interval_s = snapshot, on_drain, interval_s
         self.extra = dict(extra or {})
-        # a beat that hangs (a stopped Redis, a dead network path) counts as a failed one after this long; beating
-        # faster than the default 2 s reports load sooner, but must not make a busy pod on a loaded machine look
-        # unready (or, by the TTL below, gone) any sooner than at the default
-        self.beat_timeout_s = beat_timeout_s if beat_timeout_s is not None else max(2 * interval_s, 4.0)
+        # a beat that hangs (a stopped Redis, a dead network path) counts as a failed one after this long
+        self.beat_timeout_s = beat_timeout_s if beat_timeout_s is not None else max(2 * interval_s, 2.0)
         self.draining = False  # the last drain mark a beat read
         self.redis_reachable = True  # whether the last beat reached Redis
         self.unready = False  # what on_drain was last told (draining or Redis unreachable)
@@ -118,7 +116,7 @@ class HeartbeatPublisher:
                 if k not in ("busy_s", "tokens", "steps", "wait_s", "waited", "rounds")}
         load.update(rates(previous, current, seconds), address=self.address, gpu=gpu_readings(), **self.extra)
         record = await asyncio.wait_for(
-            self.store.heartbeat(self.role, self.pod, load, ttl_s=max(5 * self.interval_s, 10.0)), self.beat_timeout_s)
+            self.store.heartbeat(self.role, self.pod, load, ttl_s=max(5 * self.interval_s, 3.0)), self.beat_timeout_s)
         self.last = record
         if not self.redis_reachable:
             log.info("%s %s reaches Redis again", self.role, self.pod)

@@ -62,7 +62,7 @@ async def _serve(args) -> None:
                         max_batch_tokens=args.max_batch_tokens, tls=tls, rate_limit_rps=args.rate_limit_rps,
                         rate_limit_tpm=args.rate_limit_tpm,
                         health_port=None if args.health_port < 0 else args.health_port,
-                        verify_intake=args.verify_intake, heartbeat_s=args.heartbeat_s)
+                        verify_intake=args.verify_intake)
     if args.role == "drafter":
         from specfleet.drafter.serve import start_drafter
 
@@ -117,8 +117,6 @@ async def _serve(args) -> None:
 def cmd_serve(args) -> int:
     if args.verify_intake < 1:
         sys.exit(f"error: --verify-intake must be >= 1 (rounds a verifier holds at once), got {args.verify_intake}")
-    if not args.heartbeat_s >= 0:
-        sys.exit(f"error: --heartbeat-s must be >= 0 (0: no heartbeat), got {args.heartbeat_s}")
     if args.role == "drafter" and not args.pool:
         sys.exit(f"error: serve drafter needs --pool (a drafter's name, e.g. {', '.join(DRAFTER_POOLS)}, one of "
                  f"{', '.join(MODEL_FREE_POOLS)}, or {HEAD_POOL}: the draft head)")
@@ -215,8 +213,5 @@ def add_parser(sub, fmt) -> None:
                    help="verifier only: the most rounds it takes from the verify stream at once (at most --slots); "
                         "the rest wait in the stream, first come first served across verifiers")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
-    p.add_argument("--heartbeat-s", type=float, default=2.0,
-                   help="seconds between the load heartbeats published to Redis (what the autoscaler scales on and "
-                        "the router finds replicas by; 0: none)")
     tracing_flags(p, "this service")
     p.set_defaults(func=cmd_serve)

@@ -105,14 +105,8 @@ def local_spec(pools: list[str], verifiers: int, max_verifiers: int, max_drafter
     })
 
 
-def local_heartbeat_s(interval_s: float) -> float:
-    """How often `up --autoscale`'s services publish their load: every loop step, within 0.5-2 s (the services'
-    default 2 s is the most: a burst waits up to one beat before the loop can see it)."""
-    return min(2.0, max(0.5, interval_s))
-
-
 def local_smoothing_s(interval_s: float) -> float:
-    """The metrics smoothing of the local loop: four steps, at least 4 s (two heartbeats at most). The operator's 10 s
+    """The metrics smoothing of the local loop: four steps, at least 4 s (two heartbeats of 2 s). The operator's 10 s
     suit its 15-s up window; beside `local_spec`'s 2-s one they would dilute a burst's first heartbeats with ten
     seconds of the load before it, and the scale-up would wait for the average to catch up."""
     return max(4.0, 4.0 * interval_s)

@@ -268,10 +268,6 @@ def run(args) -> int:
     common = ["--models", str(args.models), *models.args(), *kv_args(args), "--redis-url", redis_url,
               "--key-prefix", args.key_prefix,
               "--slots", str(args.slots), *tracing_args(args)]
-    if args.autoscale:  # heartbeats as often as the loop steps (within 0.5-2 s): a burst shows a beat sooner
-        from specfleet.local.autoscale import local_heartbeat_s
-
-        common += ["--heartbeat-s", f"{local_heartbeat_s(args.autoscale_interval):g}"]
     plan = _plan(args, pools, mtls, public, internal_token)
     http = None
     autoscaler_stop = None

@@ -182,12 +182,13 @@ async def _load(address: str, prompts: list[list[int]], refs: list[list[int]], n
 
 def run(models_dir: Path, redis_url: str, output: Path, ramp=DEFAULT_RAMP, phase_s: float = 20.0,
         new_tokens: int = 24, pools: str = "suffix", max_verifiers: int = 3, interval_s: float = 1.0,
-        until=(), stages=("ramp", "burst"), burst=DEFAULT_BURST, burst_s=DEFAULT_BURST_S,
+        until=(), stages=("burst", "ramp"), burst=DEFAULT_BURST, burst_s=DEFAULT_BURST_S,
         settle_s: float = 60.0) -> dict:
     """`until`: optional per-phase predicates of the ramp over (log lines, timeline samples); a phase with one ends
     as soon as it holds (phase_s then only bounds it), so a test waits on what it checks instead of sleeping fixed
     phases. `burst`: (base, peak) clients; `burst_s`: seconds of base load (at least; it also waits up to
-    `settle_s` more for the verifiers to settle at one), of the peak, and of base load after it."""
+    `settle_s` more for the verifiers to settle at one), of the peak, and of base load after it. `stages` run in the
+    order given; the burst first (the default) meets a fresh fleet at its minimum, with no burst remembered."""
     unknown = set(stages) - {"ramp", "burst"}
     if unknown or not stages:
         raise ValueError(f"stages are ramp and burst; got {','.join(stages) or 'none'}")
@@ -209,8 +210,10 @@ def run(models_dir: Path, redis_url: str, output: Path, ramp=DEFAULT_RAMP, phase
         refs = [target.generate(torch.tensor([p]), do_sample=False, max_new_tokens=new_tokens,
                                 pad_token_id=tok.pad_token_id)[0, len(p):].tolist() for p in prompts]
     del target
-    phases = (ramp_phases(ramp, phase_s, until) if "ramp" in stages else []) + (
-        burst_phases(base, peak, *burst_s, settle_s) if "burst" in stages else [])
+    if len(set(stages)) != len(stages):
+        raise ValueError(f"each stage runs once; got {','.join(stages)}")
+    phases = [phase for stage in stages for phase in (
+        ramp_phases(ramp, phase_s, until) if stage == "ramp" else burst_phases(base, peak, *burst_s, settle_s))]
     prefix = f"sfbench-as-{uuid.uuid4().hex[:8]}"
     log_lines: list[str] = []
     samples: list[dict] = []
@@ -254,14 +257,16 @@ def run(models_dir: Path, redis_url: str, output: Path, ramp=DEFAULT_RAMP, phase
                                            sum(w > QUEUE_WAIT_TARGET_MS for w in waits) / max(1, len(waits)), 3)},
         "reversals": reversals_per_role(made),
     }
-    starts = {stage: next(p["t"] for p in load_log if p["stage"] == stage) for stage in stages}
-    if "ramp" in stages:
-        report["ramp"] = stage_summary("ramp", starts["ramp"], starts.get("burst", end), samples, requests, load_log,
-                                       made, QUEUE_WAIT_TARGET_MS)
-    if "burst" in stages:
-        burst_log = [p for p in load_log if p["stage"] == "burst"]
-        report["burst"] = burst_summary(starts["burst"], end, burst_log[1]["t"], burst_log[2]["t"], samples,
-                                        requests, load_log, made, QUEUE_WAIT_TARGET_MS)
+    # each stage's window: from its first phase to the next stage's (or the end)
+    starts = [next(p["t"] for p in load_log if p["stage"] == stage) for stage in stages]
+    for stage, start, until in zip(stages, starts, [*starts[1:], end], strict=True):
+        if stage == "ramp":
+            report["ramp"] = stage_summary("ramp", start, until, samples, requests, load_log, made,
+                                           QUEUE_WAIT_TARGET_MS)
+        else:
+            burst_log = [p for p in load_log if p["stage"] == "burst"]
+            report["burst"] = burst_summary(start, until, burst_log[1]["t"], burst_log[2]["t"], samples, requests,
+                                            load_log, made, QUEUE_WAIT_TARGET_MS)
     report.update(timeline=samples, load=load_log,
                   errors=sorted({r["error"] for r in requests if not r["ok"]})[:10])
     output.parent.mkdir(parents=True, exist_ok=True)

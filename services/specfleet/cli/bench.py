@@ -56,8 +56,8 @@ def cmd_bench_autoscale(args) -> int:
         if not ramp or min(ramp) < 0:
             raise ValueError(f"--ramp wants comma-separated client counts >= 0, got {args.ramp!r}")
         stages = tuple(x.strip() for x in args.stages.split(",") if x.strip())
-        if not stages or set(stages) - {"ramp", "burst"}:
-            raise ValueError(f"--stages takes ramp, burst; got {args.stages!r}")
+        if not stages or set(stages) - {"ramp", "burst"} or len(set(stages)) != len(stages):
+            raise ValueError(f"--stages takes burst and/or ramp, each once, in the order to run; got {args.stages!r}")
         burst = _ints(args.burst, "--burst")
         if len(burst) != 2 or not 1 <= burst[0] < burst[1]:
             raise ValueError(f"--burst wants BASE,PEAK clients with 1 <= BASE < PEAK, got {args.burst!r}")
@@ -207,18 +207,20 @@ def add_parser(sub, fmt) -> None:
     b.set_defaults(func=cmd_bench_fuzz)
 
     b = bsub.add_parser("autoscale", formatter_class=fmt,
-                        help="a load ramp and a burst on `specfleet up --autoscale`: replicas over time, time "
+                        help="a burst and a load ramp on `specfleet up --autoscale`: replicas over time, time "
                              "from the burst to the scale-up decision, reversals, queue wait, nothing lost",
-                        description="Starts the local fleet with the operator's autoscaling loop, ramps concurrent "
-                                    "clients up and down, then holds a low base load, jumps to many times as many "
-                                    "clients and back; samples replicas per role from Redis heartbeats, reports the "
-                                    "time from the burst's start to the first scale-up decision, direction reversals "
-                                    "per role and the verifier queue wait against its target, and checks that no "
+                        description="Starts the local fleet with the operator's autoscaling loop; first holds a "
+                                    "low base load, jumps to many times as many clients and back (the burst), then "
+                                    "ramps concurrent clients up and down; samples replicas per role from Redis "
+                                    "heartbeats, reports the time from the burst's start to the first scale-up "
+                                    "decision, direction reversals per role and the verifier queue wait against its "
+                                    "target, and checks that no "
                                     "request is lost and every output equals the target's greedy decoding.")
     fleet_bench_options(b)
     b.add_argument("--ramp", default="1,4,12,12,4,1,0,0", help="concurrent clients in each phase")
     b.add_argument("--phase-s", type=float, default=20.0, help="seconds per phase of the ramp")
-    b.add_argument("--stages", default="ramp,burst", help="what to run, in order: ramp, burst")
+    b.add_argument("--stages", default="burst,ramp",
+                   help="what to run, in order: burst, ramp (the burst first meets a fresh fleet at its minimum)")
     b.add_argument("--burst", default="1,12", help="BASE,PEAK: clients of the base load and of the burst")
     b.add_argument("--burst-s", default="20,30,20",
                    help="BASE,PEAK,AFTER: seconds of base load before the burst (at least: see --settle-s), of the "

@@ -68,7 +68,7 @@ SOAK_STREAMS ?= 200
 soak: setup  ## long load (SOAK_SECONDS, SOAK_STREAMS) with every service's RSS sampled: growth + slope -> bench/reliability-soak.json
 	$(PY) -m specfleet.bench.soak --seconds $(SOAK_SECONDS) --streams $(SOAK_STREAMS) --output bench/reliability-soak.json
 
-bench-autoscale: setup  ## a load ramp on specfleet up --autoscale -> bench/autoscale.json + .png
+bench-autoscale: setup  ## a load ramp and a burst on specfleet up --autoscale -> bench/autoscale.json + .png
 	$(VENV)/bin/specfleet bench autoscale --output bench/autoscale.json
 
 protos: setup  ## regenerate the gRPC stubs in services/specfleet/api/v1/ from protos/

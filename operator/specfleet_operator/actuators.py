@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from specfleet_operator.metrics import MetricsSample, PodLoad, read_sample
-from specfleet_operator.policy import Decision, PolicyMemory, decide, drain_plan
+from specfleet_operator.policy import SMOOTHING_S, Decision, PolicyMemory, decide, drain_plan
 from specfleet_operator.spec import FleetSpec, component_of
 
 if TYPE_CHECKING:
@@ -66,8 +66,11 @@ class Autoscaler:
 
     def __init__(self, spec: FleetSpec, actuator: LocalActuator, store: StateStore | None = None,
                  current: dict[str, int] | None = None, memory: PolicyMemory | None = None,
-                 drain_grace_s: float = DRAIN_GRACE_S, clock: Callable[[], float] = time.time):
+                 drain_grace_s: float = DRAIN_GRACE_S, clock: Callable[[], float] = time.time,
+                 smoothing_s: float = SMOOTHING_S):
+        # smoothing_s: the policy averages metrics over this much of the newest history (`decide(smoothing_s=)`)
         self.spec, self.actuator, self.store = spec, actuator, store
+        self.smoothing_s = smoothing_s
         self.desired: dict[str, int] = dict(current or {})
         self.memory = memory or PolicyMemory()
         self.history: deque[MetricsSample] = deque()
@@ -86,7 +89,8 @@ class Autoscaler:
             self.history.append(sample)
         while self.history and self.history[0].time_s < now - HISTORY_S:
             self.history.popleft()
-        result = decide(list(self.history) if sample is not None else [], self.spec, self.desired, self.memory, now)
+        result = decide(list(self.history) if sample is not None else [], self.spec, self.desired, self.memory, now,
+                        smoothing_s=self.smoothing_s)
         self.desired, self.memory = result.desired, result.memory
         report = StepReport(sample, dict(result.desired), result.reasons, result.decisions)
         for role in self.spec.roles:
@@ -135,11 +139,11 @@ class Autoscaler:
 
 async def autoscale_loop(store: StateStore | None, spec: FleetSpec, actuator: LocalActuator, interval_s: float,
                          stop_event: asyncio.Event, on_step: Callable[[StepReport], Any] | None = None,
-                         current: dict[str, int] | None = None) -> Autoscaler:
+                         current: dict[str, int] | None = None, smoothing_s: float = SMOOTHING_S) -> Autoscaler:
     """Run control steps every interval_s until stop_event is set; returns the Autoscaler (its final state).
 
     on_step (plain or async) sees every StepReport: log decisions, post events, record a benchmark."""
-    autoscaler = Autoscaler(spec, actuator, store, current)
+    autoscaler = Autoscaler(spec, actuator, store, current, smoothing_s=smoothing_s)
     while not stop_event.is_set():
         try:
             report = await autoscaler.step()

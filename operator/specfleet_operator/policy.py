@@ -30,7 +30,8 @@ does, and finally enforces the spec's bounds:
   is removed in fewer, larger steps than it is added).
 - panic (Knative KPA's rule): while a role's recommendation is >= `PANIC_RATIO` x its serving pods, or the verifier
   queue wait is >= `PANIC_WAIT_RATIO` x its target, the role panics for `PANIC_HOLD_S`: scale-up uses the
-  `PANIC_WINDOW_S` window instead of the up window, skips the up cooldown and, sized by the arrival rate below, goes
+  `PANIC_WINDOW_S` window (or the up window where that is shorter: a panic never waits longer than calm scaling
+  would) instead of the up window, skips the up cooldown and, sized by the arrival rate below, goes
   to that count in one step (Knative allows 1000x; every extra step waits another provisioning time), or, sized by
   the queue-wait ratio alone (no rate measured yet), adds at most max(maxStep, current) pods (at most doubling, the
   HPA's default scale-up rate); nothing is removed while panicking. Panicking, the verifiers
@@ -371,7 +372,7 @@ def _stabilize(key: str, raw: int, current: int, memory: PolicyMemory, spec: Fle
     recs = memory.recommendations.get(key, ((now, raw),))
     since = memory.observed_since.get(key, now)
     if panicking:  # up on the panic window alone, by more than the tolerance (one noisy sample adds no last pod)
-        lowest_panic = min([r for t, r in recs if t >= now - PANIC_WINDOW_S] or [raw])
+        lowest_panic = min([r for t, r in recs if t >= now - panic_window_s(spec)] or [raw])
         return lowest_panic if lowest_panic > current * (1 + tolerance) else current
     up_values = [r for t, r in recs if t >= now - up_s] or [raw]
     down_values = [r for t, r in recs if t >= now - down_s] or [raw]
@@ -384,6 +385,13 @@ def _stabilize(key: str, raw: int, current: int, memory: PolicyMemory, spec: Fle
         # adds a pod now and then, and taking it back is a reversal at a constant load
         return highest_down
     return current
+
+
+def panic_window_s(spec: FleetSpec) -> float:
+    """The window a panicking scale-up looks at: Knative's 6 s, or the up window where that is shorter (a fleet tuned
+    to react in seconds, such as `specfleet up --autoscale`'s 2-s up window, would otherwise scale up later in a panic
+    than without one)."""
+    return min(PANIC_WINDOW_S, float(spec.autoscaling.window_up_s))
 
 
 def _provisioning(key: str, memory: PolicyMemory, serving: int, now: float) -> PolicyMemory:

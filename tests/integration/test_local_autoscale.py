@@ -41,7 +41,7 @@ def test_load_ramp_scales_verifiers_up_and_down_losing_nothing(models_dir, tmp_p
     # each phase ends on what the test checks (phase_s only bounds it): load until a second verifier serves, then
     # idle until one is drained and stopped; no fixed sleeps, so a slow machine waits longer instead of failing
     report = run(models_dir, "redis://127.0.0.1:6379/0", tmp_path / "autoscale.json", ramp=(12, 0), phase_s=150,
-                 new_tokens=12, pools="suffix", max_verifiers=2, interval_s=0.5,
+                 new_tokens=12, pools="suffix", max_verifiers=2, interval_s=0.5, stages=("ramp",),
                  until=(_two_verifiers_serving, _a_verifier_stopped))
     assert report["requests"] > 0
     assert report["requests_lost"] == 0, report["errors"]

@@ -193,6 +193,23 @@ def test_panic_skips_the_up_window_and_cooldown_and_at_most_doubles():
     assert third.desired["verifier"] == 10
 
 
+def test_a_panic_waits_no_longer_than_the_up_window_where_that_is_shorter():
+    # `specfleet up --autoscale`'s windows: up 2 s, samples every second; a burst at t=10 lifts the smoothed queue
+    # wait over target at once (a panic: 2 pods wanted from 1); Knative's 6-s panic window would hold the scale-up
+    # to t=16, behind the 2-s up window calm scaling waits
+    spec = fleet({"stabilizationWindowSeconds": {"up": 2, "down": 10}, "cooldownSeconds": 3,
+                  "scaleDownCooldownSeconds": 6, "maxStep": 1}, verifier={"maxReplicas": 3})
+    calm, burst = {"queue_wait_ms": 2, "busy_frac": 0.4}, {"queue_wait_ms": 800, "busy_frac": 1.0}
+    history, current, memory, ups = [], {**CURRENT, "verifier": 1}, None, []
+    for t in range(20):
+        history.append(sample(float(t), {"verifier": 1}, verifier=burst if t >= 10 else calm))
+        result = decide(history, spec, current, memory, now=float(t))
+        current, memory = result.desired, result.memory
+        ups += [t for d in result.decisions if d.role == "verifier" and d.to_replicas > d.from_replicas]
+    assert ups and ups[0] == 12, ups  # the 2-s window over the recommendations from t=10 on
+    assert memory.panic_until["verifier"] > 19
+
+
 def test_never_scales_down_while_panicking():
     spec = fleet({"stabilizationWindowSeconds": {"up": 0, "down": 0}})
     burst, calm = {"queue_wait_ms": 250, "busy_frac": 1.0}, {"queue_wait_ms": 1, "busy_frac": 0.1}

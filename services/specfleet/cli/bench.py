@@ -52,16 +52,38 @@ def cmd_bench_autoscale(args) -> int:
     from specfleet.bench.autoscale_bench import format_table, run
 
     try:
-        ramp = tuple(int(x) for x in args.ramp.split(","))
+        ramp = _ints(args.ramp, "--ramp")
         if not ramp or min(ramp) < 0:
             raise ValueError(f"--ramp wants comma-separated client counts >= 0, got {args.ramp!r}")
+        stages = tuple(x.strip() for x in args.stages.split(",") if x.strip())
+        if not stages or set(stages) - {"ramp", "burst"} or len(set(stages)) != len(stages):
+            raise ValueError(f"--stages takes burst and/or ramp, each once, in the order to run; got {args.stages!r}")
+        burst = _ints(args.burst, "--burst")
+        if len(burst) != 2 or not 1 <= burst[0] < burst[1]:
+            raise ValueError(f"--burst wants BASE,PEAK clients with 1 <= BASE < PEAK, got {args.burst!r}")
+        try:
+            burst_s = tuple(float(x) for x in args.burst_s.split(","))
+        except ValueError:
+            burst_s = ()
+        if len(burst_s) != 3 or min(burst_s) <= 0:
+            raise ValueError(f"--burst-s wants three positive seconds BASE,PEAK,AFTER, got {args.burst_s!r}")
+        if args.phase_s <= 0 or args.interval <= 0 or args.settle_s < 0:
+            raise ValueError("--phase-s and --interval must be > 0, --settle-s >= 0")
         report = run(args.models, args.redis_url, args.output, ramp, args.phase_s, args.max_new_tokens, args.pools,
-                     args.max_verifiers, args.interval)
+                     args.max_verifiers, args.interval, stages=stages, burst=burst, burst_s=burst_s,
+                     settle_s=args.settle_s)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
         sys.exit(f"error: {exc}")
     print(format_table(report))
     print(f"\nwrote {args.output} and {args.output.with_suffix('.png')}")
     return 0
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} wants comma-separated whole numbers, got {text!r}") from None
 
 
 def cmd_bench_reliability(args) -> int:
@@ -209,13 +231,26 @@ def add_parser(sub, fmt) -> None:
     b.set_defaults(func=cmd_bench_fuzz)
 
     b = bsub.add_parser("autoscale", formatter_class=fmt,
-                        help="a load ramp up and down on `specfleet up --autoscale`: replicas over time, nothing lost",
-                        description="Starts the local fleet with the operator's autoscaling loop, ramps concurrent "
-                                    "clients up and down, samples replicas per role from Redis heartbeats, and checks "
-                                    "that no request is lost and every output equals the target's greedy decoding.")
+                        help="a burst and a load ramp on `specfleet up --autoscale`: replicas over time, time "
+                             "from the burst to the scale-up decision, reversals, queue wait, nothing lost",
+                        description="Starts the local fleet with the operator's autoscaling loop; first holds a "
+                                    "low base load, jumps to many times as many clients and back (the burst), then "
+                                    "ramps concurrent clients up and down; samples replicas per role from Redis "
+                                    "heartbeats, reports the time from the burst's start to the first scale-up "
+                                    "decision, direction reversals per role and the verifier queue wait against its "
+                                    "target, and checks that no "
+                                    "request is lost and every output equals the target's greedy decoding.")
     fleet_bench_options(b)
     b.add_argument("--ramp", default="1,4,12,12,4,1,0,0", help="concurrent clients in each phase")
-    b.add_argument("--phase-s", type=float, default=20.0, help="seconds per phase")
+    b.add_argument("--phase-s", type=float, default=20.0, help="seconds per phase of the ramp")
+    b.add_argument("--stages", default="burst,ramp",
+                   help="what to run, in order: burst, ramp (the burst first meets a fresh fleet at its minimum)")
+    b.add_argument("--burst", default="1,12", help="BASE,PEAK: clients of the base load and of the burst")
+    b.add_argument("--burst-s", default="20,30,20",
+                   help="BASE,PEAK,AFTER: seconds of base load before the burst (at least: see --settle-s), of the "
+                        "burst, and of base load after it")
+    b.add_argument("--settle-s", type=float, default=60.0,
+                   help="before the burst, up to this much more base load while the verifiers settle at one")
     b.add_argument("--max-new-tokens", type=positive_int, default=24, help="tokens per request")
     b.add_argument("--pools", default="suffix", help="drafter pools")
     b.add_argument("--max-verifiers", type=positive_int, default=3, help="most verifier processes")

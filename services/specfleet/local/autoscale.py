@@ -105,6 +105,13 @@ def local_spec(pools: list[str], verifiers: int, max_verifiers: int, max_drafter
     })
 
 
+def local_smoothing_s(interval_s: float) -> float:
+    """The metrics smoothing of the local loop: four steps, at least 4 s (two heartbeats of 2 s). The operator's 10 s
+    suit its 15-s up window; beside `local_spec`'s 2-s one they would dilute a burst's first heartbeats with ten
+    seconds of the load before it, and the scale-up would wait for the average to catch up."""
+    return max(4.0, 4.0 * interval_s)
+
+
 def start_autoscaler(replicas: LocalReplicas, redis_url: str, prefix: str, spec, interval_s: float,
                      log: Callable[[str], None]) -> tuple[threading.Thread, Callable[[], None]]:
     """Runs the control loop on its own event loop in a thread; returns (thread, stop)."""
@@ -126,7 +133,8 @@ def start_autoscaler(replicas: LocalReplicas, redis_url: str, prefix: str, spec,
         store = StateStore(connect(redis_url), prefix=prefix)
         current = {role.key: replicas.count(role.key) for role in spec.roles}
         try:
-            await autoscale_loop(store, spec, replicas, interval_s, stop_event[0], on_step, current)
+            await autoscale_loop(store, spec, replicas, interval_s, stop_event[0], on_step, current,
+                                 smoothing_s=local_smoothing_s(interval_s))
         finally:
             await store.redis.aclose()
 

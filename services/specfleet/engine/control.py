@@ -210,6 +210,9 @@ class _Candidate:
     cap: int
 
 
+PROBE_FULL_GAIN = 0.25  # a best-case gain of 25% or more earns the whole probe budget; less, its share
+
+
 class SpeculationController:
     """Chooses every request's draft length and drafters for one batch round.
 
@@ -225,7 +228,7 @@ class SpeculationController:
     `probe_share` of every round's expected plain time: a probe's draft levels and its verified nodes, by the cost
     model, and afterwards its drafters' catch-up on the tokens it missed (`charge_probes`). So probing takes at most
     about probe_share of the time at any batch size, one request at a time (longest off first) instead of a whole
-    batch at once.
+    batch at once — less where even perfect drafts could gain little (`probe_scale`: a large batch).
     """
 
     def __init__(self, drafters: list[str], k_max: int = 8, cost: CostModel | None = None, *,
@@ -343,7 +346,7 @@ class SpeculationController:
                 n_drafters: int) -> dict[str, int]:
         """Which requests that speculation left off probe this round (rid -> k), paid from the probe budget."""
         round_seconds = self.cost.verify_time(batch_tokens)
-        self.probe_credit += self.probe_share * round_seconds
+        self.probe_credit += self.probe_share * self.probe_scale(candidates, batch_tokens) * round_seconds
         due = [c for c in candidates if ks[c.rid] == 0 and c.cap > 0
                and self.trackers[c.rid].rounds_without_draft >= self.probe_every]
         if not due:  # budget unspent while nobody needs a probe does not pile up for a later burst
@@ -362,6 +365,21 @@ class SpeculationController:
             self.probe_credit -= seconds
             probes[c.rid] = k
         return probes
+
+    def probe_scale(self, candidates: list[_Candidate], batch_tokens: int) -> float:
+        """The share of the probe budget this round earns: what speculation could gain at best, as a fraction of
+        PROBE_FULL_GAIN (at most 1). Best: every request drafts its cap in one chain the target accepts whole,
+        priced at the verifier's seconds per token and the drafters' per-request level. A lone request on a CPU can
+        gain several-fold and probes with the full budget; a large batch whose forward grows by a token's full cost
+        per token can gain a few percent at most, and a probe there costs more than its finding could repay."""
+        drafted = sum(max(c.cap, 0) for c in candidates)
+        if drafted <= 0 or batch_tokens <= 0:
+            return 0.0
+        plain = batch_tokens / max(self.cost.verify_time(batch_tokens), 1e-9)
+        seconds = (self.cost.verify_time(batch_tokens + drafted)
+                   + drafted * self.cost.draft_seconds_per_request(1, 1))
+        gain = (batch_tokens + drafted) / max(seconds, 1e-9) / plain - 1.0
+        return min(max(gain / PROBE_FULL_GAIN, 0.0), 1.0)
 
     def _best_for_depth(self, candidates: list[_Candidate], depth: int, n_drafters: int, extra_tokens: int,
                         rate: float) -> tuple[float, dict[str, int]]:

@@ -144,6 +144,11 @@ class MergedProposer:
         """Whether a member drafts by lookup (no model step): it then drafts `Draft.lookup_k` levels every round."""
         return any(not hasattr(p, "step_seconds") for p in self.proposers)
 
+    @staticmethod
+    def _lookup_suffices(tree: TokenTree, k: int) -> bool:
+        """Whether a lookup's tree makes the models' k levels not worth drafting this round."""
+        return len(tree) > 0 and tree.max_depth >= k
+
     def propose(self, batch: list[Draft]) -> list[TokenTree]:
         from specfleet.engine.fusion import merge_trees_with_origins
 
@@ -154,8 +159,7 @@ class MergedProposer:
         deep = [dataclasses.replace(d, k=max(d.k, d.lookup_k)) if d.lookup_k > d.k else d for d in batch]
         looked = {id(p): p.propose(deep) for p in lookups}
         model_batch = [dataclasses.replace(d, k=0) if d.k > 0 and any(
-            len(trees[i]) and trees[i].max_depth >= d.k for trees in looked.values()) else d
-            for i, d in enumerate(batch)]
+            self._lookup_suffices(trees[i], d.k) for trees in looked.values()) else d for i, d in enumerate(batch)]
         self.last_model_steps = max((d.k for d in model_batch), default=0)
         per_proposer = [looked[id(p)] if id(p) in looked else
                         p.propose(model_batch) if self.last_model_steps else [TokenTree.empty()] * len(batch)

@@ -183,10 +183,14 @@ class SpecEngine:
         """One round for every live request: plan, draft, verify all trees in one forward, accept, commit."""
         plans = self.policy.decide([lv.req.rid for lv in live], max_k={lv.req.rid: lv.remaining - 1 for lv in live})
         features = self.target.features_of if self.target.keep_features else None
+        # a free lookup beside the models (the fused suffix tree) drafts the most levels allowed every round
+        lookup_k = getattr(self.policy, "k_max", getattr(self.policy, "k", 0)) \
+            if getattr(self.proposer, "has_lookups", False) else 0
         drafts = [Draft(lv.req.rid, lv.tokens, plans[lv.req.rid].k, tuple(plans[lv.req.rid].drafters) or None,
                         lv.req.params, lv.seed, len(lv.output),
-                        features(lv.req.rid) if features and lv.req.rid in self.target else None) for lv in live]
-        drafting = [d for d in drafts if d.k > 0]
+                        features(lv.req.rid) if features and lv.req.rid in self.target else None,
+                        max(0, min(lookup_k, lv.remaining - 1))) for lv in live]
+        drafting = [d for d in drafts if d.k > 0 or d.lookup_k > 0]
         t0 = time.perf_counter()
         # a round where nobody drafts (speculation off at a large batch) never reaches the proposer: plain decoding
         trees = self.proposer.propose(drafts) if drafting else [TokenTree.empty()] * len(drafts)
@@ -200,10 +204,12 @@ class SpecEngine:
         self.timings["prefill_s"] += prefill
         self.timings["verify_s"] += t2 - t1
         if self.policy.cost is not None:
-            if drafting:
-                used = {n for d in drafting for n in (d.drafters or ())} or {self.proposer.name}
-                self.policy.cost.observe_draft(len(drafting), len(used), max(d.k for d in drafting),
-                                               t1 - t0 - prefill)
+            # the models' draft levels only (a lookup-only round, or rows whose lookup tree sufficed, ran none)
+            model_steps = getattr(self.proposer, "last_model_steps", max((d.k for d in drafting), default=0))
+            if drafting and model_steps:
+                priced = [d for d in drafting if d.k > 0]
+                used = {n for d in priced for n in (d.drafters or ())} or {self.proposer.name}
+                self.policy.cost.observe_draft(len(priced), len(used), model_steps, t1 - t0 - prefill)
             self.policy.cost.observe_verify(sum(len(t) + 1 for t in trees), t2 - t1)
         probes = sum(1 for d in drafting if plans[d.rid].probe)
         if probes and prefill and hasattr(self.policy, "charge_probes"):

@@ -44,6 +44,9 @@ class Draft:
     position: int = 0
     # A draft head's input (proposers with needs_features): the target's features of context[:-1], [len - 1, H].
     features: object | None = None
+    # Levels a free lookup (the suffix tree, in a `MergedProposer`) may draft whatever k the plan gives the models:
+    # a lookup costs microseconds, so it drafts even in rounds where the plan switches the model drafters off.
+    lookup_k: int = 0
 
     @property
     def sampled(self) -> bool:
@@ -103,6 +106,8 @@ class MergedProposer:
 
     def __init__(self, proposers: list, name: str):
         self.proposers, self.name = proposers, name
+        self.last_model_steps = 0  # of the last propose: the most levels a member with a model drafted
+        self.last_prefill_seconds = 0.0  # of the last propose: its members catching up (only those that ran)
 
     def __getattr__(self, attr):  # step_seconds, drafters, ...: the first proposer's (the model drafters)
         return getattr(self.proposers[0], attr)
@@ -123,10 +128,6 @@ class MergedProposer:
         return sum(p.step_seconds(batch) for p in self.proposers if hasattr(p, "step_seconds"))
 
     @property
-    def last_prefill_seconds(self) -> float:
-        return sum(getattr(p, "last_prefill_seconds", 0.0) for p in self.proposers)
-
-    @property
     def needs_features(self) -> bool:
         return any(getattr(p, "needs_features", False) for p in self.proposers)
 
@@ -138,10 +139,33 @@ class MergedProposer:
         for p in self.proposers:
             p.stop(rid, output)
 
+    @property
+    def has_lookups(self) -> bool:
+        """Whether a member drafts by lookup (no model step): it then drafts `Draft.lookup_k` levels every round."""
+        return any(not hasattr(p, "step_seconds") for p in self.proposers)
+
+    @staticmethod
+    def _lookup_suffices(tree: TokenTree, k: int) -> bool:
+        """Whether a lookup's tree makes the models' k levels not worth drafting this round."""
+        return len(tree) > 0 and tree.max_depth >= k
+
     def propose(self, batch: list[Draft]) -> list[TokenTree]:
         from specfleet.engine.fusion import merge_trees_with_origins
 
-        per_proposer = [p.propose(batch) for p in self.proposers]
+        # Lookups first, at max(k, lookup_k) levels: they cost microseconds. A row whose lookup tree already reaches
+        # the models' planned depth skips the models this round (a draft level of theirs costs a quarter of a target
+        # step and would only add branches beside a repeat the text already predicts).
+        lookups = [p for p in self.proposers if not hasattr(p, "step_seconds")]
+        deep = [dataclasses.replace(d, k=max(d.k, d.lookup_k)) if d.lookup_k > d.k else d for d in batch]
+        looked = {id(p): p.propose(deep) for p in lookups}
+        model_batch = [dataclasses.replace(d, k=0) if d.k > 0 and any(
+            self._lookup_suffices(trees[i], d.k) for trees in looked.values()) else d for i, d in enumerate(batch)]
+        self.last_model_steps = max((d.k for d in model_batch), default=0)
+        per_proposer = [looked[id(p)] if id(p) in looked else
+                        p.propose(model_batch) if self.last_model_steps else [TokenTree.empty()] * len(batch)
+                        for p in self.proposers]
+        ran = lookups + ([p for p in self.proposers if p not in lookups] if self.last_model_steps else [])
+        self.last_prefill_seconds = sum(getattr(p, "last_prefill_seconds", 0.0) for p in ran)
         out = []
         for i in range(len(batch)):
             trees = [trees[i] for trees in per_proposer]

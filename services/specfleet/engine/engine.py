@@ -183,13 +183,22 @@ class SpecEngine:
         """One round for every live request: plan, draft, verify all trees in one forward, accept, commit."""
         plans = self.policy.decide([lv.req.rid for lv in live], max_k={lv.req.rid: lv.remaining - 1 for lv in live})
         features = self.target.features_of if self.target.keep_features else None
-        # a free lookup beside the models (the fused suffix tree) drafts the most levels allowed every round
+        # a free lookup beside the models (the fused suffix tree) drafts the most levels allowed every round for
+        # greedy requests, whose nodes cost an argmax to verify; a sampled request's node costs a warp of the whole
+        # vocabulary, which paid alone (bench/engine.json: batch 1 sampled 0.90x -> 1.09x) but not in a batch,
+        # where plain decoding's token is cheap (batch 4 / 16 / 32: 0.92x / 0.83x / 0.70x against 0.94x / 0.87x /
+        # 0.94x without): there sampled rows look up only where the plan drafts
         lookup_k = getattr(self.policy, "k_max", getattr(self.policy, "k", 0)) \
             if getattr(self.proposer, "has_lookups", False) else 0
+
+        def lookup(lv: _Live) -> int:
+            k = lookup_k if lv.req.params.greedy or len(live) == 1 else 0
+            return max(0, min(k, lv.remaining - 1))
+
         drafts = [Draft(lv.req.rid, lv.tokens, plans[lv.req.rid].k, tuple(plans[lv.req.rid].drafters) or None,
                         lv.req.params, lv.seed, len(lv.output),
                         features(lv.req.rid) if features and lv.req.rid in self.target else None,
-                        max(0, min(lookup_k, lv.remaining - 1))) for lv in live]
+                        lookup(lv)) for lv in live]
         drafting = [d for d in drafts if d.k > 0 or d.lookup_k > 0]
         t0 = time.perf_counter()
         # a round where nobody drafts (speculation off at a large batch) never reaches the proposer: plain decoding

@@ -26,11 +26,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specfleet.bench.under_load import SDK_BACKOFF_S, SDK_RETRIES, fault_actions, percentile_ms
 from specfleet.state.embedded import free_port
 
 READY_TIMEOUT_S = 240.0  # a 2-core machine starting six torch processes at once is slow
 # the harness's clients retry as a patient real client does: a restarted router or Redis takes seconds to come back
-SDK_RETRIES, SDK_BACKOFF_S = 12, 0.5
 BENCH_POOLS = ("python", "prose")
 
 
@@ -307,13 +307,6 @@ def bench_prompts(models_dir: Path, limit: int = 12, prompt_tokens: int = 48) ->
     return [p.ids for p in load_prompts(tok, None, limit, prompt_tokens)]
 
 
-def percentile_ms(ordered: list[float], q: float) -> float | None:
-    """The q-quantile (nearest rank) of sorted seconds, in milliseconds; None for no values."""
-    if not ordered:
-        return None
-    return round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000, 1)
-
-
 # ---------------------------------------------------------------- faults
 
 @dataclass
@@ -369,25 +362,6 @@ def request_id_for(fleet: ProcessFleet, verifier: str) -> str:
         rid = f"rel-{uuid.uuid4().hex}"
         if zlib.crc32(rid.encode()) % len(ordered) == wanted:
             return rid
-
-
-def fault_actions(fleet: ProcessFleet) -> dict[str, tuple]:
-    """name -> (inject, recover): `inject` runs mid-stream; `recover` runs after the stream (restart / SIGCONT)."""
-    drafter = next(n for n in fleet.services if n.startswith("drafter-"))
-    actions = {
-        f"kill -9 {drafter}": (lambda: fleet.signal(drafter, signal.SIGKILL), lambda: fleet.restart(drafter)),
-        "kill -9 verifier-0": (lambda: fleet.signal("verifier-0", signal.SIGKILL),
-                               lambda: fleet.restart("verifier-0")),
-        "SIGSTOP verifier-1": (lambda: fleet.signal("verifier-1", signal.SIGSTOP),
-                               lambda: fleet.signal("verifier-1", signal.SIGCONT)),
-        # the router is the stream's own server: a new one on the same port resumes it from Redis
-        "kill -9 router": (lambda: (fleet.signal("router", signal.SIGKILL), fleet.restart("router")), lambda: None),
-    }
-    if "fusion" in fleet.services:
-        actions["kill -9 fusion"] = (lambda: fleet.signal("fusion", signal.SIGKILL), lambda: fleet.restart("fusion"))
-    if fleet.redis is not None:  # the fleet's own persistent Redis: SIGTERM and a new one on the same port and dir
-        actions["restart redis (appendonly)"] = (fleet.redis.restart, lambda: None)
-    return actions
 
 
 def run_fault(fleet: ProcessFleet, name: str, ids: list[int], new_tokens: int) -> FaultRun:

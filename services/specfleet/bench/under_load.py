@@ -1,17 +1,48 @@
 """Faults under load (`specfleet bench reliability --under-load`): many concurrent streams, greedy and seeded sampled
-mixed, first without a fault, then once per fault (`reliability.fault_actions`) injected mid-run while every stream is
-live. Each request's output is compared with its own output in the fault-free run (a seeded sample is reproducible:
-the sampling stream is keyed by seed and output position, whoever drafted), and each request is held to its deadline
-+ 5 s: by then it must have ended with all its tokens or with a typed, retryable error."""
+mixed, first without a fault, then once per fault (`fault_actions` below, which the single-stream runs use too)
+injected mid-run while every stream is live. Each request's output is compared with its own output in the fault-free
+run (a seeded sample is reproducible: the sampling stream is keyed by seed and output position, whoever drafted), and
+each request is held to its deadline + 5 s: by then it must have ended with all its tokens or with a typed, retryable
+error."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
-from specfleet.bench.reliability import SDK_BACKOFF_S, SDK_RETRIES, ProcessFleet, fault_actions, percentile_ms
+SDK_RETRIES, SDK_BACKOFF_S = 12, 0.5  # the SDK's retries while a fault is injected (shared with reliability)
+
+
+def percentile_ms(ordered: list[float], q: float) -> float | None:
+    """The q-quantile (nearest rank) of sorted seconds, in milliseconds; None for no values."""
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000, 1)
+
+
+def fault_actions(fleet: Any) -> dict[str, tuple]:
+    """name -> (inject, recover): `inject` runs mid-stream; `recover` runs after the stream (restart / SIGCONT)."""
+    drafter = next(n for n in fleet.services if n.startswith("drafter-"))
+    actions = {
+        f"kill -9 {drafter}": (lambda: fleet.signal(drafter, signal.SIGKILL), lambda: fleet.restart(drafter)),
+        "kill -9 verifier-0": (lambda: fleet.signal("verifier-0", signal.SIGKILL),
+                               lambda: fleet.restart("verifier-0")),
+        "SIGSTOP verifier-1": (lambda: fleet.signal("verifier-1", signal.SIGSTOP),
+                               lambda: fleet.signal("verifier-1", signal.SIGCONT)),
+        # the router is the stream's own server: a new one on the same port resumes it from Redis
+        "kill -9 router": (lambda: (fleet.signal("router", signal.SIGKILL), fleet.restart("router")), lambda: None),
+    }
+    if "fusion" in fleet.services:
+        actions["kill -9 fusion"] = (lambda: fleet.signal("fusion", signal.SIGKILL), lambda: fleet.restart("fusion"))
+    if fleet.redis is not None:  # the fleet's own persistent Redis: SIGTERM and a new one on the same port and dir
+        actions["restart redis (appendonly)"] = (fleet.redis.restart, lambda: None)
+    return actions
+
+
 
 GRACE_S = 5.0  # how long past its deadline a request may take to end
 SAMPLED = {"temperature": 0.8, "top_p": 0.95}  # as the engine benchmark's sampled rows
@@ -48,7 +79,7 @@ def mixed_requests(prompts: list[list[int]], streams: int, seed: int = 0) -> lis
             for i in range(streams)]
 
 
-def run_streams(fleet: ProcessFleet, requests: list[LoadRequest], new_tokens: int, deadline_s: float,
+def run_streams(fleet: Any, requests: list[LoadRequest], new_tokens: int, deadline_s: float,
                 fault: tuple | None = None, inject_at_tokens: int = 0, outage_s: float = 5.0) -> tuple[list, dict]:
     """Every request at once through one SDK client (retries resume by request id). With `fault` (inject, recover),
     it is injected once the streams together hold `inject_at_tokens` tokens, and recovered `outage_s` later while
@@ -143,7 +174,7 @@ def summarize(outcomes: list[Outcome], baseline: list[Outcome] | None) -> dict:
     return summary
 
 
-def faults_under_load(fleet: ProcessFleet, prompts: list[list[int]], streams: int, new_tokens: int,
+def faults_under_load(fleet: Any, prompts: list[list[int]], streams: int, new_tokens: int,
                       deadline_s: float, outage_s: float = 5.0, seed: int = 0, faults: tuple[str, ...] | None = None,
                       say=lambda text: None) -> dict:
     """The `faults_under_load` section of the reliability report: a fault-free run of `streams` mixed requests, then

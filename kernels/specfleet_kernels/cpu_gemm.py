@@ -92,6 +92,8 @@ def library() -> ctypes.CDLL | None:
     global _lib, _reason, _tried
     if os.environ.get(SWITCH, "1") == "0":
         return None
+    if _tried:
+        return _lib
     with _lock:
         if not _tried:
             _tried = True
@@ -185,9 +187,7 @@ def decoder_layer(x: torch.Tensor, *, groups: int, heads: int, eps: float, w_in:
     `sf_layer` in cpu_gemm.c. cos, sin [P, head_dim]; caches [rows, kv_heads, columns, head_dim]; token p writes
     its key and value at (rows[p], cols[p]) and attends over its row's columns 0..S-1 with bias[bias_row[p]] [S]
     (hidden: float32's min) and, with a window, only columns > positions[p] - window."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernel is not available: {unavailable_reason()}")
+    lib = qkv._lib  # the library the weights were packed by (no lookup per layer)
     tensors = [x, w_in, w_post, cos, sin, k_cache, v_cache, bias] + [t for t in (q_norm, k_norm) if t is not None]
     for t in tensors:
         if t.dtype != torch.float32 or not t.is_contiguous():

@@ -485,12 +485,13 @@ class LlamaRunner:
         if fused:  # the C layer writes where it is told: out-of-range slots or columns are refused here
             if count and (int(rows.min()) < 0 or int(rows.max()) >= self.k_cache.shape[1] or int(cols.min()) < 0):
                 raise ValueError(f"slots must be in [0, {self.slots}) and write columns >= 0")
+            token_cos, token_sin, token_cols = cos[0].contiguous(), sin[0].contiguous(), cols.contiguous()
             for i, layer in enumerate(self.layers):
                 cpu_gemm.decoder_layer(
                     x, groups=g, heads=self.heads, eps=self.eps, w_in=layer.w_in, w_post=layer.w_post,
                     qkv=layer.w_qkv, o=layer.w_o, gate_up=layer.w_gate_up, down=layer.w_down, q_norm=layer.q_norm,
-                    k_norm=layer.k_norm, cos=cos[0].contiguous(), sin=sin[0].contiguous(), k_cache=self.k_cache[i],
-                    v_cache=self.v_cache[i], rows=rows, cols=cols.contiguous(), bias=flat_bias, bias_row=bias_rows,
+                    k_norm=layer.k_norm, cos=token_cos, sin=token_sin, k_cache=self.k_cache[i],
+                    v_cache=self.v_cache[i], rows=rows, cols=token_cols, bias=flat_bias, bias_row=bias_rows,
                     positions=token_positions, window=layer.window)
         cos, sin = cos[0, :, None], sin[0, :, None]  # [P, 1, head_dim]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim

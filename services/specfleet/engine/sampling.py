@@ -119,13 +119,11 @@ def draft_probs(logits: torch.Tensor, params: SamplingParams, support: int = DRA
     vocab = probs.shape[-1]
     for width in (support, 16 * support):  # a flat distribution's nucleus may need the wider support
         if width >= vocab:
-            break
+            return warp_probs(logits, params)
         values, index = probs.topk(width, dim=-1)  # [..., width] descending
         if not bool((values.sum(-1) < params.top_p).any()):
             break
-    else:
-        width = vocab
-    if width >= vocab:  # a nucleus wider than either support: the exact warp
+    else:  # a nucleus wider than either support: the exact warp
         return warp_probs(logits, params)
     before = values.cumsum(-1) - values  # mass of the likelier tokens
     values = values.masked_fill(before >= params.top_p, 0.0)  # warp_probs' rule; the likeliest token always stays

@@ -40,7 +40,7 @@ def _a_verifier_stopped(lines, samples) -> bool:
 def test_load_ramp_scales_verifiers_up_and_down_losing_nothing(models_dir, tmp_path):
     # each phase ends on what the test checks (phase_s only bounds it): load until a second verifier serves, then
     # idle until one is drained and stopped; no fixed sleeps, so a slow machine waits longer instead of failing
-    report = run(models_dir, "redis://127.0.0.1:6379/0", tmp_path / "autoscale.json", ramp=(12, 0), phase_s=150,
+    report = run(models_dir, "redis://127.0.0.1:6379/0", tmp_path / "autoscale.json", ramp=(24, 0), phase_s=150,
                  new_tokens=12, pools="suffix", max_verifiers=2, interval_s=0.5, stages=("ramp",),
                  until=(_two_verifiers_serving, _a_verifier_stopped))
     assert report["requests"] > 0

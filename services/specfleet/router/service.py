@@ -132,6 +132,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
             self.queue = VerifyQueueClient(store)
         self.queue_stats = {"depth": 0, "pending": 0, "oldest_age_ms": 0}  # the verify stream, read with members
+        self._refreshes = self._queue_ticket = 0
         self.speculated = 0  # DSI rounds verified concurrently with the round before them
         self.speculated_used = 0  # ... and committed (the round before confirmed their context)
         # a draft head pool drafts from the target's features: the verifier returns each round's new rows, kept here
@@ -151,7 +152,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def refresh_members(self) -> None:
         """Reads the fleet's replicas from Redis heartbeats: new replicas (autoscaling) join, draining ones stop
-        getting new rounds. Where no heartbeat names a role, the configured addresses stand."""
+        getting new rounds. Where no heartbeat names a role, the configured addresses stand. Refreshes may overlap
+        (the discovery loop, an explicit call): one that started earlier never overwrites a later one's reading."""
+        self._refreshes += 1
+        ticket = self._refreshes
         beats = await self.store.heartbeats()
         members: dict[str, list[str]] = {}
         draining = set()
@@ -169,7 +173,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if self.queue is not None:
             from specfleet.verifier.queue import VERIFY_GROUP, VERIFY_STREAM
 
-            self.queue_stats = await self.store.queue_stats(VERIFY_STREAM, VERIFY_GROUP)
+            stats = await self.store.queue_stats(VERIFY_STREAM, VERIFY_GROUP)
+            if ticket > self._queue_ticket:
+                self.queue_stats, self._queue_ticket = stats, ticket
 
     def reload_tls(self) -> bool:
         """A renewed internal certificate (its files replaced, e.g. cert-manager rewriting the mounted Secret) is

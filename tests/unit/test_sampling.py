@@ -549,3 +549,74 @@ def test_warp_probs_with_a_real_vocabulary_matches_hugging_face(params):
     reference = hf_warped_scores(logits, params)
     assert torch.equal(probs > 0, reference > -math.inf), "same support"
     torch.testing.assert_close(probs, reference.softmax(-1), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The target's keyed sample straight from its logits (keyed_target_sample): the argmax over the warp's kept tokens of
+# scores / T + the position's noise, with the full sort only when the whole-vocabulary argmax may lie in the tail.
+
+
+def _kept_argmax(logits: torch.Tensor, params: SamplingParams, seed: int, position: int) -> int:
+    """The definition, by the exact mask: warp_probs' support (Hugging Face's, exact ties resolved by id)."""
+    scores = logits.float() / params.temperature
+    kept = warp_probs(logits[None], params)[0] > 0
+    noisy = scores + position_gumbels(seed, position, logits.shape[-1])
+    return int(noisy.masked_fill(~kept, -math.inf).argmax())
+
+
+@pytest.mark.parametrize("vocab", [300, 4096])
+def test_keyed_target_sample_is_the_argmax_over_the_warps_support(vocab):
+    from specfleet.engine.sampling import keyed_target_sample
+
+    generator = torch.Generator().manual_seed(3)
+    cases = [SamplingParams(0.8, 0.95), SamplingParams(1.0, 0.5), SamplingParams(0.7, 0.9, top_k=20),
+             SamplingParams(1.3, 1.0, top_k=5), SamplingParams(0.8, 0.95, top_k=1)]
+    tails = 0
+    for i in range(240):
+        params = cases[i % len(cases)]
+        logits = torch.randn(vocab, generator=generator) * (0.5 + 3 * (i % 4))  # flat to peaked
+        if i % 7 == 0:
+            logits[:vocab // 2] = logits[vocab // 2]  # many exact ties
+        got = keyed_target_sample(logits, params, seed=i, position=i % 5)
+        assert got == _kept_argmax(logits, params, i, i % 5), (i, params)
+        noisy = logits / params.temperature + position_gumbels(i, i % 5, vocab)
+        tails += got != int(noisy.argmax())
+    assert tails > 0  # some draws fell in the tail the warp removes: the exact mask decided them
+
+
+def test_keyed_tree_accept_equals_position_keyed_accept_over_warped_probs():
+    """Walking the tree from raw logits, sampling only the rows it visits, accepts what position_keyed_accept
+    accepts over warp_probs' rows (the same draws: Gumbel-max over the same support)."""
+    from specfleet.engine.sampling import keyed_tree_accept
+
+    generator = torch.Generator().manual_seed(5)
+    params = SamplingParams(0.8, 0.95)
+    parents = torch.tensor([-1, 0, 0, 1, -1])
+    for seed in range(60):
+        logits = torch.randn(6, 1500, generator=generator) * 2
+        logits[:, 7] += 4  # a likely token: some trees accept
+        tokens = torch.tensor([7, 7, 3, 7, 9])
+        expected = position_keyed_accept(tokens, parents, warp_probs(logits, params), seed, 11)
+        assert keyed_tree_accept(tokens, parents, logits, params, seed, 11) == expected
+
+
+def test_keyed_draft_sample_couples_with_the_targets_keyed_sample():
+    """A drafter whose logits are the target's drafts the target's own sample (the same noise, the same warp up to
+    the tail): equal in nearly every draw, and every draft lies in the warp's support or among the likeliest."""
+    from specfleet.engine.sampling import DRAFT_TAIL_SUPPORT, keyed_draft_sample, keyed_target_sample
+
+    generator = torch.Generator().manual_seed(9)
+    params = SamplingParams(0.8, 0.95)
+    logits = torch.randn(400, 2048, generator=generator) * 2
+    seeds, positions = list(range(400)), [3] * 400
+    drafts, confidences = keyed_draft_sample(logits, params, seeds, positions)
+    targets = [keyed_target_sample(logits[r], params, seeds[r], 3) for r in range(400)]
+    assert sum(d == t for d, t in zip(drafts, targets, strict=True)) >= 0.97 * 400
+    kept = warp_probs(logits, params) > 0
+    top = logits.topk(DRAFT_TAIL_SUPPORT, dim=-1)[1]
+    for r, d in enumerate(drafts):
+        assert bool(kept[r, d]) or d in top[r].tolist()
+    assert all(0 < c <= 1 for c in confidences)
+    unfiltered, _ = keyed_draft_sample(logits[:8], SamplingParams(1.0), seeds[:8], positions[:8])
+    noisy = logits[:8] + torch.stack([position_gumbels(s, 3, 2048) for s in seeds[:8]])
+    assert unfiltered == noisy.argmax(-1).tolist()  # no top-p: the plain Gumbel-max draw

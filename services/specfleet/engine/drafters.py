@@ -13,9 +13,8 @@ import torch
 from specfleet.engine.fusion import FusedTreeBuilder
 from specfleet.engine.llama import KvLimits, LlamaRunner, causal_bias, common_prefix, same_shape
 from specfleet.engine.proposers import Draft
-from specfleet.engine.sampling import SamplingParams, draft_probs
+from specfleet.engine.sampling import SamplingParams, keyed_draft_sample
 from specfleet.engine.tree import TokenTree
-from specfleet_kernels.reference import position_keyed_sample
 
 PREFILL_FEED = 8  # a begin() feeding more tokens than this to some request counts as prefill
 
@@ -105,21 +104,20 @@ def candidates(logits: torch.Tensor, drafts: list[Draft], level: int) -> tuple[l
     """One drafter's proposal at draft `level` for each row: logits [B, V] -> (tokens, confidences).
 
     A greedy row proposes its argmax with its softmax probability. A sampled row draws from the drafter's own
-    distribution q, warped like the request's (temperature, top-k, top-p: `draft_probs`), with the request's
-    noise at this output position (`position_keyed_sample`), and reports q(token): the draft then agrees with the
-    target's own sample far more often than an argmax draft does, and the output is unchanged (acceptance compares
-    tokens)."""
+    distribution, warped like the request's, with the request's noise at this output position
+    (`keyed_draft_sample`), and reports the token's probability: the draft then agrees with the target's own sample
+    far more often than an argmax draft does, and the output is unchanged (acceptance compares tokens). Rows of
+    the same temperature, top-k and top-p draw together."""
     values, indices = torch.softmax(logits, dim=-1).max(dim=-1)  # [B], [B]
     tokens, confidences = indices.tolist(), values.tolist()
     by_params: dict[SamplingParams, list[int]] = {}
     for j, d in enumerate(drafts):
         if d.sampled:
-            by_params.setdefault(d.params, []).append(j)
+            by_params.setdefault(dataclasses.replace(d.params, seed=None), []).append(j)
     for params, rows in by_params.items():
-        q = draft_probs(logits[rows], params)  # [n, V]
-        drawn = position_keyed_sample(q, [drafts[j].seed for j in rows], [drafts[j].position + level for j in rows])
-        chosen = q.gather(-1, drawn[:, None])[:, 0]  # [n]
-        for j, token, confidence in zip(rows, drawn.tolist(), chosen.tolist(), strict=True):
+        drawn, chosen = keyed_draft_sample(logits[rows], params, [drafts[j].seed for j in rows],
+                                           [drafts[j].position + level for j in rows])
+        for j, token, confidence in zip(rows, drawn, chosen, strict=True):
             tokens[j], confidences[j] = token, confidence
     return tokens, confidences
 

@@ -128,3 +128,106 @@ def draft_probs(logits: torch.Tensor, params: SamplingParams, support: int = DRA
     before = values.cumsum(-1) - values  # mass of the likelier tokens
     values = values.masked_fill(before >= params.top_p, 0.0)  # warp_probs' rule; the likeliest token always stays
     return torch.zeros_like(probs).scatter_(-1, index, values / values.sum(-1, keepdim=True))
+
+
+def keyed_target_sample(logits: torch.Tensor, params: SamplingParams, seed: int, position: int) -> int:
+    """The target's sampled token at output `position` from its raw logits [V]: argmax over the tokens `warp_probs`
+    keeps (temperature, top-k, top-p) of scores / temperature + the position's Gumbel noise (`position_gumbels`), an
+    exact draw from the warped distribution (Gumbel-max; softmax's normalisation shifts every kept token alike).
+
+    Without warp_probs' sort where it can: the argmax over the whole vocabulary is the answer whenever top-p keeps
+    that token, which holds when the probability of the tokens below it and of itself (one exp pass, summed in
+    float64) is clearly more than 1 - top_p -- on the far side of a margin wider than the rounding of Hugging Face's
+    float32 cumulative sum. Otherwise (a draw from the tail, a tie at its score, or a sum within the margin) the
+    exact mask decides. The result is the same either way: one definition of plain sampling, which speculative
+    acceptance reproduces token for token."""
+    from specfleet_kernels.reference import position_gumbels
+
+    scores = logits.float()
+    if params.temperature != 1.0:
+        scores = scores / params.temperature  # [V]
+    vocab = scores.shape[-1]
+    if params.top_k:
+        kth_largest = torch.topk(scores, min(params.top_k, vocab))[0][-1]
+        scores = scores.masked_fill(scores < kth_largest, -math.inf)
+    noisy = scores + position_gumbels(seed, position, vocab)  # [V]
+    token = int(noisy.argmax())
+    if params.top_p >= 1.0:
+        return token
+    probs = scores.softmax(-1).numpy()  # [V]
+    score = scores.numpy()
+    x = score[token]
+    below = score < x
+    margin = max(1e-4, 8.0 * vocab * 2.0 ** -24 * (1.0 - params.top_p))
+    if int(np.count_nonzero(score == x)) == 1:
+        mass = float(probs[below].sum(dtype=np.float64)) + float(probs[token])  # its ascending cumulative sum
+        if mass > (1.0 - params.top_p) + margin:
+            return token
+    remove = _top_p_remove(scores[None], params.top_p)[0] if vocab >= NUMPY_SORT_FROM else \
+        _sorted_top_p_remove(scores, params.top_p)
+    return int(noisy.masked_fill(remove, -math.inf).argmax())
+
+
+def _sorted_top_p_remove(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """warp_probs' top-p removal mask by torch's sort (small vocabularies)."""
+    sorted_scores, sorted_index = torch.sort(scores, descending=False)
+    sorted_remove = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
+    sorted_remove[..., -1:] = False
+    return sorted_remove.scatter(-1, sorted_index, sorted_remove)
+
+
+def keyed_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor, params: SamplingParams,
+                      seed: int, start: int) -> tuple[list[int], int]:
+    """`position_keyed_accept` from the target's raw logits [n + 1, V] (after the last context token, then after each
+    node): only the rows the walk visits are sampled (`keyed_target_sample`), so a tree's unvisited branches and
+    the sort of the whole vocabulary cost nothing. Returns (accepted node indices in path order, next token)."""
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents.tolist()):
+        children.setdefault(p, []).append(i)
+    toks = tokens.tolist()
+    path, node = [], -1
+    while True:
+        token = keyed_target_sample(logits[node + 1], params, seed, start + len(path))
+        child = next((c for c in children.get(node, ()) if toks[c] == token), None)
+        if child is None:
+            return path, token
+        path.append(child)
+        node = child
+
+
+DRAFT_TAIL_SUPPORT = 64  # a draw that lands in the drafter's own top-p tail is redrawn among this many likeliest
+
+
+def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list[int],
+                       positions: list[int]) -> tuple[list[int], list[float]]:
+    """Sampled drafts for rows of one request's parameters: logits [n, V] -> (tokens, confidences).
+
+    Row r's draft is the Gumbel-max draw with the noise of (seeds[r], positions[r]) -- the noise the target's own
+    sample at that position uses (`keyed_target_sample`), which couples the two -- from the drafter's distribution
+    under the request's temperature and top-k, and top-p as far as one exp pass tells: a draw whose cumulative mass
+    (its own and every less likely token's) is within 1 - top_p, the drafter's tail, is redrawn among its
+    DRAFT_TAIL_SUPPORT likeliest tokens. No sort of the vocabulary: drafts never change the output (acceptance
+    compares the draft with the target's own sample), so q need only be close to the target's warp, not exact.
+    Confidence: the token's probability under the temperature, over top_p (the nucleus' mass), capped at 1."""
+    from specfleet_kernels.reference import position_gumbels
+
+    scores = logits.float()
+    if params.temperature != 1.0:
+        scores = scores / params.temperature  # [n, V]
+    rows, vocab = scores.shape
+    if params.top_k:
+        kth_largest = torch.topk(scores, min(params.top_k, vocab), dim=-1)[0][:, -1:]
+        scores = scores.masked_fill(scores < kth_largest, -math.inf)
+    noise = torch.stack([position_gumbels(s, p, vocab) for s, p in zip(seeds, positions, strict=True)])  # [n, V]
+    noisy = scores + noise
+    tokens = noisy.argmax(-1)  # [n]
+    probs = scores.softmax(-1)  # [n, V]
+    chosen = probs.gather(-1, tokens[:, None])  # [n, 1]
+    if params.top_p < 1.0:
+        at_or_below = (probs * (scores <= scores.gather(-1, tokens[:, None]))).sum(-1)  # [n]
+        for r in (at_or_below <= 1.0 - params.top_p).nonzero()[:, 0].tolist():  # in the tail: rare
+            values, index = scores[r].topk(min(DRAFT_TAIL_SUPPORT, vocab))
+            tokens[r] = index[(values + noise[r, index]).argmax()]
+            chosen[r, 0] = probs[r, tokens[r]]
+        chosen = (chosen / params.top_p).clamp(max=1.0)
+    return tokens.tolist(), chosen[:, 0].tolist()

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from specfleet.engine.llama import NEG, KvLimits, LlamaRunner, causal_bias, common_prefix
-from specfleet.engine.sampling import SamplingParams, warp_probs
+from specfleet.engine.sampling import SamplingParams, keyed_tree_accept, warp_probs
 from specfleet.engine.tree import TokenTree
 from specfleet_kernels.reference import (
     greedy_accept,
-    position_keyed_accept,
     sampled_tree_accept,
     tree_ancestor_mask,
     tree_depths,
@@ -159,14 +158,13 @@ class TargetVerifier:
             rows = logits[start + m - 1:start + m + n]  # [n + 1, V]: after the last context token, then each node
             if item.params.greedy:
                 path, nxt = greedy_accept(tree.tokens, tree.parents, rows.argmax(-1))
+            elif tree.draft_probs is None:  # drafts keyed by the position's noise, or deterministic: the target's
+                # own keyed sample at each node the walk visits
+                path, nxt = keyed_tree_accept(tree.tokens, tree.parents, rows, item.params, item.seed,
+                                              item.output_position)
             else:
-                probs = warp_probs(rows, item.params)  # [n + 1, V]
-                if tree.draft_probs is None:  # deterministic drafts: the sample cannot depend on what was drafted
-                    path, nxt = position_keyed_accept(tree.tokens, tree.parents, probs, item.seed,
-                                                      item.output_position)
-                else:
-                    path, nxt = sampled_tree_accept(tree.tokens, tree.parents, probs, tree.draft_probs,
-                                                    item.generator)
+                path, nxt = sampled_tree_accept(tree.tokens, tree.parents, warp_probs(rows, item.params),
+                                                tree.draft_probs, item.generator)
             cached = len(self.known[item.rid])
             # KV of the fed context tokens stays at columns cached..cached+m-1; the accepted nodes' KV moves after it
             self.runner.keep(self.slot_of[item.rid], cached + m, cached + m + torch.tensor(path, dtype=torch.long))

@@ -31,7 +31,7 @@ NEW_TOKENS = 3
 FIRST_TOKENS_MASS = 0.99  # p(x2 | x1) is computed for the likeliest first tokens covering this much of p1
 MAX_FIRST_TOKENS = 64
 P_VALUE_FLOOR = 1e-3
-PROPOSERS = {"model": ("python", 10_000), "fused": (None, 20_000)}  # drafters, first seed (distinct per request)
+PROPOSERS = {"model": ("python", 10_000), "fused": ("python,prose,c", 20_000)}  # drafters, first seed per request
 if (MODELS_DIR / "head" / "head.json").exists():  # the bundled draft head fused with the specialists
     PROPOSERS["fused-head"] = ("python,prose,c,head", 30_000)
 

@@ -86,7 +86,7 @@ def run(models_dir: Path, prompts_path: Path | None, new_tokens: int, limit: int
         progress: bool = True, prompt_tokens: int = 64, batches: tuple[int, ...] = BATCHES,
         systems: tuple[str, ...] | None = None) -> dict:
     """systems: only these rows (plus the reference rows); None: all. The draft head's rows (specfleet-head,
-    specfleet-head-k4, specfleet-fused-head: the specialists, the head and the suffix tree) run when the models
+    specfleet-head-k4, and specfleet-fused-nohead: fused without the head, which specfleet-fused includes) run when the models
     folder holds a head."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
@@ -130,8 +130,8 @@ def run(models_dir: Path, prompts_path: Path | None, new_tokens: int, limit: int
                          lambda s=sampled: _engine_run(engine("head", 1), prompts, new_tokens, s)))
             plan.append(("specfleet-head-k4", 1, sampled,
                          lambda s=sampled: _engine_run(engine("head", 1, adaptive=False), prompts, new_tokens, s)))
-            plan.append(("specfleet-fused-head", 1, sampled,
-                         lambda s=sampled: _engine_run(engine("fused", 1, "python,prose,c,head"), prompts,
+            plan.append(("specfleet-fused-nohead", 1, sampled,
+                         lambda s=sampled: _engine_run(engine("fused", 1, "python,prose,c"), prompts,
                                                        new_tokens, s)))
     for sampled in (False, True):
         for batch in batches:

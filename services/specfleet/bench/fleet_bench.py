@@ -212,7 +212,7 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
         with fleet_processes(models_dir, redis_url, prefix + "-t", slots, []) as fleet:
             for c in concurrency:
                 batch = [prompts[i % len(prompts)] for i in range(c)]
-                eng = build_engine(models_dir, "fused", batch_size=c, target=target)
+                eng = build_engine(models_dir, "fused", SYSTEM_POOLS[:-1], batch_size=c, target=target)
                 start = time.perf_counter()
                 outs = eng.generate([Request(f"t{c}-{i}", ids, new_tokens) for i, ids in enumerate(batch)])
                 engine_s = time.perf_counter() - start

@@ -131,7 +131,8 @@ def engine_from_args(args, batch_size: int):
     hf_logging.disable_progress_bar()  # the per-tensor loading bar would interleave with streamed text
     models = model_set_from_args(args)
     try:
-        drafters = parse_drafters(args.drafters, args.proposer, tuple(models.drafters))
+        known = tuple(models.drafters) + (("head",) if models.head is not None else ())
+        drafters = parse_drafters(args.drafters, args.proposer, known)
         engine = build_engine(models, args.proposer, drafters, batch_size=batch_size, k=args.k,
                               adaptive=args.adaptive, limits=kv_limits_from_args(args))
     except (ValueError, FileNotFoundError) as exc:

@@ -184,10 +184,10 @@ class SpecEngine:
         plans = self.policy.decide([lv.req.rid for lv in live], max_k={lv.req.rid: lv.remaining - 1 for lv in live})
         features = self.target.features_of if self.target.keep_features else None
         # a free lookup beside the models (the fused suffix tree) drafts the most levels allowed every round for
-        # greedy requests, whose nodes cost an argmax to verify; a sampled request's node costs a warp of the whole
-        # vocabulary, which paid alone (bench/engine.json: batch 1 sampled 0.90x -> 1.09x) but not in a batch,
-        # where plain decoding's token is cheap (batch 4 / 16 / 32: 0.92x / 0.83x / 0.70x against 0.94x / 0.87x /
-        # 0.94x without): there sampled rows look up only where the plan drafts
+        # greedy requests, whose suffix nodes accept often; a sampled request's do rarely (bench/engine.json: 0.2
+        # accepted per round), which paid alone (batch 1 sampled 0.90x -> 1.09x) but not in a batch, where every
+        # node is a token of a forward that plain decoding does not pay (batch 4 / 16 / 32: 0.92x / 0.83x / 0.70x
+        # against 0.94x / 0.87x / 0.94x without): there sampled rows look up only where the plan drafts
         lookup_k = getattr(self.policy, "k_max", getattr(self.policy, "k", 0)) \
             if getattr(self.proposer, "has_lookups", False) else 0
 

@@ -12,21 +12,24 @@ from specfleet.training.family import DRAFTER_NAMES
 
 # fused = CoSine fusion of the drafters (and the draft head, when named) + suffix trees
 PROPOSERS = ("fused", "model", "head", "suffix", "ngram", "none")
-DEFAULT_DRAFTERS = {"fused": ("python", "prose", "c"), "model": ("general",)}
+# fused: the specialists and, where the model set has one, the draft head (greedy 2.9x plain against 2.4x without it
+# at batch 1, bench/engine.json); the controller routes each request to those that earn their cost
+DEFAULT_DRAFTERS = {"fused": ("python", "prose", "c", "head"), "model": ("general",)}
 
 
 def parse_drafters(text: str | None, proposer: str, known: tuple[str, ...] | list[str] | None = None
                    ) -> tuple[str, ...]:
-    """`python,prose` -> ("python", "prose"); None -> the proposer's default (or, where the model set lacks it, its
-    drafters: all of them for fused, the first for model). Raises ValueError on names not in `known` (default: the
-    bundled drafters)."""
+    """`python,prose` -> ("python", "prose"); None -> the proposer's default, as far as the model set has it (the
+    draft head only where it has one; where it has none of the default drafters: all of them for fused, the first
+    for model). Raises ValueError on names not in `known` (default: the bundled drafters)."""
     known = tuple(known) if known is not None else tuple(n.removeprefix("drafter-") for n in DRAFTER_NAMES)
     if proposer == "head":
         return ("head",)
     if not text:
         default = DEFAULT_DRAFTERS.get(proposer, ())
-        if all(n in known for n in default):
-            return default
+        models = tuple(n for n in default if n != "head")
+        if models and all(n in known for n in models):
+            return default if "head" in known else models
         return known if proposer == "fused" else known[:1]
     names = tuple(n.strip().removeprefix("drafter-") for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in known]

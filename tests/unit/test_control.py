@@ -370,3 +370,20 @@ def test_the_probes_catch_up_is_paid_from_the_probe_budget():
     free, charged = probe_rounds(0.0), probe_rounds(0.02)  # 0.02 s: two plain rounds of this batch
     assert free and charged and len(charged) < len(free) / 2
 
+
+
+def test_a_new_request_starts_from_what_recent_requests_of_its_kind_accepted():
+    """Greedy requests accepting every level and sampled ones accepting none: a new sampled request starts low and
+    a new greedy one high (one shared figure would start both in between); without kinds, the shared figure."""
+    ctl = controller(alpha=0.6)
+    kinds = {"g1": "greedy", "s1": "sampled"}
+    for _ in range(40):
+        plans = ctl.decide(["g1", "s1"], kinds=kinds)
+        ctl.observe("g1", Plan(2, ["a"]), 2, 2)
+        ctl.observe("s1", Plan(2, ["a"]), 2, 0)
+        assert plans["g1"].k >= 0
+    ctl.decide(["g2", "s2", "x"], kinds={"g2": "greedy", "s2": "sampled"})
+    assert ctl.trackers["g2"].alpha > 0.8 and ctl.trackers["s2"].alpha < 0.4
+    assert ctl.trackers["x"].alpha == pytest.approx(0.6)  # no kind given: the shared figure (observed by none)
+    ctl.forget("s2")
+    assert "s2" not in ctl.kind_of

@@ -249,17 +249,29 @@ class SpeculationController:
         self.alpha_prior, self.decay = alpha_prior, decay
         self.fixed_k = fixed_k  # always draft the most levels allowed (routing still picks the drafters)
         self.trackers: dict[str, AcceptanceTracker] = {}
-        # Every request's rounds, slowly forgotten: a new request starts from what recent ones saw, not the prior.
+        # Every request's rounds, slowly forgotten: a new request starts from what recent ones of its kind saw, not
+        # the prior. Kinds (`decide(kinds=...)`, e.g. greedy / sampled) keep apart requests that accept very
+        # differently: drafts accept ~0.7 of a greedy level and ~0.4 of a sampled one, and a sampled request that
+        # starts from greedy's figure drafts rounds that do not pay (a whole batch of them, at a large batch).
         self.overall = AcceptanceTracker(alpha_prior, prior_weight=4.0, decay=0.98)
+        self.overall_of: dict[str, AcceptanceTracker] = {"": self.overall}
+        self.kind_of: dict[str, str] = {}
         self.last_rates = (0.0, 0.0)  # (plain, chosen) expected tokens/s of the last decide, for metrics
 
     def tracker(self, rid: str) -> AcceptanceTracker:
         if rid not in self.trackers:
-            self.trackers[rid] = AcceptanceTracker(self.overall.alpha, prior_weight=4.0, decay=self.decay)
+            self.trackers[rid] = AcceptanceTracker(self._overall(rid).alpha, prior_weight=4.0, decay=self.decay)
         return self.trackers[rid]
+
+    def _overall(self, rid: str) -> AcceptanceTracker:
+        kind = self.kind_of.get(rid, "")
+        if kind not in self.overall_of:
+            self.overall_of[kind] = AcceptanceTracker(self.alpha_prior, prior_weight=4.0, decay=0.98)
+        return self.overall_of[kind]
 
     def forget(self, rid: str) -> None:
         self.trackers.pop(rid, None)
+        self.kind_of.pop(rid, None)
 
     def observe(self, rid: str, plan: Plan, drafted_levels: int, accepted: int,
                 accepted_by: list[tuple[str, ...]] | None = None, drafted_nodes: int | None = None) -> None:
@@ -268,17 +280,22 @@ class SpeculationController:
         accepted token, the drafters that proposed it."""
         levels = drafted_levels if plan.k > 0 else 0
         self.tracker(rid).observe(levels, accepted, plan.drafters, accepted_by, drafted_nodes)
-        self.overall.observe(levels, accepted, [], None)
+        self._overall(rid).observe(levels, accepted, [], None)
 
     def decide(self, requests: list[str], extra_verify_tokens: int = 0,
-               max_k: Mapping[str, int] | None = None) -> dict[str, Plan]:
+               max_k: Mapping[str, int] | None = None, kinds: Mapping[str, str] | None = None) -> dict[str, Plan]:
         """Plans for one batch round.
 
         extra_verify_tokens: other work in the same verifier forward (prefill chunks, requests decoded elsewhere),
         valued at one token each, so a busy verifier makes every drafted token dearer and k shrinks (valued at
         zero, a big sunk forward would make drafts look free). max_k: per-request caps (e.g. tokens left before
-        max_new_tokens, minus one for the target's own token).
+        max_new_tokens, minus one for the target's own token). kinds: per-request kind (e.g. "greedy", "sampled"),
+        read when a request is first seen: it starts from what recent requests of its kind accepted.
         """
+        if kinds:
+            for rid in requests:
+                if rid not in self.trackers and rid in kinds:
+                    self.kind_of[rid] = kinds[rid]
         # Costs are planned for the routed drafters; exploration rounds add the others on top (their price is
         # the exploration's cost, and planning with it would switch speculation off before anyone is ranked).
         drafters_of = {rid: self.tracker(rid).routed_drafters(self.drafters, self.keep_share) for rid in requests}

@@ -59,7 +59,7 @@ class FixedK:
     def __init__(self, k: int):
         self.k = k
 
-    def decide(self, requests: list[str], max_k: dict[str, int] | None = None) -> dict[str, Plan]:
+    def decide(self, requests: list[str], max_k: dict[str, int] | None = None, kinds=None) -> dict[str, Plan]:
         return {rid: Plan(min(self.k, (max_k or {}).get(rid, self.k))) for rid in requests}
 
     def observe(self, *args, **kwargs) -> None:
@@ -181,7 +181,8 @@ class SpecEngine:
 
     def step(self, live: list[_Live], on_tokens=None) -> None:
         """One round for every live request: plan, draft, verify all trees in one forward, accept, commit."""
-        plans = self.policy.decide([lv.req.rid for lv in live], max_k={lv.req.rid: lv.remaining - 1 for lv in live})
+        plans = self.policy.decide([lv.req.rid for lv in live], max_k={lv.req.rid: lv.remaining - 1 for lv in live},
+                                   kinds={lv.req.rid: "greedy" if lv.req.params.greedy else "sampled" for lv in live})
         features = self.target.features_of if self.target.keep_features else None
         # a free lookup beside the models (the fused suffix tree) drafts the most levels allowed every round for
         # greedy requests, whose suffix nodes accept often; a sampled request's do rarely (bench/engine.json: 0.2

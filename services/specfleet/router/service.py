@@ -542,7 +542,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 round_start = time.perf_counter()
                 timings = router_pb2.RoundTimings() if timed else None
                 remaining = request.max_new_tokens - len(output)
-                plan = self.controller.decide([rid], max_k={rid: remaining - 1})[rid]
+                plan = self.controller.decide([rid], max_k={rid: remaining - 1},
+                                              kinds={rid: "greedy" if params.greedy else "sampled"})[rid]
                 pools = self._pools_for(rid, rnd, plan.drafters, pools_asked)
                 if timed:
                     timings.plan_s = time.perf_counter() - round_start

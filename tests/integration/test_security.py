@@ -471,7 +471,12 @@ def test_every_state_store_operation_runs_as_the_least_privilege_user(acl_user):
             assert state.round == 0
             assert (await store.commit_round("r1", 0, [4, 5])).applied
             assert (await store.commit_round("r1", 0, [4, 5])).outcome == "retry"
-            assert (await store.get("r1")).output_ids == [4, 5]
+            job = await store.enqueue("verify", b"job")
+            await store.consume("verify", "verifiers", "c0", count=1)
+            assert (await store.commit_and_answer("r1", 1, [6], False, "", "verify", "verifiers", job, "reply.x",
+                                                  b"answer")).applied
+            assert [p for _, p in await store.read_after("reply.x", "0-0")] == [b"answer"]
+            assert (await store.get("r1")).output_ids == [4, 5, 6]
             await store.create_request("r2", [1], {})
             assert (await store.fail("r2", "test")).status == "failed"
             assert await store.delete("r2")

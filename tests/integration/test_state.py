@@ -236,6 +236,61 @@ def test_stream_work_moves_from_a_dead_consumer_to_a_live_one(redis_url, prefix)
     run(redis_url, prefix, body)
 
 
+def test_commit_and_answer_is_one_atomic_idempotent_step(redis_url, prefix):
+    """A stream job's round: committed, answered on the reply stream and acknowledged in one script when the commit
+    applies; a retried round (a reclaimed job) is neither answered nor acknowledged there, and says what stands."""
+    async def body(store):
+        await store.create_request("r", [5], PARAMS)
+        entry = await store.enqueue("verify", b"job")
+        [(taken, _)] = await store.consume("verify", "verifiers", "v-0", count=1)
+        assert taken == entry
+        done = await store.commit_and_answer("r", 0, [10, 11], False, "", "verify", "verifiers", entry, "reply.a",
+                                             b"answer-0")
+        assert done.applied and done.outcome == "applied"
+        with pytest.raises(LookupError, match="without reading the state back"):
+            done.state  # noqa: B018
+        assert [p for _, p in await store.take("reply.a")] == [b"answer-0"]
+        assert await store.queue_stats("verify", "verifiers") == {"depth": 0, "pending": 0, "oldest_age_ms": 0}
+        assert await store.redis.ttl(store.keys.stream("reply.a")) > 0 or \
+            not await store.redis.exists(store.keys.stream("reply.a"))  # take() may have emptied it
+        state = await store.get("r")
+        assert state.output_ids == [10, 11] and state.round == 1 and state.round_offsets == [0]
+        # the same round again (a reclaimed job verified twice): nothing applied, nothing answered, job kept
+        again = await store.enqueue("verify", b"job-again")
+        await store.consume("verify", "verifiers", "v-1", count=1)
+        retry = await store.commit_and_answer("r", 0, [99], False, "", "verify", "verifiers", again, "reply.a", b"x")
+        assert not retry.applied and retry.outcome == "retry" and retry.state.round_tokens(0) == [10, 11]
+        assert await store.take("reply.a") == []
+        assert (await store.queue_stats("verify", "verifiers"))["pending"] == 1
+        last = await store.commit_and_answer("r", 1, [12], True, "length", "verify", "verifiers", again, "reply.a",
+                                             b"answer-1")
+        assert last.applied and [p for _, p in await store.take("reply.a")] == [b"answer-1"]
+        assert (await store.get("r")).status == "finished"
+        assert (await store.commit_and_answer("r", 2, [1], False, "", "verify", "verifiers", again, "reply.a",
+                                              b"y")).outcome == "closed"
+        with pytest.raises(RoundGapError):
+            await store.commit_and_answer("r", 5, [1], False, "", "verify", "verifiers", again, "reply.a", b"y")
+        with pytest.raises(RequestNotFoundError):
+            await store.commit_and_answer("nope", 0, [1], False, "", "verify", "verifiers", again, "reply.a", b"y")
+        assert await store.take("reply.a") == []
+
+    run(redis_url, prefix, body)
+
+
+def test_read_after_deletes_what_was_handled_in_the_same_round_trip(redis_url, prefix):
+    async def body(store):
+        ids = [await store.enqueue("reply.b", f"r{i}".encode()) for i in range(3)]
+        first = await store.read_after("reply.b", "0-0", count=2)
+        assert [p for _, p in first] == [b"r0", b"r1"]
+        rest = await store.read_after("reply.b", first[-1][0], count=10, delete=[i for i, _ in first])
+        assert rest == [(ids[2], b"r2")]
+        assert await store.read_after("reply.b", "0-0") == rest  # the handled two are gone
+        assert await store.read_after("reply.b", ids[2], block_ms=50, delete=[ids[2]]) == []
+        assert await store.read_after("reply.b", "0-0") == []
+
+    run(redis_url, prefix, body)
+
+
 def test_queue_stats_and_bounded_blocking(redis_url, prefix):
     async def body(store):
         assert await store.queue_stats("draft", "drafters") == {"depth": 0, "pending": 0, "oldest_age_ms": 0}

@@ -22,9 +22,11 @@ HOPS = (
     ("queue", "orchestration", "router send -> verifier pick-up (stream enqueue and read, or gRPC's way in)"),
     ("batch_wait", "orchestration", "verifier: waiting for the round's batch (batcher window, other forwards)"),
     ("verify_forward", "compute", "verifier: the target's forward for the batch"),
-    ("commit", "orchestration", "verifier: the round's atomic, idempotent commit to Redis"),
+    ("commit", "orchestration", "verifier: the round's atomic, idempotent commit to Redis (gRPC verify queue; with "
+                                "the stream queue the commit is the answer's own Redis script: counted in answer)"),
     ("verifier_other", "orchestration", "verifier: validation, wire decoding, the answer's message"),
-    ("answer", "orchestration", "verifier's answer -> router (stream reply or gRPC response)"),
+    ("answer", "orchestration", "verifier's answer -> router (stream: one Redis script commits, answers and "
+                                "acknowledges the round, then the router's read wakes; or the gRPC response)"),
     ("account", "orchestration", "router: feedback, counters, detokenising, the stream message"),
     ("deliver", "orchestration", "router's message -> the client has it"),
     ("loop", "orchestration", "the rest of the round as the client sees it (the router's loop between rounds)"),

@@ -35,6 +35,10 @@ class _LinearFit:
         self.span, self.prior_weight = span, prior_weight
         self.points: deque[tuple[float, float]] = deque(maxlen=window)
         self.intercept, self.slope = intercept, slope
+        # running sums over `points` (n, x, y, x*x, x*y): a fit per observation costs O(1), not O(window) (the
+        # router fits twice a round); recomputed exactly every `window` observations, so rounding never drifts
+        self._sums = (0, 0.0, 0.0, 0.0, 0.0)
+        self._added = 0
 
     def __call__(self, x: float) -> float:
         return self.intercept + self.slope * x
@@ -44,29 +48,41 @@ class _LinearFit:
         self.intercept, self.slope = self._fit() if self.points else self.prior
 
     def add(self, x: float, y: float) -> None:
-        self.points.append((float(x), float(y)))
+        x, y = float(x), float(y)
+        n, sx, sy, sxx, sxy = self._sums
+        if len(self.points) == self.points.maxlen:
+            ox, oy = self.points[0]
+            n, sx, sy, sxx, sxy = n - 1, sx - ox, sy - oy, sxx - ox * ox, sxy - ox * oy
+        self.points.append((x, y))
+        self._added += 1
+        if self._added % max(1, self.points.maxlen or 1) == 0:
+            self._sums = (len(self.points), sum(px for px, _ in self.points), sum(py for _, py in self.points),
+                          sum(px * px for px, _ in self.points), sum(px * py for px, py in self.points))
+        else:
+            self._sums = (n + 1, sx + x, sy + y, sxx + x * x, sxy + x * y)
         self.intercept, self.slope = self._fit()
 
     def _fit(self) -> tuple[float, float]:
+        n, sx, sy, sxx, sxy = self._sums
         a0, b0 = self.prior
         # the prior's level follows the observations at once (a loaded machine is slower at every size); its
         # shape, the split between fixed and per-unit cost, is what the pseudo-observations hold in place
-        predicted = sum(a0 + b0 * x for x, _ in self.points)
-        scale = sum(y for _, y in self.points) / predicted if predicted > 0 else 1.0
+        predicted = n * a0 + b0 * sx
+        scale = sy / predicted if predicted > 0 else 1.0
         a0, b0 = a0 * scale, b0 * scale
         half = self.prior_weight / 2
-        weighted = [(x, y, 1.0) for x, y in self.points]
-        weighted += [(1.0, a0 + b0, half), (self.span, a0 + b0 * self.span, half)]
-        w = sum(c for _, _, c in weighted)
-        mean_x = sum(c * x for x, _, c in weighted) / w
-        mean_y = sum(c * y for _, y, c in weighted) / w
-        sxx = sum(c * (x - mean_x) ** 2 for x, _, c in weighted)
-        slope = sum(c * (x - mean_x) * (y - mean_y) for x, y, c in weighted) / sxx
+        # the observations (weight 1 each) and two pseudo-observations of weight `half` on the prior line
+        y1, y2 = a0 + b0, a0 + b0 * self.span
+        w = n + 2 * half
+        wx, wy = sx + half * (1.0 + self.span), sy + half * (y1 + y2)
+        wxx, wxy = sxx + half * (1.0 + self.span * self.span), sxy + half * (y1 + self.span * y2)
+        mean_x, mean_y = wx / w, wy / w
+        slope = (wxy - w * mean_x * mean_y) / (wxx - w * mean_x * mean_x)
         intercept = mean_y - slope * mean_x
         if slope < 0:
             return mean_y, 0.0
         if intercept < 0:  # refit through the origin
-            return 0.0, sum(c * x * y for x, y, c in weighted) / sum(c * x * x for x, _, c in weighted)
+            return 0.0, wxy / wxx
         return intercept, slope
 
 

@@ -33,7 +33,14 @@ class TokenTree:
 
     @property
     def max_depth(self) -> int:
-        return int(self.depth.max()) + 1 if len(self) else 0
+        """Levels in the tree (0 when empty). On the parents as a Python list: a round's tree has a few dozen nodes at
+        most, and `depth` costs a tensor op per node (the router asks this several times a round)."""
+        depth: list[int] = []
+        for i, p in enumerate(self.parents.tolist()):
+            if not -1 <= p < i:
+                raise ValueError("parents must satisfy -1 <= parents[i] < i (topological order)")
+            depth.append(0 if p == -1 else depth[p] + 1)
+        return max(depth) + 1 if depth else 0
 
     def validate(self) -> None:
         """Raises ValueError on a malformed tree (shapes, order)."""

@@ -22,9 +22,9 @@ return {1, redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS[1] request hash. ARGV: round, packed tokens, finished 0|1, finish_reason, finished_ttl_s, running_ttl_s.
-# Returns {outcome, HGETALL} with outcome applied | retry (round already committed) | gap | closed, or {missing}.
-COMMIT_ROUND = (
+# The commit itself (checks, then the round appended), shared by COMMIT_ROUND and COMMIT_AND_ANSWER: it returns
+# early for every outcome but "applied", and falls through after applying.
+_COMMIT = (
     """
 local key = KEYS[1]
 if redis.call('EXISTS', key) == 0 then return {'missing'} end
@@ -46,9 +46,14 @@ if ARGV[3] == '1' then
 elseif tonumber(ARGV[6]) > 0 then
   redis.call('EXPIRE', key, ARGV[6])
 end
-return {'applied', redis.call('HGETALL', key)}
 """
 )
+
+# KEYS[1] request hash. ARGV: round, packed tokens, finished 0|1, finish_reason, finished_ttl_s, running_ttl_s.
+# Returns {outcome, HGETALL} with outcome applied | retry (round already committed) | gap | closed, or {missing}.
+COMMIT_ROUND = _COMMIT + """
+return {'applied', redis.call('HGETALL', key)}
+"""
 
 # KEYS[1] request hash. ARGV: reason, finished_ttl_s. A running request becomes failed; a closed one is unchanged.
 # Returns HGETALL, or nil when the request does not exist.
@@ -76,4 +81,19 @@ if old then new = (1 - tonumber(ARGV[3])) * tonumber(old) + tonumber(ARGV[3]) * 
 local text = string.format('%.17g', new)
 redis.call('HSET', KEYS[1], ARGV[1], text)
 return text
+"""
+
+# COMMIT_ROUND, and when it applies, the verify job's answer in the same script: the reply appended to the router's
+# reply stream (capped, its TTL refreshed) and the job acknowledged and deleted. One Redis round trip per round for
+# the commit and the answer, and a job is never acknowledged without both. Any other outcome touches no stream (the
+# caller answers with the committed round or the error, as after COMMIT_ROUND).
+# KEYS[1] request hash, KEYS[2] job stream, KEYS[3] reply stream. ARGV[1..6] as COMMIT_ROUND; ARGV[7] group,
+# ARGV[8] job entry id, ARGV[9] reply payload, ARGV[10] reply stream TTL s, ARGV[11] reply stream max length.
+# Returns {'applied'} (the state is not read back) or COMMIT_ROUND's reply for any other outcome.
+COMMIT_AND_ANSWER = _COMMIT + """
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], '*', 'd', ARGV[9])
+redis.call('EXPIRE', KEYS[3], ARGV[10])
+redis.call('XACK', KEYS[2], ARGV[7], ARGV[8])
+redis.call('XDEL', KEYS[2], ARGV[8])
+return {'applied'}
 """

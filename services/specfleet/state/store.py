@@ -68,7 +68,7 @@ class CommitResult:
 
     __slots__ = ("applied", "outcome", "_rid", "_flat", "_state")
 
-    def __init__(self, applied: bool, outcome: str, rid: str = "", flat: Sequence[bytes] = (),
+    def __init__(self, applied: bool, outcome: str, rid: str = "", flat: Sequence[bytes] | None = (),
                  state: RequestState | None = None):
         self.applied, self.outcome = applied, outcome
         self._rid, self._flat, self._state = rid, flat, state
@@ -76,6 +76,9 @@ class CommitResult:
     @property
     def state(self) -> RequestState:
         if self._state is None:
+            if self._flat is None:
+                raise LookupError(f"request {self._rid!r}: this commit applied without reading the state back "
+                                  "(StateStore.commit_and_answer); read it with StateStore.get")
             self._state = _state_from_hash(self._rid, _hash_from_flat(self._flat))
         return self._state
 
@@ -147,6 +150,7 @@ class StateStore:
         self.running_ttl_s = int(running_ttl_s or 0)
         self._create = redis.register_script(lua.CREATE_REQUEST)
         self._commit = redis.register_script(lua.COMMIT_ROUND)
+        self._commit_answer = redis.register_script(lua.COMMIT_AND_ANSWER)
         self._fail = redis.register_script(lua.FAIL_REQUEST)
         self._score = redis.register_script(lua.UPDATE_SCORE)
         self._groups: set[tuple[str, str]] = set()
@@ -200,15 +204,37 @@ class StateStore:
         with outcome "retry" (compare tokens with `state.round_tokens(round)`); a request already finished or failed
         returns outcome "closed". Raises RoundGapError for a round beyond the next one, RequestNotFoundError when
         the request has no state."""
+        reply = await self._commit(keys=[self.keys.request(rid)], args=self._commit_args(round, tokens, finished,
+                                                                                  finish_reason))
+        return self._commit_result(rid, round, reply)
+
+    async def commit_and_answer(
+        self, rid: str, round: int, tokens: Sequence[int], finished: bool, finish_reason: str, name: str, group: str,
+        entry_id: str, reply_name: str, payload: bytes, reply_ttl_s: int = 600, reply_maxlen: int = 100_000
+    ) -> CommitResult:
+        """`commit_round`, and when it applies, the stream job `entry_id`'s answer too (`ack_and_send`), in one
+        script: one Redis round trip for the round's commit and its answer. An applied result carries no state
+        (nothing is read back); for any other outcome nothing is answered or acknowledged, and the result is
+        `commit_round`'s (the caller answers with the committed round or the error)."""
+        keys = [self.keys.request(rid), self.keys.stream(name), self.keys.stream(reply_name)]
+        check_name("group", group)
+        args = [*self._commit_args(round, tokens, finished, finish_reason), group, entry_id, bytes(payload),
+                int(reply_ttl_s), int(reply_maxlen)]
+        return self._commit_result(rid, round, await self._commit_answer(keys=keys, args=args))
+
+    def _commit_args(self, round: int, tokens: Sequence[int], finished: bool, finish_reason: str) -> list:
         if round < 0:
             raise ValueError(f"round must be >= 0, got {round}")
-        key = self.keys.request(rid)
-        args = [int(round), pack_ids(tokens), "1" if finished else "0", finish_reason, self.finished_ttl_s]
-        reply = await self._commit(keys=[key], args=[*args, self.running_ttl_s])
+        return [int(round), pack_ids(tokens), "1" if finished else "0", finish_reason, self.finished_ttl_s,
+                self.running_ttl_s]
+
+    @staticmethod
+    def _commit_result(rid: str, round: int, reply: Sequence) -> CommitResult:
         outcome = _decode(reply[0])
         if outcome == "missing":
             raise RequestNotFoundError(f"request {rid!r} has no state in Redis (never created, deleted or expired)")
-        result = CommitResult(applied=outcome == "applied", outcome=outcome, rid=rid, flat=reply[1])
+        result = CommitResult(applied=outcome == "applied", outcome=outcome, rid=rid,
+                              flat=reply[1] if len(reply) > 1 else None)
         if outcome == "gap":
             raise RoundGapError(
                 f"request {rid!r}: commit of round {round} but only {result.state.round} rounds are committed "
@@ -398,13 +424,20 @@ class StateStore:
         await self.delete_entries(name, [i for i, _ in jobs])
         return jobs
 
-    async def read_after(self, name: str, after: str, count: int = 100,
-                         block_ms: int | None = None) -> list[tuple[str, bytes]]:
+    async def read_after(self, name: str, after: str, count: int = 100, block_ms: int | None = None,
+                         delete: Sequence[str] = ()) -> list[tuple[str, bytes]]:
         """Up to `count` entries of a stream newer than the id `after` ("0-0": from the start), left in the stream;
-        block_ms: wait up to that long for one (None or <= 0: return at once)."""
+        block_ms: wait up to that long for one (None or <= 0: return at once). `delete`: entries read before (ids up
+        to `after`) deleted first, in the same round trip (a reader that deletes what it has handled)."""
         key = self.keys.stream(name)
         block = int(block_ms) if block_ms and block_ms > 0 else None
-        reply = await self.redis.xread({key: after}, count=count, block=block)
+        if delete:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xdel(key, *delete)
+                pipe.xread({key: after}, count=count, block=block)
+                _, reply = await pipe.execute()
+        else:
+            reply = await self.redis.xread({key: after}, count=count, block=block)
         streams = reply.values() if isinstance(reply, dict) else [entries for _, entries in reply or []]
         jobs = []
         for entries in streams:

@@ -3,7 +3,8 @@
 The router appends a `VerifyJob` per round and waits for the `VerifyReply` on its own reply stream. Every verifier
 reads jobs while it holds fewer than its intake (`--verify-intake`), so a job waits in the stream rather than in one
 verifier's memory: visible to the operator as queue depth, first come first served across verifiers. It answers and
-acknowledges each job in one transaction, and reclaims jobs another verifier took and left unacknowledged for
+acknowledges each job in one transaction (for a round that commits, in the commit's own script: one
+Redis call commits, answers and acknowledges it), and reclaims jobs another verifier took and left unacknowledged for
 `claim_idle_ms` (it died or hangs). Once a second it drops the jobs it holds whose entry the router deleted (the
 router withdraws a round whose caller went away): a withdrawn round still waiting for its forward never runs. A
 reclaimed round may be verified twice; the commit is idempotent per (request, round), so it commits once and both
@@ -154,10 +155,24 @@ class VerifyConsumer:
             reply = internal_pb2.VerifyReply(job_id=job.job_id, code=code.value[0],
                                              message="the job's deadline passed before a verifier took it")
         else:
+            answered = False
+
+            async def commit_and_answer(rid, rnd, tokens, finished, reason, response):
+                """The round's commit and, when it applies, this job's answer and ack: one Redis call."""
+                nonlocal answered
+                payload = internal_pb2.VerifyReply(job_id=job.job_id, response=response).SerializeToString()
+                result = await self.store.commit_and_answer(rid, rnd, tokens, finished, reason, VERIFY_STREAM,
+                                                            VERIFY_GROUP, entry_id, job.reply_to, payload)
+                answered = result.applied
+                return result
+
             try:
                 waited = max(0.0, time.time() - int(entry_id.split("-")[0]) / 1000)  # the id is its XADD time (ms)
-                reply = internal_pb2.VerifyReply(job_id=job.job_id,
-                                                 response=await self.service.handle(job.request, waited))
+                reply = internal_pb2.VerifyReply(job_id=job.job_id, response=await self.service.handle(
+                    job.request, waited, commit_and_answer))
+                if answered:  # committed, answered and acknowledged in one go
+                    span.end(reply.response, code)
+                    return
             except VerifyError as exc:
                 code = exc.code
                 reply = internal_pb2.VerifyReply(job_id=job.job_id, code=exc.code.value[0], message=exc.message)
@@ -247,16 +262,20 @@ class VerifyQueueClient:
             await self.store.redis.xdel(self.store.keys.stream(VERIFY_STREAM), entry)
 
     async def _read_loop(self) -> None:
-        # Replies are handed to their waiting rounds first and deleted from the stream after, while those rounds
-        # go on (deleting first would put a Redis round trip into every round); reads start after the last id seen
-        last = "0-0"
+        # Replies are handed to their waiting rounds first and deleted from the stream after, with the next read (one
+        # Redis round trip per wake-up: deleting first would put a round trip into every round, deleting apart one
+        # more per wake-up); reads start after the last id seen
+        last, handled = "0-0", []
         while not self._closed:
             try:
-                entries = await self.store.read_after(self.reply_to, last, count=256, block_ms=self.block_ms)
+                entries = await self.store.read_after(self.reply_to, last, count=256, block_ms=self.block_ms,
+                                                      delete=handled)
+                handled = []
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:  # the waiting calls hit their deadlines if Redis stays away
                 log.warning("reading verify replies failed: %s", exc)
+                handled = []  # left behind, they expire with the stream (reply_ttl_s)
                 await asyncio.sleep(0.2)
                 continue
             if not entries:
@@ -270,12 +289,7 @@ class VerifyQueueClient:
                 future = self._waiting.get(reply.job_id)
                 if future is not None and not future.done():  # a reclaimed job's second answer finds no one
                     future.set_result(reply)
-            try:
-                await self.store.delete_entries(self.reply_to, [i for i, _ in entries])
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:  # left behind, they expire with the stream (reply_ttl_s)
-                log.warning("deleting read verify replies failed: %s", exc)
+            handled = [i for i, _ in entries]
 
     async def close(self) -> None:
         self._closed = True

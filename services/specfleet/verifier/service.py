@@ -123,10 +123,15 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
         except VerifyError as exc:
             await context.abort(exc.code, exc.message)
 
-    async def handle(self, request: internal_pb2.VerifyRequest, waited_s: float = 0.0) -> internal_pb2.VerifyResponse:
+    async def handle(self, request: internal_pb2.VerifyRequest, waited_s: float = 0.0,
+                     commit_and_answer=None) -> internal_pb2.VerifyResponse:
         """One round, from a Verify call or a stream job (`waited_s` in the stream): validate, verify (batched),
         commit unless speculative. Raises VerifyError with the status a Verify call answers. A request with
-        `sent_unix` gets the round's timings in its answer (profiling: `specfleet bench fleet --stages overhead`)."""
+        `sent_unix` gets the round's timings in its answer (profiling: `specfleet bench fleet --stages overhead`).
+        `commit_and_answer(rid, round, tokens, finished, reason, response)` (a stream job's): commits the round and,
+        when that applies, answers it with `response` in the same Redis call (StateStore.commit_and_answer); it
+        returns the CommitResult, so a round committed before is answered as from commit_round. The answer is then
+        built before the commit: its timings count the commit in the answer's way back (`commit_s` 0)."""
         picked = time.perf_counter()
         timed = request.sent_unix > 0
         queue_s = max(0.0, time.time() - request.sent_unix) if timed else 0.0
@@ -156,11 +161,29 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
         verified = time.perf_counter()
         tokens, reason = cut_at_finish(verdict.tokens, request.max_new_tokens, self.eos_token_id, request.ignore_eos)
         finished = bool(reason)
-        if self.store is not None and not request.speculative:
+        accepted = min(len(verdict.path), len(tokens))
+        reply = internal_pb2.VerifyResponse(request_id=rid, round=rnd, token_ids=tokens, accepted=accepted,
+                                            accepted_nodes=verdict.path[:accepted], seconds=seconds, batch=batch,
+                                            finished=finished, finish_reason=reason)
+        if request.features and added is not None and not finished:
+            # rows up to the context and the accepted nodes; a round cut at the finish needs none (no next draft)
+            first, rows = added
+            reply.features.CopyFrom(features_to_pb(rows, first, self.feature_dtype))
+        if timed:
+            reply.timings.queue_s = queue_s
+            reply.timings.batch_wait_s = max(0.0, verified - submitted - seconds)
+        committing = self.store is not None and not request.speculative
+        built = time.perf_counter()
+        if committing and commit_and_answer is not None and timed:  # the answer leaves with the commit
+            reply.timings.handle_s = time.perf_counter() - picked
+        if committing:
             # No read before the forward (it would cost a Redis round trip per round): the commit itself says
             # whether this round was already committed (a retry), and then the committed tokens stand.
             try:
-                result = await self.store.commit_round(rid, rnd, tokens, finished=finished, finish_reason=reason)
+                if commit_and_answer is not None:
+                    result = await commit_and_answer(rid, rnd, tokens, finished, reason, reply)
+                else:
+                    result = await self.store.commit_round(rid, rnd, tokens, finished=finished, finish_reason=reason)
             except RequestNotFoundError as exc:
                 raise VerifyError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
             except RoundGapError as exc:
@@ -174,22 +197,12 @@ class VerifierService(internal_pb2_grpc.VerifierServicer):
                 raise VerifyError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"request {rid} is already {result.state.status}")
         committed = time.perf_counter()
-        accepted = min(len(verdict.path), len(tokens))
-        reply = internal_pb2.VerifyResponse(request_id=rid, round=rnd, token_ids=tokens, accepted=accepted,
-                                            accepted_nodes=verdict.path[:accepted], seconds=seconds, batch=batch,
-                                            finished=finished, finish_reason=reason)
-        if request.features and added is not None and not finished:
-            # rows up to the context and the accepted nodes; a round cut at the finish needs none (no next draft)
-            first, rows = added
-            reply.features.CopyFrom(features_to_pb(rows, first, self.feature_dtype))
+        if reply.HasField("features"):
             self.feature_rounds += 1
             self.feature_bytes += len(reply.features.data)
-        if timed:
-            done = time.perf_counter()
-            reply.timings.queue_s = queue_s
-            reply.timings.batch_wait_s = max(0.0, verified - submitted - seconds)
-            reply.timings.commit_s = committed - verified
-            reply.timings.handle_s = done - picked
+        if timed and (commit_and_answer is None or not committing):
+            reply.timings.commit_s = committed - built
+            reply.timings.handle_s = time.perf_counter() - picked
         return reply
 
     async def Release(self, request: internal_pb2.ReleaseRequest, context) -> internal_pb2.ReleaseResponse:

@@ -495,7 +495,11 @@ def test_every_state_store_operation_runs_as_the_least_privilege_user(acl_user):
             assert (await store.queue_stats("work", "g"))["pending"] == 1
             assert await store.ack("work", "g", [jobs[0][0]]) == 1
             await store.consume("work", "g", "c1", count=1)
-            assert [p for _, p in await store.reclaim("work", "g", "c2", min_idle_ms=0)] == [b"job-2"]
+            reclaimed = await store.reclaim("work", "g", "c2", min_idle_ms=0)
+            assert [p for _, p in reclaimed] == [b"job-2"]
+            await store.keep_claims("work", "g", "c2", [reclaimed[0][0]])  # a busy verifier keeps its jobs
+            assert await store.withdrawn("work", "g", [reclaimed[0][0]]) == []
+            await store.requeue("work", "g", reclaimed)  # a draining one hands them back
             if hasattr(store, "ack_and_send"):  # the verify queue's reply path
                 await store.ack_and_send("work", "g", [], "replies", b"answer")
                 assert [p for _, p in await store.take("replies")] == [b"answer"]

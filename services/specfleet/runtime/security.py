@@ -291,6 +291,7 @@ REDIS_COMMANDS = (
     "get", "set", "mget", "del", "unlink", "scan",  # heartbeats, drain marks, cleanup
     "multi", "exec", "discard",  # transactional pipelines
     "xadd", "xgroup|create", "xreadgroup", "xread", "xack", "xdel", "xautoclaim", "xlen", "xpending", "xrange",
+    "xclaim",  # a busy verifier keeping its jobs claimed (StateStore.keep_claims)
 )
 
 

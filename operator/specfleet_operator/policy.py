@@ -34,7 +34,9 @@ does, and finally enforces the spec's bounds:
   would) instead of the up window, skips the up cooldown and, sized by the arrival rate below, goes
   to that count in one step (Knative allows 1000x; every extra step waits another provisioning time), or, sized by
   the queue-wait ratio alone (no rate measured yet), adds at most max(maxStep, current) pods (at most doubling, the
-  HPA's default scale-up rate); nothing is removed while panicking. Panicking, the verifiers
+  HPA's default scale-up rate); nothing is removed while panicking. The queue-wait ratio also sizes (at most
+  doubling) where the panic's rate asks no more than the count while every pod asked for serves: the queue then
+  overrules a rate estimated from a few reads between which a ramp's first requests fell. Panicking, the verifiers
   are sized for their arrival rate one provisioning time ahead (`panic_demand`): the work arriving (work done plus
   the backlog's growth, which saturation does not cap) now, plus its fitted trend's slope less `PANIC_TREND_T`
   standard errors x the provisioning time (only while the load outruns the pods now; in the hold, the rate alone),
@@ -503,6 +505,14 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
                                      - 1e-9)
                     floor = max([n for w, n in wants.items() if w != "queue wait"] or [1])
                     why = f"arrival rate in {provision_s:.0f} s" if outrun else "arrival rate"
+                    if outrun and serving >= count and max(need, floor) <= count < wants.get("queue wait", 0):
+                        # the queue overrules a rate that says the pods keep up: the rate is estimated from a
+                        # few busy fractions and queue waits (one per heartbeat read), and the first requests of
+                        # a ramp or a burst fall between them; the queue-wait ratio then sizes, at most doubling
+                        # the count per decision (the HPA's default scale-up rate), as with no rate measured
+                        floor = min(wants["queue wait"], count + max(auto.max_step, count))
+                        why = f"queue wait {wait:.0f} ms over a rate of {demand:.2f} pods" if wait is not None \
+                            else why
                     raw = max(need, floor, 1)
                     metrics.update(figures_ahead)
                     rate_sized = True

@@ -281,6 +281,22 @@ def test_panic_is_sized_for_the_arrival_rate_one_provisioning_time_ahead():
     assert slow.desired["verifier"] == 9
 
 
+def test_a_queue_that_panics_overrules_a_rate_that_says_the_pods_keep_up():
+    # one pod, a ramp's first requests: the reads show it 30% then 40% busy, and a queue wait of 500 ms (10x the
+    # target) at the second; the rate from those reads (0.4 pods' work + 0.05 pods of backlog growth) says one pod
+    # keeps up, the queue says otherwise: it sizes the panic, at most doubling the count
+    spec = fleet({"maxStep": 1, "stabilizationWindowSeconds": {"up": 15, "down": 210}}, verifier={"maxReplicas": 8})
+    history = [sample(0.0, {"verifier": 1}, verifier={"busy_frac": 0.3, "queue_wait_ms": 0}),
+               sample(10.0, {"verifier": 1}, verifier={"busy_frac": 0.4, "queue_wait_ms": 500})]
+    result = decide(history, spec, {**CURRENT, "verifier": 1}, now=10.0)
+    assert result.desired["verifier"] == 2, result.reasons["verifier"]
+    assert "panic: queue wait 250 ms over a rate of" in result.reasons["verifier"]
+    # with a pod already starting (2 asked for, 1 serving) the rate counts on it: the queue does not add another
+    # (it keeps growing until that pod serves)
+    starting = decide(history, spec, {**CURRENT, "verifier": 2}, now=10.0)
+    assert starting.desired["verifier"] == 2, starting.reasons["verifier"]
+
+
 def test_queued_while_starting_matches_a_brute_force_sum():
     for rate, slope, serving, provision in ((2.2, 0.0, 2, 60.0), (2.7, 0.8 / 60, 2, 60.0), (1.0, 0.05, 3, 60.0),
                                             (5.0, 0.0, 8, 60.0), (1.0, 0.01, 3, 60.0), (4.0, 0.1, 4, 0.0)):

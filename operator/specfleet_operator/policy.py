@@ -29,7 +29,9 @@ does, and finally enforces the spec's bounds:
   one role, `cooldownSeconds` before it scales up again and `scaleDownCooldownSeconds` before it scales down (capacity
   is removed in fewer, larger steps than it is added).
 - panic (Knative KPA's rule): while a role's recommendation is >= `PANIC_RATIO` x its serving pods, or the verifier
-  queue wait is >= `PANIC_WAIT_RATIO` x its target, the role panics for `PANIC_HOLD_S`: scale-up uses the
+  queue wait is >= `PANIC_WAIT_RATIO` x its target (the verifier's queue wait read over the smoothing window, or over
+  the panic window alone where that holds two samples or more, whichever is higher: its queue-wait ratio then
+  recommends as well), the role panics for `PANIC_HOLD_S`: scale-up uses the
   `PANIC_WINDOW_S` window (or the up window where that is shorter: a panic never waits longer than calm scaling
   would) instead of the up window, skips the up cooldown and, sized by the arrival rate below, goes
   to that count in one step (Knative allows 1000x; every extra step waits another provisioning time), or, sized by
@@ -487,8 +489,18 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
                 raw, why, metrics, wants = _recommend(role, count, figures, spec, verifier_growth, tolerance,
                                                       history, now, provision_s)
                 wait = figures[key].queue_wait_ms if key == VERIFIER else None
-                outrun = raw >= PANIC_RATIO * max(serving, 1) or (
-                    wait is not None and wait >= PANIC_WAIT_RATIO * auto.targets.queue_wait_ms)
+                # the panic condition also reads the queue wait over the panic window alone (Knative's panic
+                # averages over its own, shorter window): the smoothing's older samples would hold a burst's first
+                # ones back for most of the smoothing time. Only where the window holds two samples or more (a
+                # loop that reads every second, as `specfleet up --autoscale` does): one sample is noise
+                newest = [s for s in window if s.time_s >= latest.time_s - panic_window_s(spec)
+                          and len(s.role(key).serving) == serving]
+                recent = _figures(key, newest).queue_wait_ms if key == VERIFIER and len(newest) >= 2 else None
+                panic_wait = max(wait, recent) if wait is not None and recent is not None else recent
+                target_wait = auto.targets.queue_wait_ms
+                outrun = raw >= PANIC_RATIO * max(serving, 1) or (panic_wait is not None and (
+                    panic_wait >= PANIC_WAIT_RATIO * target_wait or _ratio_target(
+                        max(serving, 1), panic_wait, target_wait, tolerance, count) >= PANIC_RATIO * max(serving, 1)))
                 if outrun:
                     panic_until = now + PANIC_HOLD_S
                     memory = replace(memory, panic_until={**memory.panic_until, key: panic_until})

@@ -270,6 +270,14 @@ def queued_while_starting(rate: float, slope: float, serving: int, provision_s: 
     return excess(provision_s) - excess(start)
 
 
+def _backlog_growing(history: Sequence[MetricsSample], serving: int) -> bool:
+    """Whether the verifiers' backlog (queue wait x serving pods) grew between the last two samples with `serving`
+    pods that report a queue wait."""
+    backlogs = [wait * serving for s in history if len(s.role(VERIFIER).serving) == serving
+                and (wait := verifier_queue_wait_ms(s)) is not None][-2:]
+    return len(backlogs) == 2 and backlogs[1] > backlogs[0]
+
+
 def _ratio_target(base: int, metric: float, target: float, tolerance: float, current: int | None = None) -> int:
     """HPA's rule: ceil(base * metric / target) over the `base` pods that measured it, unless the ratio is within
     the tolerance band (then the `current` count stands). Over target it never recommends fewer than `current` (pods
@@ -517,11 +525,15 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
                                      - 1e-9)
                     floor = max([n for w, n in wants.items() if w != "queue wait"] or [1])
                     why = f"arrival rate in {provision_s:.0f} s" if outrun else "arrival rate"
-                    if outrun and serving >= count and max(need, floor) <= count < wants.get("queue wait", 0):
+                    if outrun and serving >= count and max(need, floor) <= count < wants.get("queue wait", 0) \
+                            and _backlog_growing(history, serving):
                         # the queue overrules a rate that says the pods keep up: the rate is estimated from a
                         # few busy fractions and queue waits (one per heartbeat read), and the first requests of
                         # a ramp or a burst fall between them; the queue-wait ratio then sizes, at most doubling
-                        # the count per decision (the HPA's default scale-up rate), as with no rate measured
+                        # the count per decision (the HPA's default scale-up rate), as with no rate measured. Only
+                        # while every pod asked for serves (pods starting are what the rate counts on; the queue
+                        # grows until they serve) and the queue grew since the last read (one being worked off
+                        # after a burst is no sign the rate undercounts)
                         floor = min(wants["queue wait"], count + max(auto.max_step, count))
                         why = f"queue wait {wait:.0f} ms over a rate of {demand:.2f} pods" if wait is not None \
                             else why

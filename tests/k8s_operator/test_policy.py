@@ -305,7 +305,7 @@ def test_panic_is_sized_for_the_arrival_rate_one_provisioning_time_ahead():
 def test_a_queue_that_panics_overrules_a_rate_that_says_the_pods_keep_up():
     # one pod, a ramp's first requests: the reads show it 30% then 40% busy, and a queue wait of 500 ms (10x the
     # target) at the second; the rate from those reads (0.4 pods' work + 0.05 pods of backlog growth) says one pod
-    # keeps up, the queue says otherwise: it sizes the panic, at most doubling the count
+    # keeps up, the queue (growing) says otherwise: it sizes the panic, at most doubling the count
     spec = fleet({"maxStep": 1, "stabilizationWindowSeconds": {"up": 15, "down": 210}}, verifier={"maxReplicas": 8})
     history = [sample(0.0, {"verifier": 1}, verifier={"busy_frac": 0.3, "queue_wait_ms": 0}),
                sample(10.0, {"verifier": 1}, verifier={"busy_frac": 0.4, "queue_wait_ms": 500})]
@@ -316,6 +316,10 @@ def test_a_queue_that_panics_overrules_a_rate_that_says_the_pods_keep_up():
     # (it keeps growing until that pod serves)
     starting = decide(history, spec, {**CURRENT, "verifier": 2}, now=10.0)
     assert starting.desired["verifier"] == 2, starting.reasons["verifier"]
+    # a queue being worked off (500 -> 300 ms, after a burst) is no sign the rate undercounts: the rate sizes
+    draining = [sample(0.0, {"verifier": 1}, verifier={"busy_frac": 0.9, "queue_wait_ms": 500}),
+                sample(10.0, {"verifier": 1}, verifier={"busy_frac": 0.4, "queue_wait_ms": 300})]
+    assert decide(draining, spec, {**CURRENT, "verifier": 1}, now=10.0).desired["verifier"] == 1
 
 
 def test_queued_while_starting_matches_a_brute_force_sum():

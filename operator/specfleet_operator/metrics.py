@@ -224,11 +224,14 @@ def verifier_queue_wait_ms(sample: MetricsSample) -> float | None:
     publishes late when it is outrun (its beats waited ~10 s in a burst on the local fleet): the stream's stats are
     read from Redis each control step, and a round that has waited there (or inside the verifier, delivered and not
     yet acknowledged) longer than two steps is a queue the next beat would only report later. At a load the
-    verifiers keep up with, the oldest round is younger than two steps and the heartbeats' mean stands."""
-    wait = sample.role(VERIFIER).queue_wait_ms
+    verifiers keep up with, the oldest round is younger than two steps and the heartbeats' mean stands; so it does
+    while no verifier has measured a step (its first forwards, slow, would read as a queue)."""
+    verifiers = sample.role(VERIFIER)
+    wait = verifiers.queue_wait_ms
     if sample.queue.depth or sample.queue.pending:
         if wait is None:
             return float(sample.queue.oldest_age_ms)
-        live = float(sample.queue.oldest_age_ms) - 2.0 * (sample.role(VERIFIER).step_ms or 0.0)
-        wait = max(wait, live)
+        if verifiers.step_ms is not None:  # no step measured yet (a fresh verifier's first, slow forwards): the
+            # round's age cannot be told from its service time, and the heartbeat's figure stands
+            wait = max(wait, float(sample.queue.oldest_age_ms) - 2.0 * verifiers.step_ms)
     return wait

@@ -37,8 +37,9 @@ does, and finally enforces the spec's bounds:
   to that count in one step (Knative allows 1000x; every extra step waits another provisioning time), or, sized by
   the queue-wait ratio alone (no rate measured yet), adds at most max(maxStep, current) pods (at most doubling, the
   HPA's default scale-up rate); nothing is removed while panicking. The queue-wait ratio also sizes (at most
-  doubling) where the panic's rate asks no more than the count while every pod asked for serves: the queue then
-  overrules a rate estimated from a few reads between which a ramp's first requests fell. Panicking, the verifiers
+  doubling) where the panic's rate asks no more than the count while every pod asked for serves and the backlog
+  grew since the last read: the queue then overrules a rate estimated from a few reads between which a ramp's first
+  requests fell. Panicking, the verifiers
   are sized for their arrival rate one provisioning time ahead (`panic_demand`): the work arriving (work done plus
   the backlog's growth, which saturation does not cap) now, plus its fitted trend's slope less `PANIC_TREND_T`
   standard errors x the provisioning time (only while the load outruns the pods now; in the hold, the rate alone),

@@ -89,6 +89,10 @@ def test_the_queue_wait_is_raised_to_what_the_verify_stream_shows_now():
     assert fresh.queue.depth == 1 and verifier_queue_wait_ms(fresh) == 5.0  # younger than two steps: the beat stands
     assert late.queue.pending == 1 and late.queue.oldest_age_ms >= 300
     assert verifier_queue_wait_ms(late) == late.queue.oldest_age_ms - 60.0
+    # no step measured yet (a fresh verifier's first forwards): the round's age is not told from its service time
+    unmeasured = aggregate([{"role": "verifier", "pod": "v", "queue_wait_ms": 5.0, "step_ms": 0}],
+                           {"depth": 0, "pending": 1, "oldest_age_ms": 900})
+    assert verifier_queue_wait_ms(unmeasured) == 5.0
     # no verifier reports a wait (none beats yet): the oldest round's age, as before
     assert verifier_queue_wait_ms(aggregate([], {"depth": 1, "pending": 0, "oldest_age_ms": 80})) == 80.0
     assert verifier_queue_wait_ms(aggregate([], {"depth": 0, "pending": 0, "oldest_age_ms": 0})) is None

@@ -505,7 +505,7 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
                 newest = [s for s in window if s.time_s >= latest.time_s - panic_window_s(spec)
                           and len(s.role(key).serving) == serving]
                 recent = _figures(key, newest).queue_wait_ms if key == VERIFIER and len(newest) >= 2 else None
-                panic_wait = max(wait, recent) if wait is not None and recent is not None else recent
+                panic_wait = max([w for w in (wait, recent) if w is not None], default=None)
                 target_wait = auto.targets.queue_wait_ms
                 outrun = raw >= PANIC_RATIO * max(serving, 1) or (panic_wait is not None and (
                     panic_wait >= PANIC_WAIT_RATIO * target_wait or _ratio_target(

@@ -216,8 +216,22 @@ async def read_sample(store: StateStore, stream: str = VERIFIER_STREAM, group: s
 
 
 def verifier_queue_wait_ms(sample: MetricsSample) -> float | None:
-    """Mean verifier queue wait: what the verifiers report, else the age of the oldest queued job."""
-    wait = sample.role(VERIFIER).queue_wait_ms
-    if wait is None and (sample.queue.depth or sample.queue.pending):
-        wait = float(sample.queue.oldest_age_ms)
+    """Verifier queue wait: the mean the verifiers report, raised to what the verify stream shows now (its oldest
+    round not yet answered, less two verifier steps: the batch it may have waited for and its own), else the age of
+    the oldest queued job.
+
+    A heartbeat reports the rounds that started in its interval, and a verifier whose forwards run on its event loop
+    publishes late when it is outrun (its beats waited ~10 s in a burst on the local fleet): the stream's stats are
+    read from Redis each control step, and a round that has waited there (or inside the verifier, delivered and not
+    yet acknowledged) longer than two steps is a queue the next beat would only report later. At a load the
+    verifiers keep up with, the oldest round is younger than two steps and the heartbeats' mean stands; so it does
+    while no verifier has measured a step (its first forwards, slow, would read as a queue)."""
+    verifiers = sample.role(VERIFIER)
+    wait = verifiers.queue_wait_ms
+    if sample.queue.depth or sample.queue.pending:
+        if wait is None:
+            return float(sample.queue.oldest_age_ms)
+        if verifiers.step_ms is not None:  # no step measured yet (a fresh verifier's first, slow forwards): the
+            # round's age cannot be told from its service time, and the heartbeat's figure stands
+            wait = max(wait, float(sample.queue.oldest_age_ms) - 2.0 * verifiers.step_ms)
     return wait

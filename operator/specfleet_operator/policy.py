@@ -29,12 +29,17 @@ does, and finally enforces the spec's bounds:
   one role, `cooldownSeconds` before it scales up again and `scaleDownCooldownSeconds` before it scales down (capacity
   is removed in fewer, larger steps than it is added).
 - panic (Knative KPA's rule): while a role's recommendation is >= `PANIC_RATIO` x its serving pods, or the verifier
-  queue wait is >= `PANIC_WAIT_RATIO` x its target, the role panics for `PANIC_HOLD_S`: scale-up uses the
+  queue wait is >= `PANIC_WAIT_RATIO` x its target (the verifier's queue wait read over the smoothing window, or over
+  the panic window alone where that holds two samples or more, whichever is higher: its queue-wait ratio then
+  recommends as well), the role panics for `PANIC_HOLD_S`: scale-up uses the
   `PANIC_WINDOW_S` window (or the up window where that is shorter: a panic never waits longer than calm scaling
   would) instead of the up window, skips the up cooldown and, sized by the arrival rate below, goes
   to that count in one step (Knative allows 1000x; every extra step waits another provisioning time), or, sized by
   the queue-wait ratio alone (no rate measured yet), adds at most max(maxStep, current) pods (at most doubling, the
-  HPA's default scale-up rate); nothing is removed while panicking. Panicking, the verifiers
+  HPA's default scale-up rate); nothing is removed while panicking. The queue-wait ratio also sizes (at most
+  doubling) where the panic's rate asks no more than the count while every pod asked for serves and the backlog
+  grew since the last read: the queue then overrules a rate estimated from a few reads between which a ramp's first
+  requests fell. Panicking, the verifiers
   are sized for their arrival rate one provisioning time ahead (`panic_demand`): the work arriving (work done plus
   the backlog's growth, which saturation does not cap) now, plus its fitted trend's slope less `PANIC_TREND_T`
   standard errors x the provisioning time (only while the load outruns the pods now; in the hold, the rate alone),
@@ -266,6 +271,14 @@ def queued_while_starting(rate: float, slope: float, serving: int, provision_s: 
     return excess(provision_s) - excess(start)
 
 
+def _backlog_growing(history: Sequence[MetricsSample], serving: int) -> bool:
+    """Whether the verifiers' backlog (queue wait x serving pods) grew between the last two samples with `serving`
+    pods that report a queue wait."""
+    backlogs = [wait * serving for s in history if len(s.role(VERIFIER).serving) == serving
+                and (wait := verifier_queue_wait_ms(s)) is not None][-2:]
+    return len(backlogs) == 2 and backlogs[1] > backlogs[0]
+
+
 def _ratio_target(base: int, metric: float, target: float, tolerance: float, current: int | None = None) -> int:
     """HPA's rule: ceil(base * metric / target) over the `base` pods that measured it, unless the ratio is within
     the tolerance band (then the `current` count stands). Over target it never recommends fewer than `current` (pods
@@ -485,8 +498,18 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
                 raw, why, metrics, wants = _recommend(role, count, figures, spec, verifier_growth, tolerance,
                                                       history, now, provision_s)
                 wait = figures[key].queue_wait_ms if key == VERIFIER else None
-                outrun = raw >= PANIC_RATIO * max(serving, 1) or (
-                    wait is not None and wait >= PANIC_WAIT_RATIO * auto.targets.queue_wait_ms)
+                # the panic condition also reads the queue wait over the panic window alone (Knative's panic
+                # averages over its own, shorter window): the smoothing's older samples would hold a burst's first
+                # ones back for most of the smoothing time. Only where the window holds two samples or more (a
+                # loop that reads every second, as `specfleet up --autoscale` does): one sample is noise
+                newest = [s for s in window if s.time_s >= latest.time_s - panic_window_s(spec)
+                          and len(s.role(key).serving) == serving]
+                recent = _figures(key, newest).queue_wait_ms if key == VERIFIER and len(newest) >= 2 else None
+                panic_wait = max([w for w in (wait, recent) if w is not None], default=None)
+                target_wait = auto.targets.queue_wait_ms
+                outrun = raw >= PANIC_RATIO * max(serving, 1) or (panic_wait is not None and (
+                    panic_wait >= PANIC_WAIT_RATIO * target_wait or _ratio_target(
+                        max(serving, 1), panic_wait, target_wait, tolerance, count) >= PANIC_RATIO * max(serving, 1)))
                 if outrun:
                     panic_until = now + PANIC_HOLD_S
                     memory = replace(memory, panic_until={**memory.panic_until, key: panic_until})
@@ -503,6 +526,18 @@ def decide(history: Sequence[MetricsSample], spec: FleetSpec, current: Mapping[s
                                      - 1e-9)
                     floor = max([n for w, n in wants.items() if w != "queue wait"] or [1])
                     why = f"arrival rate in {provision_s:.0f} s" if outrun else "arrival rate"
+                    if outrun and serving >= count and max(need, floor) <= count < wants.get("queue wait", 0) \
+                            and _backlog_growing(history, serving):
+                        # the queue overrules a rate that says the pods keep up: the rate is estimated from a
+                        # few busy fractions and queue waits (one per heartbeat read), and the first requests of
+                        # a ramp or a burst fall between them; the queue-wait ratio then sizes, at most doubling
+                        # the count per decision (the HPA's default scale-up rate), as with no rate measured. Only
+                        # while every pod asked for serves (pods starting are what the rate counts on; the queue
+                        # grows until they serve) and the queue grew since the last read (one being worked off
+                        # after a burst is no sign the rate undercounts)
+                        floor = min(wants["queue wait"], count + max(auto.max_step, count))
+                        why = f"queue wait {wait:.0f} ms over a rate of {demand:.2f} pods" if wait is not None \
+                            else why
                     raw = max(need, floor, 1)
                     metrics.update(figures_ahead)
                     rate_sized = True

@@ -9,7 +9,14 @@ import uuid
 import pytest
 
 from specfleet.state import StateStore, connect
-from specfleet_operator.metrics import VERIFIER_GROUP, VERIFIER_STREAM, PodLoad, aggregate, read_sample
+from specfleet_operator.metrics import (
+    VERIFIER_GROUP,
+    VERIFIER_STREAM,
+    PodLoad,
+    aggregate,
+    read_sample,
+    verifier_queue_wait_ms,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -63,6 +70,32 @@ def test_sample_from_redis_heartbeats_and_queue():
     assert not sample.idle
     summary = verifier.summary()
     assert summary["serving"] == 1.0 and summary["queue_wait_p99_ms"] == 90.0
+
+
+def test_the_queue_wait_is_raised_to_what_the_verify_stream_shows_now():
+    # the verifier's last beat says 5 ms (it reports the rounds that started in its interval, and publishes late when
+    # its forwards hold its event loop); a round delivered to it 300 ms ago is still not answered: it has waited at
+    # least 300 - 2 x 30 ms (its own step and one batch before it), and the operator reads that at once
+    async def body(store):
+        await store.heartbeat("verifier", "verifier-a", {"inflight": 1, "busy_frac": 1.0, "step_ms": 30.0,
+                                                         "queue_wait_ms": 5.0, "gpu": None})
+        await store.enqueue(VERIFIER_STREAM, b"round")
+        fresh = await read_sample(store, time_s=1.0)
+        await store.consume(VERIFIER_STREAM, VERIFIER_GROUP, "verifier-a", count=1)
+        await asyncio.sleep(0.3)
+        return fresh, await read_sample(store, time_s=2.0)
+
+    fresh, late = asyncio.run(with_store(body))
+    assert fresh.queue.depth == 1 and verifier_queue_wait_ms(fresh) == 5.0  # younger than two steps: the beat stands
+    assert late.queue.pending == 1 and late.queue.oldest_age_ms >= 300
+    assert verifier_queue_wait_ms(late) == late.queue.oldest_age_ms - 60.0
+    # no step measured yet (a fresh verifier's first forwards): the round's age is not told from its service time
+    unmeasured = aggregate([{"role": "verifier", "pod": "v", "queue_wait_ms": 5.0, "step_ms": 0}],
+                           {"depth": 0, "pending": 1, "oldest_age_ms": 900})
+    assert verifier_queue_wait_ms(unmeasured) == 5.0
+    # no verifier reports a wait (none beats yet): the oldest round's age, as before
+    assert verifier_queue_wait_ms(aggregate([], {"depth": 1, "pending": 0, "oldest_age_ms": 80})) == 80.0
+    assert verifier_queue_wait_ms(aggregate([], {"depth": 0, "pending": 0, "oldest_age_ms": 0})) is None
 
 
 def test_empty_fleet_is_idle():

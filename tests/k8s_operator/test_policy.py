@@ -210,6 +210,27 @@ def test_a_panic_waits_no_longer_than_the_up_window_where_that_is_shorter():
     assert memory.panic_until["verifier"] > 19
 
 
+def test_a_panic_reads_the_queue_wait_over_its_own_window_where_that_holds_samples():
+    # `specfleet up --autoscale`: samples every second, metrics smoothed over 4 s, a 2-s up (and panic) window. A
+    # burst at t=10 takes the queue wait from 3 to 90 ms (1.8x the target): the 4-s mean crosses the band only at
+    # t=12 (then the 2-s window: a scale-up at 14); over the panic window's own samples it does at t=11 (13)
+    spec = fleet({"stabilizationWindowSeconds": {"up": 2, "down": 10}, "cooldownSeconds": 3,
+                  "scaleDownCooldownSeconds": 6, "maxStep": 1}, verifier={"maxReplicas": 3})
+    calm, burst = {"queue_wait_ms": 3, "busy_frac": 0.6}, {"queue_wait_ms": 90, "busy_frac": 1.0}
+    history, current, memory, ups = [], {**CURRENT, "verifier": 1}, None, []
+    for t in range(18):
+        history.append(sample(float(t), {"verifier": 1}, verifier=burst if t >= 10 else calm))
+        result = decide(history, spec, current, memory, now=float(t), smoothing_s=4.0)
+        current, memory = result.desired, result.memory
+        ups += [t for d in result.decisions if d.role == "verifier" and d.to_replicas > d.from_replicas]
+    assert ups and ups[0] == 13, ups
+    # a loop that reads every 10 s has one sample in a 6-s panic window: that is noise, and the smoothing decides
+    spec10 = fleet({"stabilizationWindowSeconds": {"up": 15, "down": 210}})
+    spike = [sample(0.0, {"verifier": 2}, verifier={"queue_wait_ms": 3, "busy_frac": 0.6}),
+             sample(10.0, {"verifier": 2}, verifier={"queue_wait_ms": 110, "busy_frac": 0.9})]
+    assert decide(spike, spec10, CURRENT, now=10.0).desired["verifier"] == 2
+
+
 def test_never_scales_down_while_panicking():
     spec = fleet({"stabilizationWindowSeconds": {"up": 0, "down": 0}})
     burst, calm = {"queue_wait_ms": 250, "busy_frac": 1.0}, {"queue_wait_ms": 1, "busy_frac": 0.1}
@@ -279,6 +300,26 @@ def test_panic_is_sized_for_the_arrival_rate_one_provisioning_time_ahead():
     slow = decide(saturated_history([0, 3, 9, 18]), spec, current, PolicyMemory(provision_s={"verifier": 120.0}),
                   now=45.0)
     assert slow.desired["verifier"] == 9
+
+
+def test_a_queue_that_panics_overrules_a_rate_that_says_the_pods_keep_up():
+    # one pod, a ramp's first requests: the reads show it 30% then 40% busy, and a queue wait of 500 ms (10x the
+    # target) at the second; the rate from those reads (0.4 pods' work + 0.05 pods of backlog growth) says one pod
+    # keeps up, the queue (growing) says otherwise: it sizes the panic, at most doubling the count
+    spec = fleet({"maxStep": 1, "stabilizationWindowSeconds": {"up": 15, "down": 210}}, verifier={"maxReplicas": 8})
+    history = [sample(0.0, {"verifier": 1}, verifier={"busy_frac": 0.3, "queue_wait_ms": 0}),
+               sample(10.0, {"verifier": 1}, verifier={"busy_frac": 0.4, "queue_wait_ms": 500})]
+    result = decide(history, spec, {**CURRENT, "verifier": 1}, now=10.0)
+    assert result.desired["verifier"] == 2, result.reasons["verifier"]
+    assert "panic: queue wait 250 ms over a rate of" in result.reasons["verifier"]
+    # with a pod already starting (2 asked for, 1 serving) the rate counts on it: the queue does not add another
+    # (it keeps growing until that pod serves)
+    starting = decide(history, spec, {**CURRENT, "verifier": 2}, now=10.0)
+    assert starting.desired["verifier"] == 2, starting.reasons["verifier"]
+    # a queue being worked off (500 -> 300 ms, after a burst) is no sign the rate undercounts: the rate sizes
+    draining = [sample(0.0, {"verifier": 1}, verifier={"busy_frac": 0.9, "queue_wait_ms": 500}),
+                sample(10.0, {"verifier": 1}, verifier={"busy_frac": 0.4, "queue_wait_ms": 300})]
+    assert decide(draining, spec, {**CURRENT, "verifier": 1}, now=10.0).desired["verifier"] == 1
 
 
 def test_queued_while_starting_matches_a_brute_force_sum():

@@ -207,16 +207,43 @@ def test_the_operators_default_policy_beats_the_threshold_rule_at_paper_scale(a1
     assert operator.scaling_actions < threshold.scaling_actions
 
 
+def _five_minute_ramp(model, seeds, policies=("threshold", "operator")):
+    """Mean SLO attainment per policy over `seeds` on the 1 -> 4 verifier 5-minute ramp (a pod serving 60 s after
+    it is asked for)."""
+    scores = {name: [] for name in policies}
+    for seed in seeds:
+        _, _, results = autoscale.score_policies(model, 1, 4, 300.0, seed=seed, policies=policies)
+        for result in results:
+            scores[result.policy].append(result.slo_attainment)
+    return {name: float(np.mean(values)) for name, values in scores.items()}
+
+
 @pytest.mark.parametrize("preset", ["local", "a100-70b"])
 def test_panic_keeps_up_with_a_five_minute_ramp(a100, preset):
-    # 1 -> 4 verifiers, the load peaking 150 s in, a pod serving 60 s after it is asked for: the operator meets the
-    # SLO at least as often as the threshold rule, whose fixed step of 2 acted on the first high sample (seed 0:
-    # local 93.2% against 93.2%, a100-70b 73.6% against 47.6%; before panic was sized by the arrival-rate trend,
-    # 39.1% and 30.5%)
+    # 1 -> 4 verifiers, the load peaking 150 s in, a pod serving 60 s after it is asked for: averaged over seeds,
+    # the operator meets the SLO at least as often as the threshold rule, whose fixed step of 2 acts on the first
+    # high sample. One seed is a coin toss at this scale (the local ramp has ~350 requests, its first pod saturates
+    # ~40 s in, and whether a 10-s tick falls on one of the first requests decides a whole provisioning time;
+    # seeds 0-7, local: operator 90.2% against the threshold rule's 78.2%, a100-70b 77.9% against 64.2%)
     model = a100 if preset == "a100-70b" else costs.get_preset("local", BENCH)
-    _, _, (threshold, operator) = autoscale.score_policies(model, 1, 4, 300.0, seed=0,
-                                                           policies=("threshold", "operator"))
-    assert operator.slo_attainment >= threshold.slo_attainment, (threshold.summary(), operator.summary())
+    means = _five_minute_ramp(model, range(8))
+    assert means["operator"] >= means["threshold"], means
+
+
+@pytest.mark.parametrize("alpha_scale", [0.9, 1.0, 1.1])
+def test_the_five_minute_ramp_holds_when_the_measured_acceptance_moves(alpha_scale):
+    # the local preset's capacity follows bench/acceptance.json: re-measuring it after more training of the draft
+    # head (capacity -0.9%) once flipped a one-seed comparison (0.955 against 0.677 became 0.861 against 0.942).
+    # With every alpha scaled by 0.9..1.1 (capacity 70..99 tokens/s a verifier), the operator keeps beating the
+    # threshold rule and the ideal reactive reference (exact arrivals every second, no smoothing) on the mean of 8
+    # seeds, and stays near the SLO (seeds 0-7: 92.1%, 90.2%, 94.3% at 0.9, 1.0, 1.1)
+    local = costs.get_preset("local", BENCH)
+    model = replace(local, alpha={drafter: {domain: min(0.99, alpha * alpha_scale) for domain, alpha in row.items()}
+                                  for drafter, row in local.alpha.items()})
+    means = _five_minute_ramp(model, range(8), ("threshold", "ideal-reactive", "operator"))
+    assert means["operator"] >= means["threshold"], means
+    assert means["operator"] >= means["ideal-reactive"], means
+    assert means["operator"] >= 0.88, means
 
 
 def test_the_command_writes_the_report_and_plots(tmp_path, capsys):

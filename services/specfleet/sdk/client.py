@@ -25,7 +25,9 @@ from specfleet.sdk.core import (
 
 
 class Client:
-    """A connection to a specfleet router. Use as a context manager, or call close()."""
+    """A connection to a specfleet router. Use as a context manager, or call close(). `target` may list several
+    router replicas ("host:port" each): calls go to one, and a failed attempt is retried on the next (a router that
+    is killed, or drains in a rolling update and hands its streams over, is resumed on another by request id)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | str | Path | None = None, timeout: float | None = 60.0,
@@ -34,9 +36,17 @@ class Client:
                                            max_message_mb)
         creds = self.options.credentials()
         opts = self.options.channel_options()
-        self._channel = (grpc.secure_channel(self.options.target, creds, options=opts) if creds is not None
-                         else grpc.insecure_channel(self.options.target, options=opts))
-        self._stub = router_pb2_grpc.RouterStub(self._channel)
+        self._channels = [grpc.secure_channel(target, creds, options=opts) if creds is not None
+                          else grpc.insecure_channel(target, options=opts) for target in self.options.targets]
+        self._stubs = [router_pb2_grpc.RouterStub(channel) for channel in self._channels]
+        self._turn = 0  # the replica calls go to; a failed attempt moves on to the next one
+
+    @property
+    def _stub(self) -> router_pb2_grpc.RouterStub:
+        return self._stubs[self._turn % len(self._stubs)]
+
+    def _next_replica(self) -> None:
+        self._turn = (self._turn + 1) % len(self._stubs)
 
     def __enter__(self) -> Client:
         return self
@@ -45,7 +55,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def generate(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -87,7 +98,9 @@ class Client:
                                                metadata=self.options.metadata())
                 return completion_from(response, request.request_id, attempts.made)
             except grpc.RpcError as exc:
-                time.sleep(attempts.failed(*rpc_error_parts(exc)))
+                delay = attempts.failed(*rpc_error_parts(exc))
+                self._next_replica()
+                time.sleep(delay)
 
     def _stream(self, request: router_pb2.GenerateRequest) -> Iterator[Chunk]:
         cursor = StreamCursor(request.request_id)
@@ -109,4 +122,6 @@ class Client:
                 code, details = rpc_error_parts(exc)
             finally:
                 call.cancel()  # no-op when done; frees the stream when the caller stops early
-            time.sleep(attempts.failed(code, details, progressed=len(cursor.token_ids) > received))
+            delay = attempts.failed(code, details, progressed=len(cursor.token_ids) > received)
+            self._next_replica()
+            time.sleep(delay)

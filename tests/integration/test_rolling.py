@@ -19,7 +19,6 @@ import httpx
 import pytest
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
-
 from specfleet.bench.reliability import purge
 from specfleet.engine.sampling import SamplingParams
 from specfleet.local.inprocess import LocalFleet
@@ -157,6 +156,54 @@ def test_an_sse_stream_cannot_be_resumed_and_ends_with_an_error_event_at_the_gra
     assert len(texts) > 2  # it ran on after the drain began, not ended at its next round
     assert draining.handed_over == handed_before + 1 and draining.live == 0
 
+
+def test_a_router_marked_draining_hands_its_streams_over_and_serves_again_when_unmarked(fleet, references):
+    """The operator's drain mark (in Redis, read with the heartbeat) starts the same handover, without a deadline:
+    the stream resumes on the other replica, new calls to the marked router are refused, and once the mark is
+    cleared it takes requests again."""
+    ids, greedy, _ = references
+    marked = fleet.services["router-3"]
+    publisher = fleet.servers[list(fleet.services).index("router-3")].publisher
+    targets = [fleet.router_addresses[3], fleet.router_addresses[2]]
+    got: dict = {"tokens": []}
+
+    def stream() -> None:
+        with Client(targets, timeout=300, retries=8, backoff=0.1) as client:
+            completion = None
+            for chunk in client.generate(prompt_token_ids=ids[1], max_new_tokens=NEW_TOKENS, seed=0):
+                got["tokens"] += chunk.token_ids
+                completion = chunk
+            got["finished"] = completion.finished
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len(got["tokens"]) < 8:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    fleet.run(marked.store.set_draining("router", publisher.pod, True))
+    thread.join(300)
+    try:
+        assert got["tokens"] == greedy[1] and got["finished"]
+        assert marked.handed_over == 1 and marked.handover_cuts == 0
+        with grpc.insecure_channel(fleet.router_addresses[3]) as channel, pytest.raises(grpc.RpcError) as refused:
+            router_pb2_grpc.RouterStub(channel).Complete(
+                router_pb2.GenerateRequest(prompt_token_ids=ids[1], max_new_tokens=2), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in refused.value.details()
+    finally:
+        fleet.run(marked.store.set_draining("router", publisher.pod, False))
+    deadline = time.monotonic() + 30
+    while marked.handing_over:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with grpc.insecure_channel(fleet.router_addresses[3]) as channel:
+        reply = router_pb2_grpc.RouterStub(channel).Complete(
+            router_pb2.GenerateRequest(prompt_token_ids=ids[1], max_new_tokens=4), timeout=60)
+    assert list(reply.token_ids) == greedy[1][:4]
+    deadline = time.monotonic() + 30
+    while fleet.router_addresses[3] not in fleet.services["router-2"].peers():  # a peer again for the next test
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 def test_a_round_still_waiting_at_the_deadline_is_withdrawn_and_the_stream_told_where_to_resume(fleet, references):
     """The verifiers stop taking rounds, so the stream waits inside a round when the router drains: shortly before

@@ -37,6 +37,7 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 _CALLER_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("caller_deadline", default=None)
 SUSPECT_S = 10.0  # a verifier that just failed or timed out is tried last this long (a heartbeat's lifetime)
 
+
 @dataclass(eq=False)
 class LiveStream:
     """One Generate call in progress, for the handover of a draining router."""
@@ -193,8 +194,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if self._cut_timer is not None:
             self._cut_timer.cancel()
         self._cut_timer = asyncio.get_running_loop().call_later(within_s - margin, self._cut_remaining)
-        log.info("router draining: %d live streams are handed over to %s", len(self.streams),
-                 ", ".join(self.peers()) or "no other router replica (they finish here within the grace)")
+        log.warning("router draining: %d live streams are handed over to %s", len(self.streams),
+                    ", ".join(self.peers()) or "no other router replica (they finish here within the grace)")
 
     def stop_handover(self) -> None:
         """The drain mark was cleared: take requests again."""
@@ -781,9 +782,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
             self.handed_over += 1
             rid = handed.request_id or request.request_id
             delivered = handed.usage.completion_tokens if handed.HasField("usage") else 0
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"{HANDED_OVER}: stream handed over after {delivered} tokens; "
-                                f"resume with request_id {rid} on another router replica")
+            resume = f"resume with request_id {rid}" if rid else "send the request again"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{HANDED_OVER}: stream handed over after {delivered} "
+                                                             f"tokens; {resume} on another router replica")
 
     async def Complete(self, request, context):
         texts, ids, last = [], [], None

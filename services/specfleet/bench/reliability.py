@@ -529,7 +529,7 @@ def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seco
         new_tokens: int = 96, load_tokens: int = 16, fuzz_rounds: int = 40, seed: int = 0, rpc_timeout: float = 30.0,
         progress: bool = True, own_redis: bool = True, stages: tuple[str, ...] = DEFAULT_STAGES,
         deadline_s: float = 300.0, outage_s: float = 5.0, rolling_streams: int = 16,
-        rolling_tokens: int = 160) -> dict:
+        rolling_tokens: int = 256) -> dict:
     """The benchmark's `stages` (DEFAULT_STAGES by default) against one fleet. With own_redis (the default) the fleet
     runs on a redis-server of its own with persistence on, so the faults include restarting Redis mid-stream;
     redis_url is then unused. own_redis=False uses redis_url and skips that fault. After the faults, the faults

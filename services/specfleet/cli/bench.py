@@ -215,7 +215,7 @@ def add_parser(sub, fmt) -> None:
                    help="faults under load: seconds from a fault to the restart (or SIGCONT) of the faulted service")
     b.add_argument("--rolling-streams", type=positive_int, default=16,
                    help="rolling stage: concurrent streams (greedy and seeded sampled in turn) per service replaced")
-    b.add_argument("--rolling-tokens", type=positive_int, default=160,
+    b.add_argument("--rolling-tokens", type=positive_int, default=256,
                    help="rolling stage: tokens per stream (long enough to outlast 3x the services' 5 s grace)")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "reliability.json", help="JSON result")
     b.set_defaults(func=cmd_bench_reliability)

@@ -17,6 +17,7 @@ from specfleet.sdk.core import (
     Chunk,
     ClientOptions,
     Completion,
+    Replicas,
     StreamCursor,
     build_request,
     completion_from,
@@ -26,7 +27,8 @@ from specfleet.sdk.core import (
 
 class AsyncClient:
     """A connection to a specfleet router for asyncio code: `async with AsyncClient(...) as client:`. `target` may
-    list several router replicas, as for `Client`: a failed attempt is retried on the next."""
+    list several router replicas, as for `Client`: calls start on them in turn, a failed attempt is retried on the
+    next."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | str | Path | None = None, timeout: float | None = 60.0,
@@ -35,7 +37,7 @@ class AsyncClient:
                                            max_message_mb)
         self._channels: list[grpc.aio.Channel] = []  # opened inside the event loop on first use
         self._stubs: list[router_pb2_grpc.RouterStub] = []
-        self._turn = 0  # the router replica calls go to; a failed attempt moves on to the next one
+        self._replicas = Replicas(len(self.options.targets))
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -48,17 +50,14 @@ class AsyncClient:
         for channel in channels:
             await channel.close()
 
-    def _router(self) -> router_pb2_grpc.RouterStub:
+    def _router(self, replica: int) -> router_pb2_grpc.RouterStub:
         if not self._stubs:
             creds = self.options.credentials()
             opts = self.options.channel_options()
             self._channels = [grpc.aio.secure_channel(target, creds, options=opts) if creds is not None
                               else grpc.aio.insecure_channel(target, options=opts) for target in self.options.targets]
             self._stubs = [router_pb2_grpc.RouterStub(channel) for channel in self._channels]
-        return self._stubs[self._turn % len(self._stubs)]
-
-    def _next_replica(self) -> None:
-        self._turn += 1
+        return self._stubs[replica % len(self._stubs)]
 
     def generate(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -92,25 +91,28 @@ class AsyncClient:
 
     async def _complete(self, request: router_pb2.GenerateRequest) -> Completion:
         attempts = Attempts(self.options.retries, self.options.backoff, request.request_id)
+        replica = self._replicas.first()
         while True:
             attempts.start()
             try:
-                response = await self._router().Complete(request, timeout=self.options.timeout,
+                response = await self._router(replica).Complete(request, timeout=self.options.timeout,
                                                          metadata=self.options.metadata())
                 return completion_from(response, request.request_id, attempts.made)
             except grpc.RpcError as exc:
                 delay = attempts.failed(*rpc_error_parts(exc))
-                self._next_replica()
+                replica += 1  # the next attempt goes to the next router replica
                 await asyncio.sleep(delay)
 
     async def _stream(self, request: router_pb2.GenerateRequest) -> AsyncIterator[Chunk]:
         cursor = StreamCursor(request.request_id)
         attempts = Attempts(self.options.retries, self.options.backoff, request.request_id)
+        replica = self._replicas.first()
         while True:
             attempts.start()
             cursor.new_attempt()
             received = len(cursor.token_ids)
-            call = self._router().Generate(request, timeout=self.options.timeout, metadata=self.options.metadata())
+            call = self._router(replica).Generate(request, timeout=self.options.timeout,
+                                                  metadata=self.options.metadata())
             try:
                 async for message in call:
                     chunk = cursor.accept(message)
@@ -124,5 +126,5 @@ class AsyncClient:
             finally:
                 call.cancel()
             delay = attempts.failed(code, details, progressed=len(cursor.token_ids) > received)
-            self._next_replica()
+            replica += 1
             await asyncio.sleep(delay)

@@ -17,6 +17,7 @@ from specfleet.sdk.core import (
     Chunk,
     ClientOptions,
     Completion,
+    Replicas,
     StreamCursor,
     build_request,
     completion_from,
@@ -26,8 +27,9 @@ from specfleet.sdk.core import (
 
 class Client:
     """A connection to a specfleet router. Use as a context manager, or call close(). `target` may list several
-    router replicas ("host:port" each): calls go to one, and a failed attempt is retried on the next (a router that
-    is killed, or drains in a rolling update and hands its streams over, is resumed on another by request id)."""
+    router replicas ("host:port" each): calls start on them in turn, and a failed attempt is retried on the next (a
+    router that is killed, or drains in a rolling update and hands its streams over, is resumed on another by
+    request id)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | str | Path | None = None, timeout: float | None = 60.0,
@@ -39,14 +41,7 @@ class Client:
         self._channels = [grpc.secure_channel(target, creds, options=opts) if creds is not None
                           else grpc.insecure_channel(target, options=opts) for target in self.options.targets]
         self._stubs = [router_pb2_grpc.RouterStub(channel) for channel in self._channels]
-        self._turn = 0  # the replica calls go to; a failed attempt moves on to the next one
-
-    @property
-    def _stub(self) -> router_pb2_grpc.RouterStub:
-        return self._stubs[self._turn % len(self._stubs)]
-
-    def _next_replica(self) -> None:
-        self._turn = (self._turn + 1) % len(self._stubs)
+        self._replicas = Replicas(len(self._stubs))
 
     def __enter__(self) -> Client:
         return self
@@ -91,25 +86,28 @@ class Client:
 
     def _complete(self, request: router_pb2.GenerateRequest) -> Completion:
         attempts = Attempts(self.options.retries, self.options.backoff, request.request_id)
+        replica = self._replicas.first()
         while True:
             attempts.start()
             try:
-                response = self._stub.Complete(request, timeout=self.options.timeout,
-                                               metadata=self.options.metadata())
+                response = self._stubs[replica % len(self._stubs)].Complete(request, timeout=self.options.timeout,
+                                                                            metadata=self.options.metadata())
                 return completion_from(response, request.request_id, attempts.made)
             except grpc.RpcError as exc:
                 delay = attempts.failed(*rpc_error_parts(exc))
-                self._next_replica()
+                replica += 1  # the next attempt goes to the next router replica
                 time.sleep(delay)
 
     def _stream(self, request: router_pb2.GenerateRequest) -> Iterator[Chunk]:
         cursor = StreamCursor(request.request_id)
         attempts = Attempts(self.options.retries, self.options.backoff, request.request_id)
+        replica = self._replicas.first()
         while True:
             attempts.start()
             cursor.new_attempt()
             received = len(cursor.token_ids)
-            call = self._stub.Generate(request, timeout=self.options.timeout, metadata=self.options.metadata())
+            call = self._stubs[replica % len(self._stubs)].Generate(request, timeout=self.options.timeout,
+                                                                    metadata=self.options.metadata())
             try:
                 for message in call:
                     chunk = cursor.accept(message)
@@ -123,5 +121,5 @@ class Client:
             finally:
                 call.cancel()  # no-op when done; frees the stream when the caller stops early
             delay = attempts.failed(code, details, progressed=len(cursor.token_ids) > received)
-            self._next_replica()
+            replica += 1
             time.sleep(delay)

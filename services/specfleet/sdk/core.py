@@ -319,5 +319,18 @@ class Attempts:
         return delay
 
 
+class Replicas:
+    """Which router replica a call's attempts go to: calls start on the replicas in turn (spreading them), and each
+    failed attempt moves on to the next replica (one that died or drains in a rolling update is left at once)."""
+
+    def __init__(self, count: int):
+        self.count, self._calls = count, 0
+
+    def first(self) -> int:
+        index = self._calls % self.count
+        self._calls += 1
+        return index
+
+
 # A stream closed with OK before its finished message (say, a router shutting down) is resumed like a failover.
 ENDED_EARLY = (grpc.StatusCode.UNAVAILABLE, "the stream ended before its finished message")

@@ -187,15 +187,19 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if not self.config.handover:
             return
         self.handing_over = True
+        if self.config.discover_s > 0:  # the replicas as they are now, not as at the last discovery (up to 1 s ago)
+            refresh = asyncio.get_running_loop().create_task(self.refresh_members())
+            self._retiring.add(refresh)
+            refresh.add_done_callback(lambda task: (self._retiring.discard(task), task.cancelled() or task.exception()))
         if within_s is None:
             return
-        margin = min(1.0, 0.25 * within_s)
+        margin = min(1.0, 0.25 * within_s)  # the time left to end the calls before gRPC's shutdown cuts them
         self.handover_deadline = time.monotonic() + within_s - margin
         if self._cut_timer is not None:
             self._cut_timer.cancel()
         self._cut_timer = asyncio.get_running_loop().call_later(within_s - margin, self._cut_remaining)
-        log.warning("router draining: %d live streams are handed over to %s", len(self.streams),
-                    ", ".join(self.peers()) or "no other router replica (they finish here within the grace)")
+        log.warning("router draining: %d live streams are handed over (router replicas last seen: %s)",
+                    len(self.streams), ", ".join(self.peers()) or "none; streams finish here within the grace")
 
     def stop_handover(self) -> None:
         """The drain mark was cleared: take requests again."""

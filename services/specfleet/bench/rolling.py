@@ -31,15 +31,28 @@ def replace(fleet: Any, name: str, record: dict) -> None:
     start = time.monotonic()
     fleet.signal(name, signal.SIGTERM)
     try:
-        service.proc.wait(fleet.grace_s + 30)
+        service.proc.wait(fleet.grace_s + 60)
     except Exception:  # noqa: BLE001  (did not stop by itself: recorded, then killed)
         service.proc.kill()
         service.proc.wait(10)
-    record.update(exit_s=round(time.monotonic() - start, 2), exit_code=service.proc.returncode,
+    exited = time.monotonic() - start
+    time.sleep(0.2)  # the log reader takes the last lines
+    record.update(calls_done_s=calls_done(service.log), exit_s=round(exited, 2), exit_code=service.proc.returncode,
                   live_at_drain=live_at_drain(service.log) if name.startswith("router") else None)
     service.start()
     fleet.wait_ready([name])
     record["replaced_after_s"] = round(time.monotonic() - start, 1)
+
+
+def calls_done(log_lines) -> float | None:
+    """Seconds from the stop signal until the stopped service's in-flight calls were done (its log says so); the
+    rest of `exit_s` is the process's own teardown."""
+    found = None
+    for line in log_lines:
+        match = re.search(r"in-flight calls done ([0-9.]+) s after the stop signal", line)
+        if match:
+            found = float(match.group(1))
+    return found
 
 
 def live_at_drain(log_lines) -> int | None:
@@ -81,7 +94,8 @@ def rolling_update(fleet: Any, prompts: list[list[int]], streams: int, new_token
             "truncated": sum(r["truncated"] for r in runs), "differing": sum(r["differing"] for r in runs),
             "late": sum(r["late"] for r in runs),
             "streams_longer_than_3x_grace": sum(r["streams_longer_than_3x_grace"] for r in runs),
-            "unclean_exits": sum(r["exit_code"] != 0 for r in runs), "runs": runs}
+            "unclean_exits": sum(r["exit_code"] != 0 for r in runs),
+            "slowest_calls_done_s": max((r["calls_done_s"] or 0.0 for r in runs), default=0.0), "runs": runs}
 
 
 def format_table(section: dict) -> list[str]:
@@ -93,7 +107,8 @@ def format_table(section: dict) -> list[str]:
              f"unclean exits {s['unclean_exits']}"]
     for r in s["runs"]:
         handed = f", {r['live_at_drain']} live at the drain" if r.get("live_at_drain") is not None else ""
-        lines.append(f"  {r['service']:<16} live {r.get('live_at_injection', 0):>3}  exited in {r['exit_s']:>5} s "
-                     f"(code {r['exit_code']}{handed})  completed {r['completed']}/{r['requests']}  truncated "
-                     f"{r['truncated']}  differing {r['differing']}  latest {r['latest_end_s']} s")
+        lines.append(f"  {r['service']:<16} live {r.get('live_at_injection', 0):>3}  calls done in "
+                     f"{r['calls_done_s']} s, exited in {r['exit_s']:>5} s (code {r['exit_code']}{handed})  "
+                     f"completed {r['completed']}/{r['requests']}  truncated {r['truncated']}  differing "
+                     f"{r['differing']}  latest {r['latest_end_s']} s")
     return lines

@@ -236,6 +236,27 @@ def test_failover_to_another_server_on_the_same_port():
     assert [r.request_id for r in script.requests] == ["req-failover", "req-failover"]
 
 
+def test_a_failed_attempt_moves_on_to_the_next_router_replica(serve):
+    """The SDK given several routers: the first hands the stream over (a draining router in a rolling update ends it
+    with UNAVAILABLE after a few messages, and refuses it from then on); the retry goes to the next replica, which
+    replays from offset 0, and every token reaches the caller once. Sync and asyncio alike."""
+    for mode in ("sync", "async"):
+        draining = Script(fail_after=2, failing_attempts=100, fail_message="router draining (rolling update): stream "
+                          "handed over after 4 tokens; resume with request_id req-rolling on another router replica")
+        other = Script(chunk=5)
+        targets = [serve(draining), serve(other)]
+        if mode == "sync":
+            with Client(targets, retries=1, **FAST) as client:
+                chunks = list(client.generate("hello", max_new_tokens=12, request_id="req-rolling"))
+        else:
+            async def run(targets=tuple(targets)):
+                async with AsyncClient(targets, retries=1, **FAST) as client:
+                    return [c async for c in client.generate("hello", max_new_tokens=12, request_id="req-rolling")]
+
+            chunks = asyncio.run(run())
+        assert_exactly_once(chunks)
+        assert [r.request_id for r in draining.requests + other.requests] == ["req-rolling", "req-rolling"]
+
 def test_stream_stops_at_max_new_tokens_and_early_break_is_clean(serve):
     target = serve(Script(chunk=3))
     with Client(target, **FAST) as client:
@@ -456,6 +477,14 @@ def test_bad_client_options_fail_at_construction(kwargs, fragment):
         with pytest.raises(ValueError) as err:
             cls("127.0.0.1:1", **kwargs)
         assert fragment in str(err.value)
+
+
+def test_bad_targets_fail_at_construction():
+    for cls in (Client, AsyncClient):
+        for target in ([], ["127.0.0.1:1", ""], "", 7):
+            with pytest.raises(ValueError) as err:
+                cls(target)
+            assert "target must be 'host:port' or a list of them" in str(err.value)
 
 
 # ---------------------------------------------------------------- `specfleet client generate`

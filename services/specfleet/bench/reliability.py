@@ -80,9 +80,10 @@ class ProcessFleet:
     def __init__(self, models_dir: Path, redis_url: str, pools: tuple[str, ...] = ("python", "prose"),
                  verifiers: int = 2, fusion: bool = True, token: str | None = None, slots: int = 32,
                  router_flags: tuple[str, ...] = ("--rpc-timeout", "3"), http: bool = False, prefix: str | None = None,
-                 redis: PersistentRedis | None = None):
-        # with `redis` (a PersistentRedis the caller started at redis_url) the faults include restarting it
-        self.redis_url, self.token, self.redis = redis_url, token, redis
+                 redis: PersistentRedis | None = None, routers: int = 1, grace_s: float = 5.0):
+        # with `redis` (a PersistentRedis the caller started at redis_url) the faults include restarting it; routers:
+        # replicas "router" (with the HTTP front), "router-1", ...; grace_s: every service's --grace
+        self.redis_url, self.token, self.redis, self.grace_s = redis_url, token, redis, grace_s
         self.prefix = prefix or f"sfrel-{uuid.uuid4().hex[:8]}"
         internal = os.urandom(16).hex()
         base = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -90,7 +91,8 @@ class ProcessFleet:
                 "SPECFLEET_REDIS_URL": redis_url}
         for name in ("SPECFLEET_TOKEN", "SPECFLEET_INTERNAL_TOKEN"):
             base.pop(name, None)
-        common = ["--models", str(models_dir), "--key-prefix", self.prefix, "--slots", str(slots), "--grace", "5"]
+        common = ["--models", str(models_dir), "--key-prefix", self.prefix, "--slots", str(slots),
+                  "--grace", f"{grace_s:g}"]
         serve = [sys.executable, "-m", "specfleet.cli", "serve"]
         inner_env = {**base, "SPECFLEET_TOKEN": internal}
         self.services: dict[str, ServiceProcess] = {}
@@ -105,9 +107,11 @@ class ProcessFleet:
         fusion_address = add("fusion", ["fusion"], inner_env) if fusion and len(pools) > 1 else ""
         self.http_port = free_port() if http else -1
         router_env = {**base, "SPECFLEET_INTERNAL_TOKEN": internal, **({"SPECFLEET_TOKEN": token} if token else {})}
-        self.router_address = add("router", ["router", "--drafters", ",".join(f"{p}={a}" for p, a in drafters.items()),
-                                             "--verifiers", ",".join(verifier_addresses), "--fusion", fusion_address,
-                                             "--http-port", str(self.http_port), *router_flags], router_env)
+        fleet_flags = ["--drafters", ",".join(f"{p}={a}" for p, a in drafters.items()),
+                       "--verifiers", ",".join(verifier_addresses), "--fusion", fusion_address, *router_flags]
+        self.router_address = add("router", ["router", *fleet_flags, "--http-port", str(self.http_port)], router_env)
+        self.router_addresses = [self.router_address] + [add(f"router-{i}", ["router", *fleet_flags], router_env)
+                                                         for i in range(1, routers)]
         self.verifier_addresses = verifier_addresses
 
     @property
@@ -288,13 +292,14 @@ def bench_slots(streams: int) -> int:
 
 
 def bench_fleet(models_dir: Path, redis: PersistentRedis | None, redis_url: str, token: str, streams: int,
-                rpc_timeout: float, http: bool = False) -> ProcessFleet:
+                rpc_timeout: float, http: bool = False, routers: int = 1) -> ProcessFleet:
     """The benchmarks' fleet (not started): drafter pools python and prose, fusion, two verifiers, a router with a
     bearer token and adaptive control off (every round drafts with both pools, so fusion is on every round's path),
     on `redis` (a PersistentRedis the caller started, so restarting it is one of the faults) or else `redis_url`."""
     return ProcessFleet(models_dir, redis.url if redis is not None else redis_url, pools=BENCH_POOLS, verifiers=2,
                         token=token, http=http, slots=bench_slots(streams),
-                        router_flags=("--rpc-timeout", str(rpc_timeout), "--no-adaptive"), redis=redis)
+                        router_flags=("--rpc-timeout", str(rpc_timeout), "--no-adaptive"), redis=redis,
+                        routers=routers)
 
 
 def bench_prompts(models_dir: Path, limit: int = 12, prompt_tokens: int = 48) -> list[list[int]]:
@@ -515,20 +520,24 @@ def load_run(fleet: ProcessFleet, prompts: list[list[int]], expected: list[list[
 # ---------------------------------------------------------------- the benchmark
 
 DEFAULT_STAGES = ("faults", "bad-input", "cancel", "load")
-STAGES = (*DEFAULT_STAGES, "faults-under-load")  # `--under-load`: the load once per fault, minutes each
+# `--under-load`: the load once per fault, minutes each; rolling: every service replaced under long streams (two
+# routers), minutes each
+STAGES = (*DEFAULT_STAGES, "faults-under-load", "rolling")
 
 
 def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seconds: float = 60.0,
         new_tokens: int = 96, load_tokens: int = 16, fuzz_rounds: int = 40, seed: int = 0, rpc_timeout: float = 30.0,
         progress: bool = True, own_redis: bool = True, stages: tuple[str, ...] = DEFAULT_STAGES,
-        deadline_s: float = 300.0, outage_s: float = 5.0) -> dict:
+        deadline_s: float = 300.0, outage_s: float = 5.0, rolling_streams: int = 16,
+        rolling_tokens: int = 256) -> dict:
     """The benchmark's `stages` (DEFAULT_STAGES by default) against one fleet. With own_redis (the default) the fleet
     runs on a redis-server of its own with persistence on, so the faults include restarting Redis mid-stream;
     redis_url is then unused. own_redis=False uses redis_url and skips that fault. After the faults, the faults
     under load and the load, the fleet's Redis is counted (`leaks.settled_census`). The report's keys of the stages
     run replace those in `output`; the others (stages not run now, `bench fuzz`'s) are kept. faults-under-load runs
     `streams` requests of `load_tokens` tokens at once, each with `deadline_s`, and restores a faulted service
-    `outage_s` after the fault (see `under_load`)."""
+    `outage_s` after the fault (see `under_load`). rolling starts the fleet with two routers and replaces every
+    service in turn under `rolling_streams` streams of `rolling_tokens` tokens (see `rolling`)."""
     from specfleet.bench.leaks import cancellation_run, settled_census
 
     unknown = set(stages) - set(STAGES)
@@ -550,7 +559,8 @@ def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seco
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(PersistentRedis()) if own_redis else None
         redis_url = redis.url if redis is not None else redis_url
-        fleet = stack.enter_context(bench_fleet(models_dir, redis, redis_url, token, streams, rpc_timeout, http=True))
+        fleet = stack.enter_context(bench_fleet(models_dir, redis, redis_url, token, max(streams, rolling_streams),
+                                                rpc_timeout, http=True, routers=2 if "rolling" in stages else 1))
         if "faults" in stages:
             names = list(fault_actions(fleet))
             say(f"unfaulted runs of {len(prompts)} prompts")
@@ -576,6 +586,12 @@ def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seco
             report["faults_under_load"] = faults_under_load(fleet, prompts, streams, load_tokens, deadline_s,
                                                             outage_s, seed, say=say)
             redis_counts["after_faults_under_load"] = settled_census(redis_url, fleet.prefix)
+        if "rolling" in stages:
+            from specfleet.bench.rolling import rolling_update
+
+            report["rolling_update"] = rolling_update(fleet, prompts, rolling_streams, rolling_tokens, deadline_s,
+                                                      seed, say=say)
+            redis_counts["after_rolling_update"] = settled_census(redis_url, fleet.prefix)
         if "bad-input" in stages:
             say("fuzzing the gRPC and HTTP APIs")
             report["bad_input"] = fuzz(fleet, seed, fuzz_rounds)
@@ -598,7 +614,8 @@ def run(models_dir: Path, redis_url: str, output: Path, streams: int = 200, seco
         crashed = fleet.crashed()
     report["config"] = {
         "fleet": "one `specfleet serve` process per service on loopback, SDK clients with retries",
-        "pools": list(BENCH_POOLS), "verifiers": 2, "fusion": True, "max_new_tokens": new_tokens,
+        "pools": list(BENCH_POOLS), "verifiers": 2, "fusion": True, "routers": len(fleet.router_addresses),
+        "grace_s": fleet.grace_s, "max_new_tokens": new_tokens,
         "load_max_new_tokens": load_tokens, "router_rpc_timeout_s": rpc_timeout, "slots": slots,
         "cpu_count": os.cpu_count(), "stages": list(stages),
         "redis": ("own redis-server (appendonly yes, appendfsync always)" if own_redis else redis_url)}
@@ -626,6 +643,10 @@ def format_table(report: dict) -> str:
         from specfleet.bench.under_load import format_table as under_load_table
 
         lines += under_load_table(report["faults_under_load"])
+    if "rolling_update" in report:
+        from specfleet.bench.rolling import format_table as rolling_table
+
+        lines += rolling_table(report["rolling_update"])
     if "bad_input" in report:
         b = report["bad_input"]
         lines.append(f"inputs fuzzed {b['inputs_fuzzed']} (gRPC {b['grpc_requests']}, malformed protobuf "

@@ -136,7 +136,9 @@ def run_streams(fleet: Any, requests: list[LoadRequest], new_tokens: int, deadli
         timing["recovered_after_s"] = round(time.monotonic() - start, 1)
 
     async def main() -> float:
-        async with AsyncClient(fleet.router_address, token=fleet.token, timeout=deadline_s, retries=SDK_RETRIES,
+        # the SDK given every router replica the fleet has (a failed attempt resumes on the next)
+        targets = getattr(fleet, "router_addresses", None) or fleet.router_address
+        async with AsyncClient(targets, token=fleet.token, timeout=deadline_s, retries=SDK_RETRIES,
                                backoff=SDK_BACKOFF_S) as sdk:
             start = time.monotonic()
             faulting = asyncio.create_task(inject_fault(start)) if fault is not None else None

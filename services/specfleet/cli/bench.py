@@ -96,7 +96,8 @@ def cmd_bench_reliability(args) -> int:
         if not (args.deadline > 0 and args.outage_s >= 0):
             raise ValueError(f"--deadline must be > 0 and --outage-s >= 0, got {args.deadline} and {args.outage_s}")
         report = run(args.models, args.redis_url, args.output, streams=args.streams, seconds=args.seconds,
-                     load_tokens=args.load_tokens, stages=stages, deadline_s=args.deadline, outage_s=args.outage_s)
+                     load_tokens=args.load_tokens, stages=stages, deadline_s=args.deadline, outage_s=args.outage_s,
+                     rolling_streams=args.rolling_streams, rolling_tokens=args.rolling_tokens)
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
         sys.exit(f"error: {exc}")
     print(format_table(report))
@@ -108,6 +109,8 @@ def cmd_bench_reliability(args) -> int:
     leaks = [found for found in report.get("redis", {}).values() if not found["leak_free"]]
     late = report.get("cancellation", {})
     late = late.get("requests", 0) - late.get("within_bound", 0)
+    rolling = report.get("rolling_update", {})  # a stream truncated or changed by a rolling update, an unclean exit
+    lost += rolling.get("truncated", 0) + rolling.get("differing", 0) + rolling.get("unclean_exits", 0)
     return 0 if lost == report["server_crashes"] == late == 0 and not leaks else 1
 
 
@@ -196,7 +199,9 @@ def add_parser(sub, fmt) -> None:
                    help="comma-separated: faults (each fault mid-stream, then Redis counted), bad-input (the fixed "
                         "bad-input corpus; `bench fuzz` is the volume run), cancel (long streams whose clients go "
                         "away: when their work stopped), load (--streams for --seconds with RSS, then Redis counted), "
-                        "faults-under-load (as --under-load). Keys of stages not run stay in --output as they were")
+                        "faults-under-load (as --under-load), rolling (two routers; each service in turn sent "
+                        "SIGTERM and replaced under --rolling-streams long streams: truncated and differing outputs "
+                        "counted). Keys of stages not run stay in --output as they were")
     b.add_argument("--under-load", action="store_true",
                    help="add the stage faults-under-load: --streams requests at once (greedy and sampled at T=0.8, "
                         "top-p 0.95 with seeds of their own, in turn), a fault-free run, then one run per "
@@ -208,6 +213,10 @@ def add_parser(sub, fmt) -> None:
                         "request must end, with its tokens or a typed retryable error, within it + 5 s)")
     b.add_argument("--outage-s", type=float, default=5.0,
                    help="faults under load: seconds from a fault to the restart (or SIGCONT) of the faulted service")
+    b.add_argument("--rolling-streams", type=positive_int, default=16,
+                   help="rolling stage: concurrent streams (greedy and seeded sampled in turn) per service replaced")
+    b.add_argument("--rolling-tokens", type=positive_int, default=256,
+                   help="rolling stage: tokens per stream (long enough to outlast 3x the services' 5 s grace)")
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "reliability.json", help="JSON result")
     b.set_defaults(func=cmd_bench_reliability)
     b = bsub.add_parser("fuzz", formatter_class=fmt, help="10,000 malformed or extreme inputs against the fleet's "

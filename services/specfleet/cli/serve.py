@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import time
 from pathlib import Path
 
 from specfleet.cli.options import ablation_flags, kv_options, model_options, model_set_from_args, tracing_flags
@@ -107,7 +108,11 @@ async def _serve(args) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    stopping = time.monotonic()
     await running.stop(args.grace)  # readiness flips first, in-flight calls get the grace period
+    # (a router with another replica alive hands its streams over instead of finishing them)
+    print(f"specfleet {args.role}: in-flight calls done {time.monotonic() - stopping:.2f} s after the stop signal",
+          flush=True)
     if http is not None:
         http[0].should_exit = True
         await asyncio.to_thread(http[1].join, 10)

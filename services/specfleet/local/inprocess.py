@@ -32,13 +32,15 @@ class LocalFleet:
     verify_queue: str = "stream"
     dsi: bool = True
     router_port: int = 0
+    routers: int = 1  # router replicas, each its own RouterService on the same fleet: "router", "router-1", ...
     internal_token: str | None = None
     internal_tls: ServerTls | None = None  # the internal services' certificate (mTLS with a client CA)
     internal_client_tls: ChannelTls | None = None  # what the router presents to them
     servers: list[Running] = field(default_factory=list)
     services: dict[str, object] = field(default_factory=dict)
     retired: list[Running] = field(default_factory=list)
-    router_address: str = ""
+    router_address: str = ""  # the first router's
+    router_addresses: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self._loop = asyncio.new_event_loop()
@@ -72,13 +74,15 @@ class LocalFleet:
             running, service = await start_fusion(inner)
             self._keep("fusion", running, service)
             fusion = f"127.0.0.1:{running.port}"
-        config = FleetConfig(drafters=drafters, verifiers=verifiers, fusion=fusion, k_max=self.k_max,
-                             adaptive=self.adaptive, pipeline=self.pipeline, routing=self.routing,
-                             verify_queue=self.verify_queue, dsi=self.dsi)
-        running, service = await start_router(self.opts, config, self.router_port, self.internal_token,
-                                              self.internal_client_tls)
-        self._keep("router", running, service)
-        self.router_address = f"127.0.0.1:{running.port}"
+        for i in range(self.routers):
+            config = FleetConfig(drafters=drafters, verifiers=verifiers, fusion=fusion, k_max=self.k_max,
+                                 adaptive=self.adaptive, pipeline=self.pipeline, routing=self.routing,
+                                 verify_queue=self.verify_queue, dsi=self.dsi)
+            running, service = await start_router(self.opts, config, self.router_port if i == 0 else 0,
+                                                  self.internal_token, self.internal_client_tls)
+            self._keep("router" if i == 0 else f"router-{i}", running, service)
+            self.router_addresses.append(f"127.0.0.1:{running.port}")
+        self.router_address = self.router_addresses[0]
 
     def _internal_opts(self) -> ServeOptions:
         """The internal services' options: as the router's, but they accept only the internal token (and, with
@@ -109,10 +113,10 @@ class LocalFleet:
 
     def stop(self, grace: float = 2.0) -> None:
         async def stop_all():
-            router = self.services.get("router")
+            routers = [s for name, s in self.services.items() if name == "router" or name.startswith("router-")]
             for running in reversed(self.servers):
                 await running.stop(grace)
-            if router is not None:
+            for router in routers:
                 await router.close()
             for task in asyncio.all_tasks():  # batchers' loops
                 if task is not asyncio.current_task():

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specfleet.api.v1 import router_pb2, router_pb2_grpc
 from specfleet.router.bodies import ApiError, ChatCompletion, Completion
-from specfleet.router.limits import MAX_BODY_BYTES, SERVED_MODEL_NAME
+from specfleet.router.limits import HANDED_OVER, MAX_BODY_BYTES, NO_HANDOVER, SERVED_MODEL_NAME
 from specfleet.runtime.server import FAST_RECONNECT
 from specfleet.runtime.telemetry import HttpTracing, tracing_enabled, with_trace_context
 
@@ -46,6 +46,10 @@ _GRPC_TO_HTTP = {
 def _from_grpc(exc: grpc.aio.AioRpcError) -> ApiError:
     status, type_ = _GRPC_TO_HTTP.get(exc.code(), (500, "internal_error"))
     message = exc.details() or exc.code().name
+    if message.startswith(HANDED_OVER):  # an HTTP request has no request id to resume by: say what to do instead
+        message = (f"{HANDED_OVER}: the router serving this request shut down before it finished (its grace period "
+                   "ran out), and an OpenAI-compatible request cannot be resumed; send it again (with the same seed "
+                   "for the same output)")
     if status >= 500 and status != 503 and status != 504:
         message = f"the router failed: {message}"
     error = ApiError(status, message, type_, code=exc.code().name.lower())
@@ -193,10 +197,12 @@ def build_app(router_address: str, token: str | None = None, model_name: str = S
         app.add_middleware(HttpTracing)
 
     def _metadata(request: Request) -> tuple:
+        # NO_HANDOVER: an OpenAI client cannot resume a stream by request id, so a draining router lets this one run
+        # on within its grace rather than handing it over
         if token:
-            return with_trace_context((("authorization", f"Bearer {token}"),))
+            return with_trace_context((("authorization", f"Bearer {token}"), NO_HANDOVER))
         given = request.headers.get("authorization")
-        return with_trace_context((("authorization", given),) if given else ())  # the request's span, when traced
+        return with_trace_context((("authorization", given), NO_HANDOVER) if given else (NO_HANDOVER,))
 
     @app.get("/health")
     async def health():

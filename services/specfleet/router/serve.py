@@ -32,6 +32,11 @@ async def start_router(opts: ServeOptions, config, port: int = 0, internal_token
     running = await start_service(opts, router_pb2_grpc.add_RouterServicer_to_server, service,
                                   "specfleet.api.v1.Router", port, RateLimiter(opts.rate_limit_rps,
                                                                                opts.rate_limit_tpm))
+    from specfleet.state.heartbeat import advertised_address
+
+    service.address = advertised_address(opts.host, running.port)
+    running.on_stop = service.start_handover
+    running.on_drain_mark = lambda marked: service.start_handover() if marked else service.stop_handover()
     service.ensure_discovery()
     await publish_heartbeat(opts, "router", running, service.snapshot, store=store)
     return running, service

@@ -23,7 +23,7 @@ from specfleet.engine.control import CostModel, SpeculationController
 from specfleet.engine.head import HEAD
 from specfleet.engine.sampling import SamplingParams
 from specfleet.engine.tree import TokenTree
-from specfleet.router.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, MIN_TEMPERATURE
+from specfleet.router.limits import HANDED_OVER, MAX_STOP_CHARS, MAX_STOP_STRINGS, MIN_TEMPERATURE, NO_HANDOVER
 from specfleet.runtime.chat import chat_prompt_ids, check_messages
 from specfleet.runtime.server import FAST_RECONNECT
 from specfleet.runtime.telemetry import client_interceptors
@@ -36,6 +36,16 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 # its turn in the verify stream keeps its place until then (at most FleetConfig.max_round_wait_s)
 _CALLER_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("caller_deadline", default=None)
 SUSPECT_S = 10.0  # a verifier that just failed or timed out is tried last this long (a heartbeat's lifetime)
+
+
+@dataclass(eq=False)
+class LiveStream:
+    """One Generate call in progress, for the handover of a draining router."""
+
+    task: asyncio.Task
+    resumable: bool  # the caller resumes by request id (the SDK); the HTTP front cannot
+    in_round: bool = True  # inside the request's rounds (not handing a message to gRPC): safe to cancel
+    handed: bool = False  # cancelled by the handover deadline, not by the caller
 
 
 class PendingFeatures:
@@ -95,6 +105,10 @@ class FleetConfig:
     # stream queue: a round still waiting its turn after rpc_timeout_s keeps its place up to the caller's deadline,
     # and at most this long without one (under overload, failing it would send the request to the back of the line)
     max_round_wait_s: float = 600.0
+    # a draining router (SIGTERM, or the operator's drain mark) with another router replica alive hands its live
+    # streams over: each ends after its next round with UNAVAILABLE naming the request id, which the client resumes
+    # on another replica. False: streams finish on the draining router within the grace period (cut after it)
+    handover: bool = True
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -139,6 +153,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
         # per live request until the head pool's next Draft call carries them
         self.features_wanted = HEAD in config.drafters
         self.pending: dict[str, PendingFeatures] = {}
+        # rolling updates: this router's address in heartbeats (set by start_router), its live streams, and whether
+        # it is draining (handing streams over) and until when its streams may run (monotonic; None: no deadline)
+        self.address = ""
+        self.streams: set[LiveStream] = set()
+        self.handing_over = False
+        self.handover_deadline: float | None = None
+        self.handed_over = 0  # streams ended with "resume elsewhere"
+        self.handover_cuts = 0  # ... of them interrupted inside a round at the handover deadline (round withdrawn)
+        self._cut_timer: asyncio.TimerHandle | None = None
 
     def snapshot(self) -> dict:
         """Heartbeat counters: live requests, rounds and committed tokens, mean tokens per round."""
@@ -146,7 +169,57 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 "queue_oldest_ms": self.queue_stats["oldest_age_ms"], "rounds": self.rounds, "steps": self.rounds,
                 "tokens": self.tokens, "acceptance": round(self.acceptance, 3), "drafts_ahead_used": self.used_ahead,
                 "drafts_ahead_cancelled": self.cancelled_ahead,
-                "dsi_rounds": self.speculated, "dsi_rounds_used": self.speculated_used}
+                "dsi_rounds": self.speculated, "dsi_rounds_used": self.speculated_used,
+                "handed_over": self.handed_over, "handover_cuts": self.handover_cuts}
+
+    # ------------------------------------------------------------------ rolling updates
+
+    def peers(self) -> list[str]:
+        """Other router replicas alive and not draining (from heartbeats): where a handed-over stream resumes."""
+        return [a for a in self.members.get("router", []) if a != self.address]
+
+    def start_handover(self, within_s: float | None = None) -> None:
+        """This router is going away (SIGTERM, or marked draining): it takes no new request, and each live stream
+        a client can resume ends after its next round with UNAVAILABLE naming its request id, while another router
+        replica is alive (without one, streams run on as before). `within_s`: the grace left; a stream still inside
+        a round shortly before it ends is interrupted (its round withdrawn) and told the same, so no stream is cut by
+        the server's shutdown."""
+        if not self.config.handover:
+            return
+        self.handing_over = True
+        if self.config.discover_s > 0:  # the replicas as they are now, not as at the last discovery (up to 1 s ago)
+            refresh = asyncio.get_running_loop().create_task(self.refresh_members())
+            self._retiring.add(refresh)
+            refresh.add_done_callback(lambda task: (self._retiring.discard(task), task.cancelled() or task.exception()))
+        if within_s is None:
+            return
+        margin = min(1.0, 0.25 * within_s)  # the time left to end the calls before gRPC's shutdown cuts them
+        self.handover_deadline = time.monotonic() + within_s - margin
+        if self._cut_timer is not None:
+            self._cut_timer.cancel()
+        self._cut_timer = asyncio.get_running_loop().call_later(within_s - margin, self._cut_remaining)
+        log.warning("router draining: %d live streams are handed over (router replicas last seen: %s)",
+                    len(self.streams), ", ".join(self.peers()) or "none; streams finish here within the grace")
+
+    def stop_handover(self) -> None:
+        """The drain mark was cleared: take requests again."""
+        if self.handover_deadline is None:
+            self.handing_over = False
+
+    def _cut_remaining(self) -> None:
+        """The handover deadline: streams still inside a round are interrupted; the rest end at their next message."""
+        for stream in list(self.streams):
+            if stream.in_round and not stream.task.done():
+                stream.handed = True
+                self.handover_cuts += 1
+                stream.task.cancel()
+
+    def _hand_over_now(self, stream: LiveStream) -> bool:
+        if not self.handing_over:
+            return False
+        if self.handover_deadline is not None and time.monotonic() >= self.handover_deadline:
+            return True
+        return stream.resumable and bool(self.peers())
 
     # ------------------------------------------------------------------ membership
 
@@ -673,14 +746,33 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"the verifiers are behind: a round has waited {waited} ms in the verify queue (limit "
                                 f"{self.config.max_queue_wait_ms:g} ms); retry later")
+        if self.handing_over and self.peers():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this router is draining (rolling update); retry on "
+                                "another router replica (the same request_id resumes a request)")
         self.live += 1
         remaining = context.time_remaining()
         _CALLER_DEADLINE.set(None if remaining is None else time.monotonic() + remaining)
+        resumable = NO_HANDOVER not in tuple(context.invocation_metadata() or ())
+        stream = LiveStream(asyncio.current_task(), resumable)
+        self.streams.add(stream)
+        handed = sent = None  # the last message sent, when the stream was handed over / in any case
         try:
-            # closed here, not when collected: a client that goes away stops the request's work at once
-            async with contextlib.aclosing(self._run(request, context)) as messages:
-                async for message in messages:
-                    yield message
+            try:
+                # closed here, not when collected: a client that goes away stops the request's work at once
+                async with contextlib.aclosing(self._run(request, context)) as messages:
+                    async for message in messages:
+                        stream.in_round = False
+                        sent = message
+                        yield message
+                        if not message.finished and self._hand_over_now(stream):
+                            handed = message
+                            break
+                        stream.in_round = True
+            except asyncio.CancelledError:
+                if not stream.handed:  # the caller went away (or its deadline passed)
+                    raise
+                asyncio.current_task().uncancel()  # the handover deadline: the round was withdrawn, say so
+                handed = sent or router_pb2.GenerateResponse(request_id=request.request_id)
         except grpc.aio.AioRpcError as exc:  # every replica of a role failed: say so with a code the client retries
             code = grpc.StatusCode.UNAVAILABLE if exc.code() in RETRYABLE else grpc.StatusCode.INTERNAL
             await context.abort(code, f"an internal service failed ({exc.code().name}: {exc.details()}); retry with "
@@ -690,6 +782,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                                              "with the same request_id to resume")
         finally:
             self.live -= 1
+            self.streams.discard(stream)
+        if handed is not None:
+            self.handed_over += 1
+            rid = handed.request_id or request.request_id
+            delivered = handed.usage.completion_tokens if handed.HasField("usage") else 0
+            resume = f"resume with request_id {rid}" if rid else "send the request again"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{HANDED_OVER}: stream handed over after {delivered} "
+                                                             f"tokens; {resume} on another router replica")
 
     async def Complete(self, request, context):
         texts, ids, last = [], [], None

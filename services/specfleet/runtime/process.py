@@ -72,6 +72,8 @@ async def publish_heartbeat(opts: ServeOptions, role: str, running: Running, sna
         if running.consumer is not None:  # a draining verifier takes no more rounds from the stream
             running.consumer.pause(draining)
         await running.set_serving(not draining)
+        if running.on_drain_mark is not None:  # marked draining by the operator, not merely cut off from Redis
+            running.on_drain_mark(running.publisher.draining)
 
     running.publisher = HeartbeatPublisher(store, role, pod, advertised_address(opts.host, running.port), snapshot,
                                            on_drain, opts.heartbeat_s, extra).start()

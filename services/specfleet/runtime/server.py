@@ -130,6 +130,10 @@ class Running:
     consumer: object | None = None  # verifier.queue.VerifyConsumer: work taken from a Redis stream
     health_server: grpc.aio.Server | None = None  # plaintext, health only (kubelet probes of an mTLS service)
     health_port: int | None = None
+    # the router's handover (RouterService.start_handover / stop_handover): called with the grace when the server
+    # stops, and with the drain mark (True / False) as heartbeats read it
+    on_stop: Callable[[float], None] | None = None
+    on_drain_mark: Callable[[bool], None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
         """Readiness of every service on this server (a draining pod answers NOT_SERVING, finishing what it has)."""
@@ -140,6 +144,8 @@ class Running:
     async def stop(self, grace: float = 5.0) -> None:
         """Readiness first (load balancers stop sending), then stop accepting, then wait for in-flight calls."""
         await self.health.enter_graceful_shutdown()
+        if self.on_stop is not None:  # the router hands its live streams over to another replica within the grace
+            self.on_stop(grace)
         if self.consumer is not None:  # takes no more stream jobs; finishes those in hand
             await self.consumer.stop(grace)
         if self.publisher is not None:

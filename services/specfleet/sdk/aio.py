@@ -17,6 +17,7 @@ from specfleet.sdk.core import (
     Chunk,
     ClientOptions,
     Completion,
+    Replicas,
     StreamCursor,
     build_request,
     completion_from,
@@ -25,15 +26,18 @@ from specfleet.sdk.core import (
 
 
 class AsyncClient:
-    """A connection to a specfleet router for asyncio code: `async with AsyncClient(...) as client:`."""
+    """A connection to a specfleet router for asyncio code: `async with AsyncClient(...) as client:`. `target` may
+    list several router replicas, as for `Client`: calls start on them in turn, a failed attempt is retried on the
+    next."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | str | Path | None = None, timeout: float | None = 60.0,
                  retries: int = 3, backoff: float = 0.2, max_message_mb: float = 16):
         self.options = ClientOptions.build(target, token, tls, root_certificates, timeout, retries, backoff,
                                            max_message_mb)
-        self._channel: grpc.aio.Channel | None = None  # opened inside the event loop on first use
-        self._stub: router_pb2_grpc.RouterStub | None = None
+        self._channels: list[grpc.aio.Channel] = []  # opened inside the event loop on first use
+        self._stubs: list[router_pb2_grpc.RouterStub] = []
+        self._replicas = Replicas(len(self.options.targets))
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -42,18 +46,18 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._channel is not None:
-            channel, self._channel, self._stub = self._channel, None, None
+        channels, self._channels, self._stubs = self._channels, [], []
+        for channel in channels:
             await channel.close()
 
-    def _router(self) -> router_pb2_grpc.RouterStub:
-        if self._stub is None:
+    def _router(self, replica: int) -> router_pb2_grpc.RouterStub:
+        if not self._stubs:
             creds = self.options.credentials()
             opts = self.options.channel_options()
-            self._channel = (grpc.aio.secure_channel(self.options.target, creds, options=opts) if creds is not None
-                             else grpc.aio.insecure_channel(self.options.target, options=opts))
-            self._stub = router_pb2_grpc.RouterStub(self._channel)
-        return self._stub
+            self._channels = [grpc.aio.secure_channel(target, creds, options=opts) if creds is not None
+                              else grpc.aio.insecure_channel(target, options=opts) for target in self.options.targets]
+            self._stubs = [router_pb2_grpc.RouterStub(channel) for channel in self._channels]
+        return self._stubs[replica % len(self._stubs)]
 
     def generate(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -87,23 +91,28 @@ class AsyncClient:
 
     async def _complete(self, request: router_pb2.GenerateRequest) -> Completion:
         attempts = Attempts(self.options.retries, self.options.backoff, request.request_id)
+        replica = self._replicas.first()
         while True:
             attempts.start()
             try:
-                response = await self._router().Complete(request, timeout=self.options.timeout,
+                response = await self._router(replica).Complete(request, timeout=self.options.timeout,
                                                          metadata=self.options.metadata())
                 return completion_from(response, request.request_id, attempts.made)
             except grpc.RpcError as exc:
-                await asyncio.sleep(attempts.failed(*rpc_error_parts(exc)))
+                delay = attempts.failed(*rpc_error_parts(exc))
+                replica += 1  # the next attempt goes to the next router replica
+                await asyncio.sleep(delay)
 
     async def _stream(self, request: router_pb2.GenerateRequest) -> AsyncIterator[Chunk]:
         cursor = StreamCursor(request.request_id)
         attempts = Attempts(self.options.retries, self.options.backoff, request.request_id)
+        replica = self._replicas.first()
         while True:
             attempts.start()
             cursor.new_attempt()
             received = len(cursor.token_ids)
-            call = self._router().Generate(request, timeout=self.options.timeout, metadata=self.options.metadata())
+            call = self._router(replica).Generate(request, timeout=self.options.timeout,
+                                                  metadata=self.options.metadata())
             try:
                 async for message in call:
                     chunk = cursor.accept(message)
@@ -116,4 +125,6 @@ class AsyncClient:
                 code, details = rpc_error_parts(exc)
             finally:
                 call.cancel()
-            await asyncio.sleep(attempts.failed(code, details, progressed=len(cursor.token_ids) > received))
+            delay = attempts.failed(code, details, progressed=len(cursor.token_ids) > received)
+            replica += 1
+            await asyncio.sleep(delay)

@@ -19,7 +19,8 @@ def _stream_to_stdout(args, start) -> int:
     try:
         # env vars and files keep the token out of `ps` and --help; a file is how a Kubernetes Secret is mounted
         token = single(resolve_tokens(args.token, args.token_file, "--token", TOKEN_ENV, TOKEN_FILE_ENV))
-        with Client(args.target, token=token, tls=args.tls, root_certificates=args.ca_cert,
+        targets = [t for t in args.target.split(",") if t]  # several router replicas: retries move between them
+        with Client(targets or args.target, token=token, tls=args.tls, root_certificates=args.ca_cert,
                     timeout=args.timeout, retries=args.retries) as client:
             for chunk in start(client, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop):
@@ -53,7 +54,9 @@ def cmd_client_chat(args) -> int:
 
 def _call_flags(g: argparse.ArgumentParser) -> None:
     """The connection and sampling flags of every `client` action."""
-    g.add_argument("--target", default=DEFAULT_TARGET, help="router address, host:port")
+    g.add_argument("--target", default=DEFAULT_TARGET,
+                   help="router address, host:port; several router replicas comma-separated (a failed attempt "
+                        "resumes the request on the next)")
     g.add_argument("--token", default=None,
                    help="bearer token sent as 'authorization' metadata; $SPECFLEET_TOKEN when not given")
     g.add_argument("--token-file", type=Path, default=None,

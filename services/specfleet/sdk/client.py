@@ -17,6 +17,7 @@ from specfleet.sdk.core import (
     Chunk,
     ClientOptions,
     Completion,
+    Replicas,
     StreamCursor,
     build_request,
     completion_from,
@@ -25,7 +26,10 @@ from specfleet.sdk.core import (
 
 
 class Client:
-    """A connection to a specfleet router. Use as a context manager, or call close()."""
+    """A connection to a specfleet router. Use as a context manager, or call close(). `target` may list several
+    router replicas ("host:port" each): calls start on them in turn, and a failed attempt is retried on the next (a
+    router that is killed, or drains in a rolling update and hands its streams over, is resumed on another by
+    request id)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | str | Path | None = None, timeout: float | None = 60.0,
@@ -34,9 +38,10 @@ class Client:
                                            max_message_mb)
         creds = self.options.credentials()
         opts = self.options.channel_options()
-        self._channel = (grpc.secure_channel(self.options.target, creds, options=opts) if creds is not None
-                         else grpc.insecure_channel(self.options.target, options=opts))
-        self._stub = router_pb2_grpc.RouterStub(self._channel)
+        self._channels = [grpc.secure_channel(target, creds, options=opts) if creds is not None
+                          else grpc.insecure_channel(target, options=opts) for target in self.options.targets]
+        self._stubs = [router_pb2_grpc.RouterStub(channel) for channel in self._channels]
+        self._replicas = Replicas(len(self._stubs))
 
     def __enter__(self) -> Client:
         return self
@@ -45,7 +50,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def generate(self, prompt: str | None = None, *, prompt_token_ids: Sequence[int] | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -80,23 +86,28 @@ class Client:
 
     def _complete(self, request: router_pb2.GenerateRequest) -> Completion:
         attempts = Attempts(self.options.retries, self.options.backoff, request.request_id)
+        replica = self._replicas.first()
         while True:
             attempts.start()
             try:
-                response = self._stub.Complete(request, timeout=self.options.timeout,
-                                               metadata=self.options.metadata())
+                response = self._stubs[replica % len(self._stubs)].Complete(request, timeout=self.options.timeout,
+                                                                            metadata=self.options.metadata())
                 return completion_from(response, request.request_id, attempts.made)
             except grpc.RpcError as exc:
-                time.sleep(attempts.failed(*rpc_error_parts(exc)))
+                delay = attempts.failed(*rpc_error_parts(exc))
+                replica += 1  # the next attempt goes to the next router replica
+                time.sleep(delay)
 
     def _stream(self, request: router_pb2.GenerateRequest) -> Iterator[Chunk]:
         cursor = StreamCursor(request.request_id)
         attempts = Attempts(self.options.retries, self.options.backoff, request.request_id)
+        replica = self._replicas.first()
         while True:
             attempts.start()
             cursor.new_attempt()
             received = len(cursor.token_ids)
-            call = self._stub.Generate(request, timeout=self.options.timeout, metadata=self.options.metadata())
+            call = self._stubs[replica % len(self._stubs)].Generate(request, timeout=self.options.timeout,
+                                                                    metadata=self.options.metadata())
             try:
                 for message in call:
                     chunk = cursor.accept(message)
@@ -109,4 +120,6 @@ class Client:
                 code, details = rpc_error_parts(exc)
             finally:
                 call.cancel()  # no-op when done; frees the stream when the caller stops early
-            time.sleep(attempts.failed(code, details, progressed=len(cursor.token_ids) > received))
+            delay = attempts.failed(code, details, progressed=len(cursor.token_ids) > received)
+            replica += 1
+            time.sleep(delay)

@@ -110,7 +110,7 @@ def rpc_error_parts(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
 class ClientOptions:
     """The constructor options of Client and AsyncClient, checked once."""
 
-    target: str
+    target: str  # the first of targets
     token: str | None
     root_certificates: bytes | None
     tls: bool
@@ -118,11 +118,13 @@ class ClientOptions:
     retries: int
     backoff: float
     max_message_bytes: int
+    targets: tuple[str, ...] = ()  # router replicas: a call that fails retries on the next one (rolling updates)
 
     @classmethod
     def build(cls, target, token, tls, root_certificates, timeout, retries, backoff, max_message_mb) -> ClientOptions:
-        if not isinstance(target, str) or not target:
-            raise ValueError(f"target must be 'host:port', got {target!r}")
+        targets = (target,) if isinstance(target, str) else tuple(target) if isinstance(target, list | tuple) else ()
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"target must be 'host:port' or a list of them (router replicas), got {target!r}")
         if token is not None and (not isinstance(token, str) or not token or any(c in token for c in "\r\n")):
             raise ValueError("token must be a non-empty string without line breaks (it is sent as "
                              "'authorization: Bearer <token>')")
@@ -135,8 +137,8 @@ class ClientOptions:
         if not (isinstance(max_message_mb, int | float) and max_message_mb > 0):
             raise ValueError(f"max_message_mb must be > 0, got {max_message_mb!r}")
         pem = _read_root_certificates(root_certificates)
-        return cls(target, token, pem, bool(tls) or pem is not None, timeout, retries, float(backoff),
-                   int(max_message_mb * 1024 * 1024))
+        return cls(targets[0], token, pem, bool(tls) or pem is not None, timeout, retries, float(backoff),
+                   int(max_message_mb * 1024 * 1024), targets)
 
     def channel_options(self) -> list[tuple[str, object]]:
         return [
@@ -315,6 +317,19 @@ class Attempts:
         delay = backoff_delay(self._failures, self.backoff)
         self._failures += 1
         return delay
+
+
+class Replicas:
+    """Which router replica a call's attempts go to: calls start on the replicas in turn (spreading them), and each
+    failed attempt moves on to the next replica (one that died or drains in a rolling update is left at once)."""
+
+    def __init__(self, count: int):
+        self.count, self._calls = count, 0
+
+    def first(self) -> int:
+        index = self._calls % self.count
+        self._calls += 1
+        return index
 
 
 # A stream closed with OK before its finished message (say, a router shutting down) is resumed like a failover.

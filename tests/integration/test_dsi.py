@@ -127,7 +127,7 @@ def test_admission_refuses_new_requests_while_the_verify_queue_is_behind(fleet, 
         while router.queue_stats["oldest_age_ms"] <= 200 and time.monotonic() < deadline:
             fleet.run(router.refresh_members())
             time.sleep(0.1)
-        assert router.queue_stats["oldest_age_ms"] > 200, f"the stale round never showed as waiting: {router.queue_stats}"
+        assert router.queue_stats["oldest_age_ms"] > 200, f"the stale round never read as waiting: {router.queue_stats}"
 
         async def refused():
             async with grpc.aio.insecure_channel(fleet.router_address) as channel:

@@ -111,7 +111,8 @@ def test_a_draining_router_hands_its_streams_over_and_nothing_is_lost_or_repeate
         assert got["offsets"] == sorted(set(got["offsets"]))  # each token reached the caller once
     assert stopped <= GRACE_S + 2
     assert draining.handed_over == live  # every stream was handed over, none cut by the server's stop
-    print(f"handed over {draining.handed_over}, of them inside a round at the deadline {draining.handover_cuts}; stop took {stopped:.2f} s")
+    print(f"handed over {draining.handed_over}, of them inside a round at the deadline {draining.handover_cuts}; "
+          f"stop took {stopped:.2f} s")
     assert draining.live == 0 and not draining.streams
     assert draining.rounds == rounds_after_stop  # the draining router did no more work for them
     resumed_on = sum(fleet.services[n].rounds for n in ("router-1", "router-2"))

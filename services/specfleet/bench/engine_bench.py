@@ -86,8 +86,8 @@ def run(models_dir: Path, prompts_path: Path | None, new_tokens: int, limit: int
         progress: bool = True, prompt_tokens: int = 64, batches: tuple[int, ...] = BATCHES,
         systems: tuple[str, ...] | None = None) -> dict:
     """systems: only these rows (plus the reference rows); None: all. The draft head's rows (specfleet-head,
-    specfleet-head-k4, and specfleet-fused-nohead: fused without the head, which specfleet-fused includes) run when the models
-    folder holds a head."""
+    specfleet-head-k4, and specfleet-fused-nohead: fused without the head, which specfleet-fused includes) run when
+    the models folder holds a head."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -152,13 +152,16 @@ class MergedProposer:
     def propose(self, batch: list[Draft]) -> list[TokenTree]:
         from specfleet.engine.fusion import merge_trees_with_origins
 
-        # Lookups first, at max(k, lookup_k) levels: they cost microseconds. A row whose lookup tree already reaches
-        # the models' planned depth skips the models this round (a draft level of theirs costs a quarter of a target
-        # step and would only add branches beside a repeat the text already predicts).
+        # Lookups first, at max(k, lookup_k) levels: they cost microseconds. A greedy row whose lookup tree already
+        # reaches the models' planned depth skips the models this round (a draft level of theirs costs a fraction of a
+        # target step and would only add branches beside a repeat the text already predicts).
         lookups = [p for p in self.proposers if not hasattr(p, "step_seconds")]
         deep = [dataclasses.replace(d, k=max(d.k, d.lookup_k)) if d.lookup_k > d.k else d for d in batch]
         looked = {id(p): p.propose(deep) for p in lookups}
-        model_batch = [dataclasses.replace(d, k=0) if d.k > 0 and any(
+        # Greedy rows only: a sampled row's lookup nodes are fixed tokens the target's sample matches with probability
+        # p(token) (0.2 accepted per round on varied text), where the models' drafts drawn with the request's noise
+        # match it far more often (the head: 0.8), so they draft whatever the lookup found.
+        model_batch = [dataclasses.replace(d, k=0) if d.k > 0 and not d.sampled and any(
             self._lookup_suffices(trees[i], d.k) for trees in looked.values()) else d for i, d in enumerate(batch)]
         self.last_model_steps = max((d.k for d in model_batch), default=0)
         per_proposer = [looked[id(p)] if id(p) in looked else

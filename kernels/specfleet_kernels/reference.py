@@ -243,13 +243,21 @@ def position_keyed_accept(tokens: torch.Tensor, parents: torch.Tensor, target_pr
     the drafter's q (position_keyed_sample), which makes them agree with the target far more often (see there).
     target_probs [n + 1, V] as in sampled_tree_accept. Returns (accepted node indices in path order, next token).
     """
+    return keyed_walk(tokens, parents, lambda node, depth: int(
+        position_keyed_sample(target_probs[node + 1][None], [seed], [start + depth])[0]))
+
+
+def keyed_walk(tokens: torch.Tensor, parents: torch.Tensor, sample) -> tuple[list[int], int]:
+    """The acceptance walk of position-keyed sampling: from the root, `sample(node, depth)` is the target's token
+    after `node` (-1: the root) at `depth` tokens into the round; a child holding it is accepted and the walk goes on
+    below it, else that token is the round's next one. Returns (accepted node indices in path order, next token)."""
     children: dict[int, list[int]] = {}
     for i, p in enumerate(parents.tolist()):
         children.setdefault(p, []).append(i)
     toks = tokens.tolist()
     path, node = [], -1
     while True:
-        token = int(position_keyed_sample(target_probs[node + 1][None], [seed], [start + len(path)])[0])
+        token = sample(node, len(path))
         child = next((c for c in children.get(node, ()) if toks[c] == token), None)
         if child is None:
             return path, token

@@ -181,18 +181,10 @@ def keyed_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, logits: torch
     """`position_keyed_accept` from the target's raw logits [n + 1, V] (after the last context token, then after each
     node): only the rows the walk visits are sampled (`keyed_target_sample`), so a tree's unvisited branches and
     the sort of the whole vocabulary cost nothing. Returns (accepted node indices in path order, next token)."""
-    children: dict[int, list[int]] = {}
-    for i, p in enumerate(parents.tolist()):
-        children.setdefault(p, []).append(i)
-    toks = tokens.tolist()
-    path, node = [], -1
-    while True:
-        token = keyed_target_sample(logits[node + 1], params, seed, start + len(path))
-        child = next((c for c in children.get(node, ()) if toks[c] == token), None)
-        if child is None:
-            return path, token
-        path.append(child)
-        node = child
+    from specfleet_kernels.reference import keyed_walk
+
+    return keyed_walk(tokens, parents, lambda node, depth: keyed_target_sample(logits[node + 1], params, seed,
+                                                                                start + depth))
 
 
 DRAFT_TAIL_SUPPORT = 64  # a draw that lands in the drafter's own top-p tail is redrawn among this many likeliest

@@ -266,3 +266,12 @@ def test_the_command_writes_the_report_and_plots(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "speedup" in printed and "at 2 replicas" in printed and "GPU-hours" in printed
     assert "autoscaling grid" in printed and "surge->up s" in printed and "knative-kpa" in printed
+
+
+def test_the_engine_is_replayed_with_its_own_round_shape_where_the_benchmark_recorded_it():
+    fleet = json.loads((BENCH / "fleet.json").read_text())
+    row = dict(fleet["throughput"][0])
+    assert reproduce.engine_rounds(fleet, row, 4) == reproduce.measured_rounds(fleet, 4)  # files without it
+    row["engine_rounds"] = {"accepted_per_round": 2.2, "draft_tokens_per_round": 9.0}
+    shape = reproduce.engine_rounds(fleet, row, 4)
+    assert (shape.accepted, shape.draft_tokens) == (2.2, 9.0) and 0 < shape.depth <= 4

@@ -33,6 +33,19 @@ def measured_rounds(fleet: dict, k: int) -> MeasuredRounds:
                           depth=depth)
 
 
+def engine_rounds(fleet: dict, row: dict, k: int) -> MeasuredRounds:
+    """The in-process engine's own round shape at one concurrency (the throughput row's `engine_rounds`, recorded
+    since the engine drafts its suffix tree every greedy round and the fleet's router does not), its depth from the
+    k-fixed ablation's nodes per level; the fleet's shape (`measured_rounds`) for files without it."""
+    shape = row.get("engine_rounds")
+    if not shape:
+        return measured_rounds(fleet, k)
+    fixed = {r["system"]: r["greedy"] for r in fleet["ablation"]["systems"]}[K_FIXED]
+    per_level = fixed["draft_tokens_per_round"] / k
+    return MeasuredRounds(accepted=shape["accepted_per_round"], draft_tokens=shape["draft_tokens_per_round"],
+                          depth=min(float(k), shape["draft_tokens_per_round"] / per_level))
+
+
 def _tokens_per_s(system, requests: int, slots: int) -> float:
     trace = batch(system.costs, requests)
     return simulate(system, trace, 1, max_batch=slots).summary()["batch_tokens_per_s"]
@@ -53,7 +66,7 @@ def reproduce(bench_dir: Path = DEFAULT_BENCH, costs: CostModel | None = None) -
     for row in fleet["throughput"]:
         c = row["concurrency"]
         rows.append({"figure": f"speculative engine, concurrency {c}", "measured": row["engine_tokens_per_s"],
-                     "simulated": _tokens_per_s(InProcessCoSine(costs, rounds), c, c)})
+                     "simulated": _tokens_per_s(InProcessCoSine(costs, engine_rounds(fleet, row, costs.k)), c, c)})
         rows.append({"figure": f"fleet, concurrency {c}", "measured": row["fleet_tokens_per_s"],
                      "simulated": _tokens_per_s(CoSine(costs, rounds), c, c)})
     # the same configuration again, in the ablation stage of the same file: its 12 prompts at concurrency 8

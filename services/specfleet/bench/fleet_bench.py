@@ -228,10 +228,17 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
                 tokens = sum(len(o.token_ids) for o in outs)
                 fleet_tokens = sum(len(s[0]) for s in streams)
                 same = sum(list(s[0]) == o.token_ids for s, o in zip(streams, outs, strict=True))
+                rounds = max(1, sum(o.stats["rounds"] for o in outs))
                 rows.append({"concurrency": c, "engine_tokens_per_s": round(tokens / engine_s, 2),
                              "fleet_tokens_per_s": round(fleet_tokens / fleet_s, 2),
                              "fleet_vs_engine": round(fleet_tokens / fleet_s / (tokens / engine_s), 3),
-                             "identical_outputs": f"{same}/{c}"})
+                             "identical_outputs": f"{same}/{c}",
+                             # the engine's own round shape (its suffix tree drafts every greedy round, the fleet's
+                             # router does not): what the simulator's reproduction replays the engine with
+                             "engine_rounds": {
+                                 "accepted_per_round": round(sum(o.stats["accepted_tokens"] for o in outs) / rounds, 3),
+                                 "draft_tokens_per_round": round(sum(o.stats["draft_tokens"] for o in outs) / rounds,
+                                                                 3)}})
         results["throughput"] = rows
     if "ablation" in stages:
         results["ablation"] = {"concurrency": ablation_concurrency, "prompts": len(prompts),

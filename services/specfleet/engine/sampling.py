@@ -50,25 +50,35 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     exactly.
     """
     params.validate()
-    scores = logits.float()  # [..., V]
     if params.greedy:
+        scores = logits.float()
         return torch.nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).float()
+    scores = _scaled_scores(logits, params)  # [..., V]
+    if params.top_p < 1.0:
+        scores = scores.masked_fill(_top_p_mask(scores, params.top_p), -math.inf)
+    return scores.softmax(-1)
+
+
+def _scaled_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[..., V] logits -> float32 scores / temperature with top-k applied (-inf below the k-th largest, ties kept)."""
+    scores = logits.float()
     if params.temperature != 1.0:
         scores = scores / params.temperature
-    vocab = scores.shape[-1]
     if params.top_k:
-        kth_largest = torch.topk(scores, min(params.top_k, vocab))[0][..., -1:]  # [..., 1]
+        kth_largest = torch.topk(scores, min(params.top_k, scores.shape[-1]))[0][..., -1:]  # [..., 1]
         scores = scores.masked_fill(scores < kth_largest, -math.inf)
-    if params.top_p < 1.0:
-        if scores.device.type == "cpu" and vocab >= NUMPY_SORT_FROM:
-            return scores.masked_fill(_top_p_remove(scores, params.top_p), -math.inf).softmax(-1)
-        sorted_scores, sorted_index = torch.sort(scores, descending=False)  # [..., V] ascending
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        sorted_remove = cumulative <= (1 - params.top_p)
-        sorted_remove[..., -1:] = False  # keep at least one token
-        remove = sorted_remove.scatter(-1, sorted_index, sorted_remove)
-        scores = scores.masked_fill(remove, -math.inf)
-    return scores.softmax(-1)
+    return scores
+
+
+def _top_p_mask(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p's removal mask over [..., V] scores (Hugging Face's rule): numpy's values-only sort on a CPU with a real
+    vocabulary (`_top_p_remove`), else torch's argsort."""
+    if scores.device.type == "cpu" and scores.shape[-1] >= NUMPY_SORT_FROM:
+        return _top_p_remove(scores, top_p)
+    sorted_scores, sorted_index = torch.sort(scores, descending=False)  # [..., V] ascending
+    sorted_remove = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
+    sorted_remove[..., -1:] = False  # keep at least one token
+    return sorted_remove.scatter(-1, sorted_index, sorted_remove)
 
 
 NUMPY_SORT_FROM = 1024  # CPU vocabularies at least this large are sorted by numpy (values only, SIMD sort)
@@ -143,13 +153,8 @@ def keyed_target_sample(logits: torch.Tensor, params: SamplingParams, seed: int,
     acceptance reproduces token for token."""
     from specfleet_kernels.reference import position_gumbels
 
-    scores = logits.float()
-    if params.temperature != 1.0:
-        scores = scores / params.temperature  # [V]
+    scores = _scaled_scores(logits, params)  # [V]
     vocab = scores.shape[-1]
-    if params.top_k:
-        kth_largest = torch.topk(scores, min(params.top_k, vocab))[0][-1]
-        scores = scores.masked_fill(scores < kth_largest, -math.inf)
     noisy = scores + position_gumbels(seed, position, vocab)  # [V]
     token = int(noisy.argmax())
     if params.top_p >= 1.0:
@@ -163,17 +168,7 @@ def keyed_target_sample(logits: torch.Tensor, params: SamplingParams, seed: int,
         mass = float(probs[below].sum(dtype=np.float64)) + float(probs[token])  # its ascending cumulative sum
         if mass > (1.0 - params.top_p) + margin:
             return token
-    remove = _top_p_remove(scores[None], params.top_p)[0] if vocab >= NUMPY_SORT_FROM else \
-        _sorted_top_p_remove(scores, params.top_p)
-    return int(noisy.masked_fill(remove, -math.inf).argmax())
-
-
-def _sorted_top_p_remove(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """warp_probs' top-p removal mask by torch's sort (small vocabularies)."""
-    sorted_scores, sorted_index = torch.sort(scores, descending=False)
-    sorted_remove = sorted_scores.softmax(-1).cumsum(-1) <= (1 - top_p)
-    sorted_remove[..., -1:] = False
-    return sorted_remove.scatter(-1, sorted_index, sorted_remove)
+    return int(noisy.masked_fill(_top_p_mask(scores[None], params.top_p)[0], -math.inf).argmax())
 
 
 def keyed_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor, params: SamplingParams,
@@ -203,13 +198,8 @@ def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list
     Confidence: the token's probability under the temperature, over top_p (the nucleus' mass), capped at 1."""
     from specfleet_kernels.reference import position_gumbels
 
-    scores = logits.float()
-    if params.temperature != 1.0:
-        scores = scores / params.temperature  # [n, V]
-    rows, vocab = scores.shape
-    if params.top_k:
-        kth_largest = torch.topk(scores, min(params.top_k, vocab), dim=-1)[0][:, -1:]
-        scores = scores.masked_fill(scores < kth_largest, -math.inf)
+    scores = _scaled_scores(logits, params)  # [n, V]
+    vocab = scores.shape[-1]
     noise = torch.stack([position_gumbels(s, p, vocab) for s, p in zip(seeds, positions, strict=True)])  # [n, V]
     noisy = scores + noise
     tokens = noisy.argmax(-1)  # [n]

@@ -182,7 +182,7 @@ class SpecEngine:
     def step(self, live: list[_Live], on_tokens=None) -> None:
         """One round for every live request: plan, draft, verify all trees in one forward, accept, commit."""
         plans = self.policy.decide([lv.req.rid for lv in live], max_k={lv.req.rid: lv.remaining - 1 for lv in live},
-                                   kinds={lv.req.rid: "greedy" if lv.req.params.greedy else "sampled" for lv in live})
+                                   kinds={lv.req.rid: lv.req.params.kind for lv in live})
         features = self.target.features_of if self.target.keep_features else None
         # a free lookup beside the models (the fused suffix tree) drafts the most levels allowed every round for
         # greedy requests, whose suffix nodes accept often; a sampled request's do rarely (bench/engine.json: 0.2

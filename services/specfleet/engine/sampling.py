@@ -25,6 +25,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def kind(self) -> str:
+        """"greedy" or "sampled": the speculation controller keeps their acceptance apart."""
+        return "greedy" if self.greedy else "sampled"
+
     def validate(self) -> None:
         """Raises ValueError, saying what to fix, on parameters that define no distribution."""
         t = self.temperature

@@ -616,7 +616,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 timings = router_pb2.RoundTimings() if timed else None
                 remaining = request.max_new_tokens - len(output)
                 plan = self.controller.decide([rid], max_k={rid: remaining - 1},
-                                              kinds={rid: "greedy" if params.greedy else "sampled"})[rid]
+                                              kinds={rid: params.kind})[rid]
                 pools = self._pools_for(rid, rnd, plan.drafters, pools_asked)
                 if timed:
                     timings.plan_s = time.perf_counter() - round_start

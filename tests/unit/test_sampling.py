@@ -609,7 +609,7 @@ def test_keyed_draft_sample_couples_with_the_targets_keyed_sample():
     params = SamplingParams(0.8, 0.95)
     logits = torch.randn(400, 2048, generator=generator) * 2
     seeds, positions = list(range(400)), [3] * 400
-    drafts, confidences = keyed_draft_sample(logits, params, seeds, positions)
+    drafts, confidences, _ = keyed_draft_sample(logits, params, seeds, positions)
     targets = [keyed_target_sample(logits[r], params, seeds[r], 3) for r in range(400)]
     assert sum(d == t for d, t in zip(drafts, targets, strict=True)) >= 0.97 * 400
     kept = warp_probs(logits, params) > 0
@@ -617,6 +617,32 @@ def test_keyed_draft_sample_couples_with_the_targets_keyed_sample():
     for r, d in enumerate(drafts):
         assert bool(kept[r, d]) or d in top[r].tolist()
     assert all(0 < c <= 1 for c in confidences)
-    unfiltered, _ = keyed_draft_sample(logits[:8], SamplingParams(1.0), seeds[:8], positions[:8])
+    unfiltered, _, _ = keyed_draft_sample(logits[:8], SamplingParams(1.0), seeds[:8], positions[:8])
     noisy = logits[:8] + torch.stack([position_gumbels(s, 3, 2048) for s in seeds[:8]])
     assert unfiltered == noisy.argmax(-1).tolist()  # no top-p: the plain Gumbel-max draw
+
+
+def test_keyed_draft_siblings_are_the_next_best_under_the_same_noise():
+    """Siblings of a sampled draft: distinct from it and from each other, the next best of the noisy scores among
+    the likeliest tokens, and they cover the target's own sample where the draft misses it (a drafter whose
+    logits differ from the target's)."""
+    from specfleet.engine.sampling import DRAFT_TAIL_SUPPORT, keyed_draft_sample, keyed_target_sample
+
+    generator = torch.Generator().manual_seed(11)
+    params = SamplingParams(0.8, 0.95)
+    target = torch.randn(300, 1024, generator=generator) * 2
+    drafter = target + torch.randn(300, 1024, generator=generator)  # a drafter close to the target, not equal
+    seeds, positions = list(range(300)), [5] * 300
+    drafts, _, alternatives = keyed_draft_sample(drafter, params, seeds, positions, siblings=2)
+    top = drafter.topk(DRAFT_TAIL_SUPPORT, dim=-1)[1]
+    noisy = drafter / params.temperature + torch.stack([position_gumbels(s, 5, 1024) for s in seeds])
+    for r, alts in enumerate(alternatives):
+        tokens = [t for t, _ in alts]
+        assert len(tokens) == 2 and drafts[r] not in tokens and len(set(tokens)) == 2
+        assert all(t in top[r].tolist() for t in tokens) and all(0 < q <= 1 for _, q in alts)
+        assert float(noisy[r, tokens[0]]) >= float(noisy[r, tokens[1]])
+    samples = [keyed_target_sample(target[r], params, seeds[r], 5) for r in range(300)]
+    alone = sum(d == s for d, s in zip(drafts, samples, strict=True))
+    covered = sum(s == d or s in [t for t, _ in a] for d, s, a in zip(drafts, samples, alternatives, strict=True))
+    assert covered >= alone + 0.1 * 300  # the siblings catch a good share of the misses
+    assert keyed_draft_sample(drafter[:4], params, seeds[:4], positions[:4])[2] == [[], [], [], []]

@@ -100,26 +100,40 @@ def stack_drafters(named_models: list[tuple[str, object]], slots: int, limits: K
             else DrafterModel(tuple(n for n, _ in g), [m for _, m in g], slots, limits) for g in groups]
 
 
-def candidates(logits: torch.Tensor, drafts: list[Draft], level: int) -> tuple[list[int], list[float]]:
-    """One drafter's proposal at draft `level` for each row: logits [B, V] -> (tokens, confidences).
+def candidates(logits: torch.Tensor, drafts: list[Draft], level: int, siblings: dict[str, int] | None = None
+               ) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
+    """One drafter's proposal at draft `level` for each row: logits [B, V] -> (tokens, confidences, alternatives).
 
     A greedy row proposes its argmax with its softmax probability. A sampled row draws from the drafter's own
     distribution, warped like the request's, with the request's noise at this output position
     (`keyed_draft_sample`), and reports the token's probability: the draft then agrees with the target's own sample
     far more often than an argmax draft does, and the output is unchanged (acceptance compares tokens). Rows of
-    the same temperature, top-k and top-p draw together."""
-    values, indices = torch.softmax(logits, dim=-1).max(dim=-1)  # [B], [B]
+    the same temperature, top-k and top-p draw together.
+
+    siblings: how many alternatives (token, confidence) to return per row by its kind ("greedy" / "sampled";
+    none by default): a greedy row's next likeliest tokens, a sampled row's next best under the same noise."""
+    probs = torch.softmax(logits, dim=-1)
+    values, indices = probs.max(dim=-1)  # [B], [B]
     tokens, confidences = indices.tolist(), values.tolist()
+    alternatives: list[list[tuple[int, float]]] = [[] for _ in drafts]
+    want = siblings or {}
+    greedy_siblings = want.get("greedy", 0)
+    if greedy_siblings and any(not d.sampled for d in drafts):
+        top_values, top_indices = probs.topk(greedy_siblings + 1, dim=-1)
+        for j, (row, row_values) in enumerate(zip(top_indices.tolist(), top_values.tolist(), strict=True)):
+            if not drafts[j].sampled:
+                alternatives[j] = [(t, q) for t, q in zip(row, row_values, strict=True)
+                                   if t != tokens[j]][:greedy_siblings]
     by_params: dict[SamplingParams, list[int]] = {}
     for j, d in enumerate(drafts):
         if d.sampled:
             by_params.setdefault(dataclasses.replace(d.params, seed=None), []).append(j)
     for params, rows in by_params.items():
-        drawn, chosen = keyed_draft_sample(logits[rows], params, [drafts[j].seed for j in rows],
-                                           [drafts[j].position + level for j in rows])
-        for j, token, confidence in zip(rows, drawn, chosen, strict=True):
-            tokens[j], confidences[j] = token, confidence
-    return tokens, confidences
+        drawn, chosen, alts = keyed_draft_sample(logits[rows], params, [drafts[j].seed for j in rows],
+                                                 [drafts[j].position + level for j in rows], want.get("sampled", 0))
+        for j, token, confidence, alt in zip(rows, drawn, chosen, alts, strict=True):
+            tokens[j], confidences[j], alternatives[j] = token, confidence, alt
+    return tokens, confidences, alternatives
 
 
 class ModelProposer:
@@ -188,7 +202,8 @@ class ModelProposer:
         rows = list(range(len(batch)))
         for level in range(max(d.k for d in batch)):
             # candidates per row: each drafter's token and its probability, all drafters in one call
-            tokens, confidences = candidates(logits.flatten(0, 1), [batch[row] for row in rows] * len(names), level)
+            tokens, confidences, _ = candidates(logits.flatten(0, 1), [batch[row] for row in rows] * len(names),
+                                                level)
             width = len(rows)
             winners = []
             for j, row in enumerate(rows):

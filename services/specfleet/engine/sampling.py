@@ -190,9 +190,9 @@ def keyed_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, logits: torch
 DRAFT_TAIL_SUPPORT = 64  # a draw that lands in the drafter's own top-p tail is redrawn among this many likeliest
 
 
-def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list[int],
-                       positions: list[int]) -> tuple[list[int], list[float]]:
-    """Sampled drafts for rows of one request's parameters: logits [n, V] -> (tokens, confidences).
+def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list[int], positions: list[int],
+                       siblings: int = 0) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
+    """Sampled drafts for rows of one request's parameters: logits [n, V] -> (tokens, confidences, alternatives).
 
     Row r's draft is the Gumbel-max draw with the noise of (seeds[r], positions[r]) -- the noise the target's own
     sample at that position uses (`keyed_target_sample`), which couples the two -- from the drafter's distribution
@@ -200,7 +200,11 @@ def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list
     (its own and every less likely token's) is within 1 - top_p, the drafter's tail, is redrawn among its
     DRAFT_TAIL_SUPPORT likeliest tokens. No sort of the vocabulary: drafts never change the output (acceptance
     compares the draft with the target's own sample), so q need only be close to the target's warp, not exact.
-    Confidence: the token's probability under the temperature, over top_p (the nucleus' mass), capped at 1."""
+    Confidence: the token's probability under the temperature, over top_p (the nucleus' mass), capped at 1.
+
+    alternatives[r]: up to `siblings` further (token, confidence) per row, the next best of the same noisy scores
+    among the DRAFT_TAIL_SUPPORT likeliest tokens -- where the target's own sample most likely lies when it is not
+    the draft (the two share the noise), so siblings cover more of it than the drafter's plain runner-up does."""
     from specfleet_kernels.reference import position_gumbels
 
     scores = _scaled_scores(logits, params)  # [n, V]
@@ -216,5 +220,16 @@ def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list
             values, index = scores[r].topk(min(DRAFT_TAIL_SUPPORT, vocab))
             tokens[r] = index[(values + noise[r, index]).argmax()]
             chosen[r, 0] = probs[r, tokens[r]]
-        chosen = (chosen / params.top_p).clamp(max=1.0)
-    return tokens.tolist(), chosen[:, 0].tolist()
+    scale = 1.0 / params.top_p if params.top_p < 1.0 else 1.0
+    alternatives: list[list[tuple[int, float]]] = [[] for _ in seeds]
+    if siblings > 0:
+        values, index = scores.topk(min(DRAFT_TAIL_SUPPORT, vocab), dim=-1)  # [n, S]
+        order = (values + noise.gather(-1, index)).topk(min(siblings + 1, index.shape[-1]), dim=-1).indices
+        ranked = index.gather(-1, order)  # [n, siblings + 1]: best noisy first
+        ranked_probs = probs.gather(-1, ranked)
+        for r, (row, row_probs) in enumerate(zip(ranked.tolist(), ranked_probs.tolist(), strict=True)):
+            drawn = int(tokens[r])
+            alternatives[r] = [(t, min(1.0, q * scale)) for t, q in zip(row, row_probs, strict=True)
+                               if t != drawn][:siblings]
+    chosen = (chosen * scale).clamp(max=1.0)
+    return tokens.tolist(), chosen[:, 0].tolist(), alternatives

@@ -33,17 +33,30 @@ def measured_rounds(fleet: dict, k: int) -> MeasuredRounds:
                           depth=depth)
 
 
-def engine_rounds(fleet: dict, row: dict, k: int) -> MeasuredRounds:
-    """The in-process engine's own round shape at one concurrency (the throughput row's `engine_rounds`, recorded
-    since the engine drafts its suffix tree every greedy round and the fleet's router does not), its depth from the
-    k-fixed ablation's nodes per level; the fleet's shape (`measured_rounds`) for files without it."""
-    shape = row.get("engine_rounds")
+def _row_rounds(fleet: dict, row: dict, key: str, k: int) -> MeasuredRounds:
+    """A throughput row's recorded round shape `row[key]`, its depth from the k-fixed ablation's nodes per level; the
+    fleet's ablation shape (`measured_rounds`) for files without it."""
+    shape = row.get(key)
     if not shape:
         return measured_rounds(fleet, k)
     fixed = {r["system"]: r["greedy"] for r in fleet["ablation"]["systems"]}[K_FIXED]
     per_level = fixed["draft_tokens_per_round"] / k
     return MeasuredRounds(accepted=shape["accepted_per_round"], draft_tokens=shape["draft_tokens_per_round"],
                           depth=min(float(k), shape["draft_tokens_per_round"] / per_level))
+
+
+def engine_rounds(fleet: dict, row: dict, k: int) -> MeasuredRounds:
+    """The in-process engine's own round shape at one concurrency (the throughput row's `engine_rounds`, recorded
+    since the engine drafts its suffix tree every greedy round and the fleet's router does not), its depth from the
+    k-fixed ablation's nodes per level; the fleet's shape (`measured_rounds`) for files without it."""
+    return _row_rounds(fleet, row, "engine_rounds", k)
+
+
+def fleet_rounds(fleet: dict, row: dict, k: int) -> MeasuredRounds:
+    """The fleet's own round shape at one concurrency (the throughput row's `fleet_rounds`: its adaptive control
+    speculates in a share of the rounds that changes with the concurrency, so the ablation's shape at 8 streams
+    need not hold at 1 or 32); the ablation's (`measured_rounds`) for files without it."""
+    return _row_rounds(fleet, row, "fleet_rounds", k)
 
 
 def _tokens_per_s(system, requests: int, slots: int) -> float:
@@ -68,7 +81,7 @@ def reproduce(bench_dir: Path = DEFAULT_BENCH, costs: CostModel | None = None) -
         rows.append({"figure": f"speculative engine, concurrency {c}", "measured": row["engine_tokens_per_s"],
                      "simulated": _tokens_per_s(InProcessCoSine(costs, engine_rounds(fleet, row, costs.k)), c, c)})
         rows.append({"figure": f"fleet, concurrency {c}", "measured": row["fleet_tokens_per_s"],
-                     "simulated": _tokens_per_s(CoSine(costs, rounds), c, c)})
+                     "simulated": _tokens_per_s(CoSine(costs, fleet_rounds(fleet, row, costs.k)), c, c)})
     # the same configuration again, in the ablation stage of the same file: its 12 prompts at concurrency 8
     ablation = fleet["ablation"]
     rows.append({"figure": f"fleet, concurrency {ablation['concurrency']}, {ablation['prompts']} prompts (ablation)",

@@ -218,8 +218,10 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
                 engine_s = time.perf_counter() - start
                 bar.update()
 
-                async def all_streams(batch=batch):
-                    return await asyncio.gather(*(_stream(fleet, ids, new_tokens) for ids in batch))
+                usage: dict = {}
+
+                async def all_streams(batch=batch, usage=usage):
+                    return await asyncio.gather(*(_stream(fleet, ids, new_tokens, usage) for ids in batch))
 
                 start = time.perf_counter()
                 streams = asyncio.run(all_streams())
@@ -238,7 +240,14 @@ def run(models_dir: Path, redis_url: str, new_tokens: int, limit: int, output: P
                              "engine_rounds": {
                                  "accepted_per_round": round(sum(o.stats["accepted_tokens"] for o in outs) / rounds, 3),
                                  "draft_tokens_per_round": round(sum(o.stats["draft_tokens"] for o in outs) / rounds,
-                                                                 3)}})
+                                                                 3)},
+                             # and the fleet's own at this concurrency (its adaptive control speculates in a share
+                             # of the rounds that differs with the concurrency): the reproduction's fleet rows
+                             "fleet_rounds": {
+                                 "accepted_per_round": round(usage.get("accepted_tokens", 0)
+                                                             / max(1, usage.get("rounds", 0)), 3),
+                                 "draft_tokens_per_round": round(usage.get("draft_tokens", 0)
+                                                                 / max(1, usage.get("rounds", 0)), 3)}})
         results["throughput"] = rows
     if "ablation" in stages:
         results["ablation"] = {"concurrency": ablation_concurrency, "prompts": len(prompts),

@@ -387,3 +387,26 @@ def test_a_new_request_starts_from_what_recent_requests_of_its_kind_accepted():
     assert ctl.trackers["x"].alpha == pytest.approx(0.6)  # no kind given: the shared figure (observed by none)
     ctl.forget("s2")
     assert "s2" not in ctl.kind_of
+
+
+def test_explorations_that_confirm_the_best_drafter_space_out_and_a_change_resets_them():
+    from specfleet.engine.control import MAX_EXPLORE_BACKOFF
+
+    tracker = AcceptanceTracker()
+    names = ["a", "b", "c"]
+    explored_at = []
+    for step in range(200):
+        exploring = tracker.exploring(names, explore_every=4)
+        if exploring:
+            explored_at.append(step)
+        drafters = names if exploring else ["a"]
+        tracker.observe(3, 3, drafters, [("a",)] * 3, explored=exploring)  # a stays the best throughout
+    gaps = [b - a for a, b in zip(explored_at, explored_at[1:])]
+    # warm-up (its second round already confirms a), then 8, 16, ... up to the cap
+    assert gaps[:2] == [1, 8] and max(gaps) == 4 * MAX_EXPLORE_BACKOFF
+    assert gaps == sorted(gaps)
+    assert tracker.explore_backoff == MAX_EXPLORE_BACKOFF
+    tracker.observe(3, 3, names, [("b",)] * 3, explored=True)  # the text changed: b is now the best
+    assert tracker.explore_backoff == 1 and tracker.since_explore == 0
+    tracker.observe(3, 0, names, [], explored=True)  # an exploration that finds nothing also starts over
+    assert tracker.explore_backoff == 1

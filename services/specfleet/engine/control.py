@@ -138,6 +138,9 @@ class CostModel:
         return k * self.drafter_factor(drafters) * self.draft_step.slope
 
 
+MAX_EXPLORE_BACKOFF = 8  # explorations that keep confirming the best drafter space out to 8x explore_every
+
+
 class AcceptanceTracker:
     """One request's recent acceptance: alpha (per-position acceptance rate) and each drafter's contribution.
 
@@ -156,20 +159,28 @@ class AcceptanceTracker:
         self.fusion_rounds = 0  # rounds with several drafters and attributed tokens
         self.width = 0.0  # EMA of tree nodes per level; 0 until observed
         self.rounds_without_draft = 0  # consecutive rounds that drafted nothing (drives probing)
-        self.speculative_rounds = 0  # rounds that drafted something (drives drafter exploration)
+        self.speculative_rounds = 0  # rounds that drafted something
+        self.since_explore = 0  # speculative rounds since the last exploration round (drives drafter exploration)
+        self.explore_backoff = 1  # exploration interval multiplier: doubles while explorations confirm the best
+        self.explored_best: str | None = None  # the best drafter after the last exploration round
 
     @property
     def alpha(self) -> float:
         return min(max(self._accepted / self._positions, 0.0), 1.0) if self._positions > 0 else 0.0
 
     def observe(self, drafted_levels: int, accepted: int, drafters: list[str],
-                accepted_by: list[tuple[str, ...]] | None, drafted_nodes: int | None = None) -> None:
-        """accepted_by: for each accepted draft token, the drafters that proposed it (None: not attributed)."""
+                accepted_by: list[tuple[str, ...]] | None, drafted_nodes: int | None = None,
+                explored: bool = False) -> None:
+        """accepted_by: for each accepted draft token, the drafters that proposed it (None: not attributed).
+        explored: the round fused every drafter to re-rank them (`exploring`)."""
         if drafted_levels <= 0:
             self.rounds_without_draft += 1
             return
         self.rounds_without_draft = 0
         self.speculative_rounds += 1
+        self.since_explore = 0 if explored else self.since_explore + 1
+        if explored:
+            self._update_backoff(drafters, accepted_by, accepted, drafted_levels)
         accepted = min(max(accepted, 0), drafted_levels)
         self._accepted = self.decay * self._accepted + accepted
         self._positions = self.decay * self._positions + accepted + (1 if accepted < drafted_levels else 0)
@@ -185,6 +196,22 @@ class AcceptanceTracker:
             self.share[name] = self.decay * self.share.get(name, proposed) + (1 - self.decay) * proposed
             self.unique[name] = self.decay * self.unique.get(name, alone) + (1 - self.decay) * alone
 
+    def _update_backoff(self, drafters: list[str], accepted_by, accepted: int, drafted_levels: int) -> None:
+        """After an exploration round (before its shares are folded in): an exploration whose evidence keeps the
+        same best drafter doubles the interval to the next one (up to MAX_EXPLORE_BACKOFF times explore_every), one
+        that changes it, or finds nothing accepted, goes back to every explore_every rounds. Exploring fuses every
+        drafter (each catching up on the tokens it missed), which on a stable request buys nothing after the
+        first few confirmations; a change of text that changes the best drafter is still found within
+        MAX_EXPLORE_BACKOFF * explore_every rounds."""
+        if accepted_by is None or accepted <= 0 or len(drafters) < 2:
+            self.explore_backoff = 1
+            return
+        proposed = {name: sum(1 for who in accepted_by if name in who) for name in drafters}
+        best = max(drafters, key=lambda name: proposed[name])  # this round's own evidence
+        confirmed = best == self.explored_best
+        self.explored_best = best
+        self.explore_backoff = min(self.explore_backoff * 2, MAX_EXPLORE_BACKOFF) if confirmed else 1
+
     def routed_drafters(self, drafters: list[str], keep_share: float) -> list[str]:
         """Expertise routing for one request: its best drafter (largest share of accepted tokens in fusion rounds;
         the first one before any evidence) plus any other whose *unique* share (accepted tokens only it proposed)
@@ -196,10 +223,11 @@ class AcceptanceTracker:
 
     def exploring(self, drafters: list[str], explore_every: int, warmup: int = 2) -> bool:
         """Whether this round should fuse every drafter to (re)rank them: the first `warmup` speculative rounds,
-        then every `explore_every`-th, so a drafter can earn its way back when the text changes."""
+        then every `explore_every`-th (times the backoff while explorations keep confirming the best drafter), so
+        a drafter can earn its way back when the text changes."""
         if len(drafters) <= 1:
             return False
-        due = explore_every > 0 and self.speculative_rounds % explore_every == explore_every - 1
+        due = explore_every > 0 and self.since_explore >= explore_every * self.explore_backoff - 1
         return self.fusion_rounds < warmup or due
 
     def active_drafters(self, drafters: list[str], keep_share: float, explore_every: int) -> list[str]:
@@ -295,7 +323,8 @@ class SpeculationController:
         tokens were accepted (not counting the target's own correction/bonus token), and accepted_by lists, per
         accepted token, the drafters that proposed it."""
         levels = drafted_levels if plan.k > 0 else 0
-        self.tracker(rid).observe(levels, accepted, plan.drafters, accepted_by, drafted_nodes)
+        explored = len(self.drafters) > 1 and len(plan.drafters) == len(self.drafters)
+        self.tracker(rid).observe(levels, accepted, plan.drafters, accepted_by, drafted_nodes, explored)
         self._overall(rid).observe(levels, accepted, [], None)
 
     def decide(self, requests: list[str], extra_verify_tokens: int = 0,

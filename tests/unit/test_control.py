@@ -401,7 +401,7 @@ def test_explorations_that_confirm_the_best_drafter_space_out_and_a_change_reset
             explored_at.append(step)
         drafters = names if exploring else ["a"]
         tracker.observe(3, 3, drafters, [("a",)] * 3, explored=exploring)  # a stays the best throughout
-    gaps = [b - a for a, b in zip(explored_at, explored_at[1:])]
+    gaps = [b - a for a, b in zip(explored_at, explored_at[1:], strict=False)]
     # warm-up (its second round already confirms a), then 8, 16, ... up to the cap
     assert gaps[:2] == [1, 8] and max(gaps) == 4 * MAX_EXPLORE_BACKOFF
     assert gaps == sorted(gaps)

@@ -38,11 +38,11 @@ def no_cuda_reason() -> str | None:
             "`make gpu-check` runs on a machine with an NVIDIA GPU and a CUDA build of torch")
 
 
-def run_tests(repo: Path, timeout_s: float) -> dict:
-    """The CUDA tests in one pytest process; their summary line and exit status."""
+def run_tests(repo: Path, timeout_s: float, device: str = "cuda") -> dict:
+    """The CUDA tests in one pytest process (test_device_cuda.py on `device`); their summary line and exit status."""
     paths = os.pathsep.join(str(repo / p) for p in ("services", "operator", "kernels", "tests"))
     env = {**os.environ, "PYTHONPATH": paths + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1",
-           "SPECFLEET_TEST_DEVICE": "cuda"}
+           "SPECFLEET_TEST_DEVICE": device}
     start = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *CUDA_TESTS],
@@ -52,8 +52,10 @@ def run_tests(repo: Path, timeout_s: float) -> dict:
         out, rc = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), 124
         out += f"\n(timed out after {timeout_s:.0f} s)"
     lines = [line for line in out.strip().splitlines() if line.strip()]
+    skipped = [line for line in lines if line.startswith("SKIPPED")]  # -rs: why each skip (none expected on a GPU)
     return {"command": f"pytest -q {' '.join(CUDA_TESTS)}", "exit_status": rc,
             "summary": lines[-1] if lines else "", "seconds": round(time.perf_counter() - start, 1),
+            "skipped": skipped, "triton_ran": not any("test_kernels_triton" in line for line in skipped),
             "tail": lines[-40:]}
 
 
@@ -61,14 +63,16 @@ def run(models_dir: Path, output: Path, repo: Path, new_tokens: int = 64, limit:
         batches: tuple[int, ...] = ENGINE_BATCHES, device: str = "cuda") -> dict:
     import torch
 
-    from specfleet.bench.engine_bench import format_table
+    from specfleet.bench.engine_bench import _device_name, format_table
     from specfleet.bench.engine_bench import run as engine_run
 
     start = time.perf_counter()
-    report: dict = {"device": f"{device} ({torch.cuda.get_device_name(torch.device(device))})",
-                    "torch": torch.__version__, "cuda": torch.version.cuda}
-    report["tests"] = run_tests(repo, TESTS_TIMEOUT_S)
+    report: dict = {"device": _device_name(torch.device(device)), "torch": torch.__version__,
+                    "cuda": torch.version.cuda}
+    report["tests"] = run_tests(repo, TESTS_TIMEOUT_S, device)
     print(f"CUDA tests: {report['tests']['summary']} ({report['tests']['seconds']} s)", flush=True)
+    for line in report["tests"]["skipped"]:
+        print(f"  warning: {line}", flush=True)  # e.g. triton not installed: the Triton kernels went untested
     engine_out = output.with_name(output.stem + "-engine.json")
     try:
         engine = engine_run(models_dir, None, new_tokens, limit, engine_out, progress=False, batches=batches,

@@ -21,6 +21,7 @@ from specfleet.engine.llama import LlamaRunner, causal_bias
 from specfleet.engine.models import ModelSet
 from specfleet.engine.proposers import NoProposer
 from specfleet.engine.sampling import SamplingParams
+from specfleet_kernels import backend_for
 
 DEVICE = os.environ.get("SPECFLEET_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
@@ -92,6 +93,7 @@ def test_bundled_models_on_the_device_greedy_and_sampled(bundled, proposer):
     runner = engine.runner
     held = [runner.embed, runner.k_cache, runner.v_cache, runner.vocab_offsets]
     assert all(t.device == target.device for t in held)
+    assert runner.kernels is backend_for(runner.device)  # KV compaction: Triton on CUDA where it runs
     if runner.device.type != "cpu":  # the C kernel is for the CPU only
         assert runner.matmul == "torch"
     new = 24

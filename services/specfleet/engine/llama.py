@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specfleet_kernels import cpu_gemm
-from specfleet_kernels.reference import gather_kv
+from specfleet_kernels import backend_for, cpu_gemm
 
 NEG = torch.finfo(torch.float32).min
 
@@ -264,6 +263,8 @@ class LlamaRunner:
             self._pack(parts)
         # the device the checkpoint was loaded on (models/ModelSet.device): every tensor the runner makes goes there
         self.device = self.embed.device
+        # the tree kernels for tensors on that device (KV compaction): Triton on CUDA where it runs, else the reference
+        self.kernels = backend_for(self.device)
         self.vocab_offsets = torch.arange(self.group, device=self.device)[:, None, None] * self.vocab_size  # [G,1,1]
         self.dtype = self.embed.dtype  # weights, activations and KV cache (the checkpoint as loaded)
         # Columns are allocated as contexts reach them (doubling, up to max_len): memory follows the longest context
@@ -567,7 +568,7 @@ class LlamaRunner:
         for row in range(slot, self.group * self.slots, self.slots):  # the slot's row of every member
             for cache in (self.k_cache, self.v_cache):
                 # [layers, kv_heads, max_len, D] viewed as a batch of layers: gather then write back
-                moved = gather_kv(cache[:, row], columns[None].expand(cache.shape[0], -1))
+                moved = self.kernels.gather_kv(cache[:, row], columns[None].expand(cache.shape[0], -1))
                 cache[:, row, :, start:start + len(columns)] = moved
 
     def time_forward(self, batch: int, tokens: int, repeats: int = 3) -> float:

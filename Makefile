@@ -8,7 +8,7 @@ TORCH_VERSION := 2.13.0
 CHECKOV_VERSION := 3.3.30
 CHECKOV_VENV := .checkov-venv
 
-.PHONY: setup demo test lint models head acceptance card protos chart scan simulate bench bench-reliability bench-fuzz bench-autoscale soak clean help
+.PHONY: setup demo test lint models head acceptance card protos chart scan simulate bench bench-reliability bench-fuzz bench-autoscale soak gpu-check clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -70,6 +70,9 @@ soak: setup  ## long load (SOAK_SECONDS, SOAK_STREAMS) with every service's RSS 
 
 bench-autoscale: setup  ## a load ramp and a burst on specfleet up --autoscale -> bench/autoscale.json + .png
 	$(VENV)/bin/specfleet bench autoscale --output bench/autoscale.json
+
+gpu-check: setup  ## on a CUDA machine (< 8 min): CUDA/Triton kernel tests, bf16 parity vs HF on CUDA, engine table -> bench/gpu.json
+	$(VENV)/bin/specfleet bench gpu
 
 protos: setup  ## regenerate the gRPC stubs in services/specfleet/api/v1/ from protos/
 	$(PY) services/specfleet/api/codegen.py

@@ -134,7 +134,7 @@ class PackedWeight:
         self.groups, self.out_features, self.in_features = w.shape
         self.width = width = lib.sf_panel_width()
         size = -(-self.out_features // width) * self.in_features * width
-        self.packed = torch.empty(self.groups, size, dtype=torch.float32)
+        self.packed = torch.empty(self.groups, size, dtype=torch.float32, device="cpu")
         for member in range(self.groups):
             lib.sf_pack(w[member].data_ptr(), self.packed[member].data_ptr(), self.out_features, self.in_features)
         if bias is not None and tuple(bias.shape) != (*weight.shape[:-2], self.out_features):
@@ -155,16 +155,16 @@ class PackedWeight:
         return w.contiguous().view(self.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features or x.dtype != torch.float32:
-            raise ValueError(f"input [..., {x.shape[-1]}] {x.dtype} for a packed weight of "
-                             f"{self.in_features} float32 inputs")
+        if x.shape[-1] != self.in_features or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"input [..., {x.shape[-1]}] {x.dtype} on {x.device} for a packed weight of "
+                             f"{self.in_features} float32 inputs (on the CPU)")
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] % self.groups:
             raise ValueError(f"{flat.shape[0]} input rows do not split among {self.groups} group members")
         if not flat.is_contiguous():
             flat = flat.contiguous()
-        out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
+        out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32, device="cpu")
         if flat.shape[0]:
             self._lib.sf_gemm(flat.data_ptr(), self.packed.data_ptr(),
                               None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), self.groups,
@@ -193,6 +193,8 @@ def decoder_layer(x: torch.Tensor, *, groups: int, heads: int, eps: float, w_in:
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError("decoder_layer takes contiguous float32 tensors")
     indices = [rows, cols, bias_row, positions]
+    if any(t.device.type != "cpu" for t in tensors + indices):  # a pointer into another device: never
+        raise ValueError("decoder_layer takes CPU tensors only (the C kernel reads them by address)")
     if any(t.dtype != torch.long or not t.is_contiguous() or t.shape != (x.shape[0],) for t in indices):
         raise ValueError("decoder_layer takes contiguous int64 rows, cols, bias_row and positions, one per token")
     tokens, hidden = x.shape

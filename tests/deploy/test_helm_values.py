@@ -103,7 +103,7 @@ def test_models_from_a_pvc(rendered):
 
 def test_the_gpu_example_serves_its_models_by_path(rendered):
     # examples/llama-3.1-8b-gpu.yaml: the models fields reach the SpecFleet as given, and the operator turns them
-    # into each role's --target / --drafter and the dtype and KV options on pods that ask for a GPU.
+    # into each role's --target / --drafter and the dtype, device and KV options on pods that ask for a GPU.
     from specfleet_operator.manifests import fleet_manifests
     from specfleet_operator.spec import FleetSpec
 
@@ -115,10 +115,10 @@ def test_the_gpu_example_serves_its_models_by_path(rendered):
     pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]
             for d in fleet_manifests(spec) if d["kind"] == "Deployment"}
     target = ["--target", "/models/llama-3.1-8b"]
-    weights = ["--dtype", "bfloat16", "--max-model-len", "16384", "--kv-cache-memory", "20GiB"]
-    assert pods["specfleet-drafter-one-b"]["args"][-10:] == [*target, "--drafter", "one-b=/models/llama-3.2-1b",
+    weights = ["--dtype", "bfloat16", "--device", "cuda", "--max-model-len", "16384", "--kv-cache-memory", "20GiB"]
+    assert pods["specfleet-drafter-one-b"]["args"][-12:] == [*target, "--drafter", "one-b=/models/llama-3.2-1b",
                                                               *weights]
-    assert pods["specfleet-verifier"]["args"][-8:] == [*target, *weights]
+    assert pods["specfleet-verifier"]["args"][-10:] == [*target, *weights]
     assert pods["specfleet-router"]["args"][-4:] == [*target, "--max-model-len", "16384"]
     for name in ("specfleet-verifier", "specfleet-drafter-one-b"):
         assert pods[name]["resources"]["limits"]["nvidia.com/gpu"] == 1, name

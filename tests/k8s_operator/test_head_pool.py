@@ -135,21 +135,22 @@ def test_without_a_head_no_role_gets_head(variant):
 def test_bundled_head_args():
     args = args_of(FleetSpec.from_dict("demo", BUNDLED))
     head = ["--head", "/models/head"]
-    assert args["drafter-head"][6:] == ["--models", "/models", "--pool", "head", *head]
-    assert args["verifier"][6:] == ["--models", "/models", *head]
+    gpu = ["--device", "cuda"]  # model pods request a GPU by default (the CRD) and run on it
+    assert args["drafter-head"][6:] == ["--models", "/models", "--pool", "head", *head, *gpu]
+    assert args["verifier"][6:] == ["--models", "/models", *head, *gpu]
     assert args["router"][-2:] == head
     assert "head=demo-drafter-head:50051,python=demo-drafter-python:50051,suffix=demo-drafter-suffix:50051" in \
         args["router"]
     # the other pools never read the head
-    assert args["drafter-python"][6:] == ["--models", "/models", "--pool", "python"]
-    assert args["drafter-suffix"][6:] == ["--models", "/models", "--pool", "suffix"]
+    assert args["drafter-python"][6:] == ["--models", "/models", "--pool", "python", *gpu]
+    assert args["drafter-suffix"][6:] == ["--models", "/models", "--pool", "suffix"]  # model-free: no device
     assert args["fusion"] == ["serve", "fusion", "--host", "0.0.0.0", "--port", "50051"]
 
 
 def test_by_path_head_args_the_head_pool_is_a_model_pod():
     args = args_of(FleetSpec.from_dict("demo", BY_PATH))
     target, head = ["--target", "/models/llama-3.1-8b"], ["--head", "/models/heads/llama-3.1-8b"]
-    weights = ["--dtype", "bfloat16", "--max-model-len", "16384", "--kv-cache-memory", "20GiB"]
+    weights = ["--dtype", "bfloat16", "--device", "cuda", "--max-model-len", "16384", "--kv-cache-memory", "20GiB"]
     assert args["drafter-head"][6:] == ["--models", "/models", "--pool", "head", *target, *head, *weights]
     assert args["verifier"][6:] == ["--models", "/models", *target, *head, *weights]
     assert args["router"][-6:] == [*target, *head, "--max-model-len", "16384"]
@@ -162,7 +163,8 @@ def test_by_path_head_args_the_head_pool_is_a_model_pod():
 def test_a_head_without_a_head_pool_still_reaches_router_and_verifier():
     # the model set has a head, as with `specfleet up --head`: the verifier keeps features; no pool asks for them
     args = args_of(FleetSpec.from_dict("demo", {"models": {"head": "head"}}))
-    assert args["verifier"][-2:] == args["router"][-2:] == ["--head", "/models/head"]
+    assert args["verifier"][-4:-2] == args["router"][-2:] == ["--head", "/models/head"]
+    assert args["verifier"][-2:] == ["--device", "cuda"]
     assert "--head" not in args["drafter-python"]
 
 

@@ -79,12 +79,14 @@ def test_labels_ports_and_commands_follow_the_contract():
         "--verifiers", "demo-verifier:50051", "--fusion", "demo-fusion:50051"]
     assert [(p["name"], p["containerPort"]) for p in router["ports"]] == [("grpc", 50051), ("http", 8000)]
     drafter = pod["spec"]["containers"][0]
+    # the CRD's default: model pods (verifier, drafter pools) request a GPU and run their models on it
     assert drafter["args"] == ["serve", "drafter", "--host", "0.0.0.0", "--port", "50051", "--models", "/models",
-                               "--pool", "python"]
+                               "--pool", "python", "--device", "cuda"]
     fusion = deployments["demo-fusion"]["spec"]["template"]["spec"]["containers"][0]
     assert fusion["args"] == ["serve", "fusion", "--host", "0.0.0.0", "--port", "50051"]
     verifier = deployments["demo-verifier"]["spec"]["template"]["spec"]["containers"][0]
-    assert verifier["args"] == ["serve", "verifier", "--host", "0.0.0.0", "--port", "50051", "--models", "/models"]
+    assert verifier["args"] == ["serve", "verifier", "--host", "0.0.0.0", "--port", "50051", "--models", "/models",
+                                "--device", "cuda"]
     for container in (router, drafter, fusion, verifier):
         assert container["readinessProbe"]["grpc"] == {"port": 50051}
         assert container["livenessProbe"]["grpc"] == {"port": 50051}

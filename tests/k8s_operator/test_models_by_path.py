@@ -51,8 +51,9 @@ def test_without_models_by_path_no_role_gets_the_new_flags(variant):
 def test_default_commands_are_the_bundled_ones():
     args = args_of(FleetSpec.from_dict("demo", {}))
     common = ["--host", "0.0.0.0", "--port", "50051"]
-    assert args["drafter-python"] == ["serve", "drafter", *common, "--models", "/models", "--pool", "python"]
-    assert args["verifier"] == ["serve", "verifier", *common, "--models", "/models"]
+    assert args["drafter-python"] == ["serve", "drafter", *common, "--models", "/models", "--pool", "python",
+                                      "--device", "cuda"]  # a model pod requests a GPU by default and runs on it
+    assert args["verifier"] == ["serve", "verifier", *common, "--models", "/models", "--device", "cuda"]
     assert args["fusion"] == ["serve", "fusion", *common]
     assert args["router"][-8:] == ["--models", "/models", "--drafters", "python=demo-drafter-python:50051",
                                    "--verifiers", "demo-verifier:50051", "--fusion", "demo-fusion:50051"]
@@ -69,7 +70,7 @@ def test_empty_models_by_path_fields_are_the_bundled_layout():
 def test_each_role_gets_the_folders_it_loads():
     args = args_of(FleetSpec.from_dict("demo", BY_PATH))
     target = ["--target", "/models/llama-3.1-8b"]
-    weights = ["--dtype", "bfloat16", "--max-model-len", "16384", "--kv-cache-memory", "20GiB"]
+    weights = ["--dtype", "bfloat16", "--device", "cuda", "--max-model-len", "16384", "--kv-cache-memory", "20GiB"]
     assert args["drafter-one-b"][6:] == ["--models", "/models", "--pool", "one-b", *target,
                                          "--drafter", "one-b=/models/llama-3.2-1b", *weights]
     # model-free: the target only (it checks the folder at start), no weights, so no dtype or KV memory
@@ -87,7 +88,7 @@ def test_only_what_is_set_is_passed_and_paths_follow_models_path():
         {"name": "tiny", "path": "drafters/tiny/"}]}, "drafters": [{"name": "tiny"}]})
     args = args_of(spec)
     assert args["drafter-tiny"][6:] == ["--models", "/data/models/", "--pool", "tiny",
-                                        "--drafter", "tiny=/data/models/drafters/tiny"]
+                                        "--drafter", "tiny=/data/models/drafters/tiny", "--device", "cuda"]
     assert not NEW_FLAGS & set(args["verifier"]) and not NEW_FLAGS & set(args["router"])
 
 
@@ -185,7 +186,7 @@ def test_model_free_pools_and_the_target_alone_need_no_declared_drafter():
                                         "drafters": [{"name": "python", "model": "drafter-python"}]})
     # the bundled layout for the pool (models.path/drafter-python), checked against the given target
     assert args_of(spec)["drafter-python"][6:] == ["--models", "/models", "--pool", "python",
-                                                   "--target", "/models/llama-3.1-8b"]
+                                                   "--target", "/models/llama-3.1-8b", "--device", "cuda"]
     only_free = by_path(pools=[{"name": "suffix"}, {"name": "ngram"}])
     assert [pool.pool for pool in FleetSpec.from_dict("demo", only_free).pools] == ["suffix", "ngram"]
 

@@ -163,3 +163,9 @@ def test_decoder_layer_refuses_what_it_cannot_read():
         cpu_gemm.decoder_layer(torch.zeros(1, 8), **args)
     with pytest.raises(ValueError, match="int64"):
         cpu_gemm.decoder_layer(torch.zeros(1, 8), **{**args, "rows": torch.zeros(1, dtype=torch.int32)})
+
+
+def test_tensors_off_the_cpu_are_refused_before_the_kernel_reads_them():
+    packed = cpu_gemm.PackedWeight(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="on meta"):
+        packed(torch.randn(2, 8, device="meta"))

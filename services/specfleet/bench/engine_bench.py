@@ -14,6 +14,7 @@ import torch
 
 from specfleet.engine.engine import Request
 from specfleet.engine.factory import build_engine, load_model
+from specfleet.engine.models import ModelSet
 from specfleet.engine.sampling import SamplingParams
 from specfleet.training.acceptance import distinct_n
 
@@ -48,7 +49,8 @@ def load_prompts(tokenizer, path: Path | None, limit: int, prompt_tokens: int) -
 def _hf_run(target, prompts: list[Prompt], new_tokens: int, sampled: bool, pad_id: int, **kwargs):
     outs = []
     with torch.no_grad():  # warm-up: the first generate call pays one-time setup
-        target.generate(torch.tensor([prompts[0].ids]), max_new_tokens=4, pad_token_id=pad_id, do_sample=False,
+        target.generate(torch.tensor([prompts[0].ids], device=target.device), max_new_tokens=4, pad_token_id=pad_id,
+                        do_sample=False,
                         **{k: v(prompts[0].domain) if callable(v) else v for k, v in kwargs.items()})
     start = time.perf_counter()
     with torch.no_grad():
@@ -61,7 +63,8 @@ def _hf_run(target, prompts: list[Prompt], new_tokens: int, sampled: bool, pad_i
                 extra.update(do_sample=True, temperature=SAMPLED.temperature, top_p=SAMPLED.top_p, top_k=0)
             else:
                 extra.update(do_sample=False)
-            ids = target.generate(torch.tensor([p.ids]), max_new_tokens=new_tokens, pad_token_id=pad_id, **extra)
+            ids = target.generate(torch.tensor([p.ids], device=target.device), max_new_tokens=new_tokens,
+                                  pad_token_id=pad_id, **extra)
             outs.append(ids[0, len(p.ids):].tolist())
     return outs, time.perf_counter() - start, None
 
@@ -84,8 +87,9 @@ REFERENCE_ROWS = ("hf-greedy", "hf-sample", "specfleet-none")  # every ratio and
 
 def run(models_dir: Path, prompts_path: Path | None, new_tokens: int, limit: int, output: Path,
         progress: bool = True, prompt_tokens: int = 64, batches: tuple[int, ...] = BATCHES,
-        systems: tuple[str, ...] | None = None) -> dict:
-    """systems: only these rows (plus the reference rows); None: all. The draft head's rows (specfleet-head,
+        systems: tuple[str, ...] | None = None, device: str = "cpu", dtype: str = "auto") -> dict:
+    """systems: only these rows (plus the reference rows); None: all. device / dtype: as --device / --dtype (every
+    row, Hugging Face's too, runs there). The draft head's rows (specfleet-head,
     specfleet-head-k4, and specfleet-fused-nohead: fused without the head, which specfleet-fused includes) run when
     the models folder holds a head."""
     from tqdm import tqdm
@@ -95,8 +99,9 @@ def run(models_dir: Path, prompts_path: Path | None, new_tokens: int, limit: int
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     tok = AutoTokenizer.from_pretrained(str(models_dir / "target"))
-    target = load_model(models_dir, "target")
-    drafters = {d: load_model(models_dir, f"drafter-{d}") for d in ("python", "prose", "c", "general")}
+    models = ModelSet.bundled(models_dir).with_overrides(dtype=dtype, device=device)  # ValueError: a device not here
+    target = load_model(models, "target")
+    drafters = {d: load_model(models, f"drafter-{d}") for d in ("python", "prose", "c", "general")}
     prompts = load_prompts(tok, prompts_path, limit, prompt_tokens)
     # a batch of b needs b requests in flight: the batched rows run on at least max(batches) prompts
     batch_prompts = load_prompts(tok, prompts_path, max(limit, *batches), prompt_tokens)
@@ -106,7 +111,7 @@ def run(models_dir: Path, prompts_path: Path | None, new_tokens: int, limit: int
         return drafters.get(domain, drafters["general"])
 
     def engine(proposer, batch, drafter_names=None, adaptive=True):
-        return build_engine(models_dir, proposer, drafter_names, batch_size=batch, target=target, adaptive=adaptive)
+        return build_engine(models, proposer, drafter_names, batch_size=batch, target=target, adaptive=adaptive)
 
     plan = []  # (system, batch, sampled, thunk)
     for sampled in (False, True):
@@ -176,12 +181,19 @@ def run(models_dir: Path, prompts_path: Path | None, new_tokens: int, limit: int
                          "max_new_tokens": new_tokens, "prompt_tokens": prompt_tokens,
                          "sampled": {"temperature": SAMPLED.temperature, "top_p": SAMPLED.top_p},
                          "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                         "torch_threads": torch.get_num_threads(), "device": "cpu"},
+                         "torch_threads": torch.get_num_threads(), "device": _device_name(models.torch_device),
+                         "dtype": str(target.dtype).removeprefix("torch.")},
               "results": results}
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, output.with_suffix(".png"))
     return report
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def _add_ratios(results: list[dict]) -> None:

@@ -1,5 +1,5 @@
-"""`specfleet bench engine|fleet|reliability|fuzz|autoscale`: benchmarks that print and write JSON, ratios measured side
-by side in one run."""
+"""`specfleet bench engine|gpu|fleet|reliability|fuzz|autoscale`: benchmarks that print and write JSON, ratios
+measured side by side in one run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from specfleet.cli.options import DEFAULT_BENCH, DEFAULT_MODELS, fleet_bench_options, positive_int
+from specfleet.cli.options import (
+    DEFAULT_BENCH,
+    DEFAULT_MODELS,
+    REPO_ROOT,
+    device_option,
+    fleet_bench_options,
+    positive_int,
+)
 
 
 def cmd_bench_engine(args) -> int:
@@ -15,7 +22,8 @@ def cmd_bench_engine(args) -> int:
 
     try:
         report = run(args.models, args.prompts, args.max_new_tokens, args.limit, args.output,
-                     batches=tuple(args.batches), systems=tuple(args.systems.split(",")) if args.systems else None)
+                     batches=tuple(args.batches), systems=tuple(args.systems.split(",")) if args.systems else None,
+                     device=args.device, dtype=args.dtype)
     except (ValueError, FileNotFoundError) as exc:
         sys.exit(f"error: {exc}")
     print(format_table(report))
@@ -127,6 +135,24 @@ def cmd_bench_fuzz(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_bench_gpu(args) -> int:
+    from specfleet.bench.gpu import no_cuda_reason, run
+
+    reason = no_cuda_reason()
+    if reason:  # at once: nothing here can run without the GPU
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+    try:
+        report = run(args.models, args.output, REPO_ROOT, args.max_new_tokens, args.limit, tuple(args.batches),
+                     args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        sys.exit(f"error: {exc}")
+    print(f"\n{'ok' if report['ok'] else 'FAILED'}: CUDA tests {report['tests']['summary']}; engine table "
+          f"{'written' if 'error' not in report['engine'] else report['engine']['error']}; greedy rows identical to "
+          f"the reference: {report['greedy_identical']}; {report['seconds']} s; wrote {args.output}")
+    return 0 if report["ok"] else 1
+
+
 def add_parser(sub, fmt) -> None:
     p = sub.add_parser("bench", help="benchmarks that print and write JSON (ratios measured side by side)")
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
@@ -149,8 +175,27 @@ def add_parser(sub, fmt) -> None:
     b.add_argument("--systems", default=None,
                    help="comma-separated rows to run, e.g. specfleet-fused,specfleet-head (hf-greedy, hf-sample and "
                         "specfleet-none always run: the ratios and the lossless check need them); default: all")
+    b.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights, activations and KV cache (auto: float32 on the CPU, the checkpoint's own on CUDA)")
+    device_option(b)
     b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "engine.json", help="JSON result (+ .png)")
     b.set_defaults(func=cmd_bench_engine)
+    b = bsub.add_parser("gpu", formatter_class=fmt,
+                        help="`make gpu-check`: the CUDA tests and the engine table on a GPU (exits 2 without one)",
+                        description="On a machine with a CUDA device, within about 8 minutes: the CUDA/Triton kernel "
+                                    "tests, the engine on the device (bfloat16 greedy parity with Hugging Face "
+                                    "generate on CUDA for every supported family; the bundled models greedy and "
+                                    "sampled for every proposer), and the engine table -- speculative (fused) vs "
+                                    "plain decoding at batch 1, 8 and 32, greedy and sampled, with --device. Without "
+                                    "a CUDA device it stops at once with exit status 2. Needs a checkout (tests/).")
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of bundled models")
+    b.add_argument("--device", default="cuda", help="the CUDA device to check (cuda or cuda:N)")
+    b.add_argument("--limit", type=positive_int, default=16, help="prompts of the batch-1 rows")
+    b.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens per prompt")
+    b.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8, 32], help="batch sizes of the table")
+    b.add_argument("--output", type=Path, default=DEFAULT_BENCH / "gpu.json",
+                   help="JSON result (the engine table's own JSON and plot beside it, *-engine.json/.png)")
+    b.set_defaults(func=cmd_bench_gpu)
     b = bsub.add_parser("fleet", formatter_class=fmt,
                         help="the fleet's per-round overhead and throughput vs the engine",
                         description="Plain decoding through the in-process engine and through the fleet (gRPC + "

@@ -72,8 +72,25 @@ def model_options(p: argparse.ArgumentParser) -> None:
                    help="a draft head trained for this target (`specfleet train head`; default: MODELS/head when "
                         "present); the drafter named head (--proposer head, or head in --drafters)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="weights, activations and KV cache (auto: float32 on the CPU); output equals Hugging Face's "
-                        "in the same dtype")
+                   help="weights, activations and KV cache (auto: float32 on the CPU, the checkpoint's own dtype on "
+                        "CUDA); output equals Hugging Face's in the same dtype")
+    device_option(p)
+
+
+def device(text: str) -> str:
+    """--device's type: auto, cpu, cuda or cuda:N (whether torch sees that device is checked when models load)."""
+    from specfleet.engine.models import DEVICE
+
+    if not DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=device, default="auto",
+                   help="where the models run: cpu, cuda or cuda:N (auto: cuda when torch sees a CUDA device, else "
+                        "cpu); cuda without a visible device is an error. CUDA serving is implemented but not yet "
+                        "tested on a GPU (`make gpu-check`)")
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10, "m": 10**6, "mb": 10**6, "mi": 2**20,
@@ -116,7 +133,8 @@ def model_set_from_args(args):
         return ModelSet.bundled(args.models).with_overrides(getattr(args, "target", None),
                                                             getattr(args, "drafter", None) or (),
                                                             getattr(args, "dtype", None),
-                                                            getattr(args, "head", None))
+                                                            getattr(args, "head", None),
+                                                            getattr(args, "device", None))
     except ValueError as exc:
         sys.exit(f"error: {exc}")
 

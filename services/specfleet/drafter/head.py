@@ -28,6 +28,7 @@ class HeadFeatures:
         self.rebuilder = TargetVerifier(target, slots=1, limits=limits, features=True)
         self.width = target.config.hidden_size
         self.dtype = self.rebuilder.runner.dtype
+        self.device = self.rebuilder.runner.device  # rows carried over gRPC (host) are kept on the target's device
         self.held: dict[str, tuple[list[int], FeatureRows]] = {}
         self.rebuilds = 0  # requests whose features were rebuilt from the context (a counter for tests and heartbeats)
         self.carried_rows = 0  # rows taken from the router's calls
@@ -39,7 +40,7 @@ class HeadFeatures:
         """The target's features of context[:-1] ([len(context) - 1, H]): the rows held for the request's tokens, then
         the carried rows (first context position, [n, H]), then -- when they still fall short -- a rebuild."""
         want = len(context) - 1
-        tokens, rows = self.held.get(rid) or ([], FeatureRows(self.width, self.dtype))
+        tokens, rows = self.held.get(rid) or ([], FeatureRows(self.width, self.dtype, self.device))
         keep = common_prefix(tokens, context[:want])  # rows of other tokens (a rewritten tail) are dropped
         rows.truncate(keep)
         if carried is not None:
@@ -53,7 +54,7 @@ class HeadFeatures:
         if keep < want:  # a gap: every row from one target forward over the context
             self.rebuilder.release(REBUILD)
             self.rebuilder.sync(REBUILD, context)
-            rows = FeatureRows(self.width, self.dtype)
+            rows = FeatureRows(self.width, self.dtype, self.device)
             rows.extend(self.rebuilder.features_of(REBUILD))
             self.rebuilder.release(REBUILD)
             keep = want

@@ -62,12 +62,13 @@ class DrafterModel:
         lengths = [len(f) for f in feeds]
         t = max(lengths)
         started = time.perf_counter()
-        tokens = torch.tensor([f + [0] * (t - len(f)) for f in feeds])  # [B, T]
-        cols = torch.tensor(starts)[:, None] + torch.arange(t)[None]  # [B, T]
-        bias = causal_bias(starts, lengths, int(cols.max()) + 1)
-        last = torch.tensor(lengths)[:, None] - 1  # [B, 1]
+        dev = self.runner.device
+        tokens = torch.tensor([f + [0] * (t - len(f)) for f in feeds], device=dev)  # [B, T]
+        cols = torch.tensor(starts, device=dev)[:, None] + torch.arange(t, device=dev)[None]  # [B, T]
+        bias = causal_bias(starts, lengths, max(starts) + t, dev)
+        last = torch.tensor(lengths, device=dev)[:, None] - 1  # [B, 1]
         # lengths: a row catching up on many tokens beside rows fed one costs its own tokens, not t for every row
-        logits = self.runner.forward(tokens, cols, cols, bias, logits_at=last, slots=torch.tensor(slots),
+        logits = self.runner.forward(tokens, cols, cols, bias, logits_at=last, slots=torch.tensor(slots, device=dev),
                                      lengths=lengths)[:, 0]
         # A long feed is a prefill (a new request's prompt, or tokens missed while it did not draft), not the
         # per-level cost of drafting: reported apart so the cost model prices draft levels only.
@@ -76,12 +77,14 @@ class DrafterModel:
 
     def advance(self, rids: list[str], tokens: list[int]) -> torch.Tensor:
         """Feeds one token per request; returns the logits after it: [members, B, V]."""
-        slots = torch.tensor([self.slot[r] for r in rids])
-        cols = torch.tensor([len(self.cached[r]) for r in rids])[:, None]  # [B, 1]
+        dev = self.runner.device
+        slots = torch.tensor([self.slot[r] for r in rids], device=dev)
+        at = [len(self.cached[r]) for r in rids]  # each row's column, on the host
+        cols = torch.tensor(at, device=dev)[:, None]  # [B, 1]
         for r, tok in zip(rids, tokens, strict=True):
             self.cached[r].append(tok)
-        bias = causal_bias(cols[:, 0].tolist(), [1] * len(rids), int(cols.max()) + 1)
-        logits = self.runner.forward(torch.tensor(tokens)[:, None], cols, cols, bias, slots=slots)[:, 0]
+        bias = causal_bias(at, [1] * len(rids), max(at) + 1, dev)
+        logits = self.runner.forward(torch.tensor(tokens, device=dev)[:, None], cols, cols, bias, slots=slots)[:, 0]
         return logits.view(len(self.names), len(rids), -1)
 
 
@@ -195,7 +198,8 @@ class ModelProposer:
         for unit in units:
             offsets[unit] = at
             at += len(unit.names)
-        pick = torch.tensor([offsets[self.drafters[n]] + self.drafters[n].names.index(n) for n in names])
+        pick = torch.tensor([offsets[self.drafters[n]] + self.drafters[n].names.index(n) for n in names],
+                            device=units[0].runner.device)
         builders = [FusedTreeBuilder(max_branches_per_level=self.max_branches_per_level) for _ in batch]
         logits = torch.cat([unit.begin(batch) for unit in units])[pick]  # [drafters, B, V]
         self.last_prefill_seconds += sum(unit.last_prefill_seconds for unit in units)

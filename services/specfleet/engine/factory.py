@@ -53,7 +53,7 @@ def load_model(models: Path | ModelSet, name: str):
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model at {path} (expected a Hugging Face folder with config.json); the "
                                 "bundled ones are in models/, or rebuild them with `make models`")
-    return load(path, dtype=models.torch_dtype)
+    return load(path, device=models.torch_device, dtype=models.dtype_for(path))
 
 
 def build_head(models: Path | ModelSet, slots: int, limits: KvLimits | None = None, target=None):

@@ -105,9 +105,9 @@ class FusedTreeBuilder:
     def build(self) -> TokenTree:
         """The fused tree (deterministic nodes: draft_probs None; probs = fused confidences)."""
         return TokenTree(
-            torch.tensor(self._tokens, dtype=torch.long),
-            torch.tensor(self._parents, dtype=torch.long),
-            torch.tensor(self._probs, dtype=torch.float32),
+            torch.tensor(self._tokens, dtype=torch.long, device="cpu"),
+            torch.tensor(self._parents, dtype=torch.long, device="cpu"),
+            torch.tensor(self._probs, dtype=torch.float32, device="cpu"),
         )
 
 
@@ -165,9 +165,10 @@ def merge_trees_with_origins(trees: list[TokenTree]) -> tuple[TokenTree, list[li
         frontier = next_frontier
     new_index = {old: new for new, old in enumerate(order)}
     tree = TokenTree(
-        torch.tensor([token_of[n] for n in order], dtype=torch.long),
-        torch.tensor([-1 if parent_of[n] < 0 else new_index[parent_of[n]] for n in order], dtype=torch.long),
-        torch.tensor([prob_of[n] for n in order], dtype=torch.float32),
+        torch.tensor([token_of[n] for n in order], dtype=torch.long, device="cpu"),
+        torch.tensor([-1 if parent_of[n] < 0 else new_index[parent_of[n]] for n in order], dtype=torch.long,
+                     device="cpu"),
+        torch.tensor([prob_of[n] for n in order], dtype=torch.float32, device="cpu"),
     )
     return tree, [origins[n] for n in order]
 

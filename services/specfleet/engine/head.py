@@ -42,7 +42,8 @@ class HeadModel:
             raise ValueError(f"draft head {head_dir}: hidden size {config.hidden_size} / vocabulary "
                              f"{config.vocab_size} do not match the target's {tcfg.hidden_size} / {tcfg.vocab_size}")
         embed = target.model.embed_tokens.weight
-        model = LlamaForCausalLM(config)
+        with torch.device("cpu"):  # built on the host, then moved to the target's device below
+            model = LlamaForCausalLM(config)
         vocab = weights.pop(DRAFT_VOCAB, None)
         state = {k: v for k, v in weights.items() if k != "fc.weight"}
         state["model.embed_tokens.weight"] = embed.detach().float()
@@ -50,19 +51,19 @@ class HeadModel:
         if unexpected or set(missing) - {"lm_head.weight"}:
             raise ValueError(f"draft head {head_dir}: weights missing {sorted(set(missing) - {'lm_head.weight'})}, "
                              f"not implemented {sorted(unexpected)}")
-        model = model.to(embed.dtype).eval()
+        model = model.to(device=embed.device, dtype=embed.dtype).eval()  # on the target's device
         model.model.embed_tokens.weight = embed  # the target's own tensor: one copy in memory
         self.runner = LlamaRunner(model, slots=slots, limits=limits)
         if self.runner.slots < slots:
             raise ValueError(f"draft head: a KV cache of {self.runner.slots} slots fits the budget but {slots} are "
                              "needed; raise --kv-cache-memory or lower --max-model-len")
-        self.fc = weights["fc.weight"].to(embed.dtype)
+        self.fc = weights["fc.weight"].to(device=embed.device, dtype=embed.dtype)
         if self.runner.matmul == "packed":  # the runner's CPU kernel for the fc too
             self.fc = cpu_gemm.PackedWeight(self.fc)
         self.embed = embed.detach()
         self.vocab_size = tcfg.vocab_size
         # a draft vocabulary: the LM head's rows for those tokens only (logits come back over the full vocabulary)
-        self.draft_vocab = vocab
+        self.draft_vocab = None if vocab is None else vocab.to(embed.device)
         if vocab is not None:
             self.runner.keep_logit_rows(vocab)
 
@@ -76,7 +77,9 @@ class HeadModel:
 
     def inputs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """fc(cat(feature, embedding of the next token)): features [..., H], tokens [...] -> [..., H]."""
-        joined = torch.cat([features.to(self.fc.dtype), F.embedding(tokens, self.embed)], dim=-1)
+        tokens = tokens.to(self.embed.device)
+        features = features.to(device=self.embed.device, dtype=self.fc.dtype)
+        joined = torch.cat([features, F.embedding(tokens, self.embed)], dim=-1)
         return self.fc(joined) if isinstance(self.fc, cpu_gemm.PackedWeight) else F.linear(joined, self.fc)
 
 
@@ -148,24 +151,26 @@ class HeadProposer:
             kept = max(min(len(self.seen[d.rid]), common_prefix(self.seen[d.rid], d.context)) - 1, 0)
             start = min(kept, pairs - 1)  # feed at least the last pair: its prediction is the first draft
             starts.append(start)
-            chunks.append(self.head.inputs(d.features[start:pairs], torch.tensor(d.context[start + 1:pairs + 1])))
+            chunks.append(self.head.inputs(d.features[start:pairs],
+                                           torch.tensor(d.context[start + 1:pairs + 1], device=self.runner.device)))
             self.seen[d.rid] = list(d.context[:pairs + 1])
         lengths = [len(c) for c in chunks]
         t = max(lengths)
         started = time.perf_counter()
-        inputs = torch.zeros(len(drafts), t, chunks[0].shape[-1], dtype=chunks[0].dtype)
+        dev = self.runner.device
+        inputs = torch.zeros(len(drafts), t, chunks[0].shape[-1], dtype=chunks[0].dtype, device=dev)
         for r, c in enumerate(chunks):
             inputs[r, :len(c)] = c
-        cols = torch.tensor(starts)[:, None] + torch.arange(t)[None]
-        bias = causal_bias(starts, lengths, int(cols.max()) + 1)
-        last = torch.tensor(lengths)[:, None] - 1
+        cols = torch.tensor(starts, device=dev)[:, None] + torch.arange(t, device=dev)[None]
+        bias = causal_bias(starts, lengths, max(starts) + t, dev)
+        last = torch.tensor(lengths, device=dev)[:, None] - 1
         # lengths: a row catching up on many pairs beside rows fed one costs its own pairs, not t for every row
-        logits, hidden = self.runner.forward(torch.zeros(len(drafts), t, dtype=torch.long), cols, cols, bias,
-                                             logits_at=last, slots=torch.tensor(slots), inputs=inputs,
-                                             return_hidden=True, lengths=lengths)
+        logits, hidden = self.runner.forward(torch.zeros(len(drafts), t, dtype=torch.long, device=dev), cols, cols,
+                                             bias, logits_at=last, slots=torch.tensor(slots, device=dev),
+                                             inputs=inputs, return_hidden=True, lengths=lengths)
         self.last_prefill_seconds = time.perf_counter() - started if t > PREFILL_FEED else 0.0
         if hidden.dim() == 2:  # packed: the real pairs in row order, each row's last at its running total - 1
-            feature = hidden[torch.tensor(lengths).cumsum(0) - 1]
+            feature = hidden[torch.tensor(lengths, device=dev).cumsum(0) - 1]
         else:
             feature = hidden.gather(1, last[..., None].expand(len(drafts), 1, hidden.shape[-1]))[:, 0]
         return self.head.full_logits(logits[:, 0]), feature
@@ -186,20 +191,22 @@ class HeadProposer:
             if not keep:
                 break
             rows = [rows[j] for j in keep]
-            fed = torch.tensor([chosen[j] for j in keep])
-            x = self.head.inputs(feature[keep], fed)[:, None]  # [B', 1, H]
+            dev = self.runner.device
+            fed = torch.tensor([chosen[j] for j in keep], device=dev)
+            x = self.head.inputs(feature[torch.tensor(keep, device=dev)], fed)[:, None]  # [B', 1, H]
             rids = [drafts[r].rid for r in rows]
-            cols = torch.tensor([len(drafts[r].features) + level for r in rows])[:, None]
-            bias = causal_bias(cols[:, 0].tolist(), [1] * len(rows), int(cols.max()) + 1)
-            slots = torch.tensor([self.slot[rid] for rid in rids])
-            logits, hidden = self.runner.forward(torch.zeros(len(rows), 1, dtype=torch.long), cols, cols, bias,
-                                                 slots=slots, inputs=x, return_hidden=True)
+            at = [len(drafts[r].features) + level for r in rows]
+            cols = torch.tensor(at, device=dev)[:, None]
+            bias = causal_bias(at, [1] * len(rows), max(at) + 1, dev)
+            slots = torch.tensor([self.slot[rid] for rid in rids], device=dev)
+            logits, hidden = self.runner.forward(torch.zeros(len(rows), 1, dtype=torch.long, device=dev), cols, cols,
+                                                 bias, slots=slots, inputs=x, return_hidden=True)
             logits, feature = self.head.full_logits(logits[:, 0]), hidden[:, 0]
         trees = []
         for chain in nodes:
             tokens = [n[0] for n in chain]
-            trees.append(TokenTree(torch.tensor(tokens, dtype=torch.long),
-                                   torch.tensor([n[1] for n in chain], dtype=torch.long),
-                                   torch.tensor([n[2] for n in chain], dtype=torch.float32),
+            trees.append(TokenTree(torch.tensor(tokens, dtype=torch.long, device="cpu"),
+                                   torch.tensor([n[1] for n in chain], dtype=torch.long, device="cpu"),
+                                   torch.tensor([n[2] for n in chain], dtype=torch.float32, device="cpu"),
                                    origins=((HEAD,),) * len(chain)))
         return trees

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specfleet_kernels import cpu_gemm
-from specfleet_kernels.reference import gather_kv
+from specfleet_kernels import backend_for, cpu_gemm
 
 NEG = torch.finfo(torch.float32).min
 
@@ -105,7 +104,7 @@ class KvLimits:
 def kv_bytes_per_column(cfg, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of keys and values one token position takes in every layer."""
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * element
 
 
@@ -262,15 +261,19 @@ class LlamaRunner:
         if self.embed.dtype == torch.float32 and self.embed.device.type == "cpu" and cpu_gemm.available():
             self.matmul = "packed"
             self._pack(parts)
-        self.vocab_offsets = torch.arange(self.group)[:, None, None] * self.vocab_size  # [G, 1, 1]
+        # the device the checkpoint was loaded on (models/ModelSet.device): every tensor the runner makes goes there
+        self.device = self.embed.device
+        # the tree kernels for tensors on that device (KV compaction): Triton on CUDA where it runs, else the reference
+        self.kernels = backend_for(self.device)
+        self.vocab_offsets = torch.arange(self.group, device=self.device)[:, None, None] * self.vocab_size  # [G,1,1]
         self.dtype = self.embed.dtype  # weights, activations and KV cache (the checkpoint as loaded)
         # Columns are allocated as contexts reach them (doubling, up to max_len): memory follows the longest context
         # served, not the model's maximum; the budget above is checked against max_len, the most it can grow to.
         # Member g of a group keeps request slot s in cache row g * slots + s.
         self.columns = min(self.max_len, INITIAL_COLUMNS)
         shape = (len(self.layers), self.group * self.slots, self.kv_heads, self.columns, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def reserve(self, columns: int) -> None:
         """Grows every slot's cache to hold `columns` columns (at most max_len), keeping what it holds."""
@@ -281,7 +284,7 @@ class LlamaRunner:
         grown_to = min(self.max_len, max(columns, 2 * self.columns))
         for name in ("k_cache", "v_cache"):
             old = getattr(self, name)
-            grown = torch.zeros(*old.shape[:3], grown_to, old.shape[4], dtype=old.dtype)
+            grown = torch.zeros(*old.shape[:3], grown_to, old.shape[4], dtype=old.dtype, device=old.device)
             grown[:, :, :, :self.columns] = old
             setattr(self, name, grown)
         self.columns = grown_to
@@ -318,7 +321,7 @@ class LlamaRunner:
         if self.group != 1:
             raise ValueError("a reduced vocabulary is for a single model, not a group")
         full = self.lm_head_weight()
-        kept = full[rows].contiguous()
+        kept = full[rows.to(full.device)].contiguous()
         self.lm_head = cpu_gemm.PackedWeight(kept) if self.matmul == "packed" else kept
 
     def lm_head_weight(self) -> torch.Tensor:
@@ -365,6 +368,12 @@ class LlamaRunner:
         b, t = tokens.shape
         if lengths is not None and len(lengths) != b:
             raise ValueError(f"lengths names {len(lengths)} rows for a batch of {b}")
+        # inputs built on the host come to the model's device here, once per forward (a no-op when already there)
+        dev = self.device
+        tokens, positions, write_cols, bias = tokens.to(dev), positions.to(dev), write_cols.to(dev), bias.to(dev)
+        logits_at = None if logits_at is None else logits_at.to(dev)
+        slots = None if slots is None else slots.to(dev)
+        inputs = None if inputs is None else inputs.to(dev)
         if self.matmul == "packed":  # the C layer runs on packed tokens: padded rows in, padded rows out
             out = self._forward_packed(tokens, positions, write_cols, bias, logits_at, slots, inputs, return_hidden,
                                        [t] * b if lengths is None else lengths)
@@ -396,14 +405,15 @@ class LlamaRunner:
             raise ValueError("input vectors and hidden states are for a single model, not a group")
         if inputs is not None:
             x = inputs.to(self.dtype)
-            rows = (torch.arange(b) if slots is None else slots)[:, None].expand(b, t)
+            rows = (torch.arange(b, device=self.device) if slots is None else slots)[:, None].expand(b, t)
         elif g == 1:
             x = F.embedding(tokens, self.embed)  # [B, T, hidden]
-            rows = (torch.arange(b) if slots is None else slots)[:, None].expand(b, t)
+            rows = (torch.arange(b, device=self.device) if slots is None else slots)[:, None].expand(b, t)
         else:
             x = F.embedding(tokens[None] + self.vocab_offsets, self.embed).view(n, t, -1)  # [G*B, T, hidden]
-            base = torch.arange(b) if slots is None else slots
-            rows = (torch.arange(g)[:, None] * self.slots + base[None]).view(n)[:, None].expand(n, t)
+            base = torch.arange(b, device=self.device) if slots is None else slots
+            rows = (torch.arange(g, device=self.device)[:, None] * self.slots + base[None]).view(n)[:, None].expand(
+                n, t)
             positions, write_cols, bias = positions.repeat(g, 1), write_cols.repeat(g, 1), bias.repeat(g, 1, 1, 1)
             slots = rows[:, 0]
         cos, sin = self.rotary(x, positions)  # [B, T, head_dim]
@@ -429,7 +439,8 @@ class LlamaRunner:
             mask = bias
             if layer.window is not None:
                 if layer.window not in windowed:  # a key at column c (= its position) is out of a query's window
-                    out_of_window = torch.arange(s)[None, None, None, :] <= positions[:, None, :, None] - layer.window
+                    out_of_window = (torch.arange(s, device=self.device)[None, None, None, :]
+                                     <= positions[:, None, :, None] - layer.window)
                     windowed[layer.window] = bias.masked_fill(out_of_window, torch.finfo(self.dtype).min)
                 mask = windowed[layer.window]
             att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
@@ -460,13 +471,15 @@ class LlamaRunner:
         self.reserve(max(s, int(write_cols.max()) + 1))
         if (inputs is not None or return_hidden) and g != 1:
             raise ValueError("input vectors and hidden states are for a single model, not a group")
-        real = (torch.arange(t)[None] < torch.tensor(lengths)[:, None]).flatten().nonzero()[:, 0]  # [N] in B*T
+        dev = self.device
+        real = (torch.arange(t, device=dev)[None] < torch.tensor(lengths, device=dev)[:, None]).flatten().nonzero()[
+            :, 0]  # [N] in B*T
         count = len(real)
-        base = torch.arange(b) if slots is None else slots
-        at = torch.arange(g)[:, None] * self.slots + base[None]  # [G, B]: each member's cache row of each request
+        base = torch.arange(b, device=dev) if slots is None else slots
+        at = torch.arange(g, device=dev)[:, None] * self.slots + base[None]  # [G, B]: each member's cache row
         rows = at[:, :, None].expand(g, b, t).reshape(g, b * t)[:, real].reshape(-1)  # [P]
         cols = write_cols.flatten()[real].repeat(g)  # [P]
-        where = (torch.arange(g)[:, None] * (b * t) + real[None]).reshape(-1)  # [P]: each real token's row in n*T
+        where = (torch.arange(g, device=dev)[:, None] * (b * t) + real[None]).reshape(-1)  # [P]: rows in n*T
         if inputs is not None:
             x = inputs.to(self.dtype).flatten(0, 1)[real]  # [P, hidden]
         else:
@@ -514,7 +527,8 @@ class LlamaRunner:
             mask = bias
             if layer.window is not None:
                 if layer.window not in windowed:
-                    out_of_window = torch.arange(s)[None, None, None, :] <= positions[:, None, :, None] - layer.window
+                    out_of_window = (torch.arange(s, device=self.device)[None, None, None, :]
+                                     <= positions[:, None, :, None] - layer.window)
                     windowed[layer.window] = bias.masked_fill(out_of_window, torch.finfo(self.dtype).min)
                 mask = windowed[layer.window]
             padded = q.new_zeros(n * t, self.heads, self.head_dim)
@@ -527,12 +541,12 @@ class LlamaRunner:
             x = x + self._linear(F.silu(gate) * up, layer.w_down, layer.b_down)
         picked = None
         if logits_at is not None:  # each row's indices into T, as packed rows
-            packed_at = torch.full((b * t,), -1, dtype=torch.long)
-            packed_at[real] = torch.arange(count)
-            picked = packed_at[(torch.arange(b) * t)[:, None] + logits_at]  # [B, m]
+            packed_at = torch.full((b * t,), -1, dtype=torch.long, device=dev)
+            packed_at[real] = torch.arange(count, device=dev)
+            picked = packed_at[(torch.arange(b, device=dev) * t)[:, None] + logits_at]  # [B, m]
             if bool((picked < 0).any()):
                 raise ValueError("logits_at names a padding position")
-            picked = (torch.arange(g)[:, None, None] * count + picked[None]).view(n, -1)  # [n, m]
+            picked = (torch.arange(g, device=dev)[:, None, None] * count + picked[None]).view(n, -1)  # [n, m]
         if return_hidden:
             hidden = self._norm(x, self.final_norm)
             return self._logits(hidden if picked is None else hidden[picked]), hidden
@@ -541,14 +555,20 @@ class LlamaRunner:
         return logits if picked is None else logits.view(n, picked.shape[1], -1)
 
     @torch.no_grad()
-    def keep(self, slot: int, start: int, columns: torch.Tensor) -> None:
-        """KV compaction for one slot: columns [m] (all >= start) move to start..start+m-1, in that order."""
-        if len(columns) == 0 or bool((columns == torch.arange(start, start + len(columns))).all()):
+    def keep(self, slot: int, start: int, columns: torch.Tensor | list[int]) -> None:
+        """KV compaction for one slot: columns [m] (all >= start) move to start..start+m-1, in that order. A list
+        is checked on the host (no device sync when nothing moves)."""
+        if isinstance(columns, list):
+            if columns == list(range(start, start + len(columns))):
+                return
+            columns = torch.tensor(columns, dtype=torch.long, device=self.device)
+        columns = columns.to(self.device)
+        if len(columns) == 0 or bool((columns == torch.arange(start, start + len(columns), device=self.device)).all()):
             return
         for row in range(slot, self.group * self.slots, self.slots):  # the slot's row of every member
             for cache in (self.k_cache, self.v_cache):
                 # [layers, kv_heads, max_len, D] viewed as a batch of layers: gather then write back
-                moved = gather_kv(cache[:, row], columns[None].expand(cache.shape[0], -1))
+                moved = self.kernels.gather_kv(cache[:, row], columns[None].expand(cache.shape[0], -1))
                 cache[:, row, :, start:start + len(columns)] = moved
 
     def time_forward(self, batch: int, tokens: int, repeats: int = 3) -> float:
@@ -558,15 +578,21 @@ class LlamaRunner:
         import time
 
         batch = min(batch, self.slots)
-        ids = torch.zeros(batch, tokens, dtype=torch.long)
-        cols = torch.arange(tokens)[None].expand(batch, tokens)
-        bias = causal_bias([0] * batch, [tokens] * batch, tokens)
+        ids = torch.zeros(batch, tokens, dtype=torch.long, device=self.device)
+        cols = torch.arange(tokens, device=self.device)[None].expand(batch, tokens)
+        bias = causal_bias([0] * batch, [tokens] * batch, tokens, device=self.device)
         times = []
         for _ in range(repeats + 1):
+            self._synchronize()
             start = time.perf_counter()
             self.forward(ids, cols, cols, bias)
+            self._synchronize()  # a CUDA forward returns before it is done
             times.append(time.perf_counter() - start)
         return min(times[1:])  # the first call warms caches
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copies a request's first `length` KV columns to another slot (keeps live slots packed at 0..B-1)."""
@@ -583,14 +609,16 @@ def common_prefix(cached: list[int], tokens: list[int]) -> int:
     return next(i for i in range(n) if cached[i] != tokens[i])
 
 
-def causal_bias(starts: list[int], lengths: list[int], width: int) -> torch.Tensor:
+def causal_bias(starts: list[int], lengths: list[int], width: int,
+                device: torch.device | str | None = None) -> torch.Tensor:
     """[B, 1, T, width] bias for feeding chains: row b feeds lengths[b] tokens written at starts[b]..; each sees
-    columns < starts[b] + its index. Padding queries (past lengths[b]) see column 0 only (no all-hidden row)."""
+    columns < starts[b] + its index. Padding queries (past lengths[b]) see column 0 only (no all-hidden row).
+    Built on the host, then moved to `device` in one copy (default: stays on the CPU; the runner moves it)."""
     b, t = len(starts), max(lengths)
-    cols = torch.arange(width)
-    bias = torch.full((b, 1, t, width), NEG)
+    cols = torch.arange(width, device="cpu")
+    bias = torch.full((b, 1, t, width), NEG, device="cpu")
     for r, (start, n) in enumerate(zip(starts, lengths, strict=True)):
-        visible = cols[None, :] <= (start + torch.arange(n))[:, None]  # [n, width]
+        visible = cols[None, :] <= (start + torch.arange(n, device="cpu"))[:, None]  # [n, width]
         bias[r, 0, :n] = torch.where(visible, 0.0, NEG)
         bias[r, 0, n:, 0] = 0.0
-    return bias
+    return bias if device is None else bias.to(device)

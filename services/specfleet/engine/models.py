@@ -16,6 +16,48 @@ from pathlib import Path
 NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")  # a DNS label: it names pods and Redis keys too
 MODEL_FREE = ("suffix", "ngram")  # drafter pools that need no model
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")  # --device: auto (cuda when torch sees one, else cpu)
+
+
+def check_device(device: str) -> None:
+    """Raises ValueError naming --device unless `device` is auto, cpu, cuda or cuda:N, and -- for cuda -- torch
+    sees a CUDA device (and that index)."""
+    if not isinstance(device, str) or not DEVICE.match(device):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}, but no GPU is visible" if torch.version.cuda else \
+            "built without CUDA"
+        raise ValueError(f"--device {device}: no CUDA device is visible to torch (torch "
+                         f"{torch.__version__.split('+')[0]}, {built}); use --device cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+
+
+def resolve_device(device: str) -> str:
+    """auto -> cuda when torch sees a CUDA device, else cpu; anything else checked (check_device) and kept."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
+    return device
+
+
+def checkpoint_dtype(path: Path) -> str:
+    """The dtype a Hugging Face folder's config.json records (`dtype` or `torch_dtype`), float32 when it records
+    none or one the runner does not take."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in DTYPES[1:] else "float32"
 
 
 @dataclass(frozen=True)
@@ -24,19 +66,39 @@ class ModelSet:
 
     target: Path
     drafters: dict[str, Path] = field(default_factory=dict)
-    dtype: str = "auto"  # weights, activations and KV cache: auto (float32 on the CPU), float32, bfloat16, float16
+    dtype: str = "auto"  # weights, activations and KV cache: auto (float32 on the CPU, the checkpoint's on CUDA),
+    # float32, bfloat16, float16
     head: Path | None = None  # a draft head trained for this target (training/head.py), the drafter named "head"
+    device: str = "cpu"  # where every model of the set runs: cpu, cuda, cuda:N, or auto (cuda when torch sees one)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.device, str) or not DEVICE.match(self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def torch_device(self):
+        """The torch.device the models load on: auto resolved; ValueError (naming --device) for a CUDA device torch
+        cannot see."""
+        import torch
+
+        return torch.device(resolve_device(self.device))
 
     @property
     def torch_dtype(self):
+        """The dtype of the target (dtype_for(target))."""
+        return self.dtype_for(self.target)
+
+    def dtype_for(self, path: Path):
+        """The torch dtype a member loads in: the one asked for; auto is float32 on the CPU and the checkpoint's own
+        (config.json) on CUDA."""
         import torch
 
-        return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}[self.dtype]
+        name = self.dtype
+        if name == "auto":
+            name = "float32" if self.torch_device.type == "cpu" else checkpoint_dtype(path)
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
     @classmethod
     def bundled(cls, models_dir: Path) -> ModelSet:
@@ -52,9 +114,10 @@ class ModelSet:
         return models if isinstance(models, ModelSet) else cls.bundled(Path(models))
 
     def with_overrides(self, target: Path | None = None, drafters: list[str] | tuple[str, ...] = (),
-                       dtype: str | None = None, head: Path | None = None) -> ModelSet:
+                       dtype: str | None = None, head: Path | None = None, device: str | None = None) -> ModelSet:
         """This set with the target replaced and `NAME=PATH` drafters added or replaced. Raises ValueError on a
-        malformed entry, an invalid name or a folder without config.json."""
+        malformed entry, an invalid name or a folder without config.json, and on a --device torch cannot use (auto is
+        resolved here, so that the processes `up` starts are given one device)."""
         out = dict(self.drafters)
         for entry in drafters:
             name, sep, path = entry.partition("=")
@@ -69,7 +132,8 @@ class ModelSet:
         # a new target makes the bundled head meaningless (a head reads one target's features): it goes unless given
         kept = self.head if not target else None
         return ModelSet(_folder(Path(target), "target") if target else self.target, out, dtype or self.dtype,
-                        _folder(Path(head), "draft head", "head.json") if head else kept)
+                        _folder(Path(head), "draft head", "head.json") if head else kept,
+                        resolve_device(device) if device else self.device)
 
     def drafter(self, name: str) -> Path:
         name = name.removeprefix("drafter-")
@@ -79,8 +143,9 @@ class ModelSet:
         return self.drafters[name]
 
     def args(self) -> list[str]:
-        """Command-line arguments that give a child process this very set (`--target`, `--drafter` repeated)."""
-        out = ["--target", str(self.target), "--dtype", self.dtype]
+        """Command-line arguments that give a child process this very set (`--target`, `--drafter` repeated,
+        `--dtype`, `--device`)."""
+        out = ["--target", str(self.target), "--dtype", self.dtype, "--device", self.device]
         for name, path in self.drafters.items():
             out += ["--drafter", f"{name}={path}"]
         if self.head is not None:

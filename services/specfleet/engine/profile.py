@@ -36,6 +36,7 @@ def run(models: Path | ModelSet, drafters: tuple[str, ...] = ("drafter-python", 
     from specfleet.engine.llama import LlamaRunner
 
     target = LlamaRunner(load_model(models, "target"), slots=max(TARGET_BATCHES))
+    device = target.device
     grid = [(b, t) for b in TARGET_BATCHES for t in TARGET_TOKENS]
     bar = tqdm(total=len(grid) + len(drafters) * len(DRAFTER_BATCHES), desc="profile", unit="shape",
                disable=not progress)
@@ -59,9 +60,12 @@ def run(models: Path | ModelSet, drafters: tuple[str, ...] = ("drafter-python", 
     fixed, per_token = fit_line([(r["batch"] * r["tokens"], r["ms"]) for r in rows])
     from specfleet_kernels import cpu_gemm
 
-    matmul = "packed (specfleet_kernels.cpu_gemm)" if cpu_gemm.available() else (
-        f"torch ({cpu_gemm.unavailable_reason()})")
-    return {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu",
+    if device.type != "cpu":
+        matmul = f"torch on {device} (the CPU kernel is for the CPU only)"
+    else:
+        matmul = "packed (specfleet_kernels.cpu_gemm)" if cpu_gemm.available() else (
+            f"torch ({cpu_gemm.unavailable_reason()})")
+    return {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
                         "matmul": matmul},
             "target_forward_ms": rows, "drafter_step_ms": steps, "drafter_group_step_ms": groups,
             **({"head_step_ms": head} if head else {}),

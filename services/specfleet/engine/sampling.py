@@ -160,12 +160,12 @@ def keyed_target_sample(logits: torch.Tensor, params: SamplingParams, seed: int,
 
     scores = _scaled_scores(logits, params)  # [V]
     vocab = scores.shape[-1]
-    noisy = scores + position_gumbels(seed, position, vocab)  # [V]
+    noisy = scores + position_gumbels(seed, position, vocab).to(scores.device)  # [V]
     token = int(noisy.argmax())
     if params.top_p >= 1.0:
         return token
-    probs = scores.softmax(-1).numpy()  # [V]
-    score = scores.numpy()
+    probs = scores.softmax(-1).cpu().numpy()  # [V] (the verifier hands the host's rows: no copy)
+    score = scores.cpu().numpy()
     x = score[token]
     below = score < x
     margin = max(1e-4, 8.0 * vocab * 2.0 ** -24 * (1.0 - params.top_p))
@@ -209,14 +209,15 @@ def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list
 
     scores = _scaled_scores(logits, params)  # [n, V]
     vocab = scores.shape[-1]
-    noise = torch.stack([position_gumbels(s, p, vocab) for s, p in zip(seeds, positions, strict=True)])  # [n, V]
+    noise = torch.stack([position_gumbels(s, p, vocab) for s, p in zip(seeds, positions, strict=True)]).to(
+        scores.device)  # [n, V], made on the host: one copy to the drafter's device
     noisy = scores + noise
     tokens = noisy.argmax(-1)  # [n]
     probs = scores.softmax(-1)  # [n, V]
     chosen = probs.gather(-1, tokens[:, None])  # [n, 1]
     if params.top_p < 1.0:
         at_or_below = (probs * (scores <= scores.gather(-1, tokens[:, None]))).sum(-1)  # [n]
-        for r in (at_or_below <= 1.0 - params.top_p).nonzero()[:, 0].tolist():  # in the tail: rare
+        for r in (at_or_below <= 1.0 - params.top_p).nonzero()[:, 0].tolist():  # in the tail: rare (a sync per row)
             values, index = scores[r].topk(min(DRAFT_TAIL_SUPPORT, vocab))
             tokens[r] = index[(values + noise[r, index]).argmax()]
             chosen[r, 0] = probs[r, tokens[r]]
@@ -227,9 +228,9 @@ def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list
         order = (values + noise.gather(-1, index)).topk(min(siblings + 1, index.shape[-1]), dim=-1).indices
         ranked = index.gather(-1, order)  # [n, siblings + 1]: best noisy first
         ranked_probs = probs.gather(-1, ranked)
+        drawn = tokens.tolist()  # one copy to the host
         for r, (row, row_probs) in enumerate(zip(ranked.tolist(), ranked_probs.tolist(), strict=True)):
-            drawn = int(tokens[r])
             alternatives[r] = [(t, min(1.0, q * scale)) for t, q in zip(row, row_probs, strict=True)
-                               if t != drawn][:siblings]
+                               if t != drawn[r]][:siblings]
     chosen = (chosen * scale).clamp(max=1.0)
     return tokens.tolist(), chosen[:, 0].tolist(), alternatives

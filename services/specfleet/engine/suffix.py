@@ -83,8 +83,9 @@ class _Candidate(NamedTuple):
     match_len: int
 
     def to_speculation(self) -> Speculation:
-        tree = TokenTree(torch.tensor(self.tokens, dtype=torch.long), torch.tensor(self.parents, dtype=torch.long),
-                         torch.tensor(self.probs, dtype=torch.float32))
+        tree = TokenTree(torch.tensor(self.tokens, dtype=torch.long, device="cpu"),
+                         torch.tensor(self.parents, dtype=torch.long, device="cpu"),
+                         torch.tensor(self.probs, dtype=torch.float32, device="cpu"))
         return Speculation(tree, self.score, self.match_len)
 
 

@@ -1,5 +1,9 @@
 """Token trees as flat tensors: `tokens`, `parents` (-1 = child of the last committed token), `depth`, `probs`,
-and, for sampled drafts, `draft_probs` (the distribution each node's token was drawn from)."""
+and, for sampled drafts, `draft_probs` (the distribution each node's token was drawn from).
+
+A tree is a host-side structure: its tensors live on the CPU whatever device the models run on (a few dozen nodes,
+read node by node in Python and shipped over gRPC); the verifier copies what its forward needs to the model's device
+once per round."""
 
 from __future__ import annotations
 
@@ -54,7 +58,8 @@ class TokenTree:
 
     @staticmethod
     def empty() -> TokenTree:
-        return TokenTree(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0))
+        return TokenTree(torch.empty(0, dtype=torch.long, device="cpu"), torch.empty(0, dtype=torch.long, device="cpu"),
+                         torch.empty(0, device="cpu"))
 
     @staticmethod
     def chain(tokens: list[int], probs: list[float] | None = None,
@@ -62,9 +67,9 @@ class TokenTree:
         """A single draft: each token the child of the one before."""
         n = len(tokens)
         return TokenTree(
-            torch.tensor(tokens, dtype=torch.long),
-            torch.arange(-1, n - 1, dtype=torch.long),
-            torch.tensor(probs if probs is not None else [1.0] * n, dtype=torch.float32),
+            torch.tensor(tokens, dtype=torch.long, device="cpu"),
+            torch.arange(-1, n - 1, dtype=torch.long, device="cpu"),
+            torch.tensor(probs if probs is not None else [1.0] * n, dtype=torch.float32, device="cpu"),
             draft_probs,
         )
 
@@ -100,6 +105,6 @@ class TokenTree:
         return self._select(keep, [index.get(int(self.parents[i]), -1) for i in keep])
 
     def _select(self, keep: list[int], parents: list[int]) -> TokenTree:
-        return TokenTree(self.tokens[keep], torch.tensor(parents, dtype=torch.long), self.probs[keep],
+        return TokenTree(self.tokens[keep], torch.tensor(parents, dtype=torch.long, device="cpu"), self.probs[keep],
                          None if self.draft_probs is None else self.draft_probs[keep],
                          None if self.origins is None else tuple(self.origins[i] for i in keep))

@@ -50,8 +50,8 @@ class FeatureRows:
     """One request's target features (the last hidden state after the final norm, row i for token i) of the tokens
     whose KV is cached, in a buffer grown by doubling: what a draft head reads."""
 
-    def __init__(self, width: int, dtype: torch.dtype):
-        self.buf = torch.empty(64, width, dtype=dtype)
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.buf = torch.empty(64, width, dtype=dtype, device=device)  # on the target's device
         self.n = 0
 
     def truncate(self, n: int) -> None:
@@ -60,7 +60,8 @@ class FeatureRows:
     def extend(self, rows: torch.Tensor) -> None:
         need = self.n + len(rows)
         if need > len(self.buf):
-            grown = torch.empty(max(need, 2 * len(self.buf)), self.buf.shape[1], dtype=self.buf.dtype)
+            grown = torch.empty(max(need, 2 * len(self.buf)), self.buf.shape[1], dtype=self.buf.dtype,
+                                device=self.buf.device)
             grown[:self.n] = self.buf[:self.n]
             self.buf = grown
         self.buf[self.n:need] = rows
@@ -105,7 +106,7 @@ class TargetVerifier:
             self.slot_of[rid] = len(self.slot_of)  # live slots stay packed at 0..n-1
             self.known[rid] = []
             if self.keep_features:
-                self.feats[rid] = FeatureRows(self.runner.config.hidden_size, self.runner.dtype)
+                self.feats[rid] = FeatureRows(self.runner.config.hidden_size, self.runner.dtype, self.runner.device)
         known, want = self.known[rid], context[:-1]
         common = common_prefix(known, want)
         if common == len(known) == len(want):
@@ -117,10 +118,13 @@ class TargetVerifier:
             return len(context) - common
         if common < len(want):
             n = len(want) - common
-            cols = torch.arange(common, len(want))[None]  # [1, n]
-            out = self.runner.forward(torch.tensor([want[common:]]), cols, cols,
-                                      causal_bias([common], [n], len(want)), logits_at=torch.tensor([[n - 1]]),
-                                      slots=torch.tensor([self.slot_of[rid]]), return_hidden=self.keep_features)
+            dev = self.runner.device
+            cols = torch.arange(common, len(want), device=dev)[None]  # [1, n]
+            out = self.runner.forward(torch.tensor([want[common:]], device=dev), cols, cols,
+                                      causal_bias([common], [n], len(want), dev),
+                                      logits_at=torch.tensor([[n - 1]], device=dev),
+                                      slots=torch.tensor([self.slot_of[rid]], device=dev),
+                                      return_hidden=self.keep_features)
             if self.keep_features:
                 self.feats[rid].truncate(common)
                 self.feats[rid].extend(out[1][0])
@@ -152,27 +156,28 @@ class TargetVerifier:
         if self.keep_features:
             logits, hidden = logits
         verdicts: list[Verdict] = []
+        choices, host = self._to_host(items, fed, logits)
         start = 0  # the row's first token in the packed outputs
         for item, m in zip(items, fed, strict=True):
             tree, n = item.tree, len(item.tree)
-            rows = logits[start + m - 1:start + m + n]  # [n + 1, V]: after the last context token, then each node
             if item.params.greedy:
-                path, nxt = greedy_accept(tree.tokens, tree.parents, rows.argmax(-1))
+                # the argmax after the last context token, then after each node
+                path, nxt = greedy_accept(tree.tokens, tree.parents, choices[start + m - 1:start + m + n])
             elif tree.draft_probs is None:  # drafts keyed by the position's noise, or deterministic: the target's
-                # own keyed sample at each node the walk visits
-                path, nxt = keyed_tree_accept(tree.tokens, tree.parents, rows, item.params, item.seed,
+                # own keyed sample at each node the walk visits, from its logit rows [n + 1, V] on the host
+                path, nxt = keyed_tree_accept(tree.tokens, tree.parents, host[item.rid], item.params, item.seed,
                                               item.output_position)
             else:
-                path, nxt = sampled_tree_accept(tree.tokens, tree.parents, warp_probs(rows, item.params),
+                path, nxt = sampled_tree_accept(tree.tokens, tree.parents, warp_probs(host[item.rid], item.params),
                                                 tree.draft_probs, item.generator)
             cached = len(self.known[item.rid])
             # KV of the fed context tokens stays at columns cached..cached+m-1; the accepted nodes' KV moves after it
-            self.runner.keep(self.slot_of[item.rid], cached + m, cached + m + torch.tensor(path, dtype=torch.long))
+            self.runner.keep(self.slot_of[item.rid], cached + m, [cached + m + p for p in path])
             accepted = tree.tokens[path].tolist()
             self.known[item.rid] += item.context[len(item.context) - m:] + accepted
             if hidden is not None:  # the fed context tokens' features, then the accepted nodes'
-                self.feats[item.rid].extend(hidden[start + torch.cat([torch.arange(m), m + torch.tensor(
-                    path, dtype=torch.long)])])
+                self.feats[item.rid].extend(hidden[torch.tensor(
+                    [start + i for i in range(m)] + [start + m + p for p in path], device=hidden.device)])
             verdicts.append(Verdict(path, accepted + [nxt]))
             start += m + n
         restored: list[Verdict] = [None] * len(items)  # type: ignore[list-item]
@@ -180,23 +185,47 @@ class TargetVerifier:
             restored[original] = verdicts[row]
         return restored
 
+    @staticmethod
+    def _to_host(items: list[VerifyItem], fed: list[int], logits: torch.Tensor):
+        """What acceptance reads, on the host in one copy each per round (never a device sync per node): every
+        row's argmax when some item is greedy, and the logit rows of the sampled items ({rid: [n + 1, V]})."""
+        choices = logits.argmax(-1).cpu() if any(item.params.greedy for item in items) else None
+        spans, start = {}, 0
+        for item, m in zip(items, fed, strict=True):
+            if not item.params.greedy:
+                spans[item.rid] = (start + m - 1, start + m + len(item.tree))
+            start += m + len(item.tree)
+        if not spans:
+            return choices, {}
+        if logits.device.type == "cpu":
+            return choices, {rid: logits[a:b] for rid, (a, b) in spans.items()}
+        index = torch.cat([torch.arange(a, b, device="cpu") for a, b in spans.values()])
+        picked = logits.index_select(0, index.to(logits.device)).cpu()
+        host, at = {}, 0
+        for rid, (a, b) in spans.items():
+            host[rid] = picked[at:at + b - a]
+            at += b - a
+        return choices, host
+
     def _forward(self, items: list[VerifyItem], fed: list[int]) -> torch.Tensor:
         b = len(items)
         t = max(m + len(it.tree) for it, m in zip(items, fed, strict=True))
         cached = [len(self.known[it.rid]) for it in items]
         width = max(cached) + t
         slots = [self.slot_of[it.rid] for it in items]
-        tokens = torch.zeros(b, t, dtype=torch.long)
-        positions = torch.zeros(b, t, dtype=torch.long)
-        bias = torch.full((b, 1, t, width), NEG)
-        cols = torch.tensor(cached)[:, None] + torch.arange(t)[None]  # [B, T]
+        # built on the host (trees live there), moved to the model's device by the runner: one copy each
+        tokens = torch.zeros(b, t, dtype=torch.long, device="cpu")
+        positions = torch.zeros(b, t, dtype=torch.long, device="cpu")
+        bias = torch.full((b, 1, t, width), NEG, device="cpu")
+        cols = torch.tensor(cached, device="cpu")[:, None] + torch.arange(t, device="cpu")[None]  # [B, T]
         for r, (item, p, m) in enumerate(zip(items, cached, fed, strict=True)):
             tree = item.tree
             n = len(tree) + m
             # nodes 0..m-1 are the fed context tokens, a chain ending in the last committed token; draft roots hang
             # off that one
-            parents = torch.cat([torch.arange(-1, m - 1), torch.where(tree.parents < 0, m - 1, tree.parents + m)])
-            tokens[r, :m] = torch.tensor(item.context[len(item.context) - m:])
+            parents = torch.cat([torch.arange(-1, m - 1, device="cpu"),
+                                 torch.where(tree.parents < 0, m - 1, tree.parents + m)])
+            tokens[r, :m] = torch.tensor(item.context[len(item.context) - m:], device="cpu")
             tokens[r, m:n] = tree.tokens
             positions[r, :n] = p + tree_depths(parents)
             positions[r, n:] = p
@@ -206,7 +235,8 @@ class TargetVerifier:
         packed = slots == list(range(b))  # rows are slots 0..B-1: the runner reads a view, no copy
         # rows of unequal length (a tree beside plain rows): the runner skips the padding, so a probe's few nodes
         # cost their own tokens, not T for every row of the batch
-        return self.runner.forward(tokens, positions, cols, bias, slots=None if packed else torch.tensor(slots),
+        return self.runner.forward(tokens, positions, cols, bias,
+                                   slots=None if packed else torch.tensor(slots, device="cpu"),
                                    return_hidden=self.keep_features,
                                    lengths=[m + len(it.tree) for it, m in zip(items, fed, strict=True)])
 

@@ -30,7 +30,7 @@ def fuse_drafts(trees: list[TokenTree], pools: list[str], max_nodes: int = 0) ->
                 alive.append(i)
         index = {old: new for new, old in enumerate(alive)}
         tree = TokenTree(tree.tokens[alive], torch.tensor([index.get(int(tree.parents[i]), -1) for i in alive],
-                                                          dtype=torch.long),
+                                                          dtype=torch.long, device="cpu"),
                          tree.probs[alive], None, tuple(names[i] for i in alive))
     return tree
 

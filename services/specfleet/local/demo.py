@@ -45,7 +45,8 @@ def run_fleet_demo(args) -> int:
 
     port = free_port()
     log_path = Path(tempfile.gettempdir()) / f"specfleet-demo-{os.getpid()}.log"
-    models = ModelSet.bundled(args.models).with_overrides(args.target, args.drafter, args.dtype)  # ValueError: said
+    models = ModelSet.bundled(args.models).with_overrides(args.target, args.drafter, args.dtype,
+                                                          device=args.device)  # ValueError: said
     cmd = [sys.executable, "-m", "specfleet.cli", "up", "--grpc-port", str(port), "--http-port", "-1",
            "--models", str(args.models), *models.args(), *kv_args(args), "--pools", args.pools, "--k", str(args.k),
            "--key-prefix", f"sfdemo-{os.getpid()}"]

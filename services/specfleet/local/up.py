@@ -232,8 +232,10 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     pools = [p.strip().removeprefix("drafter-") for p in (args.pools or "").split(",") if p.strip()]
     try:
+        # --device auto is resolved here: every process is handed the one device (`ModelSet.args`)
         models = ModelSet.bundled(args.models).with_overrides(args.target, args.drafter, args.dtype,
-                                                              getattr(args, "head", None))
+                                                              getattr(args, "head", None),
+                                                              getattr(args, "device", None))
     except ValueError as exc:
         sys.exit(f"error: {exc}")
     if HEAD_POOL in pools and models.head is None:

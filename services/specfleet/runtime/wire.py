@@ -41,7 +41,8 @@ def tree_from_pb(msg: internal_pb2.TokenTree, vocab_size: int | None = None) -> 
         raise ValueError("parents must satisfy -1 <= parents[i] < i (topological order)")
     if vocab_size is not None and n and (min(tokens) < 0 or max(tokens) >= vocab_size):
         raise ValueError(f"token tree holds token ids outside [0, {vocab_size})")
-    return TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long),
+    return TokenTree(torch.tensor(tokens, dtype=torch.long, device="cpu"),
+                     torch.tensor(parents, dtype=torch.long, device="cpu"),
                      torch.from_numpy(probs.copy()), draft, origins)
 
 
@@ -73,7 +74,7 @@ def features_to_pb(rows: torch.Tensor, first: int, dtype: str = DEFAULT_FEATURE_
     """[n, H] target features of context positions first..first+n-1, packed little-endian in `dtype`."""
     if dtype not in FEATURE_DTYPES:
         raise ValueError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {dtype!r}")
-    packed = rows.detach().to(FEATURE_DTYPES[dtype]).contiguous()
+    packed = rows.detach().to(FEATURE_DTYPES[dtype]).cpu().contiguous()  # one copy off the device, if any
     data = packed.view(torch.int16 if packed.element_size() == 2 else torch.int32).numpy().astype(
         "<i2" if packed.element_size() == 2 else "<i4").tobytes()
     return internal_pb2.Features(first=first, rows=rows.shape[0], width=rows.shape[1], dtype=dtype, data=data)
@@ -87,10 +88,10 @@ def features_from_pb(msg: internal_pb2.Features, width: int | None = None) -> to
         raise ValueError(f"features: first {msg.first}, rows {msg.rows}, width {msg.width} (the target's hidden "
                          f"size is {width})")
     dtype = FEATURE_DTYPES[msg.dtype]
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     if len(msg.data) != msg.rows * msg.width * size:
         raise ValueError(f"features: {len(msg.data)} bytes are not {msg.rows} x {msg.width} {msg.dtype}")
     if not msg.rows:
-        return torch.empty(0, msg.width)
+        return torch.empty(0, msg.width, device="cpu")
     ints = np.frombuffer(msg.data, dtype="<i2" if size == 2 else "<i4").astype("i2" if size == 2 else "i4")
     return torch.from_numpy(ints.copy()).view(dtype).reshape(msg.rows, msg.width).float()

@@ -94,7 +94,8 @@ def _model_args(spec: FleetSpec, role: RoleSpec) -> list[str]:
     layout). Each role gets only what it reads, so changing one drafter rolls only its pool: the router the
     target (its tokenizer and context length), the verifier the target, a pool the target (for the vocabulary
     check) and its own drafter. The router and model-free pools hold no weights or KV cache, so dtype, device and KV
-    memory are not theirs; a model role with `gpu: true` runs its models on the GPU it requests (`--device cuda`).
+    memory are not theirs; a model role with `gpu: true` runs its models on the GPU it requests (`--device cuda`),
+    any other model role on the CPU (`--device cpu`).
 
     With spec.models.head (in either layout) `--head` goes to the verifier (its model set then has a head, so it
     keeps each request's features and returns them to a router that asks: the router asks when `head` is among its
@@ -110,8 +111,10 @@ def _model_args(spec: FleetSpec, role: RoleSpec) -> list[str]:
     weights = role.component == VERIFIER or (role.component == DRAFTER and role.pool not in MODEL_FREE)
     if spec.models_dtype and weights:
         args += ["--dtype", spec.models_dtype]
-    if role.gpu and weights:  # the GPU the pod requests (nvidia.com/gpu, _resources) is where its models run
-        args += ["--device", "cuda"]
+    if weights:  # the GPU the pod requests (nvidia.com/gpu, _resources) is where its models run; a pod that
+        # requests none says cpu, not auto: a CUDA image (NVIDIA_VISIBLE_DEVICES=all) on a GPU node could otherwise
+        # see, and take, a GPU the scheduler gave to another pod
+        args += ["--device", "cuda" if role.gpu else "cpu"]
     if spec.max_model_len:
         args += ["--max-model-len", str(spec.max_model_len)]
     if spec.kv_cache_memory and weights:

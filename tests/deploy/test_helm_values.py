@@ -138,8 +138,10 @@ def test_the_head_example_runs_a_head_pool(rendered):
     pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]
             for d in fleet_manifests(spec) if d["kind"] == "Deployment"}
     head = ["--head", "/models/head"]
-    assert pods["specfleet-drafter-head"]["args"][-6:] == ["--models", "/models", "--pool", "head", *head]
-    assert pods["specfleet-verifier"]["args"][-2:] == pods["specfleet-router"]["args"][-2:] == head
+    cpu = ["--device", "cpu"]  # model pods without a GPU request say so (never `auto` on a node's GPUs)
+    assert pods["specfleet-drafter-head"]["args"][-8:] == ["--models", "/models", "--pool", "head", *head, *cpu]
+    assert pods["specfleet-verifier"]["args"][-4:] == [*head, *cpu]
+    assert pods["specfleet-router"]["args"][-2:] == head  # the router holds no weights: no device
     assert "head=specfleet-drafter-head:50051" in ",".join(pods["specfleet-router"]["args"])
     for name in ("specfleet-drafter-python", "specfleet-drafter-suffix"):
         assert "--head" not in pods[name]["args"], name

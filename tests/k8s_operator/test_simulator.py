@@ -300,21 +300,15 @@ def test_the_command_writes_the_report_and_plots(tmp_path, capsys):
     assert "autoscaling grid" in printed and "surge->up s" in printed and "knative-kpa" in printed
 
 
-def test_the_engine_is_replayed_with_its_own_round_shape_where_the_benchmark_recorded_it():
+@pytest.mark.parametrize("field, replay", [("engine_rounds", "engine_rounds"), ("fleet_rounds", "fleet_rounds")])
+def test_each_side_is_replayed_with_its_own_round_shape_where_the_benchmark_recorded_it(field, replay):
+    # engine_rounds: the engine drafts its suffix tree every greedy round, the fleet's router does not; fleet_rounds:
+    # the ablation's shape is the fleet's at 8 streams, and its adaptive control speculates in another share of the
+    # rounds at 1 or 32. A throughput row's own shape replaces the ablation's where a file has one.
     fleet = json.loads((BENCH / "fleet.json").read_text())
-    row = {k: v for k, v in fleet["throughput"][0].items() if k != "engine_rounds"}
-    assert reproduce.engine_rounds(fleet, row, 4) == reproduce.measured_rounds(fleet, 4)  # files without it
-    row["engine_rounds"] = {"accepted_per_round": 2.2, "draft_tokens_per_round": 9.0}
-    shape = reproduce.engine_rounds(fleet, row, 4)
-    assert (shape.accepted, shape.draft_tokens) == (2.2, 9.0) and 0 < shape.depth <= 4
-
-
-def test_the_fleet_is_replayed_with_its_own_round_shape_per_concurrency_where_the_benchmark_recorded_it():
-    # the ablation's shape is the fleet's at 8 streams; its adaptive control speculates in another share of the
-    # rounds at 1 or 32, so a throughput row's own `fleet_rounds` replaces it where a file has one
-    fleet = json.loads((BENCH / "fleet.json").read_text())
-    row = {k: v for k, v in fleet["throughput"][0].items() if k != "fleet_rounds"}
-    assert reproduce.fleet_rounds(fleet, row, 4) == reproduce.measured_rounds(fleet, 4)  # files without it
-    row["fleet_rounds"] = {"accepted_per_round": 1.5, "draft_tokens_per_round": 4.0}
-    shape = reproduce.fleet_rounds(fleet, row, 4)
+    row = {k: v for k, v in fleet["throughput"][0].items() if k != field}
+    replayed = getattr(reproduce, replay)
+    assert replayed(fleet, row, 4) == reproduce.measured_rounds(fleet, 4)  # files without it
+    row[field] = {"accepted_per_round": 1.5, "draft_tokens_per_round": 4.0}
+    shape = replayed(fleet, row, 4)
     assert (shape.accepted, shape.draft_tokens) == (1.5, 4.0) and 0 < shape.depth <= 4

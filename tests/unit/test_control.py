@@ -410,3 +410,21 @@ def test_explorations_that_confirm_the_best_drafter_space_out_and_a_change_reset
     assert tracker.explore_backoff == 1 and tracker.since_explore == 0
     tracker.observe(3, 0, names, [], explored=True)  # an exploration that finds nothing also starts over
     assert tracker.explore_backoff == 1
+
+
+def test_a_new_request_starts_from_its_kinds_drafter_shares_once_they_have_evidence():
+    from specfleet.engine.control import INHERIT_AFTER
+
+    ctl = controller(alpha=0.95, drafters=("a", "b", "c"), explore_every=4)
+    first = ctl.decide(["r0"], kinds={"r0": "sampled"})["r0"]
+    assert first.drafters == ["a", "b", "c"]  # nothing known yet: the warm-up fuses everyone
+    rounds = 0
+    while ctl.overall_of["sampled"].fusion_rounds < INHERIT_AFTER:
+        rid = f"r{rounds // 3}"  # short requests: each one's first rounds are warm-up fusions
+        plan = ctl.decide([rid], kinds={rid: "sampled"})[rid]
+        ctl.observe(rid, plan, plan.k, plan.k, [("b",)] * plan.k)  # b drafts every accepted token
+        rounds += 1
+    plan = ctl.decide(["new"], kinds={"new": "sampled"})["new"]
+    assert plan.drafters == ["b"]  # routed to the kind's best at once, no warm-up fusion
+    other = ctl.decide(["greedy"], kinds={"greedy": "greedy"})["greedy"]
+    assert other.drafters == ["a", "b", "c"]  # another kind has no evidence of its own yet

@@ -163,6 +163,7 @@ class AcceptanceTracker:
         self.since_explore = 0  # speculative rounds since the last exploration round (drives drafter exploration)
         self.explore_backoff = 1  # exploration interval multiplier: doubles while explorations confirm the best
         self.explored_best: str | None = None  # the best drafter after the last exploration round
+        self.inherited = False  # shares taken from earlier requests of its kind: no warm-up exploration
 
     @property
     def alpha(self) -> float:
@@ -228,7 +229,7 @@ class AcceptanceTracker:
         if len(drafters) <= 1:
             return False
         due = explore_every > 0 and self.since_explore >= explore_every * self.explore_backoff - 1
-        return self.fusion_rounds < warmup or due
+        return (self.fusion_rounds < warmup and not self.inherited) or due
 
     def active_drafters(self, drafters: list[str], keep_share: float, explore_every: int) -> list[str]:
         """The drafters for this round: every one while exploring, else the routed ones."""
@@ -254,6 +255,7 @@ class _Candidate:
     cap: int
 
 
+INHERIT_AFTER = 8  # fusion rounds of a kind's requests before a new request starts from their drafters' shares
 PROBE_FULL_GAIN = 0.25  # a best-case gain of 25% or more earns the whole probe budget; less, its share
 
 
@@ -303,8 +305,16 @@ class SpeculationController:
         self.last_rates = (0.0, 0.0)  # (plain, chosen) expected tokens/s of the last decide, for metrics
 
     def tracker(self, rid: str) -> AcceptanceTracker:
+        """A request's tracker; a new one starts from its kind's recent acceptance and, once requests of its kind
+        have fused INHERIT_AFTER rounds, from their drafters' shares: it is routed to the kind's best drafters at
+        once, instead of fusing every drafter for its first rounds, and explores on the usual schedule from there."""
         if rid not in self.trackers:
-            self.trackers[rid] = AcceptanceTracker(self._overall(rid).alpha, prior_weight=4.0, decay=self.decay)
+            overall = self._overall(rid)
+            tracker = AcceptanceTracker(overall.alpha, prior_weight=4.0, decay=self.decay)
+            if overall.fusion_rounds >= INHERIT_AFTER:
+                tracker.share, tracker.unique = dict(overall.share), dict(overall.unique)
+                tracker.inherited = True
+            self.trackers[rid] = tracker
         return self.trackers[rid]
 
     def _overall(self, rid: str) -> AcceptanceTracker:
@@ -325,7 +335,7 @@ class SpeculationController:
         levels = drafted_levels if plan.k > 0 else 0
         explored = len(self.drafters) > 1 and len(plan.drafters) == len(self.drafters)
         self.tracker(rid).observe(levels, accepted, plan.drafters, accepted_by, drafted_nodes, explored)
-        self._overall(rid).observe(levels, accepted, [], None)
+        self._overall(rid).observe(levels, accepted, plan.drafters, accepted_by)  # the kind's shares too
 
     def decide(self, requests: list[str], extra_verify_tokens: int = 0,
                max_k: Mapping[str, int] | None = None, kinds: Mapping[str, str] | None = None) -> dict[str, Plan]:

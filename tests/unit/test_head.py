@@ -147,12 +147,19 @@ def test_the_head_is_routed_like_any_drafter(model_set, target):
 
 
 def test_head_drafts_a_chain_with_siblings(model_set, target, models_dir):
-    head = HeadProposer(HeadModel(model_set.head, target, slots=1, target_dir=models_dir / "target"))
+    model = HeadModel(model_set.head, target, slots=1, target_dir=models_dir / "target")
     ids = list(range(50, 70))
-    trees = head.propose([Draft("r", ids, 3, features=_features(target, ids[:-1]))])
-    tree = trees[0]
-    assert len(tree) == 6 and tree.parents.tolist() == [-1, -1, 0, 0, 2, 2]
-    assert tree.origins == (("head",),) * 6
+    plain = HeadProposer(model, continue_siblings=False).propose([Draft("r", ids, 3, features=_features(target,
+                                                                                                       ids[:-1]))])[0]
+    assert len(plain) == 6 and plain.parents.tolist() == [-1, -1, 0, 0, 2, 2]  # chain + a sibling per level
+    assert plain.origins == (("head",),) * 6
+    # by default each level's sibling but the last gets a child (drafted beside the chain in the same forward): the
+    # chain and its siblings are the same tokens, the chain first among its parent's children
+    tree = HeadProposer(model).propose([Draft("r", ids, 3, features=_features(target, ids[:-1]))])[0]
+    assert len(tree) == 8 and tree.parents.tolist() == [-1, -1, 1, 0, 0, 4, 3, 3]
+    chain = [0, 3, 6]
+    assert tree.tokens[chain].tolist() == plain.tokens[[0, 2, 4]].tolist()
+    assert tree.tokens[[1, 4, 7]].tolist() == plain.tokens[[1, 3, 5]].tolist()
 
 
 def test_bundled_models_folder_names_the_head_only_when_present(models_dir):

@@ -276,6 +276,22 @@ def test_a_drafter_with_unique_accepted_tokens_is_kept_beside_the_best():
     assert nobody.active_drafters(["a", "b"], keep_share=0.2, explore_every=0) == ["a", "b"]  # no evidence yet
 
 
+def test_exploration_ends_after_the_warm_up_even_when_no_draft_is_accepted():
+    # fusion rounds that accept nothing still rank (nobody helped): the warm-up ends, then the routed drafter alone
+    # (the first before any evidence) with every pool re-fused every explore_every-th round; before, a request whose
+    # drafts were never accepted called every pool every round
+    tracker = AcceptanceTracker()
+    rounds = []
+    for _ in range(24):
+        names = tracker.active_drafters(["a", "b", "c"], keep_share=0.2, explore_every=8)
+        rounds.append(names)
+        tracker.observe(4, 0, names, [])
+    assert rounds[0] == rounds[1] == ["a", "b", "c"]
+    assert [i for i, names in enumerate(rounds) if len(names) == 3] == [0, 1, 7, 15, 23]
+    assert all(names == ["a"] for i, names in enumerate(rounds) if i not in (0, 1, 7, 15, 23))
+    assert tracker.share == {} and tracker.unique == {}  # no share earned by anyone
+
+
 def test_forget_drops_the_request_state():
     ctl = controller()
     plan = ctl.decide(["r"])["r"]

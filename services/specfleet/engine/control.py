@@ -156,7 +156,7 @@ class AcceptanceTracker:
         self._positions = prior_weight
         self.share: dict[str, float] = {}  # drafter -> EMA of the share of accepted tokens it proposed
         self.unique: dict[str, float] = {}  # drafter -> EMA of the share of accepted tokens only it proposed
-        self.fusion_rounds = 0  # rounds with several drafters and attributed tokens
+        self.fusion_rounds = 0  # rounds with several drafters and attribution (accepted tokens or none)
         self.width = 0.0  # EMA of tree nodes per level; 0 until observed
         self.rounds_without_draft = 0  # consecutive rounds that drafted nothing (drives probing)
         self.speculative_rounds = 0  # rounds that drafted something
@@ -188,9 +188,13 @@ class AcceptanceTracker:
         if drafted_nodes is not None:
             level_width = drafted_nodes / drafted_levels
             self.width = level_width if self.width == 0 else self.decay * self.width + (1 - self.decay) * level_width
-        if accepted_by is None or accepted == 0 or len(drafters) < 2:
+        if accepted_by is None or len(drafters) < 2:
             return  # only fusion rounds (several drafters, attributed tokens) say who helps
+        # a fusion round that accepted nothing ranks too (nobody helped), so exploration ends after the warm-up even
+        # where no draft is accepted; without it every round would call every pool for as long as none is
         self.fusion_rounds += 1
+        if accepted == 0:
+            return
         for name in drafters:
             proposed = sum(1 for who in accepted_by if name in who) / accepted
             alone = sum(1 for who in accepted_by if tuple(who) == (name,)) / accepted

@@ -23,6 +23,7 @@ from specfleet.engine.control import CostModel, SpeculationController
 from specfleet.engine.head import HEAD
 from specfleet.engine.sampling import SamplingParams
 from specfleet.engine.tree import TokenTree
+from specfleet.fusion.service import fuse_drafts
 from specfleet.router.limits import HANDED_OVER, MAX_STOP_CHARS, MAX_STOP_STRINGS, MIN_TEMPERATURE, NO_HANDOVER
 from specfleet.runtime.chat import chat_prompt_ids, check_messages
 from specfleet.runtime.server import FAST_RECONNECT
@@ -409,11 +410,18 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if isinstance(reply, Exception):  # a drafter down costs speed, never output: draft without it
                 log.warning("drafter %s failed for %s: %s", pool, rid, reply)
                 continue
-            trees.append(reply.trees[0])
-            names.append(pool)
+            if reply.trees[0].tokens:  # an empty draft (e.g. the suffix pool found no match) adds nothing to a merge
+                trees.append(reply.trees[0])
+                names.append(pool)
         if not trees:
             return TokenTree.empty(), time.perf_counter() - start
         if len(trees) == 1 or self.config.fusion is None:
+            if len(pools) > 1 and self.config.fusion is not None:
+                # one non-empty draft of several: the fusion service would return it merged with nothing, i.e.
+                # deduplicated, siblings ordered by confidence and cut to max_fused_nodes; the same here, no RPC
+                alone = tree_from_pb(trees[0], self.vocab_size)
+                if alone.draft_probs is None:  # (the fusion service refuses sampled drafts: the draft alone then)
+                    return fuse_drafts([alone], names[:1], self.config.max_fused_nodes), time.perf_counter() - start
             return self._single_draft(trees[0], names[0]), time.perf_counter() - start
         stub = internal_pb2_grpc.FusionStub(self._channel(self.config.fusion))
         try:

@@ -71,12 +71,12 @@ def test_every_hop_is_reported_non_negative_and_the_output_is_the_targets(fleet,
         assert all(isinstance(v, float) and v >= 0 for v in figures.values()), (hop, figures)
         assert figures["p50"] <= figures["p99"], hop
     # each round drafts and verifies in turn (no pipelining): those hops took time; through the stream queue the
-    # commit is the answer's own Redis script, so it is measured in `answer`. Fusion runs in the rounds that fuse
-    # every pool (each request's warm-up, then every few rounds); the others draft with the routed pool alone
+    # commit is the answer's own Redis script, so it is measured in `answer`. Fusion runs only in the rounds that
+    # fuse every pool (a request's warm-up -- none once its kind's requests have ranked the pools: it starts routed
+    # -- then every few rounds); the others draft with the routed pool alone, so a short run may fuse nothing
     stream = fleet.verify_queue == "stream"
     for hop in ("draft_rpc", "queue", "verify_forward", "answer", "round", *(() if stream else ("commit",))):
         assert run["hops_ms"][hop]["p50"] > 0, hop
-    assert run["hops_ms"]["fuse"]["p99"] > 0
     if stream:
         assert run["hops_ms"]["commit"]["p99"] == 0
     # rounds after the first of each stream (the first has no gap to measure)

@@ -285,10 +285,11 @@ def test_exploration_ends_after_the_warm_up_even_when_no_draft_is_accepted():
     for _ in range(24):
         names = tracker.active_drafters(["a", "b", "c"], keep_share=0.2, explore_every=8)
         rounds.append(names)
-        tracker.observe(4, 0, names, [])
+        tracker.observe(4, 0, names, [], explored=len(names) == 3)
     assert rounds[0] == rounds[1] == ["a", "b", "c"]
-    assert [i for i, names in enumerate(rounds) if len(names) == 3] == [0, 1, 7, 15, 23]
-    assert all(names == ["a"] for i, names in enumerate(rounds) if i not in (0, 1, 7, 15, 23))
+    explored = [0, 1, 9, 17]  # every explore_every-th round after the last exploration (finding nothing: no backoff)
+    assert [i for i, names in enumerate(rounds) if len(names) == 3] == explored
+    assert all(names == ["a"] for i, names in enumerate(rounds) if i not in explored)
     assert tracker.share == {} and tracker.unique == {}  # no share earned by anyone
 
 

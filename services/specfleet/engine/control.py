@@ -315,7 +315,7 @@ class SpeculationController:
         if rid not in self.trackers:
             overall = self._overall(rid)
             tracker = AcceptanceTracker(overall.alpha, prior_weight=4.0, decay=self.decay)
-            if overall.fusion_rounds >= INHERIT_AFTER:
+            if overall.fusion_rounds >= INHERIT_AFTER and overall.share:  # shares: some round accepted a draft
                 tracker.share, tracker.unique = dict(overall.share), dict(overall.unique)
                 tracker.inherited = True
             self.trackers[rid] = tracker

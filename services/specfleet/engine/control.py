@@ -181,7 +181,7 @@ class AcceptanceTracker:
         self.speculative_rounds += 1
         self.since_explore = 0 if explored else self.since_explore + 1
         if explored:
-            self._update_backoff(drafters, accepted_by, accepted, drafted_levels)
+            self._update_backoff(drafters, accepted_by, accepted)
         accepted = min(max(accepted, 0), drafted_levels)
         self._accepted = self.decay * self._accepted + accepted
         self._positions = self.decay * self._positions + accepted + (1 if accepted < drafted_levels else 0)
@@ -201,7 +201,7 @@ class AcceptanceTracker:
             self.share[name] = self.decay * self.share.get(name, proposed) + (1 - self.decay) * proposed
             self.unique[name] = self.decay * self.unique.get(name, alone) + (1 - self.decay) * alone
 
-    def _update_backoff(self, drafters: list[str], accepted_by, accepted: int, drafted_levels: int) -> None:
+    def _update_backoff(self, drafters: list[str], accepted_by, accepted: int) -> None:
         """After an exploration round (before its shares are folded in): an exploration whose evidence keeps the
         same best drafter doubles the interval to the next one (up to MAX_EXPLORE_BACKOFF times explore_every), one
         that changes it, or finds nothing accepted, goes back to every explore_every rounds. Exploring fuses every

@@ -219,13 +219,13 @@ class HeadProposer:
             owners = rows + [r for r, _ in sib_rows]
             at = [len(drafts[r].features) + level for r in rows] + \
                  [len(drafts[r].features) + deepest + level for r, _ in sib_rows]
-            cols = torch.tensor(at, device="cpu")[:, None]
-            bias = causal_bias(at, [1] * len(at), max(at) + 1)
+            cols = torch.tensor(at, device=dev)[:, None]
+            bias = causal_bias(at, [1] * len(at), max(at) + 1)  # on the host: the siblings' rows are masked below
             for i, (r, _) in enumerate(sib_rows):  # a sibling sees the context and the chain above its parent only
                 bias[len(rows) + i, 0, 0, len(drafts[r].features) + level:at[len(rows) + i]] = NEG
             slots = torch.tensor([self.slot[drafts[r].rid] for r in owners], device=dev)
             logits, hidden = self.runner.forward(torch.zeros(len(owners), 1, dtype=torch.long, device=dev),
-                                                 cols.to(dev), cols.to(dev), bias.to(dev), slots=slots, inputs=x,
+                                                 cols, cols, bias.to(dev), slots=slots, inputs=x,
                                                  return_hidden=True)
             logits, feature = self.head.full_logits(logits[:, 0]), hidden[:, 0]
         trees = []

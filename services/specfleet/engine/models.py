@@ -19,11 +19,16 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")  # --device: auto (cuda when torch sees one, else cpu)
 
 
+def check_device_name(device: str) -> None:
+    """Raises ValueError naming --device unless `device` is auto, cpu, cuda or cuda:N (nothing about the machine)."""
+    if not isinstance(device, str) or not DEVICE.match(device):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
 def check_device(device: str) -> None:
     """Raises ValueError naming --device unless `device` is auto, cpu, cuda or cuda:N, and -- for cuda -- torch
     sees a CUDA device (and that index)."""
-    if not isinstance(device, str) or not DEVICE.match(device):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    check_device_name(device)
     if not device.startswith("cuda"):
         return
     import torch
@@ -74,8 +79,7 @@ class ModelSet:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not isinstance(self.device, str) or not DEVICE.match(self.device):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
 
     @property
     def torch_device(self):

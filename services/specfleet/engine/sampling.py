@@ -223,14 +223,14 @@ def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list
             chosen[r, 0] = probs[r, tokens[r]]
     scale = 1.0 / params.top_p if params.top_p < 1.0 else 1.0
     alternatives: list[list[tuple[int, float]]] = [[] for _ in seeds]
+    drawn = tokens.tolist()  # one copy to the host
     if siblings > 0:
         values, index = scores.topk(min(DRAFT_TAIL_SUPPORT, vocab), dim=-1)  # [n, S]
         order = (values + noise.gather(-1, index)).topk(min(siblings + 1, index.shape[-1]), dim=-1).indices
         ranked = index.gather(-1, order)  # [n, siblings + 1]: best noisy first
         ranked_probs = probs.gather(-1, ranked)
-        drawn = tokens.tolist()  # one copy to the host
         for r, (row, row_probs) in enumerate(zip(ranked.tolist(), ranked_probs.tolist(), strict=True)):
             alternatives[r] = [(t, min(1.0, q * scale)) for t, q in zip(row, row_probs, strict=True)
                                if t != drawn[r]][:siblings]
     chosen = (chosen * scale).clamp(max=1.0)
-    return tokens.tolist(), chosen[:, 0].tolist(), alternatives
+    return drawn, chosen[:, 0].tolist(), alternatives

@@ -4,7 +4,9 @@ servers on loopback, for tests and benchmarks. Every service listens on 127.0.0.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import io
 import threading
 from dataclasses import dataclass, field
 
@@ -124,6 +126,9 @@ class LocalFleet:
 
         try:
             self.run(stop_all(), timeout=grace + 30)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the local fleet did not stop within {grace + 30:g} s; its loop's tasks:\n"
+                               + _task_stacks(self._loop)) from None
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
@@ -133,3 +138,11 @@ class LocalFleet:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _task_stacks(loop: asyncio.AbstractEventLoop) -> str:
+    """Where each task of a (stuck) loop waits: what a hung stop is diagnosed from."""
+    out = io.StringIO()
+    for task in list(asyncio.all_tasks(loop)):
+        task.print_stack(limit=8, file=out)
+    return out.getvalue()

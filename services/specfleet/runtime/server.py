@@ -150,9 +150,25 @@ class Running:
             await self.consumer.stop(grace)
         if self.publisher is not None:
             await self.publisher.stop()
-        await self.server.stop(grace)
+        await _bounded_stop(self.server, grace, f"the gRPC server on port {self.port}")
         if self.health_server is not None:  # last: probes see NOT_SERVING while in-flight calls finish
-            await self.health_server.stop(0)
+            await _bounded_stop(self.health_server, 0, f"the health server on port {self.health_port}")
+
+
+# grpc.aio's server.stop(grace) cancels the calls still running at the end of the grace, but it can then wait for
+# ever on a server-streaming call that was cancelled or aborted (grpc/grpc#28999, #37239): a stop is given this much
+# beyond its grace, then the process goes on (a pod exits instead of hanging until Kubernetes kills it)
+STOP_SLACK_S = 5.0
+
+
+async def _bounded_stop(server: grpc.aio.Server, grace: float, what: str) -> None:
+    stopping = asyncio.ensure_future(server.stop(grace))
+    done, _ = await asyncio.wait({stopping}, timeout=grace + STOP_SLACK_S)
+    if done:
+        stopping.result()
+        return
+    log.warning("%s did not finish stopping within its %g s grace + %g s (grpc.aio can hang on a cancelled stream); "
+                "going on without it", what, grace, STOP_SLACK_S)
 
 
 async def _start_health_server(health: HealthServicer, address: str) -> tuple[grpc.aio.Server, int]:

@@ -400,3 +400,34 @@ def test_embedded_redis_starts_answers_and_stops():
     with start_embedded_redis(port=port) as fixed:
         assert fixed.port == port and redis.Redis(port=port).ping()
     assert not fixed.running
+
+
+def test_a_cancelled_blocking_read_is_cancelled_never_retried_and_returned(redis_url, prefix):
+    """redis-py can swallow a cancel of a blocking read (it retries the command on a new connection and returns its
+    reply); a service loop around it then never ends and the server's stop hangs. connect()'s client raises
+    CancelledError instead, for single commands and pipelines, whenever the cancel lands."""
+
+    async def body(store):
+        outcomes = []
+        key = store.keys.stream("cancel-test")
+        for i in range(30):
+            async def read(pipelined):
+                if pipelined:
+                    async with store.redis.pipeline(transaction=False) as pipe:
+                        pipe.xdel(key, "1-0")
+                        pipe.xread({key: "$"}, block=300)
+                        await pipe.execute()
+                else:
+                    await store.redis.xread({key: "$"}, block=300)
+                return "returned"
+
+            task = asyncio.create_task(read(pipelined=i % 2 == 1))
+            await asyncio.sleep(0.001 + 0.005 * (i % 5))  # cancels land at every stage of the call
+            task.cancel()
+            try:
+                outcomes.append(await task)
+            except asyncio.CancelledError:
+                outcomes.append("cancelled")
+        return outcomes
+
+    assert run(redis_url, prefix, body) == ["cancelled"] * 30

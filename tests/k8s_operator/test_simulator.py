@@ -135,7 +135,19 @@ def test_local_costs_come_from_the_profile_and_the_fleet_benchmark():
     steps = profile["drafter_step_ms"]
     assert float(local.drafter.ms(4, 4)) == pytest.approx(np.mean([[p["ms"] for p in v if p["batch"] == 4][0]
                                                                    for v in steps.values()]))
-    assert local.network_ms == pytest.approx(costs.SPECULATIVE_ROUND_HOPS * fleet["round_overhead_ms"]["p50"])
+    # a plain fleet round pays the measured plain round's overhead; a speculative one the orchestration the hop run
+    # measured for rounds with k drafts (fleet.json's round_hops), or 3 plain rounds' where a file has no hop run
+    assert local.plain_round_network_ms == pytest.approx(fleet["round_overhead_ms"]["p50"])
+    hops = {r["concurrency"]: r for r in fleet.get("round_hops", {}).get("bundled", {}).get("runs", [])}
+    assert local.network_ms == pytest.approx(hops[1]["hops_ms"]["orchestration"]["p50"] if 1 in hops
+                                             else costs.SPECULATIVE_ROUND_HOPS * fleet["round_overhead_ms"]["p50"])
+    assert local.network_ms > local.plain_round_network_ms
+    # the engine drafts a level as one grouped forward of its three drafters, as the profile timed it
+    groups = {len(name.split("+")): v for name, v in profile.get("drafter_group_step_ms", {}).items()}
+    if 3 in groups:
+        assert float(local.engine_draft_level.ms(4, 4)) == pytest.approx(
+            next(p["ms"] for p in groups[3] if p["batch"] == 4))
+    assert local.fleet_compute_factor >= 1.0
 
 
 @pytest.mark.parametrize("figure", ["plain decoding, engine, batch 1", "speculative engine, concurrency 1",
@@ -148,17 +160,20 @@ def test_reproduces_the_measured_figures_within_15_percent(reproduction, figure)
     assert row["simulated"] == pytest.approx(row["measured"], rel=0.15)
 
 
-def test_the_fleet_at_concurrency_8_falls_between_its_two_measurements(reproduction):
+def test_the_fleet_at_concurrency_8_agrees_with_both_of_its_measurements(reproduction):
     # fleet.json measures the same fleet configuration at concurrency 8 twice (throughput stage: 8 prompts; ablation,
-    # adaptive control on: 12 prompts) and the two differ by ~40%, more than the 15% band: no one model lands within
-    # 15% of both, so the check is that the simulation sits between them (docs/simulator.md)
+    # adaptive control on: 12 prompts). The old pair's two differed by 41% and the check was that the simulation
+    # sat between them; session 12's agree within 7% (217.9 and 203.6 tokens/s), so there is nothing to sit between
+    # and the check is against both. The simulation is pessimistic there (-17% and -15%): the shared-cores model sums
+    # every service's work as if on one core, and with 8 streams one request's RPC handling overlaps another's forward
+    # on the second core (at 32 streams the gap grows to about -50%); docs/simulator.md
     rows = [r for name, r in reproduction.items() if name.startswith("fleet, concurrency 8")]
     assert len(rows) == 2
     low, high = sorted(r["measured"] for r in rows)
-    assert high / low > 1.3
+    assert high / low < 1.1
     for r in rows:
         print(f"{r['figure']}: measured {r['measured']}, simulated {r['simulated']} ({100 * r['gap']:+.1f}%)")
-        assert low < r["simulated"] < high
+        assert -0.2 < r["gap"] < 0.0
 
 
 def test_acceptance_alphas_come_from_the_measured_matrix():
@@ -253,7 +268,8 @@ def test_panic_keeps_up_with_a_five_minute_ramp(a100, preset):
     # the operator meets the SLO at least as often as the threshold rule, whose fixed step of 2 acts on the first
     # high sample. One seed is a coin toss at this scale (the local ramp has ~350 requests, its first pod saturates
     # ~40 s in, and whether a 10-s tick falls on one of the first requests decides a whole provisioning time;
-    # seeds 0-7, local: operator 90.2% against the threshold rule's 78.2%, a100-70b 77.9% against 64.2%)
+    # seeds 0-7, local: operator 70.7% against the threshold rule's 66.7% (90.2% and 78.2% with the old pair),
+    # a100-70b 77.9% against 64.2%)
     model = a100 if preset == "a100-70b" else costs.get_preset("local", BENCH)
     means = _five_minute_ramp(model, range(8))
     assert means["operator"] >= means["threshold"], means
@@ -263,9 +279,8 @@ def test_panic_keeps_up_with_a_five_minute_ramp(a100, preset):
 def test_the_five_minute_ramp_holds_when_the_measured_acceptance_moves(alpha_scale):
     # the local preset's capacity follows bench/acceptance.json: re-measuring it after more training of the draft
     # head (capacity -0.9%) once flipped a one-seed comparison (0.955 against 0.677 became 0.861 against 0.942).
-    # With every alpha scaled by 0.9..1.1 (capacity 70..99 tokens/s a verifier), the operator keeps beating the
-    # threshold rule and the ideal reactive reference (exact arrivals every second, no smoothing) on the mean of 8
-    # seeds, and stays near the SLO (seeds 0-7: 92.1%, 90.2%, 94.3% at 0.9, 1.0, 1.1)
+    # With every alpha scaled by 0.9..1.1, the operator keeps beating the threshold rule and the ideal reactive
+    # reference (exact arrivals every second, no smoothing) on the mean of 8 seeds
     local = costs.get_preset("local", BENCH)
     model = replace(local, alpha={drafter: {domain: min(0.99, alpha * alpha_scale) for domain, alpha in row.items()}
                                   for drafter, row in local.alpha.items()})
@@ -275,7 +290,14 @@ def test_the_five_minute_ramp_holds_when_the_measured_acceptance_moves(alpha_sca
     # it acts on the queue before requests miss the SLO: it beats jumping to the most pods at the first miss (seeds
     # 0-7: 61.6%, 61.1%, 61.3%); the test's own yardstick, from the model's SLO, whatever the measured speeds
     assert means["operator"] > _most_at_the_first_miss(model, range(8)), means
-    assert means["operator"] >= 0.88, means
+    # The SLO is 1.5x the measured full-batch time per token, so it follows the measurements: with the old pair
+    # (bench/fleet.json and profile.json before session 12) it left a request ~12 s of queue wait and the operator
+    # held ~90% (seeds 0-7: 92.1%, 90.2%, 94.3%; the bound was 0.88). Session 12's ~4x faster forwards leave ~3.3 s
+    # against the same 60-s cold start, as at paper scale (6.5 s at a100-70b, where the operator gets ~78% on this
+    # ramp): no policy that waits for the load holds 88% (ideal-reactive, exact arrivals every second: 47-52%).
+    # Seeds 0-7 now: 72.7%, 70.7%, 74.0% at 0.9, 1.0, 1.1; the floor guards against a regression, the comparisons
+    # above carry the test (docs/simulator.md, "Autoscaling scores")
+    assert means["operator"] >= 0.65, means
 
 
 def test_the_command_writes_the_report_and_plots(tmp_path, capsys):
@@ -308,7 +330,12 @@ def test_each_side_is_replayed_with_its_own_round_shape_where_the_benchmark_reco
     fleet = json.loads((BENCH / "fleet.json").read_text())
     row = {k: v for k, v in fleet["throughput"][0].items() if k != field}
     replayed = getattr(reproduce, replay)
-    assert replayed(fleet, row, 4) == reproduce.measured_rounds(fleet, 4)  # files without it
+    # files without it: the fleet's adaptive shape for the fleet; for the engine, which speculates every greedy
+    # round, the fleet's shape when it speculates every round (the k-fixed ablation row)
+    fallback = reproduce.speculating_rounds if field == "engine_rounds" else reproduce.measured_rounds
+    assert replayed(fleet, row, 4) == fallback(fleet, 4)
+    assert reproduce.speculating_rounds(fleet, 4).speculative_share == 1.0
+    assert 0 < reproduce.measured_rounds(fleet, 4).speculative_share < 1.0
     row[field] = {"accepted_per_round": 1.5, "draft_tokens_per_round": 4.0}
     shape = replayed(fleet, row, 4)
     assert (shape.accepted, shape.draft_tokens) == (1.5, 4.0) and 0 < shape.depth <= 4

@@ -116,7 +116,7 @@ class CostModel:
     drafter: StepCost | GridCost
     target_gpus: float  # GPUs per target instance (tensor parallel degree)
     drafter_gpus: float  # GPUs per drafter instance
-    network_ms: float  # per fleet round: gRPC hops + Redis commit between router, drafters, fusion, verifier
+    network_ms: float  # per speculative fleet round: gRPC hops + Redis commit between router, drafters, verifier
     max_batch: int  # sequences per target forward (KV-cache and latency bound)
     k: int  # draft tokens per round (the most, for adaptive systems)
     domains: tuple[str, ...]
@@ -133,6 +133,18 @@ class CostModel:
     # verification and per-request RPC handling (CPU-bound Python) queue on the same CPUs instead of overlapping,
     # so a fleet round costs the sum of its parts and `network_ms` is paid once per request in the round
     shared_cores: bool = False
+    # per fleet round that does not speculate (k = 0: router -> verifier only); None: the same as network_ms
+    plain_network_ms: float | None = None
+    # one draft level of the in-process engine's drafters run as one grouped forward (`specfleet profile`'s
+    # drafter_group_step_ms); None: cosine_drafters_per_request drafter steps one after another
+    engine_draft_level: StepCost | GridCost | None = None
+    # shared cores: the fleet's forwards (drafting and verification) take this many times what the profile timed
+    # each model alone (measured: `round_hops`' compute in the fleet against the profile at the same shape)
+    fleet_compute_factor: float = 1.0
+
+    @property
+    def plain_round_network_ms(self) -> float:
+        return self.network_ms if self.plain_network_ms is None else self.plain_network_ms
 
     def with_alpha(self, value: float) -> CostModel:
         """The same deployment with every drafter accepted at `value` per position (tests, what-ifs)."""
@@ -239,8 +251,15 @@ LOCAL_COMPUTE_MS_PER_TOKEN = 0.6  # estimate used only without bench/profile.jso
 LOCAL_DRAFTER_STEP_MS = 1.2  # estimate used only without bench/profile.json
 # A speculative fleet round makes three RPCs one after another (router -> drafter pools, in parallel; -> fusion;
 # -> verifier, which commits to Redis: `router.service`), a plain one only the last; the measured overhead is a
-# plain round's, so a speculative round pays it this many times.
+# plain round's, so a speculative round pays it this many times where the benchmark did not time one. Where it did
+# (`round_hops`: the fleet with k = 4 every round, bundled models, one stream), the speculative round's measured
+# orchestration is used instead: with routed pools the router skips the fusion RPC (one non-empty draft), so it
+# came out 2.7x the plain round's, not 3x (bench/fleet.json, session 12).
 SPECULATIVE_ROUND_HOPS = 3
+# The in-process engine of `specfleet bench fleet`'s throughput stage drafts with three model drafters (python,
+# prose, c), grouped as one forward per draft level (`engine.drafters`: a level costs one grouped forward however
+# many of the group a request uses)
+ENGINE_GROUP_DRAFTERS = 3
 
 
 def _read(path: Path) -> dict:
@@ -270,6 +289,46 @@ def profiled_costs(profile: dict, engine_round_ms: float | None = None) -> tuple
     return target, drafter
 
 
+def engine_group_cost(profile: dict, members: int = ENGINE_GROUP_DRAFTERS) -> GridCost | None:
+    """One draft level of `members` drafters run as one grouped forward, per batch size, from the profile's
+    drafter_group_step_ms (the group of that many drafters); None where the profile has no such group."""
+    for name, points in profile.get("drafter_group_step_ms", {}).items():
+        if len(name.split("+")) == members:
+            return GridCost.from_points([{"batch": p["batch"], "tokens": 1, "ms": p["ms"]} for p in points])
+    return None
+
+
+def _hop_run(fleet: dict, concurrency: int = 1) -> dict | None:
+    runs = fleet.get("round_hops", {}).get("bundled", {}).get("runs", [])
+    return next((r for r in runs if r["concurrency"] == concurrency), None)
+
+
+def fleet_compute_factor(fleet: dict, target, drafter, k: int) -> float:
+    """How much slower the fleet's forwards ran than the profile timed each model alone, on the same machine: the
+    hop run's compute (the verifier's forward + the slowest drafter's drafting, p50, one stream, k drafts a round)
+    against the profiled target forward of one sequence with the k-fixed ablation's tree and k drafter steps. 1 where
+    the benchmark did not time the hops. On two cores the fleet's seven processes (the router's and the drafters'
+    Python, gRPC and Redis threads) run beside each forward, which the profile's lone model never shares."""
+    run = _hop_run(fleet)
+    if run is None:
+        return 1.0
+    fixed = next(r["greedy"] for r in fleet["ablation"]["systems"] if r["system"] == "cosine, k fixed")
+    tree = 1 + fixed["draft_tokens_per_round"]
+    overhead = getattr(target, "overhead_ms", 0.0)
+    alone = float(target.ms(tree, 1)) - overhead + k * float(drafter.ms(1, 1))
+    return max(1.0, float(run["hops_ms"]["compute"]["p50"]) / alone)
+
+
+def speculative_round_network_ms(fleet: dict) -> float:
+    """A speculative fleet round's orchestration, per request: measured where the benchmark timed the hops of a
+    round with k = 4 (`round_hops`, bundled models, one stream: round - compute), else SPECULATIVE_ROUND_HOPS plain
+    rounds' overhead."""
+    one = _hop_run(fleet)
+    if one is not None:
+        return float(one["hops_ms"]["orchestration"]["p50"])
+    return SPECULATIVE_ROUND_HOPS * float(fleet["round_overhead_ms"]["p50"])
+
+
 def local(bench_dir: Path = DEFAULT_BENCH) -> CostModel:
     fleet = _read(bench_dir / "fleet.json")
     acceptance = _read(bench_dir / "acceptance.json")
@@ -283,8 +342,11 @@ def local(bench_dir: Path = DEFAULT_BENCH) -> CostModel:
     plain = next(r for r in engine["results"] if r["system"] == "specfleet-none" and r["batch"] == 1
                  and r["mode"] == "greedy")
     sources = ["fleet.json", "engine.json", "acceptance.json"]
+    group = None
     if (bench_dir / "profile.json").exists():
-        target, drafter = profiled_costs(_read(bench_dir / "profile.json"), step_ms)
+        profile = _read(bench_dir / "profile.json")
+        target, drafter = profiled_costs(profile, step_ms)
+        group = engine_group_cost(profile)
         sources.insert(0, "profile.json")
     else:
         target = StepCost(fixed_ms=step_ms - LOCAL_COMPUTE_MS_PER_TOKEN, memory_ms=0.0,
@@ -294,7 +356,9 @@ def local(bench_dir: Path = DEFAULT_BENCH) -> CostModel:
     return CostModel(
         name="local", source=f"measured on this machine: {bench_dir}/{', '.join(sources)}",
         target=target, drafter=drafter, target_gpus=1.0, drafter_gpus=1.0,  # devices: one CPU process each
-        network_ms=SPECULATIVE_ROUND_HOPS * float(fleet["round_overhead_ms"]["p50"]), max_batch=16, k=k,
+        network_ms=speculative_round_network_ms(fleet), plain_network_ms=float(fleet["round_overhead_ms"]["p50"]),
+        engine_draft_level=group, fleet_compute_factor=fleet_compute_factor(fleet, target, drafter, k),
+        max_batch=16, k=k,
         domains=domains, domain_weights=tuple(1.0 / len(domains) for _ in domains), alpha=matrix,
         general_drafter="drafter-general", shared_cores=True,
         request=RequestShape(prompt_tokens=int(prompts["prompt_tokens"]),

@@ -151,11 +151,14 @@ class DSI(System):
 class MeasuredRounds:
     """A benchmark's measured round shape, replacing the model's own choice of k and acceptance (the reproduction
     check, `reproduce.py`): per request and round, `draft_tokens` tree nodes verified over `depth` drafting levels,
-    `accepted` of them accepted on average (the committed tokens per round are 1 + accepted)."""
+    `accepted` of them accepted on average (the committed tokens per round are 1 + accepted). `speculative_share`:
+    the share of rounds that speculate (the others make only the plain round's hop); the fleet's network charge per
+    request is the plain round's plus this share of a speculative round's extra."""
 
     accepted: float
     draft_tokens: float
     depth: float
+    speculative_share: float = 1.0
 
 
 class CoSine(System):
@@ -185,13 +188,23 @@ class CoSine(System):
         pool_batch = batch * c.cosine_drafters_per_request / c.cosine_drafter_ratio  # drafting work per instance
         return ks * c.drafter.ms(pool_batch, pool_batch)[None]
 
-    def _round_ms(self, verify, draft, seqs):
+    def _network_ms(self, ks):
+        """[K, 1] the fleet's hops per round for each candidate length: a round with k = 0 makes only the plain
+        round's (router -> verifier), one that speculates the speculative round's; a measured shape pays the plain
+        round's plus its share of speculating rounds' extra."""
+        c = self.costs
+        plain, speculative = c.plain_round_network_ms, c.network_ms
+        if self.measured is not None:
+            return np.full(ks.shape, plain + self.measured.speculative_share * (speculative - plain))
+        return np.where(ks > 0, speculative, plain)
+
+    def _round_ms(self, verify, draft, seqs, network):
         """[K, R] round time from verification and drafting: pipelined (the fleet overlaps them) plus the fleet's
         hops; where the services share a machine's cores, nothing overlaps and each request's hops add up."""
         c = self.costs
         if c.shared_cores:
-            return verify + draft + c.network_ms * np.maximum(seqs, 1)[None]
-        return np.maximum(verify, draft) + c.network_ms
+            return c.fleet_compute_factor * (verify + draft) + network * np.maximum(seqs, 1)[None]
+        return np.maximum(verify, draft) + network
 
     def round(self, decoding, alpha, batch, prefill_tokens, new_seqs, rng):
         c = self.costs
@@ -206,7 +219,7 @@ class CoSine(System):
             # fusion merges identical candidates: per level one winner plus the losers that differ from it
             tree = ks * (1 + (drafts - 1) * (1 - mean_alpha))[None]
         verify = c.target.ms(batch[None] * (1 + tree) + prefill_tokens[None], (batch + new_seqs)[None])
-        ms = self._round_ms(verify, self._draft_ms(ks, batch), batch + new_seqs)  # [K, R]
+        ms = self._round_ms(verify, self._draft_ms(ks, batch), batch + new_seqs, self._network_ms(ks))  # [K, R]
         if self.measured is not None:
             choice = np.zeros(len(batch), dtype=np.int64)
             cap = np.full((len(batch), 1), c.k)
@@ -222,8 +235,9 @@ class CoSine(System):
 
 class InProcessCoSine(CoSine):
     """CoSine in one process (`SpecEngine`, what `specfleet bench engine` and `specfleet generate` run): the same
-    routing, fusion and acceptance, but draft then verify one after another on one device, the chosen drafters
-    each in turn, and no network. Not one of the compared systems; the reproduction check's engine rows."""
+    routing, fusion and acceptance, but draft then verify one after another on one device, the drafters as one
+    grouped forward per level (each in turn where the profile has no group timing), and no network. Not one of the
+    compared systems; the reproduction check's engine rows."""
 
     name = "cosine-engine"
 
@@ -231,10 +245,14 @@ class InProcessCoSine(CoSine):
         return self.costs.target_gpus
 
     def _draft_ms(self, ks, batch):
+        """A draft level is one grouped forward of the engine's drafters where the profile timed one
+        (`engine_draft_level`), else the chosen drafters' steps in turn."""
         c = self.costs
+        if c.engine_draft_level is not None:
+            return ks * c.engine_draft_level.ms(batch, batch)[None]
         return ks * c.cosine_drafters_per_request * c.drafter.ms(batch, batch)[None]
 
-    def _round_ms(self, verify, draft, seqs):
+    def _round_ms(self, verify, draft, seqs, network):
         return verify + draft
 
 

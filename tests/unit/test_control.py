@@ -474,6 +474,11 @@ def test_drafting_prices_the_drafters_catch_up():
     ctl = controller(cost=CATCH_UP_COST)
     with_alpha(ctl, rids, 0.8)
     assert all(plan.k > 0 for plan in ctl.decide(rids).values())  # no lengths given: no catch-up priced
+    cheap = CostModel(draft_prior=(5e-4, 2e-4), verify_prior=(5e-3, 5e-4))
+    cheap.catch_up_token = 1e-7  # profiled: a prefill token nearly free (a GPU reads the weights once for all)
+    ctl = controller(cost=cheap)
+    with_alpha(ctl, rids, 0.8)
+    assert all(plan.k > 0 for plan in ctl.decide(rids, lengths={rid: 600 for rid in rids}).values())
 
 
 def test_a_round_that_drafts_records_what_the_drafters_caught_up_to():

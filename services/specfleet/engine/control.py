@@ -100,6 +100,9 @@ class CostModel:
         self.draft_step = _LinearFit(*draft_prior, window)
         self.verify = _LinearFit(*verify_prior, window)
         self.parallel_drafters = parallel_drafters
+        # seconds of one token of a drafter catch-up (a prefill) in every drafter, where profiled (`calibrate`);
+        # None: priced as a draft level's per-request seconds
+        self.catch_up_token: float | None = None
 
     def set_priors(self, draft_prior: tuple[float, float], verify_prior: tuple[float, float]) -> None:
         """Replaces the priors with profiled values (seconds), e.g. from `SpecEngine.calibrate`."""
@@ -401,13 +404,14 @@ class SpeculationController:
 
     def catch_up_seconds(self, tracker: AcceptanceTracker, length: int, drafters: int) -> float:
         """What drafting next costs a request beyond its levels: each drafter's prefill of the context it has not
-        seen (its prompt, at first; afterwards the tokens committed while it did not draft), priced per token at a
-        drafter's marginal seconds per request-level, what one more token in a batched drafter forward costs on a
-        CPU (dearer than a GPU's prefill token: the error errs toward not drafting). Unpriced, a batch whose
+        seen (its prompt, at first; afterwards the tokens committed while it did not draft), priced per token at the
+        profiled `CostModel.catch_up_token` or, unprofiled, at a drafter's marginal seconds per request-level (about
+        a prefill token's on a CPU, dearer than a GPU's: the error errs toward not drafting). Unpriced, a batch whose
         requests each switch back on or probe after N rounds off pays N tokens x every drafter for one round's
         gain (bench/engine.json sampled batch 16: ~6% of the time)."""
         behind = max(length - tracker.drafted_upto, 0)
-        return behind * self.cost.draft_seconds_per_request(max(drafters, 1), 1)
+        per_token = self.cost.catch_up_token
+        return behind * (self.cost.draft_seconds_per_request(max(drafters, 1), 1) if per_token is None else per_token)
 
     def _plan(self, candidates: list[_Candidate], n_drafters: int, extra_tokens: int,
               plain_rate: float) -> tuple[float, dict[str, int]]:

@@ -333,9 +333,11 @@ def test_probes_are_priced_staggered_and_bounded():
        caps=st.lists(st.integers(0, 6), min_size=8, max_size=8),
        draft=st.tuples(st.floats(0.0, 0.02), st.floats(0.0, 2e-3)),
        verify=st.tuples(st.floats(1e-3, 0.05), st.floats(0.0, 5e-3)),
-       extra=st.integers(0, 40), drafters=st.integers(1, 3))
-def test_the_fast_path_plans_exactly_as_the_full_computation(alphas, caps, draft, verify, extra, drafters):
-    """`_hopeless` only skips the per-depth Dinkelbach where it would plan nothing: same plans, same rates."""
+       extra=st.integers(0, 40), drafters=st.integers(1, 3),
+       lengths=st.none() | st.lists(st.integers(0, 400), min_size=8, max_size=8))
+def test_the_fast_path_plans_exactly_as_the_full_computation(alphas, caps, draft, verify, extra, drafters, lengths):
+    """`_hopeless` only skips the per-depth Dinkelbach where it would plan nothing: same plans, same rates (with the
+    drafters' catch-up priced too, when the context lengths are given)."""
     names = ["a", "b", "c"][:drafters]
 
     def run(fast: bool):
@@ -345,7 +347,8 @@ def test_the_fast_path_plans_exactly_as_the_full_computation(alphas, caps, draft
         rids = [f"r{i}" for i in range(len(alphas))]
         for rid, alpha in zip(rids, alphas, strict=False):
             with_alpha(ctl, [rid], alpha)
-        plans = ctl.decide(rids, extra_verify_tokens=extra, max_k=dict(zip(rids, caps, strict=False)))
+        plans = ctl.decide(rids, extra_verify_tokens=extra, max_k=dict(zip(rids, caps, strict=False)),
+                           lengths=None if lengths is None else dict(zip(rids, lengths, strict=False)))
         return plans, ctl.last_rates
 
     assert run(True) == run(False)
@@ -445,3 +448,86 @@ def test_a_new_request_starts_from_its_kinds_drafter_shares_once_they_have_evide
     assert plan.drafters == ["b"]  # routed to the kind's best at once, no warm-up fusion
     other = ctl.decide(["greedy"], kinds={"greedy": "greedy"})["greedy"]
     assert other.drafters == ["a", "b", "c"]  # another kind has no evidence of its own yet
+
+
+# --- the drafters' catch-up: tokens committed while a request did not draft ----------------------------------------
+
+# a draft level costs 0.2 ms a request, a verified token 0.5 ms: a plain round of 8 requests ~9 ms
+CATCH_UP_COST = CostModel(draft_prior=(5e-4, 2e-4), verify_prior=(5e-3, 5e-4))
+
+
+def test_drafting_prices_the_drafters_catch_up():
+    """A request whose drafters are far behind (a long prompt, or many rounds off) pays their prefill before its
+    first draft: where drafting gains only a little, that keeps it off; once its drafters are caught up (they drafted
+    at its current length), the same alpha drafts."""
+    rids = [f"r{i}" for i in range(8)]
+
+    def speculating(length: int, drafted_upto: int) -> int:
+        ctl = controller(cost=CATCH_UP_COST)
+        with_alpha(ctl, rids, 0.8)
+        for rid in rids:
+            ctl.trackers[rid].drafted_upto = drafted_upto
+        return sum(plan.k > 0 for plan in ctl.decide(rids, lengths={rid: length for rid in rids}).values())
+
+    assert speculating(600, 0) == 0  # 600 tokens to catch up: 120 ms a request, far over what its drafts gain
+    assert speculating(600, 599) == len(rids)  # one token behind: the drafts pay
+    ctl = controller(cost=CATCH_UP_COST)
+    with_alpha(ctl, rids, 0.8)
+    assert all(plan.k > 0 for plan in ctl.decide(rids).values())  # no lengths given: no catch-up priced
+    cheap = CostModel(draft_prior=(5e-4, 2e-4), verify_prior=(5e-3, 5e-4))
+    cheap.catch_up_token = 1e-7  # profiled: a prefill token nearly free (a GPU reads the weights once for all)
+    ctl = controller(cost=cheap)
+    with_alpha(ctl, rids, 0.8)
+    assert all(plan.k > 0 for plan in ctl.decide(rids, lengths={rid: 600 for rid in rids}).values())
+
+
+def test_a_round_that_drafts_records_what_the_drafters_caught_up_to():
+    ctl = controller(cost=CATCH_UP_COST)
+    with_alpha(ctl, ["on"], 0.8)
+    with_alpha(ctl, ["off"], 0.0)
+    plans = ctl.decide(["on", "off"], lengths={"on": 40, "off": 40})
+    assert plans["on"].k > 0 and plans["off"].k == 0
+    assert ctl.trackers["on"].drafted_upto == 40  # its drafters hold its context now
+    assert ctl.trackers["off"].drafted_upto == 0  # still behind by its whole context
+    tracker = ctl.trackers["on"]
+    assert ctl.catch_up_seconds(tracker, 43, 1) == pytest.approx(3 * CATCH_UP_COST.draft_seconds_per_request(1, 1))
+
+
+def test_probes_of_requests_far_behind_are_rarer():
+    """A probe prices its drafters' catch-up (the tokens the request committed while off, each drafter's prefill) up
+    front: probes of requests far behind come at the rate the budget pays for them, not at the probe interval."""
+    def probes(length_of) -> int:
+        ctl = controller(cost=CATCH_UP_COST, probe_every=4, probe_k=2, probe_share=0.05)
+        rids = [f"r{i}" for i in range(8)]
+        with_alpha(ctl, rids, 0.0)
+        count = 0
+        for step in range(200):
+            plans = ctl.decide(rids, lengths={rid: length_of(rid, step) for rid in rids})
+            count += sum(plan.probe for plan in plans.values())
+            for rid, plan in plans.items():
+                ctl.observe(rid, plan, plan.k, 0, [])
+        return count
+
+    near = probes(lambda rid, step: 0)  # the drafters never behind (as in the controller without lengths)
+    far = probes(lambda rid, step: 60 + step)  # a 60-token prompt the drafters never saw, one token a round
+    assert near > 0 and 0 < far < near / 3
+
+
+def test_the_measured_catch_up_settles_the_priced_one():
+    """charge_probes after a round charges what the catch-up cost beyond the price the plan already paid (or refunds
+    what it cost less): measured at its price, the budget is as the plan left it."""
+    ctl = controller(cost=CATCH_UP_COST, probe_every=1, probe_k=2, probe_share=1.0)
+    with_alpha(ctl, ["r"], 0.0)
+    ctl.observe("r", Plan(0), 0, 0)
+    ctl.probe_credit = 1.0
+    priced = ctl.catch_up_seconds(ctl.trackers["r"], 100, 1)  # 100 tokens behind
+    plans = ctl.decide(["r"], lengths={"r": 100})
+    assert plans["r"].probe and priced > 0 and ctl.catch_up_seconds(ctl.trackers["r"], 100, 1) == 0.0
+    assert ctl._priced_catch_up == pytest.approx(priced)  # paid from the credit already, with its levels
+    credit = ctl.probe_credit
+    ctl.charge_probes(priced)
+    assert ctl.probe_credit == pytest.approx(credit)
+    ctl.probe_credit = credit
+    ctl._priced_catch_up = priced
+    ctl.charge_probes(priced + 0.01)
+    assert ctl.probe_credit == pytest.approx(credit - 0.01)

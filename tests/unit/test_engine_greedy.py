@@ -127,7 +127,7 @@ class _EveryThirdRound:
     def __init__(self):
         self.rounds, self.drafting = 0, 0
 
-    def decide(self, requests, max_k=None, kinds=None):
+    def decide(self, requests, max_k=None, kinds=None, lengths=None):
         self.rounds += 1
         plans = {rid: Plan(2 if i == 0 and self.rounds % 3 == 0 and (max_k or {}).get(rid, 2) >= 2 else 0)
                  for i, rid in enumerate(requests)}

@@ -149,7 +149,7 @@ def test_levels_and_node_cap():
     proposer = SuffixProposer(max_spec_factor=8.0, min_token_prob=0.0, max_tree_nodes=5, nodes_per_level=2)
     proposer.start("r", [7, 8, 1, 2, 3, 4, 7, 8, 1, 2, 5, 6, 7, 8, 1, 9, 3, 4, 7, 8, 2, 2, 3, 4, 0, 7, 8])
     for k, cap in [(1, 2), (2, 4), (4, 5)]:
-        [draft] = proposer.propose([Draft("r", proposer._local["r"].sequence(0)[:], k)])
+        [draft] = proposer.propose([Draft("r", proposer.local_tree("r").sequence(0)[:], k)])
         check_tree(draft, cap, k)
         assert len(draft) == cap
 
@@ -220,7 +220,7 @@ def test_context_that_is_not_an_extension_rebuilds():
     assert first.tokens.tolist() == [3, 4]
     [second] = proposer.propose([Draft("r", [5, 6, 7, 5, 6], 2)])  # rewritten history
     assert second.tokens.tolist() == [7, 5]
-    assert proposer._local["r"].sequence(0) == [5, 6, 7, 5, 6]
+    assert proposer.local_tree("r").sequence(0) == [5, 6, 7, 5, 6]
     [third] = proposer.propose([Draft("r", [5, 6, 7, 5, 6, 7, 5], 2)])  # incremental again
     assert third.tokens.tolist() == [6, 7]
 
@@ -232,7 +232,7 @@ def test_incremental_rounds_equal_fresh_start():
     for end in range(3, len(context) + 1):
         rounds.propose([Draft("r", context[:end], 3)])
     fresh.start("r", context)
-    assert dump(rounds._local["r"].root) == dump(fresh._local["r"].root)
+    assert dump(rounds.local_tree("r").root) == dump(fresh.local_tree("r").root)
     [a], [b] = rounds.propose([Draft("r", context, 3)]), fresh.propose([Draft("r", context, 3)])
     assert a.tokens.tolist() == b.tokens.tolist() and torch.equal(a.parents, b.parents)
 
@@ -308,3 +308,19 @@ def test_search_finds_the_best_score(seqs, context, max_depth, max_tokens, level
     expected = brute_best_score(seqs, context, max_depth, max_tokens, levels, factor, min_prob)
     assert spec.score == pytest.approx(expected, rel=1e-5, abs=1e-6)
     check_tree(spec.tree, max_tokens, levels)
+
+
+def test_tries_are_built_only_when_a_lookup_needs_them():
+    """A request that never looks anything up (speculation off, sampled, in a batch) costs no trie: its prompt's is
+    built at its first lookup, and finished outputs join the global trie when it is next read, in finish order."""
+    proposer = SuffixProposer(max_depth=6, max_cached_requests=2)
+    proposer.start("quiet", [1, 2, 3, 1, 2])
+    assert "quiet" not in proposer._local
+    proposer.stop("quiet", [7, 8, 9])
+    proposer.start("b", [0])
+    proposer.stop("b", [2, 3, 5])
+    assert len(proposer._global) == 0  # nothing built yet
+    assert list(proposer.global_tree) == ["quiet", "b"]
+    proposer.start("r", [1, 2, 3, 1, 2])
+    [tree] = proposer.propose([Draft("r", [1, 2, 3, 1, 2], 1)])
+    assert tree.tokens.tolist() == [3] and "r" in proposer._local

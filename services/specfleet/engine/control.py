@@ -100,6 +100,9 @@ class CostModel:
         self.draft_step = _LinearFit(*draft_prior, window)
         self.verify = _LinearFit(*verify_prior, window)
         self.parallel_drafters = parallel_drafters
+        # seconds of one token of a drafter catch-up (a prefill) in every drafter, where profiled (`calibrate`);
+        # None: priced as a draft level's per-request seconds
+        self.catch_up_token: float | None = None
 
     def set_priors(self, draft_prior: tuple[float, float], verify_prior: tuple[float, float]) -> None:
         """Replaces the priors with profiled values (seconds), e.g. from `SpecEngine.calibrate`."""
@@ -164,6 +167,7 @@ class AcceptanceTracker:
         self.explore_backoff = 1  # exploration interval multiplier: doubles while explorations confirm the best
         self.explored_best: str | None = None  # the best drafter after the last exploration round
         self.inherited = False  # shares taken from earlier requests of its kind: no warm-up exploration
+        self.drafted_upto = 0  # context length at its last drafting round: what its drafters' caches hold
 
     @property
     def alpha(self) -> float:
@@ -257,8 +261,10 @@ class _Candidate:
     alpha: float
     width: float  # verified tokens per drafted level
     cap: int
+    catch_up: float = 0.0  # seconds of its drafters' prefill of the tokens they missed, paid when it drafts next
 
 
+CATCH_UP_ROUNDS = 8  # the plan spreads a request's catch-up over this many rounds (a probe pays it whole)
 INHERIT_AFTER = 8  # fusion rounds of a kind's requests before a new request starts from their drafters' shares
 PROBE_FULL_GAIN = 0.25  # a best-case gain of 25% or more earns the whole probe budget; less, its share
 
@@ -295,6 +301,7 @@ class SpeculationController:
         self.probe_every, self.probe_k = probe_every, probe_k
         self.probe_share = probe_share
         self.probe_credit = 0.0  # seconds of probing paid for so far and not yet spent
+        self._priced_catch_up = 0.0  # of the last decide's probes: the catch-up seconds already paid in their price
         self.min_gain = min_gain
         self.alpha_prior, self.decay = alpha_prior, decay
         self.fixed_k = fixed_k  # always draft the most levels allowed (routing still picks the drafters)
@@ -342,14 +349,17 @@ class SpeculationController:
         self._overall(rid).observe(levels, accepted, plan.drafters, accepted_by)  # the kind's shares too
 
     def decide(self, requests: list[str], extra_verify_tokens: int = 0,
-               max_k: Mapping[str, int] | None = None, kinds: Mapping[str, str] | None = None) -> dict[str, Plan]:
+               max_k: Mapping[str, int] | None = None, kinds: Mapping[str, str] | None = None,
+               lengths: Mapping[str, int] | None = None) -> dict[str, Plan]:
         """Plans for one batch round.
 
         extra_verify_tokens: other work in the same verifier forward (prefill chunks, requests decoded elsewhere),
         valued at one token each, so a busy verifier makes every drafted token dearer and k shrinks (valued at
         zero, a big sunk forward would make drafts look free). max_k: per-request caps (e.g. tokens left before
         max_new_tokens, minus one for the target's own token). kinds: per-request kind (e.g. "greedy", "sampled"),
-        read when a request is first seen: it starts from what recent requests of its kind accepted.
+        read when a request is first seen: it starts from what recent requests of its kind accepted. lengths:
+        per-request context length (prompt + output), where the drafters hold a cache per request that catches up
+        on the tokens committed while it did not draft (`catch_up_seconds`); None: drafting has no such cost.
         """
         if kinds:
             for rid in requests:
@@ -369,7 +379,9 @@ class SpeculationController:
             cap = self.k_max if max_k is None else max(0, min(self.k_max, max_k.get(rid, self.k_max)))
             tracker = self.trackers[rid]
             width = tracker.width or min(len(drafters_of[rid]), self.max_width)
-            candidates.append(_Candidate(rid, tracker.alpha, max(width, 1.0), cap))
+            catch_up = self.catch_up_seconds(tracker, lengths[rid], len(drafters_of[rid])) \
+                if lengths is not None and rid in lengths else 0.0
+            candidates.append(_Candidate(rid, tracker.alpha, max(width, 1.0), cap, catch_up))
 
         batch_tokens = len(requests) + extra_verify_tokens
         plain_rate = batch_tokens / self.cost.verify_time(batch_tokens) if requests else 0.0
@@ -386,7 +398,20 @@ class SpeculationController:
             names = self.trackers[c.rid].active_drafters(self.drafters, self.keep_share,
                                                          self.explore_every) if k > 0 else []
             plans[c.rid] = Plan(k, names, probe)
+            if k > 0 and lengths is not None and c.rid in lengths:
+                self.trackers[c.rid].drafted_upto = lengths[c.rid]  # its drafters catch up this round
         return plans
+
+    def catch_up_seconds(self, tracker: AcceptanceTracker, length: int, drafters: int) -> float:
+        """What drafting next costs a request beyond its levels: each drafter's prefill of the context it has not
+        seen (its prompt, at first; afterwards the tokens committed while it did not draft), priced per token at the
+        profiled `CostModel.catch_up_token` or, unprofiled, at a drafter's marginal seconds per request-level (about
+        a prefill token's on a CPU, dearer than a GPU's: the error errs toward not drafting). Unpriced, a batch whose
+        requests each switch back on or probe after N rounds off pays N tokens x every drafter for one round's
+        gain (bench/engine.json sampled batch 16: ~6% of the time)."""
+        behind = max(length - tracker.drafted_upto, 0)
+        per_token = self.cost.catch_up_token
+        return behind * (self.cost.draft_seconds_per_request(max(drafters, 1), 1) if per_token is None else per_token)
 
     def _plan(self, candidates: list[_Candidate], n_drafters: int, extra_tokens: int,
               plain_rate: float) -> tuple[float, dict[str, int]]:
@@ -402,26 +427,45 @@ class SpeculationController:
 
     def _hopeless(self, candidates: list[_Candidate], rate: float, n_drafters: int) -> bool:
         """True when no request would draft at any depth starting from `rate` (plain decoding's), so every depth's
-        Dinkelbach would stop at its first step with all k = 0. A level j is worth alpha^j tokens at a price of at
-        least rate * (width * verify seconds per token + one level's per-request draft seconds), since a plan of
-        depth >= k pays k levels: with alpha below that price even one level gains nothing (`_best_k` gives 0).
-        The margin keeps the borderline cases, where rounding could tip `_best_k`, on the full computation."""
+        Dinkelbach would stop at its first step with all k = 0. Level j is worth alpha^j tokens at a price of at
+        least rate * (width * verify seconds per token + one level's per-request draft seconds), and drafting at
+        all pays the request's share of its catch-up (`catch_up_seconds` / CATCH_UP_ROUNDS) once: a request is
+        hopeless when no k up to its cap has its levels' worth above that (the best case, a plan of depth k; a
+        deeper plan's draft levels only cost more). Without the catch-up term a batch whose requests start from a
+        high alpha but are priced off by their catch-up would run every depth's Dinkelbach every round (~1 ms a
+        round at batch 16). The margin keeps the borderline cases, where rounding could tip `_best_k`, on the full
+        computation."""
         verify_per_token = self.cost.verify_seconds_per_token()
         draft_level = self.cost.draft_seconds_per_request(n_drafters, 1)
-        return all(c.cap <= 0 or min(c.alpha, 1.0) < rate * (verify_per_token * c.width + draft_level) * (1 - 1e-6)
-                   for c in candidates)
+        for c in candidates:
+            if c.cap <= 0:
+                continue
+            level_price = rate * (verify_per_token * c.width + draft_level)
+            fixed = rate * c.catch_up / CATCH_UP_ROUNDS
+            alpha, worth, power, levels = min(c.alpha, 1.0), 0.0, 1.0, 0
+            for _ in range(c.cap):
+                power *= alpha
+                if power < level_price * (1 - 1e-6):
+                    break  # deeper levels are worth less still
+                worth += power - level_price
+                levels += 1
+            if levels and worth >= fixed - 1e-6 * (fixed + level_price):
+                return False
+        return True
 
     def charge_probes(self, seconds: float) -> None:
-        """A cost of this round's probes the plan could not price, measured after it: the drafters catching up on the
-        tokens a probing request committed while it did not draft (a prefill whose length the plan does not know).
-        Paid from the probe budget, which may go below zero and then delays the next probe, so probing keeps to
-        about probe_share of the time whatever the catch-up costs."""
-        self.probe_credit -= max(float(seconds), 0.0)
+        """The measured cost of this round's probes' catch-up: the drafters' prefill of the tokens a probing request
+        committed while it did not draft. What the plan already priced in (`catch_up_seconds`, given lengths) is
+        settled, the difference charged or refunded; the budget may go below zero and then delays the next probe,
+        so probing keeps to about probe_share of the time whatever the catch-up costs."""
+        self.probe_credit -= max(float(seconds), 0.0) - self._priced_catch_up
+        self._priced_catch_up = 0.0
 
     def _probes(self, candidates: list[_Candidate], ks: dict[str, int], batch_tokens: int,
                 n_drafters: int) -> dict[str, int]:
         """Which requests that speculation left off probe this round (rid -> k), paid from the probe budget."""
         round_seconds = self.cost.verify_time(batch_tokens)
+        self._priced_catch_up = 0.0
         self.probe_credit += self.probe_share * self.probe_scale(candidates, batch_tokens) * round_seconds
         due = [c for c in candidates if ks[c.rid] == 0 and c.cap > 0
                and self.trackers[c.rid].rounds_without_draft >= self.probe_every]
@@ -432,13 +476,14 @@ class SpeculationController:
         probes = {}
         for c in due:
             k = min(self.probe_k, c.cap)
-            # its draft levels and its verified nodes; the drafters' catch-up on missed tokens (a prefill, far
-            # cheaper per token than a draft level, of a length not known here) is charged after the round
+            # its draft levels, its verified nodes and its drafters' catch-up on the tokens missed while off (where
+            # the engine gave lengths; any error of that price is settled after the round: `charge_probes`)
             seconds = (self.cost.draft_time(1, max(n_drafters, 1), k)
-                       + self.cost.verify_seconds_per_token() * k * c.width)
+                       + self.cost.verify_seconds_per_token() * k * c.width + c.catch_up)
             if seconds > self.probe_credit:
                 break
             self.probe_credit -= seconds
+            self._priced_catch_up += c.catch_up
             probes[c.rid] = k
         return probes
 
@@ -465,13 +510,16 @@ class SpeculationController:
         draft_per_request = self.cost.draft_seconds_per_request(n_drafters, depth)
         best_rate, best_ks = 0.0, {c.rid: 0 for c in candidates}
         for _ in range(32):
-            ks = {c.rid: self._best_k(c, depth, rate, verify_per_token, draft_per_request) for c in candidates}
+            # a request's catch-up is spread over CATCH_UP_ROUNDS: once caught up it drafts on at no such cost
+            ks = {c.rid: self._best_k(c, depth, rate, verify_per_token,
+                                      draft_per_request + c.catch_up / CATCH_UP_ROUNDS) for c in candidates}
             speculating = sum(1 for k in ks.values() if k > 0)
             if not speculating:
                 break
             tokens = extra_tokens + sum(expected_tokens(c.alpha, ks[c.rid]) for c in candidates)
             verified = extra_tokens + len(candidates) + sum(ks[c.rid] * c.width for c in candidates)
-            seconds = self.cost.draft_time(speculating, n_drafters, depth) + self.cost.verify_time(verified)
+            seconds = (self.cost.draft_time(speculating, n_drafters, depth) + self.cost.verify_time(verified)
+                       + sum(c.catch_up for c in candidates if ks[c.rid] > 0) / CATCH_UP_ROUNDS)
             new_rate = tokens / seconds
             if new_rate > best_rate:
                 best_rate, best_ks = new_rate, ks

@@ -163,9 +163,10 @@ class ModelProposer:
         """Every drafter in one group: a draft level costs one forward however many drafters a request uses."""
         return len(self.units) == 1
 
-    def step_seconds(self, batch: int) -> float:
-        """Profiled seconds of one drafting level of every drafter over `batch` requests (before any request)."""
-        return sum(unit.runner.time_forward(batch, 1) for unit in self.units)
+    def step_seconds(self, batch: int, tokens: int = 1) -> float:
+        """Profiled seconds of one drafting level of every drafter over `batch` requests (before any request); with
+        `tokens`, of a forward of that many tokens in each (a catch-up's prefill)."""
+        return sum(unit.runner.time_forward(batch, tokens) for unit in self.units)
 
     def stop(self, rid: str, output: list[int]) -> None:
         for unit in self.units:

@@ -59,7 +59,8 @@ class FixedK:
     def __init__(self, k: int):
         self.k = k
 
-    def decide(self, requests: list[str], max_k: dict[str, int] | None = None, kinds=None) -> dict[str, Plan]:
+    def decide(self, requests: list[str], max_k: dict[str, int] | None = None, kinds=None,
+               lengths=None) -> dict[str, Plan]:
         return {rid: Plan(min(self.k, (max_k or {}).get(rid, self.k))) for rid in requests}
 
     def observe(self, *args, **kwargs) -> None:
@@ -119,6 +120,9 @@ class SpecEngine:
             small, big = step(1) / per, step(self.max_batch) / per
             per_request = max((big - small) / max(self.max_batch - 1, 1), 0.0)
             draft = (max(small - per_request, 1e-5), per_request)
+            # a catch-up token (a prefill of what a request's drafters missed) in every drafter: far cheaper than a
+            # draft level's row where the forward is bound by reading the weights (a GPU), about as dear on a CPU
+            cost.catch_up_token = max((step(1, 33) - step(1, 1)) / 32, 0.0)
         cost.set_priors(draft, verify)
 
     def check(self, req: Request) -> None:
@@ -181,8 +185,10 @@ class SpecEngine:
 
     def step(self, live: list[_Live], on_tokens=None) -> None:
         """One round for every live request: plan, draft, verify all trees in one forward, accept, commit."""
+        # lengths: the drafters hold a cache per request, so drafting after rounds off costs a catch-up (priced)
         plans = self.policy.decide([lv.req.rid for lv in live], max_k={lv.req.rid: lv.remaining - 1 for lv in live},
-                                   kinds={lv.req.rid: lv.req.params.kind for lv in live})
+                                   kinds={lv.req.rid: lv.req.params.kind for lv in live},
+                                   lengths={lv.req.rid: len(lv.tokens) for lv in live})
         features = self.target.features_of if self.target.keep_features else None
         # a free lookup beside the models (the fused suffix tree) drafts the most levels allowed every round for
         # greedy requests, whose suffix nodes accept often; a sampled request's do rarely (bench/engine.json: 0.2
@@ -222,8 +228,9 @@ class SpecEngine:
                 self.policy.cost.observe_draft(len(priced), len(used), model_steps, t1 - t0 - prefill)
             self.policy.cost.observe_verify(sum(len(t) + 1 for t in trees), t2 - t1)
         probes = sum(1 for d in drafting if plans[d.rid].probe)
-        if probes and prefill and hasattr(self.policy, "charge_probes"):
-            # the probes' share of the drafters' catch-up (tokens missed while off): paid from the probe budget
+        if probes and hasattr(self.policy, "charge_probes"):
+            # the probes' share of the drafters' catch-up (tokens missed while off), settled against the price the
+            # plan put on it (none measured as prefill: a short catch-up, inside the draft time)
             self.policy.charge_probes(prefill * probes / len(drafting))
         for lv, tree, verdict in zip(live, trees, verdicts, strict=True):
             lv.stats["rounds"] += 1

@@ -116,9 +116,9 @@ class HeadProposer:
             self.free.append(self.slot.pop(rid))
             del self.seen[rid]
 
-    def step_seconds(self, batch: int) -> float:
-        """Profiled seconds of one draft level over `batch` requests."""
-        return self.runner.time_forward(batch, 1)
+    def step_seconds(self, batch: int, tokens: int = 1) -> float:
+        """Profiled seconds of one draft level over `batch` requests (`tokens`: of that many tokens in each)."""
+        return self.runner.time_forward(batch, tokens)
 
     def _slot_for(self, rid: str) -> int:
         if rid not in self.slot:

@@ -123,9 +123,9 @@ class MergedProposer:
         models = [p for p in self.proposers if hasattr(p, "step_seconds")]
         return len(models) == 1 and bool(getattr(models[0], "drafts_in_one_forward", False))
 
-    def step_seconds(self, batch: int) -> float:
+    def step_seconds(self, batch: int, tokens: int = 1) -> float:
         """A draft level of every member with a model (drafters, a draft head); lookups cost nothing here."""
-        return sum(p.step_seconds(batch) for p in self.proposers if hasattr(p, "step_seconds"))
+        return sum(p.step_seconds(batch, tokens) for p in self.proposers if hasattr(p, "step_seconds"))
 
     @property
     def needs_features(self) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import mmap
 import os
 import shutil
 import subprocess
@@ -171,6 +172,47 @@ class PackedWeight:
                               flat.shape[0] // self.groups, self.out_features, self.in_features,
                               torch.get_num_threads())
         return out.view(*lead, self.out_features)
+
+
+HUGE_PAGE = 2 << 20  # bytes of a transparent huge page (x86-64; the common arm64 kernels too)
+
+
+def _huge_buffer(floats: int) -> torch.Tensor:
+    """A float32 CPU tensor of `floats` elements, 2 MiB-aligned, on memory advised for transparent huge pages
+    before its first touch (Linux' default THP mode, "madvise", backs nothing else with them); ordinary memory
+    where the OS has no such advice. The tensor keeps the mapping alive and unmaps it when freed."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or floats == 0:
+        return torch.empty(floats, dtype=torch.float32)
+    try:
+        # private: a shared anonymous mapping is shmem, which THP's own switch (usually never) governs
+        area = mmap.mmap(-1, floats * 4 + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        area.madvise(advice)
+    except (OSError, ValueError):
+        return torch.empty(floats, dtype=torch.float32)
+    raw = torch.frombuffer(area, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    return raw[start:start + floats * 4].view(torch.float32)
+
+
+def gather(weights: list[PackedWeight]) -> None:
+    """Moves these weights' panels into one buffer on transparent huge pages (same values, same layout).
+
+    A drafter step at batch 1 streams every weight once, and a group of G drafters G times as many: 26 MB for
+    four of the bundled ones, 6,300 pages of 4 KiB, over the reach of the CPU's TLB (a few thousand entries), so
+    the grouped step also paid a page walk every 4 KiB of its weights. On 2 MiB pages it is 13 entries. Measured
+    at batch 1, one thread, on a busy 2-core EPYC (two paired runs, medians of thread time): a group of 3
+    1.73 / 1.43 -> 1.14 / 1.09 ms, of 4 2.28 / 1.94 -> 1.55 / 1.69 ms, one drafter 0.51 -> 0.49 ms; batch 4 and
+    16 (compute, not page walks, dominates there) unchanged. The values and their layout are the same: outputs
+    are bit for bit what they were."""
+    sizes = [-(-w.packed.numel() // 16) * 16 for w in weights]  # each weight's panels start on a cache line
+    arena = _huge_buffer(sum(sizes))
+    at = 0
+    for w, size in zip(weights, sizes, strict=True):
+        part = arena[at:at + w.packed.numel()].view(w.packed.shape)
+        part.copy_(w.packed)
+        w.packed = part
+        at += size
 
 
 def _ptr(t: torch.Tensor | None):

@@ -62,6 +62,21 @@ def test_a_group_packs_each_member_apart():
         packed(torch.randn(4, 48))
 
 
+
+def test_gathered_weights_keep_their_values_and_results_bit_for_bit():
+    """`gather` moves packed weights into one huge-page buffer: same panels, same outputs, each on a cache line."""
+    gen = torch.Generator().manual_seed(3)
+    weights = [cpu_gemm.PackedWeight(torch.randn(3, 70, 48, generator=gen), torch.randn(3, 70, generator=gen)),
+               cpu_gemm.PackedWeight(torch.randn(100, 37, generator=gen)), cpu_gemm.PackedWeight(torch.randn(5, 3))]
+    inputs = [torch.randn(6, 48, generator=gen), torch.randn(7, 37, generator=gen), torch.randn(2, 3)]
+    before = [(w.unpack(), w(x)) for w, x in zip(weights, inputs, strict=True)]
+    cpu_gemm.gather(weights)
+    storage = {w.packed.untyped_storage().data_ptr() for w in weights}
+    assert len(storage) == 1  # one buffer
+    for w, x, (unpacked, out) in zip(weights, inputs, before, strict=True):
+        assert w.packed.data_ptr() % 64 == 0
+        assert torch.equal(w.unpack(), unpacked) and torch.equal(w(x), out)
+
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="float32 CPU weight"):
         cpu_gemm.PackedWeight(torch.randn(4, 4, dtype=torch.float64))

@@ -315,6 +315,9 @@ class LlamaRunner:
                                  ("w_down", "b_down")):
                 setattr(layer, weight, packed(weight, bias, i))
                 setattr(layer, bias, None)  # packed with its weight
+        # one buffer on huge pages: a step streams all of them, and a group's G times as many overflow the TLB
+        cpu_gemm.gather([self.lm_head] + [getattr(layer, weight) for layer in self.layers
+                                          for weight in ("w_qkv", "w_o", "w_gate_up", "w_down")])
 
     def keep_logit_rows(self, rows: torch.Tensor) -> None:
         """Logits for these vocabulary ids only, in this order (a draft head's reduced vocabulary)."""

@@ -107,6 +107,14 @@ def _top_p_remove(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return remove & (count > 0)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) (the first maximum on ties, as torch's), by numpy's SIMD argmax for float32 / float64 on the CPU:
+    torch's CPU argmax over a vocabulary row costs ~6x numpy's (24 us against 4 us for 3 x 8192)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() >= 1 and x.shape[-1] > 0:
+        return torch.from_numpy(np.asarray(x.detach().numpy().argmax(-1), dtype=np.int64))
+    return x.argmax(-1)
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     """A CPU generator: seeded for reproducible sampling, or from fresh entropy when seed is None."""
     generator = torch.Generator(device="cpu")
@@ -161,7 +169,7 @@ def keyed_target_sample(logits: torch.Tensor, params: SamplingParams, seed: int,
     scores = _scaled_scores(logits, params)  # [V]
     vocab = scores.shape[-1]
     noisy = scores + position_gumbels(seed, position, vocab).to(scores.device)  # [V]
-    token = int(noisy.argmax())
+    token = int(argmax(noisy))
     if params.top_p >= 1.0:
         return token
     probs = scores.softmax(-1).cpu().numpy()  # [V] (the verifier hands the host's rows: no copy)
@@ -191,7 +199,8 @@ DRAFT_TAIL_SUPPORT = 64  # a draw that lands in the drafter's own top-p tail is 
 
 
 def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list[int], positions: list[int],
-                       siblings: int = 0) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
+                       siblings: int = 0, sibling_rows: int | None = None
+                       ) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
     """Sampled drafts for rows of one request's parameters: logits [n, V] -> (tokens, confidences, alternatives).
 
     Row r's draft is the Gumbel-max draw with the noise of (seeds[r], positions[r]) -- the noise the target's own
@@ -204,15 +213,19 @@ def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list
 
     alternatives[r]: up to `siblings` further (token, confidence) per row, the next best of the same noisy scores
     among the DRAFT_TAIL_SUPPORT likeliest tokens -- where the target's own sample most likely lies when it is not
-    the draft (the two share the noise), so siblings cover more of it than the drafter's plain runner-up does."""
+    the draft (the two share the noise), so siblings cover more of it than the drafter's plain runner-up does.
+    sibling_rows: only the first that many rows get alternatives (None: every row); the others' lists stay empty."""
     from specfleet_kernels.reference import position_gumbels
 
     scores = _scaled_scores(logits, params)  # [n, V]
     vocab = scores.shape[-1]
-    noise = torch.stack([position_gumbels(s, p, vocab) for s, p in zip(seeds, positions, strict=True)]).to(
-        scores.device)  # [n, V], made on the host: one copy to the drafter's device
+    if len(set(zip(seeds, positions, strict=True))) == 1:  # one request's drafters at one position: shared noise
+        noise = position_gumbels(seeds[0], positions[0], vocab).to(scores.device)[None].expand(len(seeds), vocab)
+    else:
+        noise = torch.stack([position_gumbels(s, p, vocab) for s, p in zip(seeds, positions, strict=True)]).to(
+            scores.device)  # [n, V], made on the host: one copy to the drafter's device
     noisy = scores + noise
-    tokens = noisy.argmax(-1)  # [n]
+    tokens = argmax(noisy).to(scores.device)  # [n]
     probs = scores.softmax(-1)  # [n, V]
     chosen = probs.gather(-1, tokens[:, None])  # [n, 1]
     if params.top_p < 1.0:
@@ -224,11 +237,12 @@ def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list
     scale = 1.0 / params.top_p if params.top_p < 1.0 else 1.0
     alternatives: list[list[tuple[int, float]]] = [[] for _ in seeds]
     drawn = tokens.tolist()  # one copy to the host
-    if siblings > 0:
-        values, index = scores.topk(min(DRAFT_TAIL_SUPPORT, vocab), dim=-1)  # [n, S]
-        order = (values + noise.gather(-1, index)).topk(min(siblings + 1, index.shape[-1]), dim=-1).indices
-        ranked = index.gather(-1, order)  # [n, siblings + 1]: best noisy first
-        ranked_probs = probs.gather(-1, ranked)
+    m = len(seeds) if sibling_rows is None else min(sibling_rows, len(seeds))
+    if siblings > 0 and m > 0:
+        values, index = scores[:m].topk(min(DRAFT_TAIL_SUPPORT, vocab), dim=-1)  # [m, S]
+        order = (values + noise[:m].gather(-1, index)).topk(min(siblings + 1, index.shape[-1]), dim=-1).indices
+        ranked = index.gather(-1, order)  # [m, siblings + 1]: best noisy first
+        ranked_probs = probs[:m].gather(-1, ranked)
         for r, (row, row_probs) in enumerate(zip(ranked.tolist(), ranked_probs.tolist(), strict=True)):
             alternatives[r] = [(t, min(1.0, q * scale)) for t, q in zip(row, row_probs, strict=True)
                                if t != drawn[r]][:siblings]

@@ -175,11 +175,13 @@ def keyed_target_sample(logits: torch.Tensor, params: SamplingParams, seed: int,
     probs = scores.softmax(-1).cpu().numpy()  # [V] (the verifier hands the host's rows: no copy)
     score = scores.cpu().numpy()
     x = score[token]
-    below = score < x
     margin = max(1e-4, 8.0 * vocab * 2.0 ** -24 * (1.0 - params.top_p))
     if int(np.count_nonzero(score == x)) == 1:
-        mass = float(probs[below].sum(dtype=np.float64)) + float(probs[token])  # its ascending cumulative sum
-        if mass > (1.0 - params.top_p) + margin:
+        # its ascending cumulative sum: the mass below it plus its own, so at least its own (non-negative terms):
+        # a token alone past the bound needs no pass over the tokens below it (the same decision)
+        own = float(probs[token])
+        if own > (1.0 - params.top_p) + margin or \
+                float(probs[score < x].sum(dtype=np.float64)) + own > (1.0 - params.top_p) + margin:
             return token
     return int(noisy.masked_fill(_top_p_mask(scores[None], params.top_p)[0], -math.inf).argmax())
 
@@ -229,8 +231,17 @@ def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list
     probs = scores.softmax(-1)  # [n, V]
     chosen = probs.gather(-1, tokens[:, None])  # [n, 1]
     if params.top_p < 1.0:
-        at_or_below = (probs * (scores <= scores.gather(-1, tokens[:, None]))).sum(-1)  # [n]
-        for r in (at_or_below <= 1.0 - params.top_p).nonzero()[:, 0].tolist():  # in the tail: rare (a sync per row)
+        # a row's mass at or below its token is at least the token's own probability (a sum of it and non-negative
+        # terms, rounded monotonically): only rows whose token alone holds at most 1 - top_p may be in the tail, and
+        # only they pay the pass over the vocabulary (the same rows are redrawn as with the pass over every row)
+        maybe = (chosen[:, 0] <= 1.0 - params.top_p).nonzero()[:, 0]
+        if len(maybe):
+            sub = scores.index_select(0, maybe)
+            at_or_below = (probs.index_select(0, maybe) * (sub <= sub.gather(-1, tokens[maybe][:, None]))).sum(-1)
+            tail = maybe[at_or_below <= 1.0 - params.top_p].tolist()
+        else:
+            tail = []
+        for r in tail:  # in the tail: rare (a sync per row)
             values, index = scores[r].topk(min(DRAFT_TAIL_SUPPORT, vocab))
             tokens[r] = index[(values + noise[r, index]).argmax()]
             chosen[r, 0] = probs[r, tokens[r]]

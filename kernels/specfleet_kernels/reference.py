@@ -35,23 +35,23 @@ def parent_indices(parents: torch.Tensor) -> list[int]:
 
 def tree_depths(parents: torch.Tensor) -> torch.Tensor:
     """[n] depth of each node: 0 for children of the root."""
-    check_parents(parents)
-    depth = torch.zeros(len(parents), dtype=torch.long, device=parents.device)
-    for i, p in enumerate(parents.tolist()):
-        if p != ROOT:
-            depth[i] = depth[p] + 1
-    return depth
+    depth: list[int] = []
+    for p in parent_indices(parents):  # on the host: a tensor op per node costs more than the list
+        depth.append(0 if p == ROOT else depth[p] + 1)
+    return torch.tensor(depth, dtype=torch.long, device=parents.device)
 
 
 def tree_ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     """[n, n] bool: mask[i, j] is True when node j is node i or one of its ancestors (what i may attend to)."""
-    check_parents(parents)
-    n = len(parents)
-    mask = torch.eye(n, dtype=torch.bool, device=parents.device)
-    for i, p in enumerate(parents.tolist()):
-        if p != ROOT:
-            mask[i] |= mask[p]
-    return mask
+    parent_list = parent_indices(parents)
+    n = len(parent_list)
+    # rows built on the host (a tensor op per node costs more than the whole list), one copy to the tensor
+    rows: list[list[bool]] = []
+    for i, p in enumerate(parent_list):
+        row = rows[p].copy() if p != ROOT else [False] * n
+        row[i] = True
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.bool, device=parents.device).reshape(n, n)
 
 
 def tree_attention_bias(parents: torch.Tensor, prefix_len: int, dtype=torch.float32) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from specfleet.engine.fusion import FusedTreeBuilder
 from specfleet.engine.llama import KvLimits, LlamaRunner, causal_bias, common_prefix, same_shape
 from specfleet.engine.proposers import Draft
-from specfleet.engine.sampling import SamplingParams, keyed_draft_sample
+from specfleet.engine.sampling import SamplingParams, argmax, keyed_draft_sample
 from specfleet.engine.tree import TokenTree
 
 PREFILL_FEED = 8  # a begin() feeding more tokens than this to some request counts as prefill
@@ -103,8 +103,8 @@ def stack_drafters(named_models: list[tuple[str, object]], slots: int, limits: K
             else DrafterModel(tuple(n for n, _ in g), [m for _, m in g], slots, limits) for g in groups]
 
 
-def candidates(logits: torch.Tensor, drafts: list[Draft], level: int, siblings: dict[str, int] | None = None
-               ) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
+def candidates(logits: torch.Tensor, drafts: list[Draft], level: int, siblings: dict[str, int] | None = None,
+               sibling_rows: int | None = None) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
     """One drafter's proposal at draft `level` for each row: logits [B, V] -> (tokens, confidences, alternatives).
 
     A greedy row proposes its argmax with its softmax probability. A sampled row draws from the drafter's own
@@ -114,26 +114,39 @@ def candidates(logits: torch.Tensor, drafts: list[Draft], level: int, siblings: 
     the same temperature, top-k and top-p draw together.
 
     siblings: how many alternatives (token, confidence) to return per row by its kind ("greedy" / "sampled";
-    none by default): a greedy row's next likeliest tokens, a sampled row's next best under the same noise."""
-    probs = torch.softmax(logits, dim=-1)
-    values, indices = probs.max(dim=-1)  # [B], [B]
-    tokens, confidences = indices.tolist(), values.tolist()
+    none by default): a greedy row's next likeliest tokens, a sampled row's next best under the same noise; only
+    for the first `sibling_rows` rows when given (rows after them: no alternatives)."""
+    tokens: list[int] = [0] * len(drafts)
+    confidences: list[float] = [0.0] * len(drafts)
     alternatives: list[list[tuple[int, float]]] = [[] for _ in drafts]
     want = siblings or {}
-    greedy_siblings = want.get("greedy", 0)
-    if greedy_siblings and any(not d.sampled for d in drafts):
-        top_values, top_indices = probs.topk(greedy_siblings + 1, dim=-1)
-        for j, (row, row_values) in enumerate(zip(top_indices.tolist(), top_values.tolist(), strict=True)):
-            if not drafts[j].sampled:
-                alternatives[j] = [(t, q) for t, q in zip(row, row_values, strict=True)
-                                   if t != tokens[j]][:greedy_siblings]
+    if not all(d.sampled for d in drafts):
+        # the full-vocabulary softmax and max (~70 us on a real vocabulary) only where some row is greedy: a sampled
+        # row's token and confidence come from keyed_draft_sample, which overwrites them below
+        probs = torch.softmax(logits, dim=-1)
+        indices = argmax(probs)  # [B] (torch's max over a dim costs ~10x numpy's argmax and a gather)
+        values = probs.gather(-1, indices.to(probs.device)[:, None])[:, 0]  # [B]
+        tokens, confidences = indices.tolist(), values.tolist()
+        greedy_siblings = want.get("greedy", 0)
+        upto = len(drafts) if sibling_rows is None else sibling_rows
+        if greedy_siblings and upto > 0:
+            top_values, top_indices = probs[:upto].topk(greedy_siblings + 1, dim=-1)
+            for j, (row, row_values) in enumerate(zip(top_indices.tolist(), top_values.tolist(), strict=True)):
+                if not drafts[j].sampled:
+                    alternatives[j] = [(t, q) for t, q in zip(row, row_values, strict=True)
+                                       if t != tokens[j]][:greedy_siblings]
     by_params: dict[SamplingParams, list[int]] = {}
     for j, d in enumerate(drafts):
         if d.sampled:
             by_params.setdefault(dataclasses.replace(d.params, seed=None), []).append(j)
     for params, rows in by_params.items():
-        drawn, chosen, alts = keyed_draft_sample(logits[rows], params, [drafts[j].seed for j in rows],
-                                                 [drafts[j].position + level for j in rows], want.get("sampled", 0))
+        # every row (the usual case: one request, or one kind): the logits themselves, no gathered copy
+        picked = logits if len(rows) == len(drafts) else logits[rows]
+        # rows ascend, so the group's rows before `sibling_rows` are its first ones
+        firsts = None if sibling_rows is None else sum(1 for j in rows if j < sibling_rows)
+        drawn, chosen, alts = keyed_draft_sample(picked, params, [drafts[j].seed for j in rows],
+                                                 [drafts[j].position + level for j in rows], want.get("sampled", 0),
+                                                 firsts)
         for j, token, confidence, alt in zip(rows, drawn, chosen, alts, strict=True):
             tokens[j], confidences[j], alternatives[j] = token, confidence, alt
     return tokens, confidences, alternatives

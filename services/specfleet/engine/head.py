@@ -190,13 +190,14 @@ class HeadProposer:
         dev = self.runner.device
         sib_rows: list[tuple[int, int]] = []  # (request row, node index of the sibling fed) in the last forward
         for level in range(deepest):
-            chosen, confidence, alternatives = candidates(logits[:len(rows)].float(), [drafts[r] for r in rows],
-                                                          level, self.siblings)
-            if sib_rows:  # children of the continued siblings: drafted at this level's output position
-                child, child_confidence, _ = candidates(logits[len(rows):].float(), [drafts[r] for r, _ in sib_rows],
-                                                        level)
-                for (r, node), token, q in zip(sib_rows, child, child_confidence, strict=True):
-                    nodes[r].append((token, node, q))
+            # the chains' rows (with siblings) and the continued siblings' children, drafted at this level's output
+            # position too, in one call: one softmax and one noise draw for the level, not two
+            width = len(rows)
+            chosen, confidence, alternatives = candidates(logits.float(), [drafts[r] for r in rows] +
+                                                          [drafts[r] for r, _ in sib_rows], level, self.siblings,
+                                                          sibling_rows=width)
+            for (r, node), token, q in zip(sib_rows, chosen[width:], confidence[width:], strict=True):
+                nodes[r].append((token, node, q))
             pending: list[tuple[int, int, int]] = []  # (request row, sibling node index, its token) to continue
             for j, r in enumerate(rows):
                 parent = tip[r]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from specfleet.engine.llama import NEG, KvLimits, LlamaRunner, causal_bias, common_prefix
-from specfleet.engine.sampling import SamplingParams, keyed_tree_accept, warp_probs
+from specfleet.engine.sampling import SamplingParams, argmax, keyed_tree_accept, warp_probs
 from specfleet.engine.tree import TokenTree
 from specfleet_kernels.reference import (
     greedy_accept,
@@ -197,7 +197,7 @@ class TargetVerifier:
     def _to_host(items: list[VerifyItem], fed: list[int], logits: torch.Tensor):
         """What acceptance reads, on the host in one copy each per round (never a device sync per node): every
         row's argmax when some item is greedy, and the logit rows of the sampled items ({rid: [n + 1, V]})."""
-        choices = logits.argmax(-1).cpu() if any(item.params.greedy for item in items) else None
+        choices = argmax(logits).cpu() if any(item.params.greedy for item in items) else None
         spans, start = {}, 0
         for item, m in zip(items, fed, strict=True):
             if not item.params.greedy:

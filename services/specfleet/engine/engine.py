@@ -117,12 +117,13 @@ class SpecEngine:
             # drafters in separate forwards cost each theirs (the model's step is then one drafter's average).
             cost.parallel_drafters = bool(getattr(self.proposer, "drafts_in_one_forward", False))
             per = cost.drafter_factor(len(getattr(self.proposer, "drafters", ())) or 1)
-            small, big = step(1) / per, step(self.max_batch) / per
+            level = step(1)  # one draft level of every drafter for one request
+            small, big = level / per, step(self.max_batch) / per
             per_request = max((big - small) / max(self.max_batch - 1, 1), 0.0)
             draft = (max(small - per_request, 1e-5), per_request)
             # a catch-up token (a prefill of what a request's drafters missed) in every drafter: far cheaper than a
             # draft level's row where the forward is bound by reading the weights (a GPU), about as dear on a CPU
-            cost.catch_up_token = max((step(1, 33) - step(1, 1)) / 32, 0.0)
+            cost.catch_up_token = max((step(1, 33) - level) / 32, 0.0)
         cost.set_priors(draft, verify)
 
     def check(self, req: Request) -> None:

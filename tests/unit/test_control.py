@@ -531,3 +531,45 @@ def test_the_measured_catch_up_settles_the_priced_one():
     ctl._priced_catch_up = priced
     ctl.charge_probes(priced + 0.01)
     assert ctl.probe_credit == pytest.approx(credit - 0.01)
+
+
+def _run_rounds(ctl, rounds: int, spec_seconds_per_token: float, plain_seconds_per_token: float) -> list[int]:
+    """Runs `rounds` batch-1 rounds whose clock gives each mode its own seconds per token (a draft of k levels
+    commits k + 1 tokens); returns each round's k."""
+    ks = []
+    for _ in range(rounds):
+        plan = ctl.decide(["r"])["r"]
+        ks.append(plan.k)
+        ctl.observe("r", plan, plan.k, plan.k, ["a"] * plan.k)
+        tokens = plan.k + 1
+        ctl.observe_round(1, {"r": plan}, tokens * (spec_seconds_per_token if plan.k else plain_seconds_per_token),
+                          tokens)
+    return ks
+
+
+def test_speculation_the_clock_says_is_slower_than_plain_turns_off_and_is_rechecked():
+    """The cost model expects drafts to pay (cheap drafts, every one accepted), but the rounds' clock says a
+    speculative round costs more per committed token than a plain one: after a burst measuring plain decoding the
+    controller runs plain, re-trying speculation in a burst each period; when speculation gets faster than plain,
+    the next burst brings it back."""
+    from specfleet.engine.control import RealizedRates
+
+    ctl = controller(k_max=4)
+    window, period = RealizedRates.WINDOW, RealizedRates.PERIOD
+    first = _run_rounds(ctl, 1 + window, spec_seconds_per_token=0.006, plain_seconds_per_token=0.004)
+    assert first[0] > 0 and first[1:] == [0] * window  # the first report starts a burst of plain rounds
+    off = _run_rounds(ctl, 2 * period, spec_seconds_per_token=0.006, plain_seconds_per_token=0.004)
+    # speculation until its own window is full, then plain; bursts of speculation re-check it
+    assert sum(1 for k in off if k) <= 3 * window and off[-period // 2:].count(0) >= period // 2 - window
+    # faster speculation (a better draft, a quieter machine): the next burst brings it back for good
+    back = _run_rounds(ctl, 2 * period, spec_seconds_per_token=0.002, plain_seconds_per_token=0.004)
+    assert back[-period:].count(0) <= window  # at most a burst re-measuring plain decoding
+
+
+def test_without_round_reports_the_plans_are_the_models():
+    """A controller nobody reports rounds to (the fleet's router) plans as the cost model says, every round."""
+    ctl = controller(k_max=4)
+    for _ in range(3 * 24):
+        plan = ctl.decide(["r"])["r"]
+        assert plan.k > 0
+        ctl.observe("r", plan, plan.k, plan.k, ["a"] * plan.k)

@@ -162,6 +162,49 @@ def test_head_drafts_a_chain_with_siblings(model_set, target, models_dir):
     assert tree.tokens[[1, 4, 7]].tolist() == plain.tokens[[1, 3, 5]].tolist()
 
 
+def test_leaves_that_do_not_earn_their_verification_are_dropped_and_retried():
+    """TreeShaper: every leaf without prices (a drafter service); with prices, a role is kept while its measured
+    tokens per node pay the batch's rate x a node's seconds, dropped when it does not, and drafted again one round
+    in EXPLORE_EVERY so that it can come back."""
+    from specfleet.engine.head import CONTINUED, TreeShaper
+
+    free = TreeShaper({"sampled": 2, "greedy": 1}, True)
+    assert free.shape("sampled") == (2, True) and free.shape("greedy") == (1, True)
+    prices = [(300.0, 4e-4, 1e-4)]  # a node must earn 0.12 tokens (0.15 for a continued child: its head row too)
+    shaper = TreeShaper({"sampled": 2}, True, pricing=lambda: prices[0])
+    assert shaper.shape("sampled") == (2, True)  # the optimistic prior: tried first
+    roles = [0, 1, 2, 0, 1, 2, CONTINUED]
+    for i in range(40):  # rank-1 siblings accepted in one round of two, rank 2 in one of 20, continued never
+        shaper.credit("sampled", roles, [0, 1])
+        shaper.credit("sampled", roles, [0, 3] if i % 10 else [2])
+    assert shaper.value("sampled", 1) > 0.2 and 0.01 < shaper.value("sampled", 2) < 0.05
+    shapes = [shaper.shape("sampled") for _ in range(TreeShaper.EXPLORE_EVERY)]
+    assert shapes.count((1, False)) == TreeShaper.EXPLORE_EVERY - 1 and shapes.count((2, True)) == 1
+    prices[0] = (300.0, 1e-5, 1e-5)  # verification nearly free (a GPU, a flat CPU forward): rank 2 pays again
+    assert shaper.shape("sampled") == (2, False)
+
+
+def test_the_head_credits_the_leaves_on_the_accepted_path(model_set, target, models_dir):
+    """observe_accepted walks the accepted tokens down the head's own last tree (its node order need not be the
+    tree the verifier saw: a merged tree reorders and deduplicates) and credits the roles it passes."""
+    from specfleet.engine.head import CONTINUED
+
+    model = HeadModel(model_set.head, target, slots=1, target_dir=models_dir / "target")
+    ids = list(range(50, 70))
+    proposer = HeadProposer(model)
+    tree = proposer.propose([Draft("r", ids, 3, features=_features(target, ids[:-1]))])[0]
+    assert tree.parents.tolist() == [-1, -1, 1, 0, 0, 4, 3, 3]  # chain 0, 3, 6; siblings 1, 4, 7; continued 2, 5
+    before = {role: proposer.shaper.value("greedy", role) for role in (1, CONTINUED)}
+    proposer.observe_accepted("r", tree.tokens[[1, 2]].tolist())  # the first sibling and its continued child
+    assert proposer.shaper.value("greedy", 1) > before[1] and proposer.shaper.value("greedy", CONTINUED) > before[
+        CONTINUED]
+    assert "r" not in proposer.drafted  # credited once
+    proposer.propose([Draft("r", ids, 3, features=_features(target, ids[:-1]))])
+    after = proposer.shaper.value("greedy", 1)
+    proposer.observe_accepted("r", tree.tokens[[0, 3]].tolist())  # the chain only: its siblings earned nothing
+    assert proposer.shaper.value("greedy", 1) < after
+
+
 def test_bundled_models_folder_names_the_head_only_when_present(models_dir):
     bundled = ModelSet.bundled(models_dir)
     assert bundled.head == (models_dir / "head" if (models_dir / "head" / HEAD_INFO).exists() else None)

@@ -246,6 +246,94 @@ class AcceptanceTracker:
         return self.routed_drafters(drafters, keep_share)
 
 
+class LeafPricer:
+    """Whether optional nodes of a tree earn their verification, per request kind and role (the draft head's r-th
+    siblings and continued children, the suffix tree's lookups beside the models). A role's value is its accepted
+    nodes per drafted node (exponential averages over rounds, from an optimistic prior: every role is tried first);
+    it pays while value >= the batch's tokens per second x the seconds one more node costs (a verified token, plus
+    a drafting row where the node needs one). `pricing()` gives (tokens per second, verify seconds per node, draft
+    seconds per row), or None where nothing is priced (every role drafts). A role that does not pay is still drafted
+    one round in EXPLORE_EVERY, so that its value follows the text and the load."""
+
+    PRIOR_NODES, PRIOR_VALUE, DECAY, EXPLORE_EVERY = 8.0, 0.2, 0.97, 16
+
+    def __init__(self, pricing=None):
+        self.pricing = pricing
+        self.stats: dict[tuple[str, object], list[float]] = {}  # (kind, role) -> [accepted, nodes] (decayed)
+        self.rounds: dict[str, int] = {}
+
+    def value(self, kind: str, role) -> float:
+        accepted, nodes = self.stats.get((kind, role), (self.PRIOR_VALUE * self.PRIOR_NODES, self.PRIOR_NODES))
+        return accepted / nodes
+
+    def prices(self, kind: str) -> tuple[float, float, float] | None:
+        """This round's prices for `kind`'s requests, or None: draft every role (unpriced, or an exploring round)."""
+        self.rounds[kind] = self.rounds.get(kind, 0) + 1
+        prices = self.pricing() if self.pricing is not None else None
+        return None if prices is None or self.rounds[kind] % self.EXPLORE_EVERY == 0 else prices
+
+    def pays(self, kind: str, role, prices: tuple[float, float, float] | None, rows: float = 0.0) -> bool:
+        """Whether a node of `role` (needing `rows` drafting rows) pays at `prices` (None: it does)."""
+        if prices is None:
+            return True
+        rate, node_seconds, row_seconds = prices
+        return self.value(kind, role) >= rate * (node_seconds + rows * row_seconds)
+
+    def observe(self, kind: str, role, accepted: int, nodes: int) -> None:
+        """A round drafted `nodes` nodes of `role` for a request of `kind`, and the walk accepted `accepted`."""
+        if nodes <= 0:
+            return
+        acc, total = self.stats.get((kind, role), (self.PRIOR_VALUE * self.PRIOR_NODES, self.PRIOR_NODES))
+        self.stats[(kind, role)] = [self.DECAY * acc + accepted, self.DECAY * total + nodes]
+
+
+class RealizedRates:
+    """What whole rounds achieved, by batch size: committed tokens per second over the last WINDOW rounds where the
+    plan drafted with models, and over the last WINDOW where it did not. The cost model predicts; this checks the
+    prediction against the clock (DSI: never slower than the target alone). A speculative round's fixed costs that
+    the model's verify line cannot tell apart from its tokens' (the acceptance walk, the tree's masks, the draft
+    head's features) make plain decoding look slower than it is: on session 15's AVX-512 Xeon the model expected
+    1.46x for the draft head on sampled text while its rounds ran at 0.93x plain decoding's speed.
+
+    Each mode is measured in bursts of WINDOW consecutive rounds at the start of a PERIOD (fresh samples together,
+    so one burst decides): plain decoding first and every REFRESH periods while speculation wins, speculation
+    every period while it loses."""
+
+    WINDOW = 6
+    PERIOD = 128  # rounds; the burst of the other mode costs WINDOW / PERIOD of them
+    REFRESH = 4  # while speculation wins, plain decoding is re-measured every REFRESH periods
+
+    def __init__(self):
+        self.samples: dict[tuple[int, bool], deque[tuple[float, int]]] = {}  # (batch, speculative) -> rounds
+        self.rounds: dict[int, int] = {}  # rounds whose plan drafted, per batch size
+
+    def observe(self, batch: int, speculative: bool, seconds: float, tokens: int) -> None:
+        if batch > 0 and seconds > 0 and tokens > 0:
+            self.samples.setdefault((batch, speculative), deque(maxlen=self.WINDOW)).append((seconds, tokens))
+
+    def rate(self, batch: int, speculative: bool) -> float | None:
+        """Measured tokens per second over the mode's last WINDOW rounds (None before it has run that many)."""
+        window = self.samples.get((batch, speculative), ())
+        if len(window) < self.WINDOW:
+            return None
+        return sum(t for _, t in window) / sum(s for s, _ in window)
+
+    def allow(self, batch: int) -> str:
+        """For a round whose plan drafts: "speculate" (as planned) or "plain"."""
+        if not self.samples:  # nobody reports rounds (a router planning for services): the plans as they are
+            return "speculate"
+        n = self.rounds.get(batch, 0)
+        self.rounds[batch] = n + 1
+        period, burst = divmod(n, self.PERIOD)
+        burst = burst < self.WINDOW
+        plain, spec = self.rate(batch, False), self.rate(batch, True)
+        if spec is not None and plain is not None and spec < plain:
+            return "speculate" if burst else "plain"  # slower than plain decoding here: re-tried in bursts
+        if burst and (plain is None or period % self.REFRESH == 0):
+            return "plain"  # plain decoding measured first, and now and then while speculation wins
+        return "speculate"
+
+
 @dataclass(frozen=True)
 class Plan:
     """One request's round: draft k levels with these drafters (k = 0: plain decoding, no drafters)."""
@@ -314,6 +402,8 @@ class SpeculationController:
         self.overall_of: dict[str, AcceptanceTracker] = {"": self.overall}
         self.kind_of: dict[str, str] = {}
         self.last_rates = (0.0, 0.0)  # (plain, chosen) expected tokens/s of the last decide, for metrics
+        self.realized = RealizedRates()  # the clock's check on the plans (`observe_round`)
+        self.last_batch = 0  # requests in the last decide
 
     def tracker(self, rid: str) -> AcceptanceTracker:
         """A request's tracker; a new one starts from its kind's recent acceptance and, once requests of its kind
@@ -383,6 +473,7 @@ class SpeculationController:
                 if lengths is not None and rid in lengths else 0.0
             candidates.append(_Candidate(rid, tracker.alpha, max(width, 1.0), cap, catch_up))
 
+        self.last_batch = len(requests)
         batch_tokens = len(requests) + extra_verify_tokens
         plain_rate = batch_tokens / self.cost.verify_time(batch_tokens) if requests else 0.0
         n_drafters = len(used)
@@ -390,6 +481,8 @@ class SpeculationController:
         self.last_rates = (plain_rate, best_rate)
 
         probes = self._probes(candidates, best_ks, batch_tokens, n_drafters)
+        if (any(best_ks.values()) or probes) and self.realized.allow(len(requests)) == "plain":
+            best_ks, probes = {rid: 0 for rid in best_ks}, {}  # measured slower than plain decoding here: plain
         plans = {}
         for c in candidates:
             k, probe = best_ks[c.rid], c.rid in probes
@@ -401,6 +494,17 @@ class SpeculationController:
             if k > 0 and lengths is not None and c.rid in lengths:
                 self.trackers[c.rid].drafted_upto = lengths[c.rid]  # its drafters catch up this round
         return plans
+
+    def current_rate(self) -> float:
+        """Tokens per second the batch runs at: as measured over its recent speculative rounds where rounds are
+        reported (`observe_round`), else as the last plan expected (0.0 before any plan)."""
+        measured = self.realized.rate(self.last_batch, True) if self.last_batch else None
+        return measured or self.last_rates[1] or self.last_rates[0]
+
+    def observe_round(self, batch: int, plans: Mapping[str, Plan], seconds: float, tokens: int) -> None:
+        """A whole round of `batch` requests under `plans` took `seconds` (drafting, its catch-up, verification) and
+        committed `tokens`: the measured rates `decide` checks its plans against (`RealizedRates`)."""
+        self.realized.observe(batch, any(plan.k > 0 for plan in plans.values()), seconds, tokens)
 
     def catch_up_seconds(self, tracker: AcceptanceTracker, length: int, drafters: int) -> float:
         """What drafting next costs a request beyond its levels: each drafter's prefill of the context it has not

@@ -13,7 +13,7 @@ import torch
 from specfleet.engine.fusion import FusedTreeBuilder
 from specfleet.engine.llama import KvLimits, LlamaRunner, causal_bias, common_prefix, same_shape
 from specfleet.engine.proposers import Draft
-from specfleet.engine.sampling import SamplingParams, argmax, keyed_draft_sample
+from specfleet.engine.sampling import SamplingParams, SubVocab, argmax, keyed_draft_sample
 from specfleet.engine.tree import TokenTree
 
 PREFILL_FEED = 8  # a begin() feeding more tokens than this to some request counts as prefill
@@ -104,7 +104,8 @@ def stack_drafters(named_models: list[tuple[str, object]], slots: int, limits: K
 
 
 def candidates(logits: torch.Tensor, drafts: list[Draft], level: int, siblings: dict[str, int] | None = None,
-               sibling_rows: int | None = None) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
+               sibling_rows: int | None = None, vocab: SubVocab | None = None
+               ) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
     """One drafter's proposal at draft `level` for each row: logits [B, V] -> (tokens, confidences, alternatives).
 
     A greedy row proposes its argmax with its softmax probability. A sampled row draws from the drafter's own
@@ -115,7 +116,8 @@ def candidates(logits: torch.Tensor, drafts: list[Draft], level: int, siblings: 
 
     siblings: how many alternatives (token, confidence) to return per row by its kind ("greedy" / "sampled";
     none by default): a greedy row's next likeliest tokens, a sampled row's next best under the same noise; only
-    for the first `sibling_rows` rows when given (rows after them: no alternatives)."""
+    for the first `sibling_rows` rows when given (rows after them: no alternatives). vocab: the logits' columns are
+    these token ids (a draft head's reduced vocabulary); the tokens returned are ids either way."""
     tokens: list[int] = [0] * len(drafts)
     confidences: list[float] = [0.0] * len(drafts)
     alternatives: list[list[tuple[int, float]]] = [[] for _ in drafts]
@@ -126,15 +128,18 @@ def candidates(logits: torch.Tensor, drafts: list[Draft], level: int, siblings: 
         probs = torch.softmax(logits, dim=-1)
         indices = argmax(probs)  # [B] (torch's max over a dim costs ~10x numpy's argmax and a gather)
         values = probs.gather(-1, indices.to(probs.device)[:, None])[:, 0]  # [B]
+        ids = None if vocab is None else vocab.id_list
         tokens, confidences = indices.tolist(), values.tolist()
+        if ids is not None:
+            tokens = [ids[c] for c in tokens]
         greedy_siblings = want.get("greedy", 0)
         upto = len(drafts) if sibling_rows is None else sibling_rows
         if greedy_siblings and upto > 0:
             top_values, top_indices = probs[:upto].topk(greedy_siblings + 1, dim=-1)
             for j, (row, row_values) in enumerate(zip(top_indices.tolist(), top_values.tolist(), strict=True)):
                 if not drafts[j].sampled:
-                    alternatives[j] = [(t, q) for t, q in zip(row, row_values, strict=True)
-                                       if t != tokens[j]][:greedy_siblings]
+                    alternatives[j] = [(t if ids is None else ids[t], q) for t, q in zip(row, row_values, strict=True)
+                                       if (t if ids is None else ids[t]) != tokens[j]][:greedy_siblings]
     by_params: dict[SamplingParams, list[int]] = {}
     for j, d in enumerate(drafts):
         if d.sampled:
@@ -146,7 +151,7 @@ def candidates(logits: torch.Tensor, drafts: list[Draft], level: int, siblings: 
         firsts = None if sibling_rows is None else sum(1 for j in rows if j < sibling_rows)
         drawn, chosen, alts = keyed_draft_sample(picked, params, [drafts[j].seed for j in rows],
                                                  [drafts[j].position + level for j in rows], want.get("sampled", 0),
-                                                 firsts)
+                                                 firsts, vocab)
         for j, token, confidence, alt in zip(rows, drawn, chosen, alts, strict=True):
             tokens[j], confidences[j], alternatives[j] = token, confidence, alt
     return tokens, confidences, alternatives

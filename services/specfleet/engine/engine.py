@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specfleet.engine.control import Plan
+from specfleet.engine.control import LeafPricer, Plan
 from specfleet.engine.llama import KvLimits
 from specfleet.engine.proposers import Draft, Proposer
 from specfleet.engine.sampling import SamplingParams, make_generator
 from specfleet.engine.tree import TokenTree
 from specfleet.engine.verify import TargetVerifier, VerifyItem, cut_at_finish
+
+LOOKUP = "suffix"  # the lookup proposer's name in a tree's origins (`SuffixProposer.name`)
 
 
 @dataclass
@@ -83,6 +85,10 @@ class SpecEngine:
         self.eos_token_id = target.config.eos_token_id if eos_token_id is None else eos_token_id
         self.max_positions = self.target.max_positions
         self.timings = {"draft_s": 0.0, "verify_s": 0.0, "prefill_s": 0.0}
+        # the suffix tree's lookups beside the models, per request kind: drafted while their nodes earn their
+        # verification (`LeafPricer`); with no cost model (`FixedK`), for greedy rows and a lone request
+        self.lookups = LeafPricer()
+        self._price_leaves()
 
     # ------------------------------------------------------------------ public
 
@@ -92,6 +98,23 @@ class SpecEngine:
             raise RuntimeError("the proposer changes only while no request is live")
         self.proposer = proposer
         self.target.keep_features = bool(getattr(proposer, "needs_features", False))
+        self._price_leaves()
+
+    def _price_leaves(self) -> None:
+        """Prices optional nodes -- the suffix tree's lookups here, the leaves beside the draft head's chain in a
+        proposer that shapes its trees (`price_with`) -- at the speculation controller's costs: the batch's expected
+        tokens per second, a verified node's seconds and a drafted row's."""
+        cost = getattr(self.policy, "cost", None)
+        if cost is None:
+            return
+
+        def pricing():
+            rate = self.policy.current_rate() if hasattr(self.policy, "current_rate") else 0.0
+            return None if rate <= 0 else (rate, cost.verify_seconds_per_token(), cost.draft_step.slope)
+
+        self.lookups.pricing = pricing
+        if hasattr(self.proposer, "price_with"):
+            self.proposer.price_with(pricing)
 
     def calibrate(self) -> None:
         """Profiles a target forward (batch 1: 1 and 16 tokens; a batched engine: 1 and 3 tokens in each of its
@@ -191,16 +214,22 @@ class SpecEngine:
                                    kinds={lv.req.rid: lv.req.params.kind for lv in live},
                                    lengths={lv.req.rid: len(lv.tokens) for lv in live})
         features = self.target.features_of if self.target.keep_features else None
-        # a free lookup beside the models (the fused suffix tree) drafts the most levels allowed every round for
-        # greedy requests, whose suffix nodes accept often; a sampled request's do rarely (bench/engine.json: 0.2
-        # accepted per round), which paid alone (batch 1 sampled 0.90x -> 1.09x) but not in a batch, where every
-        # node is a token of a forward that plain decoding does not pay (batch 4 / 16 / 32: 0.92x / 0.83x / 0.70x
-        # against 0.94x / 0.87x / 0.94x without): there sampled rows look up only where the plan drafts
+        # a free lookup beside the models (the fused suffix tree) drafts the most levels allowed, whatever the plan,
+        # for the kinds of request whose lookup nodes earn their verification: a greedy request's accept often, a
+        # sampled one's rarely (bench/engine.json: 0.2 accepted per round), which paid alone on a CPU whose verify
+        # forward costs about the same for 1 and 16 tokens (batch 1 sampled 0.90x -> 1.09x) but not in a batch,
+        # where every node is a token of a forward that plain decoding does not pay (batch 4 / 16 / 32: 0.92x /
+        # 0.83x / 0.70x against 0.94x / 0.87x / 0.94x without). Unpriced: greedy rows and a lone request look up
         lookup_k = getattr(self.policy, "k_max", getattr(self.policy, "k", 0)) \
             if getattr(self.proposer, "has_lookups", False) else 0
+        if lookup_k and self.lookups.pricing is not None:
+            looks = {kind: self.lookups.pays(kind, LOOKUP, self.lookups.prices(kind))
+                     for kind in {lv.req.params.kind for lv in live}}
+        else:
+            looks = {"greedy": True, "sampled": len(live) == 1}
 
         def lookup(lv: _Live) -> int:
-            k = lookup_k if lv.req.params.greedy or len(live) == 1 else 0
+            k = lookup_k if looks[lv.req.params.kind] else 0
             return max(0, min(k, lv.remaining - 1))
 
         drafts = [Draft(lv.req.rid, lv.tokens, plans[lv.req.rid].k, tuple(plans[lv.req.rid].drafters) or None,
@@ -228,12 +257,20 @@ class SpecEngine:
                 used = {n for d in priced for n in (d.drafters or ())} or {self.proposer.name}
                 self.policy.cost.observe_draft(len(priced), len(used), model_steps, t1 - t0 - prefill)
             self.policy.cost.observe_verify(sum(len(t) + 1 for t in trees), t2 - t1)
+        if hasattr(self.policy, "observe_round"):  # the clock's check: does speculating pay here, in fact?
+            self.policy.observe_round(len(live), plans, t2 - t0, sum(len(v.tokens) for v in verdicts))
         probes = sum(1 for d in drafting if plans[d.rid].probe)
         if probes and hasattr(self.policy, "charge_probes"):
             # the probes' share of the drafters' catch-up (tokens missed while off), settled against the price the
             # plan put on it (none measured as prefill: a short catch-up, inside the draft time)
             self.policy.charge_probes(prefill * probes / len(drafting))
-        for lv, tree, verdict in zip(live, trees, verdicts, strict=True):
+        learn = getattr(self.proposer, "observe_accepted", None) if drafting else None
+        for lv, draft, tree, verdict in zip(live, drafts, trees, verdicts, strict=True):
+            if learn is not None and len(tree):
+                learn(lv.req.rid, verdict.tokens[:len(verdict.path)])
+            if draft.lookup_k and tree.origins is not None:  # what the lookup's own nodes (no model's) earned
+                alone = [i for i, o in enumerate(tree.origins) if o == (LOOKUP,)]
+                self.lookups.observe(lv.req.params.kind, LOOKUP, len(set(alone) & set(verdict.path)), len(alone))
             lv.stats["rounds"] += 1
             lv.stats["draft_tokens"] += len(tree)
             lv.stats["accepted_tokens"] += len(verdict.path)

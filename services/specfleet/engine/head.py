@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specfleet.engine.control import LeafPricer
 from specfleet.engine.drafters import PREFILL_FEED, candidates
 from specfleet.engine.llama import NEG, KvLimits, LlamaRunner, causal_bias, common_prefix
 from specfleet.engine.proposers import Draft
+from specfleet.engine.sampling import SubVocab
 from specfleet.engine.tree import TokenTree
 from specfleet.training.head import DRAFT_VOCAB, read_head
 from specfleet_kernels import cpu_gemm
@@ -62,18 +64,12 @@ class HeadModel:
             self.fc = cpu_gemm.PackedWeight(self.fc)
         self.embed = embed.detach()
         self.vocab_size = tcfg.vocab_size
-        # a draft vocabulary: the LM head's rows for those tokens only (logits come back over the full vocabulary)
+        # a draft vocabulary: the LM head's rows for those tokens only; logits come back over them (column c: token
+        # sub_vocab.ids[c]), and the proposer draws over them with each token's own noise (no [V] -inf row built)
         self.draft_vocab = None if vocab is None else vocab.to(embed.device)
+        self.sub_vocab = None if vocab is None else SubVocab(self.draft_vocab, self.vocab_size)
         if vocab is not None:
             self.runner.keep_logit_rows(vocab)
-
-    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits over the draft vocabulary -> over the target's (-inf elsewhere: never drafted)."""
-        if self.draft_vocab is None:
-            return logits
-        out = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
-        out[..., self.draft_vocab] = logits
-        return out
 
     def inputs(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """fc(cat(feature, embedding of the next token)): features [..., H], tokens [...] -> [..., H]."""
@@ -86,8 +82,37 @@ class HeadModel:
 # Leaves beside each level's drafted token, by the request's kind. A greedy row keeps the head's runner-up; a sampled
 # row the next two best under the request's noise (`keyed_draft_sample`): on the held-out prompts at k = 4 they
 # raised accepted tokens per round from 2.07 (one sibling, the head's argmax) to 2.36 at the same CPU time per round.
+# That was a CPU whose verify forward costs about the same for 1 and 16 tokens; where each verified token costs
+# ~10% of a forward (AVX-512 Xeon, 2 cores: 2.7 ms at 1 token, 6.7 ms at 16) the chain alone pays more. So these
+# are the most a level gets: `TreeShaper` keeps each kind of leaf only while it earns its verification.
 SIBLINGS = {"greedy": 1, "sampled": 2}
 CONTINUE_SIBLING = True  # draft one child under each level's first sibling (but the last level's)
+CONTINUED = -1  # a node's role: the child drafted under a level's first sibling (0: the chain, r: the r-th sibling)
+
+
+class TreeShaper(LeafPricer):
+    """Which leaves beside the chain pay, per request kind: the r-th sibling of each level (role r), the continued
+    sibling's child (role CONTINUED). A sibling accepted at level L stands where the target would have sampled that
+    very token itself, so it adds its bonus token: one token per acceptance; a continued child one more, and it
+    costs a row in the head's forward too. Ranks are nested (the r-th sibling only with the first r - 1)."""
+
+    def __init__(self, siblings: dict[str, int], continued: bool, pricing=None):
+        super().__init__(pricing)
+        self.most, self.continued = dict(siblings), continued
+
+    def shape(self, kind: str) -> tuple[int, bool]:
+        """(siblings per level, whether to continue the first one) for this round's requests of `kind`."""
+        most, prices = self.most.get(kind, 0), self.prices(kind)
+        count = 0
+        while count < most and self.pays(kind, count + 1, prices):
+            count += 1
+        return count, self.continued and count > 0 and self.pays(kind, CONTINUED, prices, rows=1)
+
+    def credit(self, kind: str, roles: list[int], accepted: list[int]) -> None:
+        """One round's tree (each node's role) and the nodes the walk accepted (indices into it)."""
+        taken = [roles[i] for i in accepted]
+        for role in set(roles) - {0}:
+            self.observe(kind, role, taken.count(role), roles.count(role))
 
 
 class HeadProposer:
@@ -100,8 +125,9 @@ class HeadProposer:
     def __init__(self, head: HeadModel, siblings: bool = True, continue_siblings: bool = CONTINUE_SIBLING):
         self.head = head
         self.runner = head.runner
-        self.siblings = SIBLINGS if siblings else None
-        self.continue_siblings = continue_siblings and siblings
+        # the leaves beside the chain, each kept while it pays (`price_with` gives the shaper the engine's costs)
+        self.shaper = TreeShaper(SIBLINGS if siblings else {}, continue_siblings and siblings)
+        self.drafted: dict[str, tuple[str, list[int], list[int], list[int]]] = {}  # rid -> its last tree's roles
         self.drafters = {HEAD: self}
         self.last_prefill_seconds = 0.0
         self.free = list(range(self.runner.slots - 1, -1, -1))
@@ -112,9 +138,30 @@ class HeadProposer:
         pass
 
     def stop(self, rid: str, output: list[int]) -> None:
+        self.drafted.pop(rid, None)
         if rid in self.slot:
             self.free.append(self.slot.pop(rid))
             del self.seen[rid]
+
+    def price_with(self, pricing) -> None:
+        """pricing() -> (tokens per second of the batch, verify seconds of one more node, head seconds of one more
+        row): what a leaf must earn to stay in the trees (`TreeShaper`)."""
+        self.shaper.pricing = pricing
+
+    def observe_accepted(self, rid: str, accepted: list[int]) -> None:
+        """The draft tokens the target accepted for `rid` in the round its last tree went to (in path order, from a
+        tree that may hold other proposers' nodes too): the head's own nodes on that path credit their roles."""
+        kind, tokens, parents, roles = self.drafted.pop(rid, ("", [], [], []))
+        path, parent = [], -1
+        for token in accepted:
+            node = next((i for i, (t, p) in enumerate(zip(tokens, parents, strict=True)) if p == parent and t == token),
+                        None)
+            if node is None:
+                break
+            path.append(node)
+            parent = node
+        if roles:
+            self.shaper.credit(kind, roles, path)
 
     def step_seconds(self, batch: int, tokens: int = 1) -> float:
         """Profiled seconds of one draft level over `batch` requests (`tokens`: of that many tokens in each)."""
@@ -132,6 +179,8 @@ class HeadProposer:
     def propose(self, batch: list[Draft]) -> list[TokenTree]:
         trees = [TokenTree.empty()] * len(batch)
         self.last_prefill_seconds = 0.0
+        for d in batch:
+            self.drafted.pop(d.rid, None)
         rows = [i for i, d in enumerate(batch) if d.k > 0 and d.features is not None and len(d.context) >= 2
                 and len(d.features) == len(d.context) - 1 and (d.drafters is None or HEAD in d.drafters)]
         if not rows:
@@ -175,7 +224,7 @@ class HeadProposer:
             feature = hidden[torch.tensor(lengths, device=dev).cumsum(0) - 1]
         else:
             feature = hidden.gather(1, last[..., None].expand(len(drafts), 1, hidden.shape[-1]))[:, 0]
-        return self.head.full_logits(logits[:, 0]), feature
+        return logits[:, 0], feature  # over the draft vocabulary (`HeadModel.sub_vocab`)
 
     def _draft(self, drafts: list[Draft], logits: torch.Tensor, feature: torch.Tensor) -> list[TokenTree]:
         """Level by level: each row's chain, its siblings, and (CONTINUE_SIBLING) one child under the first sibling
@@ -183,7 +232,11 @@ class HeadProposer:
         sibling rides in the same forward at column len(features) + K + L (K: the deepest chain), seeing the
         context and its own ancestors only (the chain up to its parent), so the chain never sees it and the next
         round overwrites nothing it needs (its chain's columns are rewritten before they are read)."""
-        nodes: list[list[tuple[int, int, float]]] = [[] for _ in drafts]  # (token, parent, confidence)
+        nodes: list[list[tuple[int, int, float, int]]] = [[] for _ in drafts]  # (token, parent, confidence, role)
+        kinds = ["sampled" if d.sampled else "greedy" for d in drafts]
+        shapes = {kind: self.shaper.shape(kind) for kind in set(kinds)}
+        siblings = {kind: count for kind, (count, _) in shapes.items()}
+        continued = {kind: keep for kind, (_, keep) in shapes.items()}
         tip = [-1] * len(drafts)  # each chain's last node
         rows = list(range(len(drafts)))
         deepest = max(d.k for d in drafts)
@@ -194,18 +247,18 @@ class HeadProposer:
             # position too, in one call: one softmax and one noise draw for the level, not two
             width = len(rows)
             chosen, confidence, alternatives = candidates(logits.float(), [drafts[r] for r in rows] +
-                                                          [drafts[r] for r, _ in sib_rows], level, self.siblings,
-                                                          sibling_rows=width)
+                                                          [drafts[r] for r, _ in sib_rows], level, siblings,
+                                                          sibling_rows=width, vocab=self.head.sub_vocab)
             for (r, node), token, q in zip(sib_rows, chosen[width:], confidence[width:], strict=True):
-                nodes[r].append((token, node, q))
+                nodes[r].append((token, node, q, CONTINUED))
             pending: list[tuple[int, int, int]] = []  # (request row, sibling node index, its token) to continue
             for j, r in enumerate(rows):
                 parent = tip[r]
-                nodes[r].append((chosen[j], parent, confidence[j]))
+                nodes[r].append((chosen[j], parent, confidence[j], 0))
                 tip[r] = len(nodes[r]) - 1
                 first_sibling = len(nodes[r])
-                nodes[r].extend((alt, parent, q) for alt, q in alternatives[j])
-                if self.continue_siblings and alternatives[j] and level + 1 < drafts[r].k:
+                nodes[r].extend((alt, parent, q, rank) for rank, (alt, q) in enumerate(alternatives[j], 1))
+                if continued[kinds[r]] and alternatives[j] and level + 1 < drafts[r].k:
                     pending.append((j, first_sibling, alternatives[j][0][0]))
             keep = [j for j, r in enumerate(rows) if level + 1 < drafts[r].k]
             if not keep:
@@ -220,20 +273,23 @@ class HeadProposer:
             owners = rows + [r for r, _ in sib_rows]
             at = [len(drafts[r].features) + level for r in rows] + \
                  [len(drafts[r].features) + deepest + level for r, _ in sib_rows]
-            cols = torch.tensor(at, device=dev)[:, None]
-            bias = causal_bias(at, [1] * len(at), max(at) + 1)  # on the host: the siblings' rows are masked below
+            at_host = torch.tensor(at)
+            cols = at_host[:, None].to(dev)
+            # on the host: each fed token sees the columns up to its own (the siblings' rows are masked below)
+            bias = torch.where(torch.arange(max(at) + 1)[None] <= at_host[:, None], 0.0, NEG)[:, None, None]
             for i, (r, _) in enumerate(sib_rows):  # a sibling sees the context and the chain above its parent only
                 bias[len(rows) + i, 0, 0, len(drafts[r].features) + level:at[len(rows) + i]] = NEG
             slots = torch.tensor([self.slot[drafts[r].rid] for r in owners], device=dev)
             logits, hidden = self.runner.forward(torch.zeros(len(owners), 1, dtype=torch.long, device=dev),
                                                  cols, cols, bias.to(dev), slots=slots, inputs=x,
                                                  return_hidden=True)
-            logits, feature = self.head.full_logits(logits[:, 0]), hidden[:, 0]
+            logits, feature = logits[:, 0], hidden[:, 0]
         trees = []
-        for chain in nodes:
-            tokens = [n[0] for n in chain]
+        for d, kind, chain in zip(drafts, kinds, nodes, strict=True):
+            tokens, parents = [n[0] for n in chain], [n[1] for n in chain]
+            self.drafted[d.rid] = (kind, tokens, parents, [n[3] for n in chain])
             trees.append(TokenTree(torch.tensor(tokens, dtype=torch.long, device="cpu"),
-                                   torch.tensor([n[1] for n in chain], dtype=torch.long, device="cpu"),
+                                   torch.tensor(parents, dtype=torch.long, device="cpu"),
                                    torch.tensor([n[2] for n in chain], dtype=torch.float32, device="cpu"),
                                    origins=((HEAD,),) * len(chain)))
         return trees

@@ -139,6 +139,17 @@ class MergedProposer:
         for p in self.proposers:
             p.stop(rid, output)
 
+    def observe_accepted(self, rid: str, accepted: list[int]) -> None:
+        """The round's accepted draft tokens, to every member that learns from them (the draft head's tree shape)."""
+        for p in self.proposers:
+            if hasattr(p, "observe_accepted"):
+                p.observe_accepted(rid, accepted)
+
+    def price_with(self, pricing) -> None:
+        for p in self.proposers:
+            if hasattr(p, "price_with"):
+                p.price_with(pricing)
+
     @property
     def has_lookups(self) -> bool:
         """Whether a member drafts by lookup (no model step): it then drafts `Draft.lookup_k` levels every round."""

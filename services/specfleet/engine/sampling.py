@@ -197,11 +197,21 @@ def keyed_tree_accept(tokens: torch.Tensor, parents: torch.Tensor, logits: torch
                                                                                 start + depth))
 
 
+class SubVocab:
+    """Token ids (ascending, distinct) of a vocabulary of `size` tokens that a drafter's logits cover (a draft
+    head's reduced vocabulary): its logits' column c is token ids[c]."""
+
+    def __init__(self, ids: torch.Tensor, size: int):
+        self.ids = ids.to(torch.long)
+        self.size = int(size)
+        self.id_list: list[int] = self.ids.tolist()
+
+
 DRAFT_TAIL_SUPPORT = 64  # a draw that lands in the drafter's own top-p tail is redrawn among this many likeliest
 
 
 def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list[int], positions: list[int],
-                       siblings: int = 0, sibling_rows: int | None = None
+                       siblings: int = 0, sibling_rows: int | None = None, vocab: SubVocab | None = None
                        ) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
     """Sampled drafts for rows of one request's parameters: logits [n, V] -> (tokens, confidences, alternatives).
 
@@ -216,46 +226,54 @@ def keyed_draft_sample(logits: torch.Tensor, params: SamplingParams, seeds: list
     alternatives[r]: up to `siblings` further (token, confidence) per row, the next best of the same noisy scores
     among the DRAFT_TAIL_SUPPORT likeliest tokens -- where the target's own sample most likely lies when it is not
     the draft (the two share the noise), so siblings cover more of it than the drafter's plain runner-up does.
-    sibling_rows: only the first that many rows get alternatives (None: every row); the others' lists stay empty."""
+    sibling_rows: only the first that many rows get alternatives (None: every row); the others' lists stay empty.
+
+    vocab: the logits' columns are these token ids of a larger vocabulary (a draft head's reduced one): the draw
+    uses those tokens' noise and returns token ids, as over the full vocabulary with every other token at -inf,
+    without building that [n, full vocabulary] tensor."""
     from specfleet_kernels.reference import position_gumbels
 
     scores = _scaled_scores(logits, params)  # [n, V]
-    vocab = scores.shape[-1]
+    n, width = scores.shape
+    full = width if vocab is None else vocab.size
+
+    def noise_of(seed: int, position: int) -> torch.Tensor:
+        row = position_gumbels(seed, position, full)
+        return row if vocab is None else row.index_select(0, vocab.ids)
+
     if len(set(zip(seeds, positions, strict=True))) == 1:  # one request's drafters at one position: shared noise
-        noise = position_gumbels(seeds[0], positions[0], vocab).to(scores.device)[None].expand(len(seeds), vocab)
+        noise = noise_of(seeds[0], positions[0]).to(scores.device)[None].expand(n, width)
     else:
-        noise = torch.stack([position_gumbels(s, p, vocab) for s, p in zip(seeds, positions, strict=True)]).to(
+        noise = torch.stack([noise_of(s, p) for s, p in zip(seeds, positions, strict=True)]).to(
             scores.device)  # [n, V], made on the host: one copy to the drafter's device
-    noisy = scores + noise
-    tokens = argmax(noisy).to(scores.device)  # [n]
+    tokens = argmax(scores + noise)  # [n] on the host
     probs = scores.softmax(-1)  # [n, V]
-    chosen = probs.gather(-1, tokens[:, None])  # [n, 1]
+    chosen = probs.gather(-1, tokens.to(scores.device)[:, None])[:, 0].tolist()  # one copy to the host
+    drawn = tokens.tolist()
     if params.top_p < 1.0:
         # a row's mass at or below its token is at least the token's own probability (a sum of it and non-negative
         # terms, rounded monotonically): only rows whose token alone holds at most 1 - top_p may be in the tail, and
         # only they pay the pass over the vocabulary (the same rows are redrawn as with the pass over every row)
-        maybe = (chosen[:, 0] <= 1.0 - params.top_p).nonzero()[:, 0]
-        if len(maybe):
-            sub = scores.index_select(0, maybe)
-            at_or_below = (probs.index_select(0, maybe) * (sub <= sub.gather(-1, tokens[maybe][:, None]))).sum(-1)
-            tail = maybe[at_or_below <= 1.0 - params.top_p].tolist()
-        else:
-            tail = []
-        for r in tail:  # in the tail: rare (a sync per row)
-            values, index = scores[r].topk(min(DRAFT_TAIL_SUPPORT, vocab))
-            tokens[r] = index[(values + noise[r, index]).argmax()]
-            chosen[r, 0] = probs[r, tokens[r]]
+        for r in [r for r, q in enumerate(chosen) if q <= 1.0 - params.top_p]:  # rare (a sync per row)
+            at_or_below = float((probs[r] * (scores[r] <= scores[r, drawn[r]])).sum())
+            if at_or_below <= 1.0 - params.top_p:  # in the tail: redrawn among the likeliest
+                values, index = scores[r].topk(min(DRAFT_TAIL_SUPPORT, width))
+                drawn[r] = int(index[(values + noise[r, index]).argmax()])
+                chosen[r] = float(probs[r, drawn[r]])
     scale = 1.0 / params.top_p if params.top_p < 1.0 else 1.0
     alternatives: list[list[tuple[int, float]]] = [[] for _ in seeds]
-    drawn = tokens.tolist()  # one copy to the host
-    m = len(seeds) if sibling_rows is None else min(sibling_rows, len(seeds))
+    m = n if sibling_rows is None else min(sibling_rows, n)
     if siblings > 0 and m > 0:
-        values, index = scores[:m].topk(min(DRAFT_TAIL_SUPPORT, vocab), dim=-1)  # [m, S]
+        values, index = scores[:m].topk(min(DRAFT_TAIL_SUPPORT, width), dim=-1)  # [m, S]
         order = (values + noise[:m].gather(-1, index)).topk(min(siblings + 1, index.shape[-1]), dim=-1).indices
         ranked = index.gather(-1, order)  # [m, siblings + 1]: best noisy first
         ranked_probs = probs[:m].gather(-1, ranked)
         for r, (row, row_probs) in enumerate(zip(ranked.tolist(), ranked_probs.tolist(), strict=True)):
             alternatives[r] = [(t, min(1.0, q * scale)) for t, q in zip(row, row_probs, strict=True)
                                if t != drawn[r]][:siblings]
-    chosen = (chosen * scale).clamp(max=1.0)
-    return drawn, chosen[:, 0].tolist(), alternatives
+    confidences = [min(1.0, q * scale) for q in chosen]
+    if vocab is not None:  # columns -> token ids
+        ids = vocab.id_list
+        drawn = [ids[c] for c in drawn]
+        alternatives = [[(ids[t], q) for t, q in alts] for alts in alternatives]
+    return drawn, confidences, alternatives

@@ -158,7 +158,8 @@ static void rope_head(float *v, const float *c, const float *s, long d) {
  * it takes the run's tokens one after the other on each block of keys and of values, so a block is read from
  * memory once for the run, and holds o in registers within a block (stored between blocks, which is exact). The
  * value of best does not depend on the order the maximum is taken in (but for the sign of a zero, which
- * x - best, and so every weight, ignores). work: TB (2 S floats + S ints). */
+ * x - best, and so every weight, ignores). work: TB (2 S floats + S ints); column numbers are ints (a cache row of
+ * 2^31 columns would be 512 GiB a head at head_dim 64). */
 #define TB 8
 #if defined(__AVX512F__) && !defined(SF_PLAIN_ATTENTION) /* -DSF_PLAIN_ATTENTION: the plain loop (tests) */
 #include <immintrin.h>
@@ -483,7 +484,7 @@ long sf_layer(float *x, long P, long G, long hidden, const float *w_in, const fl
               const float *k_norm, const float *cosv, const float *sinv, float *kc, float *vc, long kv_heads,
               long columns, long D, long H, const long *rows, const long *cols, const float *bias,
               const long *bias_row, long S, const long *pos, long window, int threads) {
-  if (D > 1024 || P % G || S > 1L << 30) return -1; /* attention keeps column numbers in ints */
+  if (D > 1024 || P % G) return -1;
   long pm = P / G, qs = H * D, kvs = kv_heads * D, qkv_n = qs + 2 * kvs, group_heads = H / kv_heads;
   float *h = malloc(sizeof(float) * P * hidden), *qkv = malloc(sizeof(float) * P * qkv_n);
   float *att = malloc(sizeof(float) * P * qs), *gu = malloc(sizeof(float) * P * 2 * inter);

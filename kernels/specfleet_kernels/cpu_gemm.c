@@ -113,6 +113,7 @@ void sf_gemm(const float *x, const float *wp, const float *bias, float *out, lon
  * 0), so a token's result does not depend on what else is in the forward either. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* sum of a[i] * b[i] in a fixed order: VW lanes over i, then the lanes pairwise, then the tail */
 static inline float dot(const float *a, const float *b, long n) {
@@ -147,6 +148,336 @@ static void rope_head(float *v, const float *c, const float *s, long d) {
   }
 }
 
+/* Attention of one head for a run of T <= TB tokens that read the same cache row: token t's output o[t] [D] is
+ * the softmax over its visible columns s in [lo[t], S) (mask[t][s] > -3e38) of q[t] . k_s * scale + mask[t][s],
+ * applied to the values v_s. Every number is the one of this plain loop per token, in its order:
+ *   score[s] = dot(q, k_s, D) * scale + mask[s] (one fused multiply-add), best = the largest score,
+ *   for s ascending: wgt = expf(score[s] - best), total += wgt, o[i] += wgt * v_s[i] (fused), then o[i] *= 1 / total.
+ * (That is what the portable build runs.) The AVX-512 build computes 16 columns' dots at once, each in its own
+ * accumulators whose lanes are summed by dot()'s pairwise halving, done as a transpose of the 16 accumulators;
+ * it takes the run's tokens one after the other on each block of keys and of values, so a block is read from
+ * memory once for the run, and holds o in registers within a block (stored between blocks, which is exact). The
+ * value of best does not depend on the order the maximum is taken in (but for the sign of a zero, which
+ * x - best, and so every weight, ignores). work: TB (2 S floats + S ints); column numbers are ints (a cache row of
+ * 2^31 columns would be 512 GiB a head at head_dim 64). */
+#define TB 8
+#if defined(__AVX512F__) && !defined(SF_PLAIN_ATTENTION) /* -DSF_PLAIN_ATTENTION: the plain loop (tests) */
+#include <immintrin.h>
+
+/* dst lane t <- lanes of a (t < 8) and b (t >= 8): each of the K = 16 / L columns held L partial sums per vector;
+ * lo takes each column's first L / 2 partials, hi its last L / 2, so lo + hi is dot()'s lanes[j] += lanes[j + L/2]
+ * for each column, and the result holds 2 K columns of L / 2 partials, a's columns first */
+static inline __m512 halve(__m512 a, __m512 b, int L) {
+  int idx_lo[16], idx_hi[16], h = L / 2;
+  for (int t = 0; t < 16; t++) {
+    int u = t & 7, c = u / h, j = u % h, base = (t < 8 ? 0 : 16) + c * L + j;
+    idx_lo[t] = base;
+    idx_hi[t] = base + h;
+  }
+  __m512i lo = _mm512_loadu_si512(idx_lo), hi = _mm512_loadu_si512(idx_hi);
+  return _mm512_add_ps(_mm512_permutex2var_ps(a, lo, b), _mm512_permutex2var_ps(a, hi, b));
+}
+
+/* the 16 accumulators' lane sums, dot()'s order, as one vector: lane c = column c's sum */
+static inline __m512 reduce16(__m512 *acc) {
+  __m512 r8[8], r4[4], r2[2];
+  for (int c = 0; c < 8; c++) r8[c] = halve(acc[2 * c], acc[2 * c + 1], 16);
+  for (int c = 0; c < 4; c++) r4[c] = halve(r8[2 * c], r8[2 * c + 1], 8);
+  for (int c = 0; c < 2; c++) r2[c] = halve(r4[2 * c], r4[2 * c + 1], 4);
+  return halve(r2[0], r2[1], 2);
+}
+
+/* columns block[0..15]'s dots with q (block[c] = column c's key), lane c = column c, dot()'s numbers */
+static inline __m512 dots16(const float *q, const float *const *kr, long D) {
+  long full = D / 16 * 16;
+  __m512 acc[16];
+  for (int c = 0; c < 16; c++) acc[c] = _mm512_setzero_ps();
+  for (int c = 0; c < 16; c++) {
+    __m512 a = acc[c];
+    for (long i = 0; i < full; i += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(kr[c] + i), a);
+    acc[c] = a;
+  }
+  __m512 dots = reduce16(acc);
+  if (full < D) {
+    float d[16];
+    _mm512_storeu_ps(d, dots);
+    for (int c = 0; c < 16; c++) {
+      float s = d[c];
+      for (long i = full; i < D; i++) s += q[i] * kr[c][i];
+      d[c] = s;
+    }
+    dots = _mm512_loadu_ps(d);
+  }
+  return dots;
+}
+
+/* expf of 16 floats, bit for bit what glibc's expf returns (since 2.27 glibc computes it with this algorithm, ARM's
+ * optimized-routines one, and on a CPU with FMA, as every AVX-512 one has, picks its build whose steps are fused as
+ * here: __expf_fma): x * 32 / ln 2 = k + r, 2^(k/32) from the table, 2^(r/32) by a cubic, in double precision,
+ * then rounded to float. Lanes with |x| >= 88 or NaN (overflow, underflow, special values) go to expf itself.
+ * Checked against this glibc's expf on all 2^32 floats (tests/unit/test_kernels_cpu.py checks a sample, on every
+ * machine it runs on). */
+static const unsigned long long sf_exp2f_tab[32] = {
+  0x3ff0000000000000ULL, 0x3fefd9b0d3158574ULL, 0x3fefb5586cf9890fULL, 0x3fef9301d0125b51ULL,
+  0x3fef72b83c7d517bULL, 0x3fef54873168b9aaULL, 0x3fef387a6e756238ULL, 0x3fef1e9df51fdee1ULL,
+  0x3fef06fe0a31b715ULL, 0x3feef1a7373aa9cbULL, 0x3feedea64c123422ULL, 0x3feece086061892dULL,
+  0x3feebfdad5362a27ULL, 0x3feeb42b569d4f82ULL, 0x3feeab07dd485429ULL, 0x3feea47eb03a5585ULL,
+  0x3feea09e667f3bcdULL, 0x3fee9f75e8ec5f74ULL, 0x3feea11473eb0187ULL, 0x3feea589994cce13ULL,
+  0x3feeace5422aa0dbULL, 0x3feeb737b0cdc5e5ULL, 0x3feec49182a3f090ULL, 0x3feed503b23e255dULL,
+  0x3feee89f995ad3adULL, 0x3feeff76f2fb5e47ULL, 0x3fef199bdd85529cULL, 0x3fef3720dcef9069ULL,
+  0x3fef5818dcfba487ULL, 0x3fef7c97337b9b5fULL, 0x3fefa4afa2a490daULL, 0x3fefd0765b6e4540ULL};
+
+static inline __m256 sf_expf8(__m256 x) {
+  const __m512d invln2n = _mm512_set1_pd(0x1.71547652b82fep+5), shift = _mm512_set1_pd(0x1.8p+52);
+  const __m512d c0 = _mm512_set1_pd(0x1.c6af84b912394p-20), c1 = _mm512_set1_pd(0x1.ebfce50fac4f3p-13);
+  const __m512d c2 = _mm512_set1_pd(0x1.62e42ff0c52d6p-6), one = _mm512_set1_pd(1.0);
+  __m512d xd = _mm512_cvtps_pd(x);
+  __m512d kd = _mm512_fmadd_pd(invln2n, xd, shift);
+  __m512i ki = _mm512_castpd_si512(kd);
+  kd = _mm512_sub_pd(kd, shift);
+  __m512d r = _mm512_fmsub_pd(invln2n, xd, kd);
+  const long long *tab = (const long long *)sf_exp2f_tab;
+  __m512i j = _mm512_and_si512(ki, _mm512_set1_epi64(31));
+  __m512i lo = _mm512_permutex2var_epi64(_mm512_loadu_si512(tab), j, _mm512_loadu_si512(tab + 8));
+  __m512i hi = _mm512_permutex2var_epi64(_mm512_loadu_si512(tab + 16), j, _mm512_loadu_si512(tab + 24));
+  __mmask8 upper = _mm512_test_epi64_mask(j, _mm512_set1_epi64(16));
+  __m512i t = _mm512_add_epi64(_mm512_mask_blend_epi64(upper, lo, hi), _mm512_slli_epi64(ki, 47));
+  __m512d s = _mm512_castsi512_pd(t);
+  __m512d z = _mm512_fmadd_pd(c0, r, c1);
+  __m512d r2 = _mm512_mul_pd(r, r);
+  __m512d y = _mm512_fmadd_pd(c2, r, one);
+  y = _mm512_fmadd_pd(z, r2, y);
+  y = _mm512_mul_pd(y, s);
+  return _mm512_cvtpd_ps(y);
+}
+
+static inline __m512 sf_expf16(__m512 x) {
+  __m512 e = _mm512_insertf32x8(_mm512_castps256_ps512(sf_expf8(_mm512_castps512_ps256(x))),
+                                sf_expf8(_mm512_extractf32x8_ps(x, 1)), 1);
+  __m512i top = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 20), _mm512_set1_epi32(0x7ff));
+  __mmask16 odd = _mm512_cmpgt_epi32_mask(top, _mm512_set1_epi32(0x42a)); /* |x| >= 88 or NaN: expf's own path */
+  if (odd) {
+    float xs[16], es[16];
+    _mm512_storeu_ps(xs, x);
+    _mm512_storeu_ps(es, e);
+    for (int c = 0; c < 16; c++)
+      if (odd >> c & 1) es[c] = expf(xs[c]);
+    e = _mm512_loadu_ps(es);
+  }
+  return e;
+}
+
+/* o[i] += w[m] * v_sn[m][i] (fused) and *total += w[m] for m in [m0, m1), in that order */
+static inline void accumulate(float *o, float *total, const float *w, const int *sn, long m0, long m1,
+                              const float *vbase, long D) {
+  if (m1 <= m0) return;
+  float sum = *total;
+  long i0 = 0;
+  for (; i0 + 64 <= D; i0 += 64) { /* 64 outputs at a time in 4 registers */
+    __m512 o0 = _mm512_loadu_ps(o + i0), o1 = _mm512_loadu_ps(o + i0 + 16);
+    __m512 o2 = _mm512_loadu_ps(o + i0 + 32), o3 = _mm512_loadu_ps(o + i0 + 48);
+    const float *vb = vbase + i0;
+    float x = *total;
+    for (long m = m0; m < m1; m++) {
+      const float *vr = vb + sn[m] * D;
+      __m512 wv = _mm512_set1_ps(w[m]);
+      o0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(vr), o0);
+      o1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(vr + 16), o1);
+      o2 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(vr + 32), o2);
+      o3 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(vr + 48), o3);
+      x += w[m];
+    }
+    if (i0 == 0) sum = x;
+    _mm512_storeu_ps(o + i0, o0);
+    _mm512_storeu_ps(o + i0 + 16, o1);
+    _mm512_storeu_ps(o + i0 + 32, o2);
+    _mm512_storeu_ps(o + i0 + 48, o3);
+  }
+  for (; i0 < D; i0 += 16) { /* the rest 16 (or fewer) at a time */
+    __mmask16 k = D - i0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (D - i0)) - 1);
+    __m512 o0 = _mm512_maskz_loadu_ps(k, o + i0);
+    const float *vb = vbase + i0;
+    float x = *total;
+    for (long m = m0; m < m1; m++) {
+      o0 = _mm512_fmadd_ps(_mm512_set1_ps(w[m]), _mm512_maskz_loadu_ps(k, vb + sn[m] * D), o0);
+      x += w[m];
+    }
+    if (i0 == 0) sum = x;
+    _mm512_mask_storeu_ps(o + i0, k, o0);
+  }
+  *total = sum;
+}
+
+/* accumulate() for two tokens, their m-th terms side by side (two independent chains of additions) */
+static inline void accumulate2(float *oa, float *ta, const float *wa, const int *sa, long a0, long a1, float *ob,
+                               float *tb, const float *wb, const int *sb, long b0, long b1, const float *vbase,
+                               long D) {
+  long n = a1 - a0 < b1 - b0 ? a1 - a0 : b1 - b0;
+  if (D % 64 == 0 && n > 0) {
+    float suma = *ta, sumb = *tb;
+    for (long i0 = 0; i0 < D; i0 += 64) {
+      __m512 p0 = _mm512_loadu_ps(oa + i0), p1 = _mm512_loadu_ps(oa + i0 + 16);
+      __m512 p2 = _mm512_loadu_ps(oa + i0 + 32), p3 = _mm512_loadu_ps(oa + i0 + 48);
+      __m512 q0 = _mm512_loadu_ps(ob + i0), q1 = _mm512_loadu_ps(ob + i0 + 16);
+      __m512 q2 = _mm512_loadu_ps(ob + i0 + 32), q3 = _mm512_loadu_ps(ob + i0 + 48);
+      const float *vb = vbase + i0;
+      float xa = *ta, xb = *tb;
+      for (long j = 0; j < n; j++) {
+        const float *va = vb + sa[a0 + j] * D, *vv = vb + sb[b0 + j] * D;
+        __m512 wva = _mm512_set1_ps(wa[a0 + j]), wvb = _mm512_set1_ps(wb[b0 + j]);
+        p0 = _mm512_fmadd_ps(wva, _mm512_loadu_ps(va), p0);
+        q0 = _mm512_fmadd_ps(wvb, _mm512_loadu_ps(vv), q0);
+        p1 = _mm512_fmadd_ps(wva, _mm512_loadu_ps(va + 16), p1);
+        q1 = _mm512_fmadd_ps(wvb, _mm512_loadu_ps(vv + 16), q1);
+        p2 = _mm512_fmadd_ps(wva, _mm512_loadu_ps(va + 32), p2);
+        q2 = _mm512_fmadd_ps(wvb, _mm512_loadu_ps(vv + 32), q2);
+        p3 = _mm512_fmadd_ps(wva, _mm512_loadu_ps(va + 48), p3);
+        q3 = _mm512_fmadd_ps(wvb, _mm512_loadu_ps(vv + 48), q3);
+        xa += wa[a0 + j];
+        xb += wb[b0 + j];
+      }
+      if (i0 == 0) suma = xa, sumb = xb;
+      _mm512_storeu_ps(oa + i0, p0);
+      _mm512_storeu_ps(oa + i0 + 16, p1);
+      _mm512_storeu_ps(oa + i0 + 32, p2);
+      _mm512_storeu_ps(oa + i0 + 48, p3);
+      _mm512_storeu_ps(ob + i0, q0);
+      _mm512_storeu_ps(ob + i0 + 16, q1);
+      _mm512_storeu_ps(ob + i0 + 32, q2);
+      _mm512_storeu_ps(ob + i0 + 48, q3);
+    }
+    *ta = suma, *tb = sumb;
+    a0 += n, b0 += n;
+  }
+  accumulate(oa, ta, wa, sa, a0, a1, vbase, D);
+  accumulate(ob, tb, wb, sb, b0, b1, vbase, D);
+}
+
+/* how many of the floats with bits start, start + step, .. (below 2^32) sf_expf16 gets other bits for than expf
+ * (a test's check of the vector expf against this machine's libm; 0 where attention runs the plain loop) */
+long sf_expf_mismatches(unsigned long start, unsigned long step) {
+  long bad = 0;
+  for (unsigned long b = start; b < (1UL << 32); b += 16 * step) {
+    unsigned bits[16];
+    float x[16], e[16];
+    for (int c = 0; c < 16; c++) bits[c] = (unsigned)((b + c * step) & 0xffffffffUL);
+    memcpy(x, bits, sizeof x);
+    _mm512_storeu_ps(e, sf_expf16(_mm512_loadu_ps(x)));
+    for (int c = 0; c < 16; c++) {
+      float r = expf(x[c]);
+      bad += memcmp(&r, &e[c], sizeof r) != 0;
+    }
+  }
+  return bad;
+}
+
+static void attend(long T, const float *const *q, const float *const *mask, const long *lo, float *const *o,
+                   const float *kbase, const float *vbase, long S, long D, float scale, float *work) {
+  float *score[TB], *wt[TB];
+  int *seen[TB];
+  long count[TB], at[TB], first = S;
+  float total[TB];
+  for (long t = 0; t < T; t++) {
+    score[t] = work + t * 2 * S;
+    wt[t] = score[t] + S;
+    seen[t] = (int *)(work + TB * 2 * S) + t * S;
+    if (lo[t] < first) first = lo[t];
+  }
+  __m512 vbest[TB];
+  const __m512 vscale = _mm512_set1_ps(scale), hidden_at = _mm512_set1_ps(-3.0e38f);
+  const __m512 neg_inf = _mm512_set1_ps(-INFINITY), lane = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                                            13, 14, 15);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (long t = 0; t < T; t++) vbest[t] = neg_inf;
+  for (long b = first; b < S; b += 16) {
+    long n = S - b < 16 ? S - b : 16;
+    __mmask16 live = (__mmask16)((1u << n) - 1);
+    const float *kr[16]; /* lanes past S repeat column b (read, then dropped) */
+    for (int c = 0; c < 16; c++) kr[c] = kbase + (b + (c < n ? c : 0)) * D;
+    for (long t = 0; t < T; t++) {
+      if (b + n <= lo[t]) continue;
+      __m512 dots = dots16(q[t], kr, D);
+      __m512 m = _mm512_maskz_loadu_ps(live, mask[t] + b);
+      /* hidden: masked, or before the token's window (never looked at) */
+      __mmask16 hidden = _mm512_cmp_ps_mask(m, hidden_at, _CMP_LE_OQ) |
+                         _mm512_cmp_ps_mask(lane, _mm512_set1_ps((float)(lo[t] - b)), _CMP_LT_OQ);
+      __m512 sc = _mm512_mask_blend_ps(hidden, _mm512_fmadd_ps(dots, vscale, m), neg_inf);
+      _mm512_mask_storeu_ps(score[t] + b, live, sc);
+      vbest[t] = _mm512_mask_max_ps(vbest[t], live, sc, vbest[t]);
+    }
+  }
+  for (long t = 0; t < T; t++) {
+    const __m512 vb = _mm512_set1_ps(_mm512_reduce_max_ps(vbest[t]));
+    float *w = wt[t];
+    int *sn = seen[t];
+    long k = 0;
+    for (long s = lo[t]; s < S; s += 16) {
+      long n = S - s < 16 ? S - s : 16;
+      __mmask16 live = (__mmask16)((1u << n) - 1);
+      __m512 sc = _mm512_maskz_loadu_ps(live, score[t] + s);
+      __mmask16 keep = live & _mm512_cmp_ps_mask(sc, neg_inf, _CMP_NEQ_UQ); /* visible (NaN too, as expf's) */
+      __m512 e = sf_expf16(_mm512_maskz_sub_ps(keep, sc, vb));              /* the others: exp(0), dropped */
+      _mm512_mask_compressstoreu_ps(w + k, keep, e);
+      _mm512_mask_compressstoreu_epi32(sn + k, keep, _mm512_add_epi32(_mm512_set1_epi32((int)s), lanes));
+      k += __builtin_popcount(keep);
+    }
+    count[t] = k;
+    at[t] = 0;
+    total[t] = 0.f;
+    for (long i = 0; i < D; i++) o[t][i] = 0.f;
+  }
+  long cb = 16384 / (D * 4); /* columns per block of values: 16 KiB */
+  if (cb < 16) cb = 16;
+  for (long c0 = first; c0 < S; c0 += cb) {
+    long m0[TB], m1[TB];
+    for (long t = 0; t < T; t++) { /* the token's visible columns in [c0, c0 + cb): its terms m0 .. m1 - 1 */
+      long m = at[t], end = count[t];
+      const int *sn = seen[t];
+      m0[t] = m;
+      while (m < end && sn[m] < c0 + cb) m++;
+      m1[t] = at[t] = m;
+    }
+    long t = 0;
+    for (; t + 1 < T; t += 2)
+      accumulate2(o[t], total + t, wt[t], seen[t], m0[t], m1[t], o[t + 1], total + t + 1, wt[t + 1], seen[t + 1],
+                  m0[t + 1], m1[t + 1], vbase, D);
+    if (t < T) accumulate(o[t], total + t, wt[t], seen[t], m0[t], m1[t], vbase, D);
+  }
+  for (long t = 0; t < T; t++) {
+    float inv = total[t] > 0.f ? 1.f / total[t] : 0.f;
+    for (long i = 0; i < D; i++) o[t][i] *= inv;
+  }
+}
+#else
+static void attend(long T, const float *const *q, const float *const *mask, const long *lo, float *const *o,
+                   const float *kbase, const float *vbase, long S, long D, float scale, float *work) {
+  float *score = work;
+  for (long t = 0; t < T; t++) {
+    float best = -INFINITY, *ot = o[t];
+    for (long s = lo[t]; s < S; s++) {
+      if (mask[t][s] <= -3.0e38f) { score[s] = -INFINITY; continue; }
+      score[s] = dot(q[t], kbase + s * D, D) * scale + mask[t][s];
+      if (score[s] > best) best = score[s];
+    }
+    for (long i = 0; i < D; i++) ot[i] = 0.f;
+    float total = 0.f;
+    for (long s = lo[t]; s < S; s++) {
+      if (score[s] == -INFINITY) continue;
+      float wgt = expf(score[s] - best);
+      total += wgt;
+      const float *vr = vbase + s * D;
+      for (long i = 0; i < D; i++) ot[i] += wgt * vr[i];
+    }
+    float inv = total > 0.f ? 1.f / total : 0.f;
+    for (long i = 0; i < D; i++) ot[i] *= inv;
+  }
+}
+long sf_expf_mismatches(unsigned long start, unsigned long step) {
+  (void)start, (void)step;
+  return 0;
+}
+#endif
+
 long sf_layer(float *x, long P, long G, long hidden, const float *w_in, const float *w_post, float eps,
               const float *qkv_p, const float *qkv_b, const float *o_p, const float *o_b, const float *gu_p,
               const float *gu_b, long inter, const float *dn_p, const float *dn_b, const float *q_norm,
@@ -180,41 +511,42 @@ long sf_layer(float *x, long P, long G, long hidden, const float *w_in, const fl
     }
   }
   float scale = 1.f / sqrtf((float)D);
-  long jobs = P * H;
-  int att_threads = (threads > 1 && (double)jobs * S * D > 262144.0) ? threads : 1;
+  /* runs of up to TB consecutive tokens on one cache row; a job is one head of one run (head-major, so a head's
+   * keys and values stay in cache from one run to the next) */
+  long *run = malloc(sizeof(long) * (P + 1)), runs = 0;
+  if (!run) {
+    free(h); free(qkv); free(att); free(gu); free(act); free(y);
+    return -2;
+  }
+  for (long p = 0; p < P; p++)
+    if (p == 0 || rows[p] != rows[p - 1] || p - run[runs - 1] == TB) run[runs++] = p;
+  run[runs] = P;
+  long jobs = runs * H;
+  int att_threads = (threads > 1 && (double)P * H * S * D > 262144.0) ? threads : 1;
 #pragma omp parallel num_threads(att_threads) if (att_threads > 1)
   {
-    float *score = malloc(sizeof(float) * (S > 0 ? S : 1));
+    long n = S > 0 ? S : 1;
+    float *work = malloc((sizeof(float) * 2 + sizeof(int)) * TB * n);
 #pragma omp for schedule(static)
     for (long job = 0; job < jobs; job++) {
-      long p = job / H, hh = job % H, kvh = hh / group_heads;
-      const float *q = qkv + p * qkv_n + hh * D, *mask = bias + bias_row[p] * S;
-      const float *kbase = kc + (rows[p] * kv_heads + kvh) * columns * D;
-      const float *vbase = vc + (rows[p] * kv_heads + kvh) * columns * D;
-      long lo = window > 0 ? pos[p] - window + 1 : 0; /* columns <= pos - window are out of the window */
-      if (lo < 0) lo = 0;
-      float best = -INFINITY;
-      for (long s = lo; s < S; s++) {
-        if (mask[s] <= -3.0e38f) { score[s] = -INFINITY; continue; }
-        const float *kr = kbase + s * D;
-        score[s] = dot(q, kr, D) * scale + mask[s];
-        if (score[s] > best) best = score[s];
+      long hh = job / runs, r = job % runs, kvh = hh / group_heads, p0 = run[r], T = run[r + 1] - p0;
+      const float *q[TB], *mask[TB];
+      float *o[TB];
+      long lo[TB];
+      for (long t = 0; t < T; t++) {
+        long p = p0 + t;
+        q[t] = qkv + p * qkv_n + hh * D;
+        mask[t] = bias + bias_row[p] * S;
+        o[t] = att + p * qs + hh * D;
+        lo[t] = window > 0 ? pos[p] - window + 1 : 0; /* columns <= pos - window are out of the window */
+        if (lo[t] < 0) lo[t] = 0;
       }
-      float *o = att + p * qs + hh * D;
-      for (long i = 0; i < D; i++) o[i] = 0.f;
-      float total = 0.f;
-      for (long s = lo; s < S; s++) {
-        if (score[s] == -INFINITY) continue;
-        float wgt = expf(score[s] - best);
-        total += wgt;
-        const float *vr = vbase + s * D;
-        for (long i = 0; i < D; i++) o[i] += wgt * vr[i];
-      }
-      float inv = total > 0.f ? 1.f / total : 0.f;
-      for (long i = 0; i < D; i++) o[i] *= inv;
+      attend(T, q, mask, lo, o, kc + (rows[p0] * kv_heads + kvh) * columns * D,
+             vc + (rows[p0] * kv_heads + kvh) * columns * D, S, D, scale, work);
     }
-    free(score);
+    free(work);
   }
+  free(run);
   sf_gemm(att, o_p, o_b, y, G, pm, hidden, qs, threads);
   for (long i = 0; i < P * hidden; i++) x[i] += y[i];
   rmsnorm_rows(x, w_post, h, P, pm, hidden, eps);

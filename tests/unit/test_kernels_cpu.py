@@ -3,6 +3,7 @@ that uses it decodes as the one on torch's matmul."""
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,106 @@ def test_tensors_off_the_cpu_are_refused_before_the_kernel_reads_them():
     packed = cpu_gemm.PackedWeight(torch.randn(4, 8))
     with pytest.raises(ValueError, match="on meta"):
         packed(torch.randn(2, 8, device="meta"))
+
+
+def _layer_case(seed: int, *, groups: int, tokens: int, columns: int, head_dim: int, kv_heads: int, heads: int,
+                window: int | None, hidden_share: float, qk_norm: bool, rows: torch.Tensor | None = None,
+                loud: float = 1.0, soft_bias: bool = False):
+    """A random decoder layer and its inputs (tokens per member, S = columns): keys and values already in the
+    cache, some columns hidden per token (a tree mask; the others' bias 0, or random with soft_bias), NaN in the
+    cache's unwritten columns."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden, inter, g, p = 96, 160, groups, groups * tokens
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+
+    def weight(out_features, in_features):
+        shape = (g, out_features, in_features) if g > 1 else (out_features, in_features)
+        return cpu_gemm.PackedWeight(r(*shape) * 0.1, r(*shape[:-1]) * 0.01)
+
+    k_cache, v_cache = r(2 * g, kv_heads, columns + 4, head_dim) * loud, r(2 * g, kv_heads, columns + 4, head_dim)
+    k_cache[:, :, columns:], v_cache[:, :, columns:] = float("nan"), float("nan")
+    bias = torch.where(torch.rand(p, columns, generator=gen) < hidden_share, torch.finfo(torch.float32).min,
+                       r(p, columns) if soft_bias else 0.0)
+    angle = torch.rand(p, head_dim // 2, generator=gen) * 6
+    norm = (lambda: r(g * head_dim).abs() + 0.5) if qk_norm else (lambda: None)
+    args = dict(groups=g, heads=heads, eps=1e-6, w_in=r(g * hidden).abs() + 0.5, w_post=r(g * hidden).abs() + 0.5,
+                qkv=weight((heads + 2 * kv_heads) * head_dim, hidden), o=weight(hidden, heads * head_dim),
+                gate_up=weight(2 * inter, hidden), down=weight(hidden, inter), q_norm=norm(), k_norm=norm(),
+                cos=torch.cat([angle.cos()] * 2, -1), sin=torch.cat([angle.sin()] * 2, -1), k_cache=k_cache,
+                v_cache=v_cache, rows=torch.randint(0, 2 * g, (p,), generator=gen) if rows is None else rows,
+                cols=torch.randint(max(columns - tokens, 0), columns, (p,), generator=gen), bias=bias,
+                bias_row=torch.randperm(p, generator=gen), positions=torch.randint(0, columns + 1, (p,), generator=gen),
+                window=window)
+    return r(p, hidden) * loud, args
+
+
+def _run_layer(lib, x, args):
+    """decoder_layer on copies (x, caches) with the given library: (x, k_cache, v_cache) after it."""
+    for name in ("qkv", "o", "gate_up", "down"):
+        args[name]._lib = lib
+    x = x.clone()
+    copies = {**args, "k_cache": args["k_cache"].clone(), "v_cache": args["v_cache"].clone()}
+    cpu_gemm.decoder_layer(x, **copies)
+    return x, copies["k_cache"], copies["v_cache"]
+
+
+def test_attention_is_the_plain_loop_bit_for_bit(monkeypatch, tmp_path):
+    """sf_layer's attention (16 columns' dots at once, the vector expf, a run of tokens per pass over a head's
+    keys and values) gives the bits of the plain per-(token, head) loop it replaced, built with -DSF_PLAIN_ATTENTION
+    (same dot order, scalar expf): shapes with a head_dim tail, grouped heads, group members, windows, hidden
+    columns, q/k norms, scores spread enough to underflow expf, at one thread and two."""
+    monkeypatch.setenv(cpu_gemm.CACHE, str(tmp_path))
+    monkeypatch.setattr(cpu_gemm, "FLAGS", [*cpu_gemm.FLAGS, "-DSF_PLAIN_ATTENTION"])
+    plain, fast = cpu_gemm._build(), cpu_gemm.library()
+    cases = [dict(groups=1, tokens=1, columns=1, head_dim=64, kv_heads=6, heads=6, window=None, hidden_share=0.0,
+                  qk_norm=False),
+             dict(groups=1, tokens=5, columns=150, head_dim=64, kv_heads=2, heads=6, window=None, hidden_share=0.3,
+                  qk_norm=True),
+             dict(groups=1, tokens=20, columns=333, head_dim=64, kv_heads=6, heads=6, window=64, hidden_share=0.1,
+                  qk_norm=False, rows=torch.ones(20, dtype=torch.long)),
+             dict(groups=3, tokens=7, columns=47, head_dim=48, kv_heads=1, heads=2, window=5, hidden_share=0.5,
+                  qk_norm=True),
+             dict(groups=1, tokens=9, columns=600, head_dim=80, kv_heads=3, heads=3, window=None, hidden_share=0.95,
+                  qk_norm=False),
+             dict(groups=1, tokens=4, columns=99, head_dim=48, kv_heads=2, heads=2, window=None, hidden_share=0.1,
+                  qk_norm=False, soft_bias=True),
+             dict(groups=1, tokens=3, columns=17, head_dim=8, kv_heads=1, heads=1, window=None, hidden_share=1.0,
+                  qk_norm=False),
+             dict(groups=1, tokens=12, columns=200, head_dim=128, kv_heads=2, heads=4, window=300, hidden_share=0.2,
+                  qk_norm=False, loud=30.0)]
+    threads = torch.get_num_threads()
+    try:
+        for n, case in enumerate(cases):
+            x, args = _layer_case(n, **case)
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                want, got = _run_layer(plain, x, args), _run_layer(fast, x, args)
+                for a, b in zip(want, got, strict=True):
+                    assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (n, t, case)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_vector_expf_is_this_libm_expf():
+    """The attention's 16-lane expf returns expf's bits (checked on all 2^32 floats where it was written; here on
+    one float in 251, all over the range, against this machine's libm)."""
+    lib = cpu_gemm.library()
+    lib.sf_expf_mismatches.argtypes = [ctypes.c_ulong, ctypes.c_ulong]
+    lib.sf_expf_mismatches.restype = ctypes.c_long
+    assert lib.sf_expf_mismatches(0, 251) == 0
+    assert lib.sf_expf_mismatches(0xBF800000, 1 << 12) == 0  # [-1, -0.5) and up, finer
+
+
+def test_a_tokens_attention_does_not_depend_on_the_tokens_beside_it():
+    """Tokens on one cache row are attended in runs of up to 8 per pass over a head's keys: each token's layer
+    output is still the bits it gets alone (its cache writes made first, as in a tree's forward)."""
+    x, args = _layer_case(11, groups=1, tokens=19, columns=260, head_dim=64, kv_heads=6, heads=6, window=None,
+                          hidden_share=0.2, qk_norm=False, rows=torch.ones(19, dtype=torch.long))
+    args["cols"] = 241 + torch.randperm(19, generator=torch.Generator().manual_seed(5))
+    lib = cpu_gemm.library()
+    _, args["k_cache"], args["v_cache"] = _run_layer(lib, x, args)  # every token's key and value in place
+    together = _run_layer(lib, x, args)[0]
+    for p in (0, 7, 8, 15, 18):
+        one = {**args, **{k: args[k][p:p + 1].contiguous() for k in ("cos", "sin", "rows", "cols", "positions")}}
+        one["bias"], one["bias_row"] = args["bias"][args["bias_row"][p]][None].contiguous(), torch.zeros(1).long()
+        assert torch.equal(_run_layer(lib, x[p:p + 1], one)[0][0], together[p])

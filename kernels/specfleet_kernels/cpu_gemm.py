@@ -330,7 +330,7 @@ class LayerTable:
             keep += tensors
         if len(entries) != len(layers) * lib.sf_layer_fields():
             raise RuntimeError("the kernel library's layer table does not match cpu_gemm.py")
-        self._table = torch.tensor(entries, dtype=torch.long)
+        self._table = torch.tensor(entries, dtype=torch.long, device="cpu")
         self._keep = keep + [k_cache, v_cache]
         self.lib, self.groups, self.heads, self.hidden, self.eps = lib, groups, heads, hidden, eps
         self.kv_heads, self.columns, self.head_dim, self.count = kv_heads, columns, head_dim, len(layers)

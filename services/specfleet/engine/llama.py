@@ -480,10 +480,10 @@ class LlamaRunner:
         return self._logits(x)
 
     def _arange(self, n: int) -> torch.Tensor:
-        """torch.arange(n) on the CPU, made once (callers never write into it)."""
+        """torch.arange(n) on the runner's device, made once (callers never write into it)."""
         got = self._aranges.get(n)
         if got is None:
-            got = self._aranges[n] = torch.arange(n)
+            got = self._aranges[n] = torch.arange(n, device=self.device)
         return got
 
     def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -507,7 +507,8 @@ class LlamaRunner:
             return self.rotary(x, positions)
         need = max(int(flat.max()) + 1 if len(flat) else 1, self.columns)
         size = max(need, 2 * len(table[0])) if table is not None else need
-        cos, sin = self.rotary(torch.empty(0, dtype=self.dtype), torch.arange(size)[None])
+        cos, sin = self.rotary(torch.empty(0, dtype=self.dtype, device=self.device),
+                               torch.arange(size, device=self.device)[None])
         self._rope_table = (cos[0].contiguous(), sin[0].contiguous())
         return self._cos_sin(x, positions)
 

@@ -246,3 +246,26 @@ def test_the_layer_table_refuses_weights_it_cannot_run():
     with pytest.raises(ValueError, match="for 2 layers"):
         cpu_gemm.LayerTable([layer, layer], groups=1, heads=1, hidden=8, eps=1e-6, k_cache=caches[0],
                             v_cache=caches[1])
+
+
+def test_the_packed_runner_refuses_slots_and_columns_outside_its_cache():
+    """The C layers write where they are told: a slot past the cache or a negative column is refused before, with
+    and without padding rows."""
+    from specfleet.engine.factory import load_model
+    from specfleet.engine.llama import LlamaRunner, causal_bias
+
+    model = load_model(Path(__file__).resolve().parents[2] / "models", "target")
+    runner = LlamaRunner(model, slots=2, max_len=64)
+    ids, cols = torch.ones(2, 3, dtype=torch.long), torch.arange(3)[None].expand(2, 3)
+    bias = causal_bias([0, 0], [3, 3], 3)
+    for lengths in (None, [3, 2]):
+        with pytest.raises(ValueError, match="slots must be"):
+            runner.forward(ids, cols, cols, bias, slots=torch.tensor([0, 2]), lengths=lengths)
+        with pytest.raises(ValueError, match="slots must be"):
+            runner.forward(ids, cols, cols, bias, slots=torch.tensor([-1, 0]), lengths=lengths)
+        with pytest.raises(ValueError, match="slots must be"):
+            runner.forward(ids, cols - 1, cols - 1, bias, lengths=lengths)
+    with pytest.raises(ValueError, match="slots must be"):  # three rows, two slots
+        runner.forward(torch.ones(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long),
+                       torch.zeros(3, 1, dtype=torch.long), causal_bias([0] * 3, [1] * 3, 1))
+    runner.forward(ids, cols, cols, bias, slots=torch.tensor([1, 0]))  # in range: runs

@@ -38,7 +38,7 @@ def test_table_rows_are_the_modules_cos_and_sin(runner):
     assert runner._rope_by_table  # every type here depends on the position alone
     x = torch.empty(0, dtype=runner.dtype)
     far = [2047, 4095, 40_000] if runner.config.max_position_embeddings > 40_000 else []
-    for p in list(range(0, 700)) + far:  # past max_len: the table grows
+    for p in list(range(0, 700)) + far:  # past the first 256 columns: the table grows; past max_len: the module
         position = torch.tensor([[p]])
         got, want = runner._cos_sin(x, position), module(runner, position)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), p
@@ -50,6 +50,7 @@ def test_table_rows_are_the_modules_cos_and_sin(runner):
         got, want = runner._cos_sin(x, positions), module(runner, positions)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert got[0].shape == want[0].shape
+    assert runner._rope_table is not None and len(runner._rope_table[0]) == runner.max_len
 
 
 def test_negative_positions_go_to_the_module(runner):

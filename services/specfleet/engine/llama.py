@@ -491,10 +491,7 @@ class LlamaRunner:
         on the CPU, rows of a table the module computed once over positions 0..n-1 (grown as positions reach
         it; tests/unit/test_rope_table.py holds it bit for bit to the module), else the module itself."""
         if not self._rope_by_table:
-            if positions.dim() == 1:  # the module's positions are [batch, tokens]
-                cos, sin = self.rotary(x, positions[None])
-                return cos[0], sin[0]
-            return self.rotary(x, positions)
+            return self._cos_sin_of_module(x, positions)
         table = self._rope_table
         flat = positions.reshape(-1)
         if table is not None:
@@ -503,14 +500,20 @@ class LlamaRunner:
                         table[1].index_select(0, flat).view(*positions.shape, -1))
             except IndexError:  # a position past the table (or a negative one)
                 pass
-        if len(flat) and int(flat.min()) < 0:
-            return self.rotary(x, positions)
         need = max(int(flat.max()) + 1 if len(flat) else 1, self.columns)
-        size = max(need, 2 * len(table[0])) if table is not None else need
+        if (len(flat) and int(flat.min()) < 0) or need > self.max_len:  # no table past the cache's positions
+            return self._cos_sin_of_module(x, positions)
+        size = min(max(need, 2 * len(table[0])), self.max_len) if table is not None else need
         cos, sin = self.rotary(torch.empty(0, dtype=self.dtype, device=self.device),
                                torch.arange(size, device=self.device)[None])
         self._rope_table = (cos[0].contiguous(), sin[0].contiguous())
         return self._cos_sin(x, positions)
+
+    def _cos_sin_of_module(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:  # the module's positions are [batch, tokens]
+            cos, sin = self.rotary(x, positions[None])
+            return cos[0], sin[0]
+        return self.rotary(x, positions)
 
     def _layers_table(self) -> cpu_gemm.LayerTable:
         """The packed layers' table for one sf_layers call (rebuilt when `reserve` reallocated the caches)."""
@@ -608,7 +611,9 @@ class LlamaRunner:
             positions, bias = positions.repeat(g, 1), bias.repeat(g, 1, 1, 1)
         cos, sin = self._cos_sin(x[None], positions.flatten()[real].repeat(g)[None])  # [1, P, head_dim]
         if fused:  # the C layer writes where it is told: out-of-range slots or columns are refused here
-            if count and (int(rows.min()) < 0 or int(rows.max()) >= self.k_cache.shape[1] or int(cols.min()) < 0):
+            live = [r for r, length in zip(range(b) if slots is None else slots.tolist(), lengths, strict=True)
+                    if length]  # the slots of rows with a real token (the host's lists: one reduction, not three)
+            if live and (min(live) < 0 or max(live) >= self.slots or int(cols.min()) < 0):
                 raise ValueError(f"slots must be in [0, {self.slots}) and write columns >= 0")
             self._layers_table()(x, cos[0].contiguous(), sin[0].contiguous(), rows, cols.contiguous(), flat_bias,
                                  bias_rows, token_positions)

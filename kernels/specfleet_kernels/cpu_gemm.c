@@ -560,3 +560,27 @@ long sf_layer(float *x, long P, long G, long hidden, const float *w_in, const fl
   free(h); free(qkv); free(att); free(gu); free(act); free(y);
   return 0;
 }
+
+/* ---- every decoder layer of a forward in one call -----------------------------------------------------------------
+ * At batch 1 a forward's own Python (argument checks, ctypes marshalling of ~34 arguments) cost ~30 us a layer over
+ * sf_layer's work; this runs the L layers back to back from a table the runner builds (and checks) once per set of
+ * weights and KV cache buffers: per layer SF_LAYER_FIELDS int64 entries, see cpu_gemm.py `LayerTable`. Each layer is
+ * exactly sf_layer's arithmetic, so outputs are bit for bit those of L sf_layer calls. Returns the first failure's
+ * code (sf_layer's), with x holding the layers done before it. */
+#define SF_LAYER_FIELDS 16
+long sf_layer_fields(void) { return SF_LAYER_FIELDS; }
+
+long sf_layers(const long *table, long L, float *x, long P, long G, long hidden, float eps, const float *cosv,
+               const float *sinv, long kv_heads, long columns, long D, long H, const long *rows, const long *cols,
+               const float *bias, const long *bias_row, long S, const long *pos, int threads) {
+  for (long l = 0; l < L; l++) {
+    const long *t = table + l * SF_LAYER_FIELDS;
+#define F(i) ((const float *)(size_t)t[i])
+    long done = sf_layer(x, P, G, hidden, F(0), F(1), eps, F(2), F(3), F(4), F(5), F(6), F(7), t[8], F(9), F(10),
+                         F(11), F(12), cosv, sinv, (float *)(size_t)t[13], (float *)(size_t)t[14], kv_heads, columns,
+                         D, H, rows, cols, bias, bias_row, S, pos, t[15], threads);
+#undef F
+    if (done != 0) return done;
+  }
+  return 0;
+}

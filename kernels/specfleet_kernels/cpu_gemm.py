@@ -84,6 +84,9 @@ def _build() -> ctypes.CDLL:
         lib.sf_layer.argtypes = [p, n, n, n, p, p, ctypes.c_float, p, p, p, p, p, p, n, p, p, p, p, p, p, p, p, n, n,
                                  n, n, p, p, p, p, n, p, n, ctypes.c_int]
         lib.sf_layer.restype = ctypes.c_long
+        lib.sf_layer_fields.restype = ctypes.c_long
+        lib.sf_layers.argtypes = [p, n, p, n, n, n, ctypes.c_float, p, p, n, n, n, n, p, p, p, p, n, p, ctypes.c_int]
+        lib.sf_layers.restype = ctypes.c_long
         return lib
     raise RuntimeError("no writable cache folder: " + "; ".join(errors))
 
@@ -266,3 +269,93 @@ def decoder_layer(x: torch.Tensor, *, groups: int, heads: int, eps: float, w_in:
     if done != 0:
         why = "head_dim over 1024 or tokens not split among members" if done == -1 else "out of memory"
         raise RuntimeError(f"sf_layer failed: {why}")
+
+
+def _failed(done: int) -> RuntimeError:
+    why = "head_dim over 1024 or tokens not split among members" if done == -1 else "out of memory"
+    return RuntimeError(f"sf_layer failed: {why}")
+
+
+class LayerTable:
+    """Every decoder layer of a model (or a group of G models of one shape) over its KV cache, checked once and run
+    in one C call per forward (`sf_layers`): the per-forward cost is one ctypes call and a few checks of that
+    forward's own tensors, not `decoder_layer`'s checks and ~34 marshalled arguments for every layer.
+
+    layers: one dict per layer with decoder_layer's weight arguments (w_in, w_post, qkv, o, gate_up, down, q_norm,
+    k_norm, window); k_cache, v_cache: [layers, rows, kv_heads, columns, head_dim]. The table holds the addresses
+    of these tensors (and references to them, so none is freed under it): build a new one when the caches are
+    reallocated (`key` says which buffers it was built for) or a weight is replaced."""
+
+    __slots__ = ("lib", "groups", "heads", "hidden", "eps", "kv_heads", "columns", "head_dim", "count", "key",
+                 "_table", "_keep")
+
+    def __init__(self, layers: list[dict], *, groups: int, heads: int, hidden: int, eps: float,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor):
+        lib = library()
+        if lib is None:
+            raise RuntimeError(f"the CPU matmul kernel is not available: {unavailable_reason()}")
+        if k_cache.dim() != 5 or v_cache.shape != k_cache.shape or k_cache.shape[0] != len(layers):
+            raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} for {len(layers)} layers")
+        _, _, kv_heads, columns, head_dim = k_cache.shape
+        entries: list[int] = []
+        keep: list[torch.Tensor] = []
+        for i, layer in enumerate(layers):
+            kc, vc = k_cache[i], v_cache[i]
+            qkv, o, gate_up, down = layer["qkv"], layer["o"], layer["gate_up"], layer["down"]
+            norms = [layer["w_in"], layer["w_post"]] + [t for t in (layer["q_norm"], layer["k_norm"]) if t is not None]
+            weights = [w for w in (qkv, o, gate_up, down) if type(w) is PackedWeight]
+            if len(weights) != 4:
+                raise ValueError(f"layer {i}: decoder layers take PackedWeight linear weights")
+            tensors = norms + [kc, vc] + [w.packed for w in weights] + [w.bias for w in weights if w.bias is not None]
+            if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
+                raise ValueError(f"layer {i}: decoder layers take contiguous float32 CPU tensors")
+            shapes = {k: (w.groups, w.out_features, w.in_features)
+                      for k, w in (("qkv", qkv), ("o", o), ("gate_up", gate_up), ("down", down))}
+            want = {"qkv": (groups, (heads + 2 * kv_heads) * head_dim, hidden), "o": (groups, hidden, heads * head_dim),
+                    "gate_up": (groups, 2 * down.in_features, hidden), "down": (groups, hidden, down.in_features)}
+            wrong = [f"{k} {shapes[k]} (want {want[k]})" for k in shapes if shapes[k] != want[k]]
+            sizes = (("w_in", layer["w_in"], groups * hidden), ("w_post", layer["w_post"], groups * hidden),
+                     ("q_norm", layer["q_norm"], groups * head_dim), ("k_norm", layer["k_norm"], groups * head_dim))
+            wrong += [f"{k} {tuple(t.shape)}" for k, t, n in sizes if t is not None and t.numel() != n]
+            if (layer["q_norm"] is None) != (layer["k_norm"] is None) or heads % kv_heads or head_dim > 1024:
+                wrong.append("q/k norms, heads or head_dim")
+            if wrong:
+                raise ValueError(f"layer {i}: shapes do not fit: " + "; ".join(wrong))
+            window = layer["window"] or 0
+            entries += [layer["w_in"].data_ptr(), layer["w_post"].data_ptr(), qkv.packed.data_ptr(),
+                        _ptr(qkv.bias) or 0, o.packed.data_ptr(), _ptr(o.bias) or 0, gate_up.packed.data_ptr(),
+                        _ptr(gate_up.bias) or 0, gate_up.out_features // 2, down.packed.data_ptr(),
+                        _ptr(down.bias) or 0, _ptr(layer["q_norm"]) or 0, _ptr(layer["k_norm"]) or 0,
+                        kc.data_ptr(), vc.data_ptr(), window]
+            keep += tensors
+        if len(entries) != len(layers) * lib.sf_layer_fields():
+            raise RuntimeError("the kernel library's layer table does not match cpu_gemm.py")
+        self._table = torch.tensor(entries, dtype=torch.long, device="cpu")
+        self._keep = keep + [k_cache, v_cache]
+        self.lib, self.groups, self.heads, self.hidden, self.eps = lib, groups, heads, hidden, eps
+        self.kv_heads, self.columns, self.head_dim, self.count = kv_heads, columns, head_dim, len(layers)
+        self.key = (k_cache.data_ptr(), v_cache.data_ptr())
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
+                 cols: torch.Tensor, bias: torch.Tensor, bias_row: torch.Tensor, positions: torch.Tensor) -> None:
+        """Every layer in place on x [P, hidden]: `decoder_layer`'s per-token arguments, checked here once for all
+        layers. The caller keeps rows and cols inside the cache (the kernel writes there) and bias_row inside bias."""
+        p = x.shape[0]
+        for t in (x, cos, sin, bias):
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError("the decoder layers take contiguous float32 CPU tensors")
+        for t in (rows, cols, bias_row, positions):
+            if t.dtype != torch.long or not t.is_contiguous() or t.device.type != "cpu" or t.shape != (p,):
+                raise ValueError("the decoder layers take contiguous int64 rows, cols, bias_row and positions, one "
+                                 "per token (on the CPU)")
+        s = bias.shape[-1]
+        if (x.dim() != 2 or x.shape[1] != self.hidden or p % self.groups or cos.shape != (p, self.head_dim)
+                or sin.shape != cos.shape or bias.numel() % max(s, 1) or s > self.columns):
+            raise ValueError(f"decoder layers: shapes do not fit: x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin "
+                             f"{tuple(sin.shape)}, bias {tuple(bias.shape)} for {self.columns} cache columns")
+        done = self.lib.sf_layers(
+            self._table.data_ptr(), self.count, x.data_ptr(), p, self.groups, self.hidden, self.eps, cos.data_ptr(),
+            sin.data_ptr(), self.kv_heads, self.columns, self.head_dim, self.heads, rows.data_ptr(), cols.data_ptr(),
+            bias.data_ptr(), bias_row.data_ptr(), s, positions.data_ptr(), torch.get_num_threads())
+        if done != 0:
+            raise _failed(done)

@@ -288,3 +288,88 @@ def test_a_tokens_attention_does_not_depend_on_the_tokens_beside_it():
         one = {**args, **{k: args[k][p:p + 1].contiguous() for k in ("cos", "sin", "rows", "cols", "positions")}}
         one["bias"], one["bias_row"] = args["bias"][args["bias_row"][p]][None].contiguous(), torch.zeros(1).long()
         assert torch.equal(_run_layer(lib, x[p:p + 1], one)[0][0], together[p])
+
+
+def _layer_args(runner, i):
+    layer = runner.layers[i]
+    return dict(w_in=layer.w_in, w_post=layer.w_post, qkv=layer.w_qkv, o=layer.w_o, gate_up=layer.w_gate_up,
+                down=layer.w_down, q_norm=layer.q_norm, k_norm=layer.k_norm, window=layer.window)
+
+
+def test_the_layer_table_runs_the_layers_as_decoder_layer_does():
+    """One sf_layers call over the runner's table: x and both caches bit for bit what decoder_layer, layer by layer,
+    leaves; the table is rebuilt when `reserve` reallocates the caches."""
+    from specfleet.engine.factory import load_model
+    from specfleet.engine.llama import LlamaRunner, causal_bias
+
+    model = load_model(Path(__file__).resolve().parents[2] / "models", "target")
+    runner = LlamaRunner(model, slots=2, max_len=600)
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, model.config.vocab_size, (2, 30), generator=generator)
+    cols = torch.arange(30)[None].expand(2, 30)
+    runner.forward(ids, cols, cols, causal_bias([0, 0], [30, 30], 30))  # something in the caches
+    table = runner._layers_table()
+    p = 5
+    x = torch.randn(p, model.config.hidden_size, generator=generator)
+    positions = torch.tensor([30, 31, 31, 30, 32])
+    cos, sin = runner._cos_sin(x, positions)
+    rows, write = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([30, 31, 32, 30, 31])
+    bias = causal_bias([30, 30], [3, 2], 33).view(-1, 33).contiguous()
+    bias_row = torch.tensor([0, 1, 2, 3, 4])
+    caches = runner.k_cache.clone(), runner.v_cache.clone()
+    want = x.clone()
+    for i in range(len(runner.layers)):
+        cpu_gemm.decoder_layer(want, groups=1, heads=runner.heads, eps=runner.eps, cos=cos, sin=sin,
+                               k_cache=caches[0][i], v_cache=caches[1][i], rows=rows, cols=write, bias=bias,
+                               bias_row=bias_row, positions=positions, **_layer_args(runner, i))
+    got = x.clone()
+    table(got, cos, sin, rows, write, bias, bias_row, positions)
+    assert torch.equal(got, want)
+    assert torch.equal(runner.k_cache, caches[0]) and torch.equal(runner.v_cache, caches[1])
+    with pytest.raises(ValueError, match="int64"):
+        table(got, cos, sin, rows.int(), write, bias, bias_row, positions)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        table(got.t().contiguous().t(), cos, sin, rows, write, bias, bias_row, positions)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        table(got, cos[:4], sin[:4], rows, write, bias, bias_row, positions)
+    runner.reserve(400)  # new cache buffers: a new table over them
+    assert runner._layers_table() is not table and runner._layers_table().key == (runner.k_cache.data_ptr(),
+                                                                                   runner.v_cache.data_ptr())
+
+
+def test_the_layer_table_refuses_weights_it_cannot_run():
+    packed = cpu_gemm.PackedWeight(torch.randn(8, 8))
+    layer = dict(w_in=torch.ones(8), w_post=torch.ones(8), qkv=packed, o=packed, gate_up=packed, down=packed,
+                 q_norm=None, k_norm=None, window=None)
+    caches = torch.zeros(1, 1, 1, 4, 8), torch.zeros(1, 1, 1, 4, 8)
+    with pytest.raises(ValueError, match="shapes do not fit: qkv"):
+        cpu_gemm.LayerTable([layer], groups=1, heads=1, hidden=8, eps=1e-6, k_cache=caches[0], v_cache=caches[1])
+    with pytest.raises(ValueError, match="PackedWeight"):
+        cpu_gemm.LayerTable([{**layer, "o": torch.randn(8, 8)}], groups=1, heads=1, hidden=8, eps=1e-6,
+                            k_cache=caches[0], v_cache=caches[1])
+    with pytest.raises(ValueError, match="for 2 layers"):
+        cpu_gemm.LayerTable([layer, layer], groups=1, heads=1, hidden=8, eps=1e-6, k_cache=caches[0],
+                            v_cache=caches[1])
+
+
+def test_the_packed_runner_refuses_slots_and_columns_outside_its_cache():
+    """The C layers write where they are told: a slot past the cache or a negative column is refused before, with
+    and without padding rows."""
+    from specfleet.engine.factory import load_model
+    from specfleet.engine.llama import LlamaRunner, causal_bias
+
+    model = load_model(Path(__file__).resolve().parents[2] / "models", "target")
+    runner = LlamaRunner(model, slots=2, max_len=64)
+    ids, cols = torch.ones(2, 3, dtype=torch.long), torch.arange(3)[None].expand(2, 3)
+    bias = causal_bias([0, 0], [3, 3], 3)
+    for lengths in (None, [3, 2]):
+        with pytest.raises(ValueError, match="slots must be"):
+            runner.forward(ids, cols, cols, bias, slots=torch.tensor([0, 2]), lengths=lengths)
+        with pytest.raises(ValueError, match="slots must be"):
+            runner.forward(ids, cols, cols, bias, slots=torch.tensor([-1, 0]), lengths=lengths)
+        with pytest.raises(ValueError, match="slots must be"):
+            runner.forward(ids, cols - 1, cols - 1, bias, lengths=lengths)
+    with pytest.raises(ValueError, match="slots must be"):  # three rows, two slots
+        runner.forward(torch.ones(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long),
+                       torch.zeros(3, 1, dtype=torch.long), causal_bias([0] * 3, [1] * 3, 1))
+    runner.forward(ids, cols, cols, bias, slots=torch.tensor([1, 0]))  # in range: runs

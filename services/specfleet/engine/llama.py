@@ -27,6 +27,10 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # Rotary variants computed by the model's own rotary module from the positions alone. "dynamic" rescales with the
 # longest sequence of each call, so cached keys would be rotated by a different rule than new ones: refused.
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+# Those whose cos/sin at a position depend on that position alone (Hugging Face: position x inverse frequency, then
+# cos/sin, elementwise), so a table built once over positions 0..n-1 holds what the module returns for any call.
+# longrope picks its frequencies by the call's longest position: computed by the module per forward.
+POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")
 # Config fields that describe no arithmetic of the forward (bookkeeping, training, generation, labels).
 _METADATA = {"_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache",
              "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "id2label", "label2id",
@@ -53,8 +57,7 @@ def check_config(cfg) -> None:
             raise UnsupportedModel(f"config field {field_name} = {getattr(cfg, field_name)!r} is not implemented")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise UnsupportedModel(f"hidden_act {cfg.hidden_act!r} is not implemented (only 'silu')")
-    rope = dict(getattr(cfg, "rope_parameters", None) or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_type = _rope_type(cfg)
     if rope_type not in ROPE_TYPES:
         raise UnsupportedModel(f"rope_parameters rope_type {rope_type!r} is not implemented; supported: "
                                f"{', '.join(ROPE_TYPES)}")
@@ -63,6 +66,11 @@ def check_config(cfg) -> None:
     windows = layer_windows(cfg)
     if any(w is not None and w < 1 for w in windows):
         raise UnsupportedModel(f"sliding_window = {cfg.sliding_window} is not a window")
+
+
+def _rope_type(cfg) -> str:
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    return rope.get("rope_type", rope.get("type", "default"))
 
 
 def layer_windows(cfg) -> list[int | None]:
@@ -251,6 +259,11 @@ class LlamaRunner:
                              "--max-model-len or raise --kv-cache-memory")
         self.slots = min(slots, fit)
         self.rotary = models[0].model.rotary_emb
+        # cos/sin rows by position, built with that module (`_cos_sin`): on the CPU, for the position-only types
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rope_by_table = _rope_type(cfg) in POSITION_ONLY_ROPE
+        self._layer_table: cpu_gemm.LayerTable | None = None  # the packed layers for sf_layers, per cache buffers
+        self._aranges: dict[int, torch.Tensor] = {}  # arange(n) on the CPU, read only
         parts = [_take_weights(m) for m in models]
         weights = parts[0] if self.group == 1 else _stack(parts)
         self.embed, self.lm_head, self.final_norm = weights.embed, weights.lm_head, weights.final_norm
@@ -263,6 +276,7 @@ class LlamaRunner:
             self._pack(parts)
         # the device the checkpoint was loaded on (models/ModelSet.device): every tensor the runner makes goes there
         self.device = self.embed.device
+        self._rope_by_table = self._rope_by_table and self.device.type == "cpu"
         # the tree kernels for tensors on that device (KV compaction): Triton on CUDA where it runs, else the reference
         self.kernels = backend_for(self.device)
         self.vocab_offsets = torch.arange(self.group, device=self.device)[:, None, None] * self.vocab_size  # [G,1,1]
@@ -290,11 +304,13 @@ class LlamaRunner:
         self.columns = grown_to
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # as Hugging Face's RMSNorm: in float32, back to the activations' dtype, then the weight
+        # as Hugging Face's RMSNorm: in float32, back to the activations' dtype, then the weight. The same ops in
+        # the same order; the temporaries this function made itself are reused in place (same values, fewer
+        # allocations), and weight * normed is normed * weight (one rounded product either way)
         h = x.float()
-        normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        normed = (h * h.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()).to(x.dtype)
         if self.group == 1:
-            return weight * normed
+            return normed.mul_(weight) if weight.dtype == normed.dtype and weight.dim() == 1 else weight * normed
         return (normed.view(self.group, -1, normed.shape[-1]) * weight).view(normed.shape)  # rows member-major
 
     def _pack(self, parts: list[_Model]) -> None:
@@ -315,6 +331,7 @@ class LlamaRunner:
                                  ("w_down", "b_down")):
                 setattr(layer, weight, packed(weight, bias, i))
                 setattr(layer, bias, None)  # packed with its weight
+        self._layer_table = None  # the weights moved: any table of their addresses is stale
         # one buffer on huge pages: a step streams all of them, and a group's G times as many overflow the TLB
         cpu_gemm.gather([self.lm_head] + [getattr(layer, weight) for layer in self.layers
                                           for weight in ("w_qkv", "w_o", "w_gate_up", "w_down")])
@@ -419,7 +436,7 @@ class LlamaRunner:
                 n, t)
             positions, write_cols, bias = positions.repeat(g, 1), write_cols.repeat(g, 1), bias.repeat(g, 1, 1, 1)
             slots = rows[:, 0]
-        cos, sin = self.rotary(x, positions)  # [B, T, head_dim]
+        cos, sin = self._cos_sin(x, positions)  # [B, T, head_dim]
         cos, sin = cos[:, None], sin[:, None]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         windowed: dict[int, torch.Tensor] = {}  # window -> the bias with columns beyond it hidden
@@ -462,6 +479,53 @@ class LlamaRunner:
         x = self._norm(x, self.final_norm)
         return self._logits(x)
 
+    def _arange(self, n: int) -> torch.Tensor:
+        """torch.arange(n) on the runner's device, made once (callers never write into it)."""
+        got = self._aranges.get(n)
+        if got is None:
+            got = self._aranges[n] = torch.arange(n, device=self.device)
+        return got
+
+    def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What self.rotary(x, positions) returns, [*positions.shape, head_dim]: for the position-only rope types
+        on the CPU, rows of a table the module computed once over positions 0..n-1 (grown as positions reach
+        it; tests/unit/test_rope_table.py holds it bit for bit to the module), else the module itself."""
+        if not self._rope_by_table:
+            return self._cos_sin_of_module(x, positions)
+        table = self._rope_table
+        flat = positions.reshape(-1)
+        if table is not None:
+            try:
+                return (table[0].index_select(0, flat).view(*positions.shape, -1),
+                        table[1].index_select(0, flat).view(*positions.shape, -1))
+            except IndexError:  # a position past the table (or a negative one)
+                pass
+        need = max(int(flat.max()) + 1 if len(flat) else 1, self.columns)
+        if (len(flat) and int(flat.min()) < 0) or need > self.max_len:  # no table past the cache's positions
+            return self._cos_sin_of_module(x, positions)
+        size = min(max(need, 2 * len(table[0])), self.max_len) if table is not None else need
+        cos, sin = self.rotary(torch.empty(0, dtype=self.dtype, device=self.device),
+                               torch.arange(size, device=self.device)[None])
+        self._rope_table = (cos[0].contiguous(), sin[0].contiguous())
+        return self._cos_sin(x, positions)
+
+    def _cos_sin_of_module(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:  # the module's positions are [batch, tokens]
+            cos, sin = self.rotary(x, positions[None])
+            return cos[0], sin[0]
+        return self.rotary(x, positions)
+
+    def _layers_table(self) -> cpu_gemm.LayerTable:
+        """The packed layers' table for one sf_layers call (rebuilt when `reserve` reallocated the caches)."""
+        table = self._layer_table
+        if table is None or table.key != (self.k_cache.data_ptr(), self.v_cache.data_ptr()):
+            table = self._layer_table = cpu_gemm.LayerTable(
+                [dict(w_in=layer.w_in, w_post=layer.w_post, qkv=layer.w_qkv, o=layer.w_o, gate_up=layer.w_gate_up,
+                      down=layer.w_down, q_norm=layer.q_norm, k_norm=layer.k_norm, window=layer.window)
+                 for layer in self.layers], groups=self.group, heads=self.heads,
+                hidden=self.embed.shape[-1], eps=self.eps, k_cache=self.k_cache, v_cache=self.v_cache)
+        return table
+
     def _forward_packed(self, tokens, positions, write_cols, bias, logits_at, slots, inputs, return_hidden,
                         lengths):
         """`forward` with padding: the real tokens (P of them over the G members, member-major) go through every
@@ -471,10 +535,59 @@ class LlamaRunner:
         n = g * b
         s = bias.shape[-1]
         bias = bias.to(self.dtype)
-        self.reserve(max(s, int(write_cols.max()) + 1))
         if (inputs is not None or return_hidden) and g != 1:
             raise ValueError("input vectors and hidden states are for a single model, not a group")
         dev = self.device
+        fused = self.matmul == "packed"  # every layer in one call of cpu_gemm's sf_layers
+        # no padding (every row's length is t): every token is real, in order, and nothing is gathered
+        full = fused and b * t > 0 and all(length == t for length in lengths)
+        if full:
+            real, count = None, b * t
+            flat_cols = write_cols.reshape(-1)
+            if flat_cols.dtype != torch.long:
+                raise ValueError("write columns must be int64")
+            # the C layers write where they are told: slots and columns are checked here, on the host
+            low, high = (flat_cols.aminmax() if count > 8 else (None, None))
+            listed = None if count > 8 else flat_cols.tolist()
+            low, high = (min(listed), max(listed)) if listed is not None else (int(low), int(high))
+            if low < 0:
+                raise ValueError(f"slots must be in [0, {self.slots}) and write columns >= 0")
+            self.reserve(max(s, high + 1))
+            if slots is None:
+                if b > self.slots:
+                    raise ValueError(f"slots must be in [0, {self.slots}) and write columns >= 0")
+                base = self._arange(b) if dev.type == "cpu" else torch.arange(b, device=dev)
+            else:
+                listed = slots.tolist()
+                if min(listed) < 0 or max(listed) >= self.slots:
+                    raise ValueError(f"slots must be in [0, {self.slots}) and write columns >= 0")
+                base = slots.long()
+            at = base[None] if g == 1 else torch.arange(g, device=dev)[:, None] * self.slots + base[None]  # [G, B]
+            rows = at[:, :, None].expand(g, b, t).reshape(-1).contiguous()  # [P]
+            cols = flat_cols.contiguous() if g == 1 else flat_cols.repeat(g)
+            if inputs is not None:
+                x = inputs.to(self.dtype).reshape(count, -1)
+                # the layers write into x: never into the caller's tensor
+                x = (x.clone(memory_format=torch.contiguous_format) if x.data_ptr() == inputs.data_ptr()
+                     else x.contiguous())
+            elif g == 1:
+                x = F.embedding(tokens.reshape(-1), self.embed)  # [P, hidden]
+            else:
+                x = F.embedding(tokens.reshape(1, -1) + self.vocab_offsets.view(g, 1), self.embed).view(g * count, -1)
+            bias_rows = self._arange(count) if g == 1 else self._arange(count).repeat(g)
+            token_positions = positions.reshape(-1)
+            if g != 1:
+                token_positions = token_positions.repeat(g)
+            cos, sin = self._cos_sin(x, token_positions)  # [P, head_dim]
+            self._layers_table()(x, cos.contiguous(), sin.contiguous(), rows, cols, bias.contiguous(), bias_rows,
+                                 token_positions.contiguous())
+            picked = None
+            if logits_at is not None:  # each row's indices into T, as packed rows
+                picked = (self._arange(b) * t)[:, None] + logits_at  # [B, m]
+                if g != 1:
+                    picked = (torch.arange(g, device=dev)[:, None, None] * count + picked[None]).view(n, -1)
+            return self._packed_logits(x, picked, return_hidden, n)
+        self.reserve(max(s, int(write_cols.max()) + 1))
         real = (torch.arange(t, device=dev)[None] < torch.tensor(lengths, device=dev)[:, None]).flatten().nonzero()[
             :, 0]  # [N] in B*T
         count = len(real)
@@ -489,7 +602,6 @@ class LlamaRunner:
             x = F.embedding(tokens.flatten()[real][None] + self.vocab_offsets.view(g, 1), self.embed).view(
                 g * count, -1)
         read = None if slots is None and g == 1 else at.reshape(n)
-        fused = self.matmul == "packed"  # each layer in one call of cpu_gemm.decoder_layer
         if fused:
             x = x.contiguous()
             bias_rows = real.repeat(g)  # each token's row of the bias [B*T, S] (every member's alike)
@@ -497,18 +609,14 @@ class LlamaRunner:
             flat_bias = bias.contiguous()
         if g != 1:
             positions, bias = positions.repeat(g, 1), bias.repeat(g, 1, 1, 1)
-        cos, sin = self.rotary(x[None], positions.flatten()[real].repeat(g)[None])  # [1, P, head_dim]
+        cos, sin = self._cos_sin(x[None], positions.flatten()[real].repeat(g)[None])  # [1, P, head_dim]
         if fused:  # the C layer writes where it is told: out-of-range slots or columns are refused here
-            if count and (int(rows.min()) < 0 or int(rows.max()) >= self.k_cache.shape[1] or int(cols.min()) < 0):
+            live = [r for r, length in zip(range(b) if slots is None else slots.tolist(), lengths, strict=True)
+                    if length]  # the slots of rows with a real token (the host's lists: one reduction, not three)
+            if live and (min(live) < 0 or max(live) >= self.slots or int(cols.min()) < 0):
                 raise ValueError(f"slots must be in [0, {self.slots}) and write columns >= 0")
-            token_cos, token_sin, token_cols = cos[0].contiguous(), sin[0].contiguous(), cols.contiguous()
-            for i, layer in enumerate(self.layers):
-                cpu_gemm.decoder_layer(
-                    x, groups=g, heads=self.heads, eps=self.eps, w_in=layer.w_in, w_post=layer.w_post,
-                    qkv=layer.w_qkv, o=layer.w_o, gate_up=layer.w_gate_up, down=layer.w_down, q_norm=layer.q_norm,
-                    k_norm=layer.k_norm, cos=token_cos, sin=token_sin, k_cache=self.k_cache[i],
-                    v_cache=self.v_cache[i], rows=rows, cols=token_cols, bias=flat_bias, bias_row=bias_rows,
-                    positions=token_positions, window=layer.window)
+            self._layers_table()(x, cos[0].contiguous(), sin[0].contiguous(), rows, cols.contiguous(), flat_bias,
+                                 bias_rows, token_positions)
         cos, sin = cos[0, :, None], sin[0, :, None]  # [P, 1, head_dim]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         windowed: dict[int, torch.Tensor] = {}
@@ -550,6 +658,10 @@ class LlamaRunner:
             if bool((picked < 0).any()):
                 raise ValueError("logits_at names a padding position")
             picked = (torch.arange(g, device=dev)[:, None, None] * count + picked[None]).view(n, -1)  # [n, m]
+        return self._packed_logits(x, picked, return_hidden, n)
+
+    def _packed_logits(self, x: torch.Tensor, picked: torch.Tensor | None, return_hidden: bool, n: int):
+        """The packed forward's end: the final norm, logits at `picked` ([n, m] packed rows; None: every row)."""
         if return_hidden:
             hidden = self._norm(x, self.final_norm)
             return self._logits(hidden if picked is None else hidden[picked]), hidden

@@ -266,11 +266,14 @@ class LeafPricer:
         accepted, nodes = self.stats.get((kind, role), (self.PRIOR_VALUE * self.PRIOR_NODES, self.PRIOR_NODES))
         return accepted / nodes
 
-    def prices(self, kind: str) -> tuple[float, float, float] | None:
-        """This round's prices for `kind`'s requests, or None: draft every role (unpriced, or an exploring round)."""
+    def prices(self) -> tuple[float, float, float] | None:
+        """This round's prices, or None: unpriced, every role drafts."""
+        return self.pricing() if self.pricing is not None else None
+
+    def exploring(self, kind: str) -> bool:
+        """Counts a round of `kind`: True one round in EXPLORE_EVERY (roles that do not pay are drafted then)."""
         self.rounds[kind] = self.rounds.get(kind, 0) + 1
-        prices = self.pricing() if self.pricing is not None else None
-        return None if prices is None or self.rounds[kind] % self.EXPLORE_EVERY == 0 else prices
+        return self.rounds[kind] % self.EXPLORE_EVERY == 0
 
     def pays(self, kind: str, role, prices: tuple[float, float, float] | None, rows: float = 0.0) -> bool:
         """Whether a node of `role` (needing `rows` drafting rows) pays at `prices` (None: it does)."""

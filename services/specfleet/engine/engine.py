@@ -222,20 +222,27 @@ class SpecEngine:
         # 0.83x / 0.70x against 0.94x / 0.87x / 0.94x without). Unpriced: greedy rows and a lone request look up
         lookup_k = getattr(self.policy, "k_max", getattr(self.policy, "k", 0)) \
             if getattr(self.proposer, "has_lookups", False) else 0
-        if lookup_k and self.lookups.pricing is not None:
-            looks = {kind: self.lookups.pays(kind, LOOKUP, self.lookups.prices(kind))
-                     for kind in {lv.req.params.kind for lv in live}}
+        prices = self.lookups.prices() if lookup_k else None
+        if prices is not None:
+            kinds = [lv.req.params.kind for lv in live]
+            looks = {kind: self.lookups.pays(kind, LOOKUP, prices) for kind in set(kinds)}
+            # a kind whose lookups do not pay is re-tried by one of its requests at a time (in turn), never by the
+            # whole batch at once: at batch 16 that round would verify up to 16 x 16 lookup nodes
+            explorer = {kind: [i for i, k in enumerate(kinds) if k == kind] for kind, on in looks.items()
+                        if not on and self.lookups.exploring(kind)}
+            chosen = {rows[self.lookups.rounds[kind] // self.lookups.EXPLORE_EVERY % len(rows)]
+                      for kind, rows in explorer.items()}
         else:
-            looks = {"greedy": True, "sampled": len(live) == 1}
+            looks, chosen = {"greedy": True, "sampled": len(live) == 1}, set()
 
-        def lookup(lv: _Live) -> int:
-            k = lookup_k if looks[lv.req.params.kind] else 0
+        def lookup(i: int, lv: _Live) -> int:
+            k = lookup_k if looks[lv.req.params.kind] or i in chosen else 0
             return max(0, min(k, lv.remaining - 1))
 
         drafts = [Draft(lv.req.rid, lv.tokens, plans[lv.req.rid].k, tuple(plans[lv.req.rid].drafters) or None,
                         lv.req.params, lv.seed, len(lv.output),
                         features(lv.req.rid) if features and lv.req.rid in self.target else None,
-                        lookup(lv)) for lv in live]
+                        lookup(i, lv)) for i, lv in enumerate(live)]
         drafting = [d for d in drafts if d.k > 0 or d.lookup_k > 0]
         t0 = time.perf_counter()
         # a round where nobody drafts (speculation off at a large batch) never reaches the proposer: plain decoding

@@ -102,7 +102,7 @@ class TreeShaper(LeafPricer):
 
     def shape(self, kind: str) -> tuple[int, bool]:
         """(siblings per level, whether to continue the first one) for this round's requests of `kind`."""
-        most, prices = self.most.get(kind, 0), self.prices(kind)
+        most, prices = self.most.get(kind, 0), None if self.exploring(kind) else self.prices()
         count = 0
         while count < most and self.pays(kind, count + 1, prices):
             count += 1

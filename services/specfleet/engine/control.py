@@ -298,9 +298,9 @@ class RealizedRates:
     head's features) make plain decoding look slower than it is: on session 15's AVX-512 Xeon the model expected
     1.46x for the draft head on sampled text while its rounds ran at 0.93x plain decoding's speed.
 
-    Each mode is measured in bursts of WINDOW consecutive rounds at the start of a PERIOD (fresh samples together,
-    so one burst decides): plain decoding first and every REFRESH periods while speculation wins, speculation
-    every period while it loses."""
+    Each mode is measured in bursts of WINDOW consecutive rounds at the end of a PERIOD (fresh samples together, so
+    one burst decides; a short run, or the first PERIOD rounds, speculate as planned): plain decoding in the first
+    period and every REFRESH periods while speculation wins, speculation every period while it loses."""
 
     WINDOW = 6
     PERIOD = 128  # rounds; the burst of the other mode costs WINDOW / PERIOD of them
@@ -327,8 +327,8 @@ class RealizedRates:
             return "speculate"
         n = self.rounds.get(batch, 0)
         self.rounds[batch] = n + 1
-        period, burst = divmod(n, self.PERIOD)
-        burst = burst < self.WINDOW
+        period, phase = divmod(n, self.PERIOD)
+        burst = phase >= self.PERIOD - self.WINDOW
         plain, spec = self.rate(batch, False), self.rate(batch, True)
         if spec is not None and plain is not None and spec < plain:
             return "speculate" if burst else "plain"  # slower than plain decoding here: re-tried in bursts

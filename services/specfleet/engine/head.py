@@ -273,10 +273,11 @@ class HeadProposer:
             owners = rows + [r for r, _ in sib_rows]
             at = [len(drafts[r].features) + level for r in rows] + \
                  [len(drafts[r].features) + deepest + level for r, _ in sib_rows]
-            at_host = torch.tensor(at)
+            at_host = torch.tensor(at, device="cpu")
             cols = at_host[:, None].to(dev)
             # on the host: each fed token sees the columns up to its own (the siblings' rows are masked below)
-            bias = torch.where(torch.arange(max(at) + 1)[None] <= at_host[:, None], 0.0, NEG)[:, None, None]
+            visible = torch.arange(max(at) + 1, device="cpu")[None] <= at_host[:, None]
+            bias = torch.where(visible, 0.0, NEG)[:, None, None]
             for i, (r, _) in enumerate(sib_rows):  # a sibling sees the context and the chain above its parent only
                 bias[len(rows) + i, 0, 0, len(drafts[r].features) + level:at[len(rows) + i]] = NEG
             slots = torch.tensor([self.slot[drafts[r].rid] for r in owners], device=dev)

@@ -574,3 +574,18 @@ def test_without_round_reports_the_plans_are_the_models():
         plan = ctl.decide(["r"])["r"]
         assert plan.k > 0
         ctl.observe("r", plan, plan.k, plan.k, ["a"] * plan.k)
+
+
+def test_leaf_exploration_backs_off_while_nothing_pays_and_resets_when_something_does():
+    """LeafPricer: optional nodes that do not pay are re-tried one round in EXPLORE_EVERY, then ever more rarely
+    (each exploration doubles the interval, up to MAX_BACKOFF times); a role that pays brings the interval back."""
+    from specfleet.engine.control import LeafPricer
+
+    every, most = LeafPricer.EXPLORE_EVERY, LeafPricer.EXPLORE_EVERY * LeafPricer.MAX_BACKOFF
+    pricer = LeafPricer(pricing=lambda: (300.0, 1e-3, 0.0))
+    rounds = [i for i in range(1, 6 * most) if pricer.exploring("sampled")]
+    gaps = [b - a for a, b in zip([0] + rounds, rounds)]
+    assert gaps[:4] == [every, 2 * every, 4 * every, 8 * every] and set(gaps[4:]) == {most}
+    assert pricer.exploring("greedy") is False  # kinds count apart
+    pricer.paid("sampled")
+    assert [pricer.exploring("sampled") for _ in range(every)].count(True) == 1

@@ -226,12 +226,13 @@ class SpecEngine:
         if prices is not None:
             kinds = [lv.req.params.kind for lv in live]
             looks = {kind: self.lookups.pays(kind, LOOKUP, prices) for kind in set(kinds)}
+            for kind in [kind for kind, on in looks.items() if on]:
+                self.lookups.paid(kind)
             # a kind whose lookups do not pay is re-tried by one of its requests at a time (in turn), never by the
             # whole batch at once: at batch 16 that round would verify up to 16 x 16 lookup nodes
             explorer = {kind: [i for i, k in enumerate(kinds) if k == kind] for kind, on in looks.items()
                         if not on and self.lookups.exploring(kind)}
-            chosen = {rows[self.lookups.rounds[kind] // self.lookups.EXPLORE_EVERY % len(rows)]
-                      for kind, rows in explorer.items()}
+            chosen = {rows[self.lookups.explorations[kind] % len(rows)] for kind, rows in explorer.items()}
         else:
             looks, chosen = {"greedy": True, "sampled": len(live) == 1}, set()
 

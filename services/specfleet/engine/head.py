@@ -106,7 +106,10 @@ class TreeShaper(LeafPricer):
         count = 0
         while count < most and self.pays(kind, count + 1, prices):
             count += 1
-        return count, self.continued and count > 0 and self.pays(kind, CONTINUED, prices, rows=1)
+        keep = self.continued and count > 0 and self.pays(kind, CONTINUED, prices, rows=1)
+        if prices is not None and count:
+            self.paid(kind)
+        return count, keep
 
     def credit(self, kind: str, roles: list[int], accepted: list[int]) -> None:
         """One round's tree (each node's role) and the nodes the walk accepted (indices into it)."""

@@ -584,8 +584,25 @@ def test_leaf_exploration_backs_off_while_nothing_pays_and_resets_when_something
     every, most = LeafPricer.EXPLORE_EVERY, LeafPricer.EXPLORE_EVERY * LeafPricer.MAX_BACKOFF
     pricer = LeafPricer(pricing=lambda: (300.0, 1e-3, 0.0))
     rounds = [i for i in range(1, 6 * most) if pricer.exploring("sampled")]
-    gaps = [b - a for a, b in zip([0] + rounds, rounds)]
+    gaps = [b - a for a, b in zip([0] + rounds[:-1], rounds, strict=True)]
     assert gaps[:4] == [every, 2 * every, 4 * every, 8 * every] and set(gaps[4:]) == {most}
     assert pricer.exploring("greedy") is False  # kinds count apart
     pricer.paid("sampled")
     assert [pricer.exploring("sampled") for _ in range(every)].count(True) == 1
+
+
+def test_rounds_that_only_look_up_are_checked_against_the_clock_too():
+    """Free lookups (a suffix tree) draft whatever the plan: a round with lookups counts as speculative, and when
+    such rounds measured slower than plain ones the controller makes rounds plain, lookups included (forced_plain)."""
+    from specfleet.engine.control import RealizedRates
+
+    ctl = controller(alpha=0.01, k_max=4)  # the models never pay: every plan is k = 0
+    forced = []
+    for _ in range(3 * RealizedRates.PERIOD):
+        plan = ctl.decide(["r"], lookups=True)["r"]
+        assert plan.k == 0
+        forced.append(ctl.forced_plain)
+        looked = not ctl.forced_plain
+        ctl.observe_round(1, {"r": plan}, 0.006 if looked else 0.004, 1, drafted=looked)
+    assert not any(forced[:RealizedRates.PERIOD - RealizedRates.WINDOW])  # lookups until plain is measured
+    assert forced[-RealizedRates.PERIOD:].count(True) >= RealizedRates.PERIOD - RealizedRates.WINDOW

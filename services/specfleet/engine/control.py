@@ -421,6 +421,7 @@ class SpeculationController:
         self.overall_of: dict[str, AcceptanceTracker] = {"": self.overall}
         self.kind_of: dict[str, str] = {}
         self.last_rates = (0.0, 0.0)  # (plain, chosen) expected tokens/s of the last decide, for metrics
+        self.forced_plain = False  # the last decide's round made plain by the clock's check (lookups off too)
         self.realized = RealizedRates()  # the clock's check on the plans (`observe_round`)
         self.last_batch = 0  # requests in the last decide
 
@@ -459,7 +460,7 @@ class SpeculationController:
 
     def decide(self, requests: list[str], extra_verify_tokens: int = 0,
                max_k: Mapping[str, int] | None = None, kinds: Mapping[str, str] | None = None,
-               lengths: Mapping[str, int] | None = None) -> dict[str, Plan]:
+               lengths: Mapping[str, int] | None = None, lookups: bool = False) -> dict[str, Plan]:
         """Plans for one batch round.
 
         extra_verify_tokens: other work in the same verifier forward (prefill chunks, requests decoded elsewhere),
@@ -469,7 +470,11 @@ class SpeculationController:
         read when a request is first seen: it starts from what recent requests of its kind accepted. lengths:
         per-request context length (prompt + output), where the drafters hold a cache per request that catches up
         on the tokens committed while it did not draft (`catch_up_seconds`); None: drafting has no such cost.
+        lookups: the caller drafts free lookups beside the plans (a suffix tree) unless told otherwise: then a round
+        with lookups is a speculative round to the clock's check (`RealizedRates`), and `forced_plain` says when the
+        check made this round plain (no lookups either).
         """
+        self.forced_plain = False
         if kinds:
             for rid in requests:
                 if rid not in self.trackers and rid in kinds:
@@ -500,8 +505,9 @@ class SpeculationController:
         self.last_rates = (plain_rate, best_rate)
 
         probes = self._probes(candidates, best_ks, batch_tokens, n_drafters)
-        if (any(best_ks.values()) or probes) and self.realized.allow(len(requests)) == "plain":
+        if (any(best_ks.values()) or probes or lookups) and self.realized.allow(len(requests)) == "plain":
             best_ks, probes = {rid: 0 for rid in best_ks}, {}  # measured slower than plain decoding here: plain
+            self.forced_plain = True
         plans = {}
         for c in candidates:
             k, probe = best_ks[c.rid], c.rid in probes
@@ -520,10 +526,13 @@ class SpeculationController:
         measured = self.realized.rate(self.last_batch, True) if self.last_batch else None
         return measured or self.last_rates[1] or self.last_rates[0]
 
-    def observe_round(self, batch: int, plans: Mapping[str, Plan], seconds: float, tokens: int) -> None:
+    def observe_round(self, batch: int, plans: Mapping[str, Plan], seconds: float, tokens: int,
+                      drafted: bool | None = None) -> None:
         """A whole round of `batch` requests under `plans` took `seconds` (drafting, its catch-up, verification) and
-        committed `tokens`: the measured rates `decide` checks its plans against (`RealizedRates`)."""
-        self.realized.observe(batch, any(plan.k > 0 for plan in plans.values()), seconds, tokens)
+        committed `tokens`: the measured rates `decide` checks its plans against (`RealizedRates`). drafted: whether
+        the round drafted anything (lookups included); None: whether some plan had k > 0."""
+        speculative = any(plan.k > 0 for plan in plans.values()) if drafted is None else drafted
+        self.realized.observe(batch, speculative, seconds, tokens)
 
     def catch_up_seconds(self, tracker: AcceptanceTracker, length: int, drafters: int) -> float:
         """What drafting next costs a request beyond its levels: each drafter's prefill of the context it has not

@@ -209,10 +209,17 @@ class SpecEngine:
 
     def step(self, live: list[_Live], on_tokens=None) -> None:
         """One round for every live request: plan, draft, verify all trees in one forward, accept, commit."""
-        # lengths: the drafters hold a cache per request, so drafting after rounds off costs a catch-up (priced)
+        lookup_k = getattr(self.policy, "k_max", getattr(self.policy, "k", 0)) \
+            if getattr(self.proposer, "has_lookups", False) else 0
+        # lengths: the drafters hold a cache per request, so drafting after rounds off costs a catch-up (priced);
+        # lookups: a round that looks up is a speculative round to the controller's clock check, which may make it
+        # plain, lookups included (`forced_plain`)
+        extra = {"lookups": True} if lookup_k and hasattr(self.policy, "observe_round") else {}
         plans = self.policy.decide([lv.req.rid for lv in live], max_k={lv.req.rid: lv.remaining - 1 for lv in live},
                                    kinds={lv.req.rid: lv.req.params.kind for lv in live},
-                                   lengths={lv.req.rid: len(lv.tokens) for lv in live})
+                                   lengths={lv.req.rid: len(lv.tokens) for lv in live}, **extra)
+        if getattr(self.policy, "forced_plain", False):
+            lookup_k = 0
         features = self.target.features_of if self.target.keep_features else None
         # a free lookup beside the models (the fused suffix tree) drafts the most levels allowed, whatever the plan,
         # for the kinds of request whose lookup nodes earn their verification: a greedy request's accept often, a
@@ -220,8 +227,6 @@ class SpecEngine:
         # forward costs about the same for 1 and 16 tokens (batch 1 sampled 0.90x -> 1.09x) but not in a batch,
         # where every node is a token of a forward that plain decoding does not pay (batch 4 / 16 / 32: 0.92x /
         # 0.83x / 0.70x against 0.94x / 0.87x / 0.94x without). Unpriced: greedy rows and a lone request look up
-        lookup_k = getattr(self.policy, "k_max", getattr(self.policy, "k", 0)) \
-            if getattr(self.proposer, "has_lookups", False) else 0
         prices = self.lookups.prices() if lookup_k else None
         if prices is not None:
             kinds = [lv.req.params.kind for lv in live]
@@ -266,7 +271,8 @@ class SpecEngine:
                 self.policy.cost.observe_draft(len(priced), len(used), model_steps, t1 - t0 - prefill)
             self.policy.cost.observe_verify(sum(len(t) + 1 for t in trees), t2 - t1)
         if hasattr(self.policy, "observe_round"):  # the clock's check: does speculating pay here, in fact?
-            self.policy.observe_round(len(live), plans, t2 - t0, sum(len(v.tokens) for v in verdicts))
+            self.policy.observe_round(len(live), plans, t2 - t0, sum(len(v.tokens) for v in verdicts),
+                                      drafted=bool(drafting))
         probes = sum(1 for d in drafting if plans[d.rid].probe)
         if probes and hasattr(self.policy, "charge_probes"):
             # the probes' share of the drafters' catch-up (tokens missed while off), settled against the price the

@@ -563,7 +563,7 @@ def test_speculation_the_clock_says_is_slower_than_plain_turns_off_and_is_rechec
     # plain, speculation re-checked in a burst each period
     assert sum(1 for k in off if k) <= 2 * window and off[-period // 2:].count(0) >= period // 2 - window
     # faster speculation (a better draft, a quieter machine): the next burst brings it back for good
-    back = _run_rounds(ctl, 2 * period, spec_seconds_per_token=0.002, plain_seconds_per_token=0.004)
+    back = _run_rounds(ctl, 5 * period, spec_seconds_per_token=0.002, plain_seconds_per_token=0.004)
     assert back[-period:].count(0) <= window  # at most a burst re-measuring plain decoding
 
 

@@ -307,39 +307,43 @@ class LeafPricer:
 
 
 class RealizedRates:
-    """What whole rounds achieved, by batch size: committed tokens per second over the last WINDOW rounds where the
-    plan drafted with models, and over the last WINDOW where it did not. The cost model predicts; this checks the
-    prediction against the clock (DSI: never slower than the target alone). A speculative round's fixed costs that
-    the model's verify line cannot tell apart from its tokens' (the acceptance walk, the tree's masks, the draft
-    head's features) make plain decoding look slower than it is: on session 15's AVX-512 Xeon the model expected
-    1.46x for the draft head on sampled text while its rounds ran at 0.93x plain decoding's speed.
+    """What whole rounds achieved, by batch size: committed tokens per second of rounds that drafted (speculative) and
+    of rounds that did not (plain), each a ratio of exponentially averaged seconds and tokens. The cost model
+    predicts; this checks the prediction against the clock (DSI: never slower than the target alone). A speculative
+    round's fixed costs that the model's verify line cannot tell apart from its tokens' (the acceptance walk, the
+    tree's masks, the draft head's features) make plain decoding look slower than it is: on session 15's AVX-512 Xeon
+    the model expected 1.46x for the draft head on sampled text while its rounds ran at 0.93x plain decoding's speed.
 
-    Each mode is measured in bursts of WINDOW consecutive rounds at the end of a PERIOD (fresh samples together, so
-    one burst decides; a short run, or the first PERIOD rounds, speculate as planned): plain decoding in the first
-    period and every REFRESH periods while speculation wins, speculation every period while it loses."""
+    Each mode is measured in bursts of WINDOW consecutive rounds at the end of a PERIOD (a short run, or the first
+    PERIOD rounds, speculate as planned): plain decoding in the first period and every REFRESH periods while
+    speculation wins, speculation every period while it loses. Plain rounds cost about the same each, so a burst
+    decides their rate (SHORT memory); speculative rounds vary several-fold (a lookup that matches five tokens, one
+    that matches none), so their rate is averaged over about LONG rounds: over six a greedy suffix tree's unlucky
+    stretch read slower than plain and switched it off for a period (fused greedy 1.76x -> 1.33x)."""
 
     WINDOW = 6
     PERIOD = 128  # rounds; the burst of the other mode costs WINDOW / PERIOD of them
     REFRESH = 4  # while speculation wins, plain decoding is re-measured every REFRESH periods
+    SHORT, LONG = 6, 24  # rounds of memory (decay 1 - 1/memory per round) of plain and of speculative rounds
 
     def __init__(self):
-        self.samples: dict[tuple[int, bool], deque[tuple[float, int]]] = {}  # (batch, speculative) -> rounds
+        self.sums: dict[tuple[int, bool], list[float]] = {}  # (batch, speculative) -> [seconds, tokens, rounds]
         self.rounds: dict[int, int] = {}  # rounds whose plan drafted, per batch size
 
     def observe(self, batch: int, speculative: bool, seconds: float, tokens: int) -> None:
         if batch > 0 and seconds > 0 and tokens > 0:
-            self.samples.setdefault((batch, speculative), deque(maxlen=self.WINDOW)).append((seconds, tokens))
+            sums = self.sums.setdefault((batch, speculative), [0.0, 0.0, 0])
+            decay = 1.0 - 1.0 / (self.LONG if speculative else self.SHORT)
+            sums[0], sums[1], sums[2] = decay * sums[0] + seconds, decay * sums[1] + tokens, sums[2] + 1
 
     def rate(self, batch: int, speculative: bool) -> float | None:
-        """Measured tokens per second over the mode's last WINDOW rounds (None before it has run that many)."""
-        window = self.samples.get((batch, speculative), ())
-        if len(window) < self.WINDOW:
-            return None
-        return sum(t for _, t in window) / sum(s for s, _ in window)
+        """Measured tokens per second of the mode (None before it has run WINDOW rounds)."""
+        seconds, tokens, rounds = self.sums.get((batch, speculative), (0.0, 0.0, 0))
+        return tokens / seconds if rounds >= self.WINDOW and seconds > 0 else None
 
     def allow(self, batch: int) -> str:
         """For a round whose plan drafts: "speculate" (as planned) or "plain"."""
-        if not self.samples:  # nobody reports rounds (a router planning for services): the plans as they are
+        if not self.sums:  # nobody reports rounds (a router planning for services): the plans as they are
             return "speculate"
         n = self.rounds.get(batch, 0)
         self.rounds[batch] = n + 1

@@ -267,8 +267,12 @@ class LeafPricer:
         self.interval: dict[str, int] = {}  # rounds between its explorations (EXPLORE_EVERY, doubled while unpaid)
         self.explorations: dict[str, int] = {}
 
+    def _tally(self, kind: str, role) -> tuple[float, float]:
+        """(accepted, drafted) nodes of the role, decayed; the optimistic prior before any round."""
+        return self.stats.get((kind, role), (self.PRIOR_VALUE * self.PRIOR_NODES, self.PRIOR_NODES))
+
     def value(self, kind: str, role) -> float:
-        accepted, nodes = self.stats.get((kind, role), (self.PRIOR_VALUE * self.PRIOR_NODES, self.PRIOR_NODES))
+        accepted, nodes = self._tally(kind, role)
         return accepted / nodes
 
     def prices(self) -> tuple[float, float, float] | None:
@@ -302,7 +306,7 @@ class LeafPricer:
         """A round drafted `nodes` nodes of `role` for a request of `kind`, and the walk accepted `accepted`."""
         if nodes <= 0:
             return
-        acc, total = self.stats.get((kind, role), (self.PRIOR_VALUE * self.PRIOR_NODES, self.PRIOR_NODES))
+        acc, total = self._tally(kind, role)
         self.stats[(kind, role)] = [self.DECAY * acc + accepted, self.DECAY * total + nodes]
 
 

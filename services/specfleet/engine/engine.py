@@ -15,10 +15,11 @@ from specfleet.engine.control import LeafPricer, Plan
 from specfleet.engine.llama import KvLimits
 from specfleet.engine.proposers import Draft, Proposer
 from specfleet.engine.sampling import SamplingParams, make_generator
+from specfleet.engine.suffix import SuffixProposer
 from specfleet.engine.tree import TokenTree
 from specfleet.engine.verify import TargetVerifier, VerifyItem, cut_at_finish
 
-LOOKUP = "suffix"  # the lookup proposer's name in a tree's origins (`SuffixProposer.name`)
+LOOKUP = SuffixProposer.name  # the lookup proposer's name in a tree's origins
 
 
 @dataclass

@@ -66,8 +66,7 @@ class HeadModel:
         self.vocab_size = tcfg.vocab_size
         # a draft vocabulary: the LM head's rows for those tokens only; logits come back over them (column c: token
         # sub_vocab.ids[c]), and the proposer draws over them with each token's own noise (no [V] -inf row built)
-        self.draft_vocab = None if vocab is None else vocab.to(embed.device)
-        self.sub_vocab = None if vocab is None else SubVocab(self.draft_vocab, self.vocab_size)
+        self.sub_vocab = None if vocab is None else SubVocab(vocab.to(embed.device), self.vocab_size)
         if vocab is not None:
             self.runner.keep_logit_rows(vocab)
 
